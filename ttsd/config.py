@@ -1,0 +1,313 @@
+"""Configuration: frozen dataclasses, defaults, TOML load (tomllib) and dump (tomli-w).
+
+Built once at the edge (``Config.load(path)``); each stage receives its own section.
+Relative paths resolve against the folder of the config file (or the current folder
+when no file is used).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ttsd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    inbox: Path = Path("inbox")
+    """Folder watched for .txt and .csv files."""
+    outbox: Path = Path("outbox")
+    """Folder that receives outbox/<input stem>/<id>.wav and manifest.csv."""
+    done: Path = Path("done")
+    """Inputs move here once every line is a WAV or a recorded error."""
+    failed: Path = Path("failed")
+    """Inputs that cannot be read move here with NAME.error.txt beside them."""
+    state: Path = Path("state")
+    """SQLite store (ttsd.db), the work folder of claimed inputs, and the WAV cache."""
+
+    @property
+    def db(self) -> Path:
+        return self.state / "ttsd.db"
+
+    @property
+    def work(self) -> Path:
+        return self.state / "work"
+
+    @property
+    def cache(self) -> Path:
+        return self.state / "cache"
+
+    @property
+    def voices_cache(self) -> Path:
+        return self.state / "voices"
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    settle_s: float = 1.0
+    """A file is claimed only once its size and mtime have not changed for this long."""
+    rescan_s: float = 30.0
+    """Full rescan of the inbox every this many seconds (catches lost events)."""
+    polling: bool = False
+    """Use a polling observer (NFS/CIFS inboxes); also the fallback when inotify fails."""
+    max_file_bytes: int = 256 * 1024 * 1024
+    """Files larger than this are rejected on stat, before reading."""
+    max_lines: int = 1_000_000
+    """Files with more lines than this are rejected."""
+    max_line_chars: int = 5000
+    """A longer line fails alone (row error)."""
+    max_pending_lines: int = 500_000
+    """Claiming new files pauses while more lines than this wait in the queue."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    voice: str = "en_US-joe-medium"
+    """Default voice: a name from `ttsd voices`."""
+    voices_dir: Path = Path("voices")
+    """Extra voices: NAME.onnx + NAME.onnx.json pairs."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cuda, cuda:N or cpu."""
+    dtype: str = "auto"
+    """auto, float32, float16 or bfloat16 (half precision applies to the decoder only)."""
+    speaker: str = ""
+    """Default speaker (name or id) for multi-speaker voices; empty = the voice's default."""
+    speed: float = 1.0
+    """Speaking speed; length_scale = 1/speed."""
+    noise_scale: float = -1.0
+    """Generator noise; negative = the voice's own setting."""
+    noise_w: float = -1.0
+    """Duration noise; negative = the voice's own setting."""
+    seed: int = 0
+    """Noise seed; a line's audio depends on (seed, text, params) only, never its batch."""
+    sentence_silence_s: float = 0.2
+    """Silence inserted between the sentences of one line."""
+    max_audio_s_per_char: float = 0.5
+    """Cap on output length: a line may yield at most 2 s + this × characters of audio."""
+    memory_fraction: float = 0.9
+    """Share of the GPU's memory this process may use."""
+    cudnn_benchmark: bool = True
+    """Let cuDNN pick the fastest kernels for each shape (GPU only)."""
+    warmup: bool = True
+    """Run the model over typical shapes at load so the first batch is fast."""
+    cuda_graphs: bool = True
+    """Capture the model into CUDA graphs per shape bucket (GPU only)."""
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 0
+    """Lines per batch; 0 = auto (64 on a GPU, 1 on the CPU, where batching hurts)."""
+    max_wait_ms: int = 50
+    """A partial batch is sent after waiting this long for more lines."""
+    max_phonemes: int = 40000
+    """Phoneme budget of one batch (padded length × lines)."""
+    prefetch: int = 2
+    """Batches prepared ahead of the GPU."""
+    writer_threads: int = 2
+    """Threads encoding and writing WAV files."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    subtype: str = "PCM_16"
+    """WAV sample format: PCM_16, PCM_24, PCM_32 or FLOAT."""
+    manifest: bool = True
+    """Write outbox/<stem>/manifest.csv when a file is finished."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    enabled: bool = True
+    """Reuse the WAV of an identical earlier line (same text, voice and settings)."""
+    link: bool = True
+    """Hard-link cached WAVs into the outbox when possible (else copy)."""
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    free_memory_every_s: float = 600.0
+    """Return cached GPU memory to the driver this often (0 = never)."""
+    idle_s: float = 30.0
+    """Also return it after this long without work."""
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    log_level: str = "info"
+    """debug, info, warning or error."""
+    heartbeat_s: float = 2.0
+    """How often the daemon records its heartbeat (read by `ttsd status`)."""
+    max_attempts: int = 3
+    """A line whose synthesis was started this many times without finishing fails."""
+    stop_timeout_s: float = 60.0
+    """On SIGTERM the batch in flight may finish within this time, else it is requeued."""
+
+
+@dataclass(frozen=True)
+class Config:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    source: Path | None = None
+    """The file this config was read from (None for defaults)."""
+
+    @staticmethod
+    def load(path: Path | str | None = None) -> Config:
+        """Read ``path``; with None, ``./config.toml`` if present, else the defaults."""
+        if path is None:
+            env = os.environ.get("TTSD_CONFIG")
+            path = Path(env) if env else Path("config.toml")
+            if not path.exists():
+                return Config().resolved(Path.cwd())
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        cfg = from_dict(raw, where=str(path))
+        return dataclasses.replace(cfg, source=path.resolve()).resolved(path.resolve().parent)
+
+    def resolved(self, base: Path) -> Config:
+        """Make every relative path absolute against ``base``."""
+        def fix(p: Path) -> Path:
+            p = p.expanduser()
+            return p if p.is_absolute() else (base / p).resolve()
+
+        paths = PathsConfig(**{f.name: fix(getattr(self.paths, f.name))
+                               for f in dataclasses.fields(PathsConfig)})
+        engine = dataclasses.replace(self.engine, voices_dir=fix(self.engine.voices_dir))
+        return dataclasses.replace(self, paths=paths, engine=engine)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "source":
+                continue
+            section = getattr(self, f.name)
+            out[f.name] = {k.name: (str(v) if isinstance(v := getattr(section, k.name), Path) else v)
+                           for k in dataclasses.fields(section)}
+        return out
+
+
+SECTIONS: dict[str, type] = {
+    "paths": PathsConfig, "input": InputConfig, "engine": EngineConfig,
+    "batching": BatchingConfig, "output": OutputConfig, "cache": CacheConfig,
+    "memory": MemoryConfig, "daemon": DaemonConfig,
+}
+
+
+def from_dict(raw: dict[str, Any], where: str = "config") -> Config:
+    """Build a validated Config from parsed TOML; errors name the key."""
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown section [{sorted(unknown)[0]}]"
+                          f" (known: {', '.join(SECTIONS)})")
+    sections = {}
+    for name, cls in SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{name}] must be a table")
+        sections[name] = _section(cls, table, f"{where}: {name}")
+    cfg = Config(**sections)
+    validate(cfg, where)
+    return cfg
+
+
+def _section(cls: type, table: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"{where}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        values[key] = _coerce(hints[key], value, f"{where}.{key}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be finite, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a path string, got {value!r}")
+        return Path(value)
+    raise ConfigError(f"{where}: unsupported setting type {hint}")  # pragma: no cover
+
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_SUBTYPES = ("PCM_16", "PCM_24", "PCM_32", "FLOAT")
+_LEVELS = ("debug", "info", "warning", "error")
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    """Reject impossible values, naming the key."""
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where}: {key}: {msg}")
+
+    i, e, b, m, d = cfg.input, cfg.engine, cfg.batching, cfg.memory, cfg.daemon
+    need(i.settle_s >= 0, "input.settle_s", "must be >= 0")
+    need(i.rescan_s > 0, "input.rescan_s", "must be > 0")
+    need(i.max_file_bytes > 0, "input.max_file_bytes", "must be > 0")
+    need(i.max_lines > 0, "input.max_lines", "must be > 0")
+    need(i.max_line_chars > 0, "input.max_line_chars", "must be > 0")
+    need(i.max_pending_lines > 0, "input.max_pending_lines", "must be > 0")
+    need(e.dtype in _DTYPES, "engine.dtype", f"must be one of {', '.join(_DTYPES)}")
+    need(e.device == "auto" or e.device == "cpu" or e.device.startswith("cuda"),
+         "engine.device", "must be auto, cpu, cuda or cuda:N")
+    need(0.1 <= e.speed <= 10, "engine.speed", "must be between 0.1 and 10")
+    need(e.noise_scale <= 10, "engine.noise_scale", "must be <= 10")
+    need(e.noise_w <= 10, "engine.noise_w", "must be <= 10")
+    need(0 <= e.sentence_silence_s <= 10, "engine.sentence_silence_s", "must be between 0 and 10")
+    need(e.max_audio_s_per_char > 0, "engine.max_audio_s_per_char", "must be > 0")
+    need(0 < e.memory_fraction <= 1, "engine.memory_fraction", "must be in (0, 1]")
+    need(b.max_batch_size >= 0, "batching.max_batch_size", "must be >= 0 (0 = auto)")
+    need(b.max_wait_ms >= 0, "batching.max_wait_ms", "must be >= 0")
+    need(b.max_phonemes > 0, "batching.max_phonemes", "must be > 0")
+    need(b.prefetch >= 1, "batching.prefetch", "must be >= 1")
+    need(b.writer_threads >= 1, "batching.writer_threads", "must be >= 1")
+    need(cfg.output.subtype in _SUBTYPES, "output.subtype", f"must be one of {', '.join(_SUBTYPES)}")
+    need(m.free_memory_every_s >= 0, "memory.free_memory_every_s", "must be >= 0")
+    need(m.idle_s >= 0, "memory.idle_s", "must be >= 0")
+    need(d.log_level in _LEVELS, "daemon.log_level", f"must be one of {', '.join(_LEVELS)}")
+    need(d.heartbeat_s > 0, "daemon.heartbeat_s", "must be > 0")
+    need(d.max_attempts >= 1, "daemon.max_attempts", "must be >= 1")
+    need(d.stop_timeout_s >= 0, "daemon.stop_timeout_s", "must be >= 0")
+
+
+def dump(cfg: Config) -> str:
+    """The config as TOML text (tomli-w)."""
+    import tomli_w
+
+    return tomli_w.dumps(cfg.to_dict())

@@ -1,0 +1,477 @@
+"""The engine at run time: device, dtype, warm-up, batched synthesis, OOM split, memory.
+
+``Engine.prepare`` turns requests into phoneme ids (CPU, thread-safe);
+``Engine.run`` synthesizes prepared requests in padded batches on the device:
+
+1. every sentence of every request becomes one item, sorted by phoneme count;
+2. text half (encoder + duration predictor) in strict float32 → durations;
+3. lines whose predicted audio exceeds their cap fail alone (runaway guard);
+4. audio half (flows float32, decoder in the chosen dtype) on items re-sorted by
+   frame count, in sub-batches bounded by a frame budget;
+5. an out-of-memory error halves the sub-batch and retries, down to one item;
+   non-finite audio from a half-precision decoder is retried once in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ttsd.engine import faults
+from ttsd.engine.phonemes import Phonemizer
+from ttsd.engine.vits import Generator, Vits
+from ttsd.engine.voice import VoiceInfo, load_model
+from ttsd.errors import DeviceLostError, VoiceError
+
+ENGINE_VERSION = "ttsd-vits-1"
+"""Part of every cache key: bump when the audio for the same inputs would change."""
+
+_STICKY = ("illegal memory access", "device-side assert", "unspecified launch failure",
+           "CUDA error: misaligned", "uncorrectable ECC", "device not ready", "CUDA-capable device")
+
+
+@dataclass(frozen=True)
+class Request:
+    key: int
+    text: str
+    voice: str
+    speaker_id: int = 0
+    length_scale: float = 1.0
+    noise_scale: float = 0.667
+    noise_w: float = 0.8
+    seed: int = 0
+
+
+@dataclass
+class Prepared:
+    request: Request
+    sentences: list[list[int]]
+    error: str | None = None
+    fault: str | None = None
+
+    @property
+    def phonemes(self) -> int:
+        return sum(len(s) for s in self.sentences)
+
+
+@dataclass
+class Result:
+    key: int
+    audio: np.ndarray | None
+    sample_rate: int
+    error: str | None = None
+    phonemes: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return 0.0 if self.audio is None else len(self.audio) / self.sample_rate
+
+
+@dataclass
+class RunStats:
+    items: int = 0
+    text_calls: int = 0
+    audio_calls: int = 0
+    token_slots: int = 0
+    tokens: int = 0
+    frame_slots: int = 0
+    frames: int = 0
+    oom_splits: int = 0
+    text_ms: float = 0.0
+    audio_ms: float = 0.0
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.frames / self.frame_slots if self.frame_slots else 1.0
+
+
+@dataclass
+class _Item:
+    line: int          # index into the prepared list
+    sentence: int
+    ids: list[int]
+    seed: int
+    m: torch.Tensor | None = None
+    logs: torch.Tensor | None = None
+    dur: torch.Tensor | None = None
+    frames: int = 0
+    audio: np.ndarray | None = None
+    error: str | None = None
+
+
+@dataclass
+class LoadedVoice:
+    info: VoiceInfo
+    model: Vits
+    digest: str
+    phonemizer: Phonemizer
+    dec32: Generator | None = None
+    """A float32 copy of the decoder, kept when the decoder runs in half precision."""
+    extra: dict = field(default_factory=dict)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VoiceError(f"device {device!r} asked for, but CUDA is not available here")
+    return dev
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16,
+            "bfloat16": torch.bfloat16}[dtype]
+
+
+def line_seed(seed: int, text: str, sentence: int) -> int:
+    """The noise seed of one sentence: depends on (seed, text, index) only."""
+    h = hashlib.blake2b(f"{seed}\x00{sentence}\x00{text}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def _strict_fp32(device: torch.device) -> Iterator[None]:
+    """TF32 off and deterministic cuDNN: durations must not depend on the batch."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) = saved
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _is_sticky(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(s in text for s in _STICKY)
+
+
+class Engine:
+    """Loaded voices on one device. Not thread-safe for ``run``; ``prepare`` is."""
+
+    def __init__(self, voices: dict[str, VoiceInfo], *, device: str = "auto",
+                 dtype: str = "auto", memory_fraction: float = 0.9,
+                 cudnn_benchmark: bool = True, max_audio_s_per_char: float = 0.5,
+                 sentence_silence_s: float = 0.2, normalize: bool = True,
+                 cache_dir=None, max_batch: int = 0, frame_budget: int = 0,
+                 token_budget: int = 40000) -> None:
+        self.voices = voices
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.cache_dir = cache_dir
+        self.max_audio_s_per_char = max_audio_s_per_char
+        self.sentence_silence_s = sentence_silence_s
+        self.normalize = normalize
+        self.max_batch = max_batch or (64 if self.device.type == "cuda" else 1)
+        self.token_budget = token_budget
+        self.frame_budget = frame_budget or self._default_frame_budget()
+        self.faults = faults.from_env()
+        self._loaded: dict[str, LoadedVoice] = {}
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+            torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
+
+    # ------------------------------------------------------------------ voices
+
+    def _default_frame_budget(self) -> int:
+        if self.device.type != "cuda":
+            return 4000
+        free, _total = torch.cuda.mem_get_info(self.device)
+        # ≈ 0.35 MB of decoder activations per frame in float32, half that in 16 bits.
+        per_frame = 350_000 if self.dtype == torch.float32 else 200_000
+        return int(max(2000, min(120_000, 0.5 * free / per_frame)))
+
+    def voice(self, name: str) -> LoadedVoice:
+        """Load (once) and return a voice, on the device, in the engine's dtype."""
+        if name in self._loaded:
+            return self._loaded[name]
+        if name not in self.voices:
+            known = ", ".join(sorted(self.voices)) or "none"
+            raise VoiceError(f"unknown voice {name!r} (known: {known})")
+        info = self.voices[name]
+        model, digest = load_model(info, self.cache_dir)
+        model = model.to(self.device)
+        dec32 = None
+        if self.dtype != torch.float32:
+            if self.device.type == "cuda":
+                import copy
+                dec32 = copy.deepcopy(model.dec)
+            model.dec.to(self.dtype)
+        lv = LoadedVoice(info, model, digest, Phonemizer(info.config), dec32)
+        self._loaded[name] = lv
+        return lv
+
+    def warmup(self, name: str, sizes: Sequence[int] = (1, 8, 32)) -> float:
+        """Run typical shapes once so kernels are chosen and memory is reserved."""
+        lv = self.voice(name)
+        t0 = time.perf_counter()
+        text = "This is a warm-up sentence for the voice, with a comma and a number: 42."
+        ids = lv.phonemizer.sentences(text)
+        sizes = [s for s in sizes if s <= self.max_batch] or [1]
+        for size in sizes:
+            prepared = [Prepared(Request(-i - 1, text, name, seed=i), ids) for i in range(size)]
+            self.run(prepared)
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ prepare
+
+    def prepare(self, requests: Sequence[Request]) -> list[Prepared]:
+        out = []
+        for r in requests:
+            text, fault = self.faults.strip(r.text) if self.faults else (r.text, None)
+            try:
+                lv = self.voice(r.voice)
+                sentences = [s for s in lv.phonemizer.sentences(text) if len(s) > 2]
+                error = None if sentences else "nothing to speak (no phonemes in the text)"
+            except VoiceError as exc:
+                sentences, error = [], str(exc)
+            out.append(Prepared(r, sentences, error, fault))
+        return out
+
+    # ------------------------------------------------------------------ run
+
+    @torch.inference_mode()
+    def run(self, prepared: Sequence[Prepared]) -> tuple[list[Result], RunStats]:
+        stats = RunStats()
+        results: list[Result | None] = [None] * len(prepared)
+        by_voice: dict[str, list[int]] = {}
+        for i, p in enumerate(prepared):
+            if p.error:
+                results[i] = self._fail(p, p.error)
+            else:
+                by_voice.setdefault(p.request.voice, []).append(i)
+        for name, idxs in by_voice.items():
+            lv = self.voice(name)
+            for i, res in zip(idxs, self._run_voice(lv, [prepared[i] for i in idxs], stats)):
+                results[i] = res
+        return [r for r in results if r is not None], stats
+
+    def _fail(self, p: Prepared, error: str, sr: int = 0) -> Result:
+        return Result(p.request.key, None, sr, error, p.phonemes)
+
+    def _run_voice(self, lv: LoadedVoice, prepared: list[Prepared],
+                   stats: RunStats) -> list[Result]:
+        sr, hop = lv.info.sample_rate, lv.model.args.hop
+        if self.faults and self.faults.fast:
+            return [Result(p.request.key, faults.stand_in_audio(p.request.text, sr), sr, None,
+                           p.phonemes) for p in prepared]
+        items = [_Item(li, si, ids, line_seed(p.request.seed, p.request.text, si))
+                 for li, p in enumerate(prepared) for si, ids in enumerate(p.sentences)]
+        stats.items += len(items)
+        if self.faults:
+            self.faults.before_run(prepared)
+        # 1-2: text half, longest first.
+        items.sort(key=lambda it: -len(it.ids))
+        for chunk in self._chunks(items, lambda it: len(it.ids), self.token_budget):
+            self._split_on_oom(lambda c: self._text_half(lv, prepared, c, stats), chunk, stats)
+        # 3: runaway guard per line.
+        frames_of_line = [0] * len(prepared)
+        for it in items:
+            frames_of_line[it.line] += it.frames
+        line_error: dict[int, str] = {}
+        for li, p in enumerate(prepared):
+            seconds = frames_of_line[li] * hop / sr
+            cap = 2.0 + self.max_audio_s_per_char * len(p.request.text)
+            if p.fault == "long":
+                seconds = 60.0 + cap
+            if seconds > cap:
+                line_error[li] = (f"runaway length: {seconds:.1f} s of audio predicted for "
+                                  f"{len(p.request.text)} characters (cap {cap:.1f} s)")
+        for it in items:
+            if it.error and it.line not in line_error:
+                line_error[it.line] = it.error
+        todo = [it for it in items if it.line not in line_error]
+        # 4-5: audio half by frame count.
+        todo.sort(key=lambda it: -it.frames)
+        for chunk in self._chunks(todo, lambda it: it.frames, self.frame_budget):
+            self._split_on_oom(lambda c: self._audio_half(lv, prepared, c, stats), chunk, stats)
+        return self._assemble(lv, prepared, items, line_error)
+
+    def _chunks(self, items: list[_Item], cost, budget: int) -> Iterator[list[_Item]]:
+        """Sorted items (longest first) → sub-batches within max_batch and a padded budget."""
+        chunk: list[_Item] = []
+        for it in items:
+            longest = cost(chunk[0]) if chunk else cost(it)
+            if chunk and (len(chunk) >= self.max_batch or longest * (len(chunk) + 1) > budget):
+                yield chunk
+                chunk = []
+            chunk.append(it)
+        if chunk:
+            yield chunk
+
+    def _split_on_oom(self, fn, chunk: list[_Item], stats: RunStats) -> None:
+        try:
+            fn(chunk)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if _is_sticky(exc):
+                raise DeviceLostError(f"device error, restart needed: {exc}") from exc
+            if not _is_oom(exc):
+                raise
+            self.release_memory()
+            if len(chunk) == 1:
+                chunk[0].error = "out of GPU memory even alone"
+                return
+            stats.oom_splits += 1
+            half = len(chunk) // 2
+            self._split_on_oom(fn, chunk[:half], stats)
+            self._split_on_oom(fn, chunk[half:], stats)
+
+    def _text_half(self, lv: LoadedVoice, prepared: list[Prepared], chunk: list[_Item],
+                   stats: RunStats) -> None:
+        if self.faults:
+            self.faults.check(prepared, chunk, "text")
+        t0 = time.perf_counter()
+        dev, b = self.device, len(chunk)
+        tmax = max(len(it.ids) for it in chunk)
+        ids = torch.zeros(b, tmax, dtype=torch.long)
+        for i, it in enumerate(chunk):
+            ids[i, :len(it.ids)] = torch.tensor(it.ids)
+        lengths = torch.tensor([len(it.ids) for it in chunk])
+        reqs = [prepared[it.line].request for it in chunk]
+        sid = torch.tensor([r.speaker_id for r in reqs])
+        seeds = torch.tensor([it.seed for it in chunk])
+        noise_w = torch.tensor([r.noise_w for r in reqs], dtype=torch.float32)
+        scale = torch.tensor([r.length_scale for r in reqs], dtype=torch.float32)
+        with _strict_fp32(dev):
+            m, logs, dur = lv.model.text_half(ids.to(dev), lengths.to(dev), sid.to(dev),
+                                              seeds.to(dev), noise_w.to(dev), scale.to(dev))
+        frames = dur.sum(1).clamp_min(1).cpu()
+        for i, it in enumerate(chunk):
+            n = len(it.ids)
+            it.m, it.logs, it.dur = m[i, :, :n], logs[i, :, :n], dur[i, :n]
+            it.frames = int(frames[i])
+        stats.text_calls += 1
+        stats.token_slots += b * tmax
+        stats.tokens += int(lengths.sum())
+        stats.text_ms += (time.perf_counter() - t0) * 1000
+
+    def _audio_half(self, lv: LoadedVoice, prepared: list[Prepared], chunk: list[_Item],
+                    stats: RunStats) -> None:
+        if self.faults:
+            self.faults.check(prepared, chunk, "audio")
+        t0 = time.perf_counter()
+        audio = self._decode(lv, prepared, chunk, lv.model.dec)
+        hop = lv.model.args.hop
+        for i, it in enumerate(chunk):
+            a = audio[i, : it.frames * hop]
+            if self.faults and prepared[it.line].fault == "nan":
+                a = a.copy()
+                a[::7] = np.nan
+            if not np.isfinite(a).all() and lv.dec32 is not None:
+                a = self._decode(lv, prepared, [it], lv.dec32)[0, : it.frames * hop]
+            it.audio = a
+        stats.audio_calls += 1
+        stats.frame_slots += len(chunk) * chunk[0].frames
+        stats.frames += sum(it.frames for it in chunk)
+        stats.audio_ms += (time.perf_counter() - t0) * 1000
+
+    def _decode(self, lv: LoadedVoice, prepared: list[Prepared], chunk: list[_Item],
+                dec: Generator) -> np.ndarray:
+        dev, b = self.device, len(chunk)
+        fmax = max(it.frames for it in chunk)
+        tmax = max(it.m.size(1) for it in chunk)
+        inter = chunk[0].m.size(0)
+        m = torch.zeros(b, inter, tmax, device=dev)
+        logs = torch.zeros(b, inter, tmax, device=dev)
+        dur = torch.zeros(b, tmax, dtype=torch.long, device=dev)
+        for i, it in enumerate(chunk):
+            n = it.m.size(1)
+            m[i, :, :n], logs[i, :, :n], dur[i, :n] = it.m, it.logs, it.dur
+        reqs = [prepared[it.line].request for it in chunk]
+        frames = torch.tensor([it.frames for it in chunk], device=dev)
+        sid = torch.tensor([r.speaker_id for r in reqs], device=dev)
+        seeds = torch.tensor([it.seed for it in chunk], device=dev)
+        noise = torch.tensor([r.noise_scale for r in reqs], dtype=torch.float32, device=dev)
+        saved = lv.model.dec
+        lv.model.dec = dec
+        try:
+            out = lv.model.audio_half(m, logs, dur, frames, fmax, sid, seeds, noise)
+        finally:
+            lv.model.dec = saved
+        return out.cpu().numpy()
+
+    def _assemble(self, lv: LoadedVoice, prepared: list[Prepared], items: list[_Item],
+                  line_error: dict[int, str]) -> list[Result]:
+        sr = lv.info.sample_rate
+        parts: list[list[_Item]] = [[] for _ in prepared]
+        for it in items:
+            parts[it.line].append(it)
+        silence = np.zeros(int(round(self.sentence_silence_s * sr)), dtype=np.float32)
+        out = []
+        for li, p in enumerate(prepared):
+            if li in line_error:
+                out.append(self._fail(p, line_error[li], sr))
+                continue
+            chunks = []
+            for it in sorted(parts[li], key=lambda x: x.sentence):
+                a = it.audio
+                if a is None or not np.isfinite(a).all():
+                    chunks = None
+                    break
+                if self.normalize:
+                    peak = float(np.max(np.abs(a))) if a.size else 0.0
+                    a = a / peak if peak > 1e-8 else np.zeros_like(a)
+                chunks.extend([np.clip(a, -1.0, 1.0).astype(np.float32), silence])
+            if chunks is None:
+                out.append(self._fail(p, "the model produced non-finite audio (NaN/Inf)", sr))
+                continue
+            audio = np.concatenate(chunks[:-1]) if chunks else np.zeros(0, np.float32)
+            out.append(Result(p.request.key, audio, sr, None, p.phonemes))
+        return out
+
+    # ------------------------------------------------------------------ memory
+
+    def synthesize(self, requests: Sequence[Request]) -> list[Result]:
+        return self.run(self.prepare(requests))[0]
+
+    def release_memory(self) -> int:
+        """Empty the allocator's cache; returns the bytes given back to the driver."""
+        if self.device.type != "cuda":
+            return 0
+        before = torch.cuda.memory_reserved(self.device)
+        torch.cuda.empty_cache()
+        return max(0, before - torch.cuda.memory_reserved(self.device))
+
+    def memory(self) -> dict[str, int]:
+        if self.device.type != "cuda":
+            return {"allocated": 0, "reserved": 0, "peak": 0}
+        return {"allocated": torch.cuda.memory_allocated(self.device),
+                "reserved": torch.cuda.memory_reserved(self.device),
+                "peak": torch.cuda.max_memory_allocated(self.device)}
+
+    def device_info(self) -> dict[str, object]:
+        info: dict[str, object] = {"device": str(self.device), "dtype": str(self.dtype).split(".")[-1]}
+        if self.device.type == "cuda":
+            p = torch.cuda.get_device_properties(self.device)
+            info.update(name=p.name, total_memory=p.total_memory,
+                        capability=f"{p.major}.{p.minor}")
+        else:
+            import platform
+            info.update(name=platform.processor() or platform.machine(),
+                        threads=torch.get_num_threads())
+        return info
+
+
+def frames_to_seconds(frames: int, hop: int, sr: int) -> float:
+    return frames * hop / sr if sr else math.nan

@@ -1,0 +1,85 @@
+"""Typed records passed between stages. Stages exchange these, never dicts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Line:
+    """One utterance parsed from an input file."""
+
+    number: int
+    """1-based line number in the file (for CSV: the line where the record starts)."""
+    text: str
+    """The text to speak: NFC-normalized, stripped, never empty."""
+    id: str | None = None
+    """The CSV ``id`` column, as written (sanitized later into a file name)."""
+    voice: str | None = None
+    """Per-line voice name (CSV), or None for the configured voice."""
+    speaker: str | None = None
+    """Per-line speaker (name or integer id as text), or None for the default."""
+    speed: float | None = None
+    """Per-line speed (finite, within limits), or None for the configured speed."""
+
+
+@dataclass(frozen=True)
+class LineError:
+    """A line of a good file that cannot be used; it fails alone."""
+
+    number: int
+    message: str
+    id: str | None = None
+    text: str | None = None
+    column: int | None = None
+
+
+@dataclass(frozen=True)
+class SynthParams:
+    """Everything besides the text that decides a line's audio."""
+
+    voice: str
+    speaker_id: int = 0
+    length_scale: float = 1.0
+    noise_scale: float = 0.667
+    noise_w: float = 0.8
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Job:
+    """A pending line as the batcher sees it (read back from the store)."""
+
+    line_id: int
+    text: str
+    params: SynthParams
+    cost: int = 0
+    """Phoneme-ish cost estimate used for batching (characters until phonemized)."""
+
+
+@dataclass
+class Clip:
+    """One line's synthesized audio (float32 samples in [-1, 1])."""
+
+    line_id: int
+    samples: object  # numpy.ndarray, float32, 1-D
+    sample_rate: int
+    phonemes: int = 0
+
+
+@dataclass
+class BatchStats:
+    """Timings of one batch, recorded in the store."""
+
+    size: int
+    phonemes: int
+    audio_s: float
+    prepare_ms: float
+    model_ms: float
+    write_ms: float
+    device: str
+    dtype: str
+    voice: str
+    padded_frames: int = 0
+    used_frames: int = 0
+    extra: dict = field(default_factory=dict)
