@@ -1,0 +1,160 @@
+"""Running the real daemon as a subprocess on a temporary folder, and checking the
+invariant: every input line ends as exactly one WAV + one done row, or one failed row
+with a reason; no temporary file is left; nothing stays in the work folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Site:
+    root: Path
+    extra_config: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.toml"
+
+    def write_config(self) -> None:
+        base = {
+            "input": 'settle_s = 0.3\nrescan_s = 1.0\n',
+            "engine": 'device = "cpu"\ndtype = "float32"\nwarmup = false\n',
+            "batching": 'max_batch_size = 4\nmax_wait_ms = 20\n',
+            "daemon": 'heartbeat_s = 0.5\nstop_timeout_s = 30\n',
+        }
+        extra: dict[str, str] = {}
+        section = None
+        for line in self.extra_config.splitlines():
+            if line.strip().startswith("["):
+                section = line.strip()[1:-1]
+            elif line.strip() and section:
+                extra[section] = extra.get(section, "") + line.strip() + "\n"
+        text = ""
+        for sec in sorted(set(base) | set(extra)):
+            text += f"[{sec}]\n{base.get(sec, '')}{extra.get(sec, '')}\n"
+        self.config.write_text(text, encoding="utf-8")
+
+    @property
+    def inbox(self) -> Path:
+        return self.root / "inbox"
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / "outbox"
+
+    @property
+    def db(self) -> Path:
+        return self.root / "state" / "ttsd.db"
+
+    def cli(self, *args: str, timeout: float = 120, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ttsd.cli", "--config", str(self.config),
+                               *args], cwd=self.root, capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, **self.env, **(env or {})})
+
+    def start(self, *args: str, env: dict | None = None) -> subprocess.Popen:
+        self.write_config()
+        self.inbox.mkdir(parents=True, exist_ok=True)
+        self.log = self.root / f"daemon-{time.time_ns()}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ttsd.cli", "--config", str(self.config), "run", *args],
+            cwd=self.root, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
+            env={**os.environ, "PYTHONPATH": str(ROOT), **self.env, **(env or {})})
+        return self.proc
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        """Until the daemon logged daemon.started (model loaded, start-up scan done)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.log and "daemon.started" in self.log.read_text(errors="replace"):
+                return
+            if self.proc and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited early:\n{self.logs()}")
+            time.sleep(0.1)
+        raise AssertionError(f"daemon not ready in {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")[-6000:] if self.log else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"daemon did not stop in {timeout}s:\n{self.logs()}") from None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def query(self, sql: str, params: tuple = ()) -> list[tuple]:
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def wait_files_finished(self, n: int, timeout: float = 180) -> None:
+        """Until ``n`` files are done or failed (and their inputs left the work folder)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.db.exists():
+                try:
+                    got = self.query("SELECT COUNT(*) FROM files WHERE state IN "
+                                     "('done','failed')")[0][0]
+                except sqlite3.OperationalError:
+                    got = 0
+                if got >= n:
+                    return
+            if self.proc and self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited:\n{self.logs()}")
+            time.sleep(0.2)
+        raise AssertionError(f"only some files finished in {timeout}s:\n{self.logs()}")
+
+    def status(self) -> dict:
+        out = self.cli("status", "--json", timeout=30)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+
+def assert_invariant(site: Site) -> None:
+    """Every line: one WAV + done row, or one failed row with a reason; no leftovers."""
+    rows = site.query("SELECT l.id, l.state, l.error, l.wav, l.out_name, f.out_dir "
+                      "FROM lines l JOIN files f ON f.id = l.file_id")
+    for _id, state, error, wav, out_name, out_dir in rows:
+        assert state in ("done", "failed"), f"line {_id} left {state}"
+        if state == "done":
+            path = Path(wav)
+            assert path.exists(), f"line {_id}: {wav} missing"
+            assert path == Path(out_dir) / f"{out_name}.wav"
+            info = sf.info(str(path))
+            assert info.frames > 0
+        else:
+            assert error, f"failed line {_id} has no reason"
+    wavs = [p for p in site.outbox.rglob("*.wav")]
+    done = [r for r in rows if r[1] == "done"]
+    assert len(wavs) == len(done), f"{len(wavs)} WAVs for {len(done)} done lines"
+    leftovers = [p for p in site.root.rglob("*.tmp")]
+    assert not leftovers, f"temporary files left: {leftovers}"
+    work = site.root / "state" / "work"
+    assert not work.exists() or not any(work.iterdir()), f"work folder not empty: {list(work.iterdir())}"

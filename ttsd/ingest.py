@@ -1,0 +1,235 @@
+"""Files stage: inbox → claim → parse → store, and finished files → manifest + done/.
+
+Runs in its own thread with its own store connection. Every accepted line ends in the
+store as pending (or failed with a reason) before the file counts as queued; a crash
+mid-way re-parses the owned copy (inserts are idempotent on (file, line number)).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ttsd import crash
+from ttsd.config import Config
+from ttsd.engine.runtime import ENGINE_VERSION
+from ttsd.errors import InputError, VoiceError
+from ttsd.inbox import Claimed, Inbox, Rejected
+from ttsd.log import get_logger
+from ttsd.names import name_key, safe_stem
+from ttsd.parse import ParseLimits, parse
+from ttsd.records import Line, LineError
+from ttsd.store import NewLine, Store
+from ttsd.writer import ManifestRow, dispose, write_manifest
+
+log = get_logger(__name__)
+CHUNK = 1000
+
+
+@dataclass(frozen=True)
+class VoiceFacts:
+    """What ingest needs to know of a voice to resolve a line's parameters."""
+
+    name: str
+    digest: str
+    sample_rate: int
+    speakers: dict[str, int]
+    num_speakers: int
+    default_speaker: int
+    noise_scale: float
+    noise_w: float
+    length_scale: float
+
+
+def cache_key(text: str, voice: VoiceFacts, speaker_id: int, length_scale: float,
+              noise_scale: float, noise_w: float, seed: int, fmt: str) -> str:
+    """Everything that decides a line's WAV bytes, hashed."""
+    parts = [ENGINE_VERSION, voice.name, voice.digest, str(voice.sample_rate), str(speaker_id),
+             repr(round(length_scale, 6)), repr(round(noise_scale, 6)), repr(round(noise_w, 6)),
+             str(seed), fmt, unicodedata.normalize("NFC", text)]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+class Ingest:
+    def __init__(self, cfg: Config, voices: dict[str, VoiceFacts],
+                 stop: threading.Event, *, fmt: str) -> None:
+        self.cfg = cfg
+        self.voices = voices
+        self.stop = stop
+        self.fmt = fmt
+        self.limits = ParseLimits.from_config(cfg.input)
+        self.inbox = Inbox(cfg.paths.inbox, cfg.paths.work, cfg.input)
+        self.failed_files = 0
+        self.finished_files = 0
+        self.on_file_done: Callable[[dict], None] | None = None
+
+    # ------------------------------------------------------------------ loop
+
+    def recover(self, store: Store) -> None:
+        """At start: re-parse files cut off mid-parse; adopt orphans of the work folder."""
+        for row in store.files_in("parsing"):
+            path = Path(row["work_path"])
+            if not path.exists():
+                store.fail_file(row["id"], "the claimed copy vanished before it was parsed")
+                continue
+            claimed = Claimed(row["name"], path, row["size"], row["sha256"], path.stat().st_mtime)
+            self._parse_into(store, row["id"], claimed, Path(row["out_dir"]))
+        known = {r["work_path"] for r in store.q("SELECT work_path FROM files")}
+        for path in self.inbox.orphans():
+            if str(path) not in known:
+                got = self.inbox.adopt(path)
+                if got is not None:
+                    self._accept(store, got)
+
+    def step(self, store: Store) -> int:
+        """One pass: claim what is ready (unless back-pressured), finish what is done."""
+        n = 0
+        if store.pending_count() < self.cfg.input.max_pending_lines:
+            for path in self.inbox.ready():
+                if self.stop.is_set():
+                    break
+                got = self.inbox.claim(path)
+                if got is None:
+                    continue
+                crash.point("after_claim")
+                self._accept(store, got)
+                n += 1
+                if store.pending_count() >= self.cfg.input.max_pending_lines:
+                    log.info("inbox.backpressure", pending=store.pending_count())
+                    break
+        self.finish_ready(store)
+        return n
+
+    def _accept(self, store: Store, got: Claimed | Rejected) -> None:
+        if isinstance(got, Rejected):
+            if got.path.parent == self.cfg.paths.inbox:   # could not even be moved out
+                self.failed_files += 1
+                log.error("file.rejected", name=got.name, reason=got.reason, moved_to=None)
+                return
+            dest = dispose(got.path, self.cfg.paths.failed, got.name, error=got.reason)
+            self.failed_files += 1
+            log.warning("file.rejected", name=got.name, reason=got.reason, moved_to=str(dest))
+            return
+        out_dir = self._out_dir(store, got.name)
+        file_id = store.add_file(got.name, got.path, got.size, got.sha256, out_dir)
+        log.info("file.claimed", name=got.name, size=got.size, sha256=got.sha256[:12],
+                 file_id=file_id)
+        self._parse_into(store, file_id, got, out_dir)
+
+    def _out_dir(self, store: Store, name: str) -> Path:
+        stem = safe_stem(Path(name).stem or name, 1, 4)
+        base = self.cfg.paths.outbox
+        candidate, n = base / stem, 1
+        while candidate.exists() or store.out_dir_taken(candidate):
+            n += 1
+            candidate = base / f"{stem}-{n}"
+        return candidate
+
+    def _parse_into(self, store: Store, file_id: int, claimed: Claimed, out_dir: Path) -> None:
+        t0 = time.perf_counter()
+        try:
+            data = self.inbox.read(claimed)
+            parsed = parse(data, claimed.name, self.limits)
+            del data
+            width = max(4, len(str(parsed.total_lines)))
+            seen: dict[str, int] = {}
+            chunk: list[NewLine] = []
+            count = 0
+            for item in parsed:
+                chunk.append(self._new_line(item, width, seen))
+                count += 1
+                if len(chunk) >= CHUNK:
+                    store.add_lines(file_id, chunk)
+                    chunk = []
+            if chunk:
+                store.add_lines(file_id, chunk)
+            store.file_parsed(file_id, parsed.kind, parsed.total_lines, parsed.note)
+            log.info("file.parsed", name=claimed.name, lines=count, kind=parsed.kind,
+                     note=parsed.note, ms=round((time.perf_counter() - t0) * 1000, 1))
+        except InputError as exc:
+            self._fail(store, file_id, claimed, exc.describe() if exc.file else
+                       f"{claimed.name}: {exc.describe()}")
+
+    def _fail(self, store: Store, file_id: int, claimed: Claimed, error: str) -> None:
+        dest = dispose(claimed.path, self.cfg.paths.failed, claimed.name, error=error)
+        store.fail_file(file_id, error, str(dest))
+        self.failed_files += 1
+        log.warning("file.failed", name=claimed.name, error=error, moved_to=str(dest))
+
+    def _new_line(self, item: Line | LineError, width: int, seen: dict[str, int]) -> NewLine:
+        if isinstance(item, LineError):
+            return NewLine(item.number, item.text or "", item.id, error=item.message)
+        out_name = safe_stem(item.id, item.number, width)
+        key = name_key(out_name)
+        if key in seen:
+            return NewLine(item.number, item.text, item.id,
+                           error=f"duplicate id {item.id or out_name!r}: line {seen[key]} already "
+                                 f"writes {out_name}.wav")
+        seen[key] = item.number
+        e = self.cfg.engine
+        vname = item.voice or e.voice
+        voice = self.voices.get(vname)
+        if voice is None:
+            known = ", ".join(sorted(self.voices)) or "none"
+            return NewLine(item.number, item.text, item.id,
+                           error=f"unknown voice {vname!r} (known: {known})")
+        try:
+            sid = self._speaker(voice, item.speaker if item.speaker is not None else e.speaker)
+        except VoiceError as exc:
+            return NewLine(item.number, item.text, item.id, error=str(exc))
+        speed = item.speed if item.speed is not None else e.speed
+        length_scale = voice.length_scale / speed
+        noise_scale = e.noise_scale if e.noise_scale >= 0 else voice.noise_scale
+        noise_w = e.noise_w if e.noise_w >= 0 else voice.noise_w
+        key_c = cache_key(item.text, voice, sid, length_scale, noise_scale, noise_w, e.seed,
+                          self.fmt)
+        return NewLine(item.number, item.text, item.id, out_name, key, vname, sid, length_scale,
+                       noise_scale, noise_w, e.seed, key_c)
+
+    @staticmethod
+    def _speaker(voice: VoiceFacts, speaker: str | None) -> int:
+        if speaker is None or speaker == "":
+            return voice.default_speaker
+        if speaker in voice.speakers:
+            return voice.speakers[speaker]
+        try:
+            sid = int(speaker)
+        except ValueError:
+            raise VoiceError(f"voice {voice.name} has no speaker {speaker!r}") from None
+        if not 0 <= sid < max(1, voice.num_speakers):
+            raise VoiceError(f"voice {voice.name} has speakers 0..{voice.num_speakers - 1}, "
+                             f"not {sid}")
+        return sid
+
+    # ------------------------------------------------------------------ finishing
+
+    def finish_ready(self, store: Store) -> None:
+        for row in store.finishable_files():
+            self._finish(store, row)
+
+    def _finish(self, store: Store, row: dict) -> None:
+        out_dir = Path(row["out_dir"])
+        counts = store.file_counts(row["id"])
+        if self.cfg.output.manifest and (counts or row["total_lines"]):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_manifest(out_dir / "manifest.csv", (
+                ManifestRow(id=r["line_id"] or "", line=r["number"], text=r["text"],
+                            wav=f"{r['out_name']}.wav" if r["state"] == "done" else "",
+                            seconds=r["seconds"], cached=bool(r["cached"]), error=r["error"] or "")
+                for r in store.manifest_rows(row["id"])))
+        work = Path(row["work_path"])
+        if work.exists() or work.is_symlink():
+            dest = dispose(work, self.cfg.paths.done, row["name"])
+            store.set_dest(row["id"], str(dest))
+        store.finish_file(row["id"])
+        self.finished_files += 1
+        info = {"name": row["name"], "done": counts.get("done", 0),
+                "failed": counts.get("failed", 0), "out_dir": str(out_dir)}
+        log.info("file.done", note=row["note"], **info)
+        if self.on_file_done:
+            self.on_file_done(info)

@@ -1,0 +1,230 @@
+"""Lines stage: store → batch (+ cache) → engine → WAVs → store.
+
+Three steps, each run by its own thread in the daemon and connected by bounded queues,
+so phonemizing and writing overlap with the model:
+
+- ``Feeder.next_batch``: takes pending lines (marking them running, attempts + 1),
+  answers what it can without the model (a WAV already on disk from an interrupted
+  attempt, a cache hit), dedupes identical lines, and phonemizes the rest;
+- ``Synth.run``: the model, on the device;
+- ``Sink.write``: atomic WAVs, cache links, then one store transaction per batch.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ttsd import crash
+from ttsd.config import Config
+from ttsd.engine.runtime import Engine, Prepared, Request, Result, RunStats
+from ttsd.errors import DeviceLostError
+from ttsd.log import get_logger
+from ttsd.records import BatchStats
+from ttsd.store import LineRow, Store
+from ttsd.writer import link_or_copy, wav_info, wav_ok, write_wav
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Batch:
+    rows: list[LineRow]
+    voice: str
+    existing: list[LineRow] = field(default_factory=list)
+    hits: list[tuple[LineRow, dict]] = field(default_factory=list)
+    groups: list[list[LineRow]] = field(default_factory=list)
+    """Lines to synthesize, grouped by cache key; request ``key`` = group index."""
+    prepared: list[Prepared] = field(default_factory=list)
+    results: list[Result] = field(default_factory=list)
+    stats: RunStats | None = None
+    prepare_ms: float = 0.0
+    model_ms: float = 0.0
+    dead: list[int] = field(default_factory=list)
+
+
+def wav_path(row: LineRow) -> Path:
+    return Path(row.out_dir) / f"{row.out_name}.wav"
+
+
+def cache_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / key[:2] / f"{key}.wav"
+
+
+class Feeder:
+    def __init__(self, cfg: Config, engine: Engine, sample_rates: dict[str, int]) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.sample_rates = sample_rates
+        b = cfg.batching.max_batch_size
+        self.size = b or (64 if engine.device.type == "cuda" else 1)
+
+    def next_batch(self, store: Store, stop) -> Batch | None:
+        """Up to ``size`` lines of one voice; waits ``max_wait_ms`` for a fuller batch."""
+        rows, dead = store.take(self.size, self.cfg.daemon.max_attempts)
+        if rows and len(rows) < self.size and self.cfg.batching.max_wait_ms > 0 \
+                and not stop.is_set():
+            time.sleep(self.cfg.batching.max_wait_ms / 1000)
+            more, dead2 = store.take(self.size - len(rows), self.cfg.daemon.max_attempts)
+            rows, dead = rows + more, dead + dead2
+        if dead:
+            log.warning("lines.gave_up", count=len(dead), ids=dead[:10])
+        if not rows:
+            return Batch([], "", dead=dead) if dead else None
+        voice = rows[0].voice
+        other = [r for r in rows if r.voice != voice]
+        if other:  # one voice per batch; the rest go back without losing an attempt
+            store.release([r.id for r in other])
+            rows = [r for r in rows if r.voice == voice]
+        batch = Batch(rows, voice, dead=dead)
+        self._answer_without_model(store, batch)
+        t0 = time.perf_counter()
+        requests = [Request(i, g[0].text, g[0].voice, g[0].speaker_id, g[0].length_scale,
+                            g[0].noise_scale, g[0].noise_w, g[0].seed)
+                    for i, g in enumerate(batch.groups)]
+        batch.prepared = self.engine.prepare(requests)
+        batch.prepare_ms = (time.perf_counter() - t0) * 1000
+        crash.point("mid_batch")
+        return batch
+
+    def _answer_without_model(self, store: Store, batch: Batch) -> None:
+        sr = self.sample_rates.get(batch.voice)
+        by_key: dict[str, list[LineRow]] = {}
+        for row in batch.rows:
+            if wav_ok(wav_path(row), sample_rate=sr):
+                batch.existing.append(row)   # written before a crash, never committed
+                continue
+            if self.cfg.cache.enabled and row.cache_key:
+                entry = store.cache_get(row.cache_key)
+                if entry is not None:
+                    if wav_ok(Path(entry["path"]), sample_rate=sr):
+                        batch.hits.append((row, entry))
+                        continue
+                    store.cache_evict([row.cache_key])  # damaged or missing: a miss
+            by_key.setdefault(row.cache_key or f"line-{row.id}", []).append(row)
+        batch.groups = list(by_key.values())
+
+
+class Synth:
+    """Runs prepared batches through the engine (the only thread touching the GPU)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def run(self, batch: Batch) -> Batch:
+        if batch.prepared:
+            t0 = time.perf_counter()
+            try:
+                batch.results, batch.stats = self.engine.run(batch.prepared)
+            except DeviceLostError:
+                raise
+            if self.engine.device.type == "cuda":
+                import torch
+                torch.cuda.synchronize(self.engine.device)
+            batch.model_ms = (time.perf_counter() - t0) * 1000
+        return batch
+
+
+class Sink:
+    """Writes a finished batch: WAVs first (atomic), then one store transaction."""
+
+    def __init__(self, cfg: Config, engine: Engine, threads: int) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ttsd-wav")
+        self.subtype = cfg.output.subtype
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+    def write(self, store: Store, batch: Batch) -> dict[str, int]:
+        t0 = time.perf_counter()
+        done: list[tuple[int, str, float, bool]] = []
+        failed: list[tuple[int, str]] = []
+        cache_rows: list[dict] = []
+        requeue: list[int] = []
+        for row in batch.existing:
+            _sr, _frames, seconds = wav_info(wav_path(row))
+            done.append((row.id, str(wav_path(row)), seconds, False))
+        for row, entry in batch.hits:
+            try:
+                wav_path(row).parent.mkdir(parents=True, exist_ok=True)
+                link_or_copy(Path(entry["path"]), wav_path(row), link=self.cfg.cache.link)
+                done.append((row.id, str(wav_path(row)), float(entry["seconds"]), True))
+                store.cache_hit(entry["key"])
+            except FileNotFoundError:   # purged in the meantime: synthesize it after all
+                store.cache_evict([entry["key"]])
+                requeue.append(row.id)
+        results = {r.key: r for r in batch.results}
+        jobs = []
+        for gi, group in enumerate(batch.groups):
+            res = results.get(gi)
+            if res is None or res.audio is None:
+                err = res.error if res is not None else "no result from the engine"
+                failed.extend((row.id, err) for row in group)
+                continue
+            for row in group:
+                jobs.append((row, res, self.pool.submit(self._write_one, row, res)))
+        for row, res, fut in jobs:
+            try:
+                fut.result()
+            except OSError as exc:   # disk full, I/O error: the line stays pending
+                log.error("wav.write_failed", path=str(wav_path(row)), error=str(exc))
+                requeue.append(row.id)
+                continue
+            done.append((row.id, str(wav_path(row)), res.seconds, False))
+            crash.point("after_rename")
+        if self.cfg.cache.enabled:
+            cache_rows = self._cache(batch, done)
+        stats = None
+        if batch.rows:
+            s = batch.stats
+            stats = BatchStats(
+                size=len(batch.rows), phonemes=sum(p.phonemes for p in batch.prepared),
+                audio_s=sum(d[2] for d in done), prepare_ms=batch.prepare_ms,
+                model_ms=batch.model_ms, write_ms=(time.perf_counter() - t0) * 1000,
+                device=str(self.engine.device), dtype=str(self.engine.dtype).split(".")[-1],
+                voice=batch.voice, padded_frames=s.frame_slots if s else 0,
+                used_frames=s.frames if s else 0)
+        counters = {"cache_hits": len(batch.hits), "cache_misses": len(batch.groups),
+                    "lines_synthesized": sum(len(g) for g in batch.groups)}
+        crash.point("before_commit")
+        store.complete(done, failed, cache_rows, stats, counters)
+        crash.point("after_commit")
+        if requeue:
+            store.release(requeue, undo_attempt=True)
+        if failed:
+            log.warning("lines.failed", count=len(failed), first=failed[0][1])
+        return {"done": len(done), "failed": len(failed), "requeued": len(requeue)}
+
+    def _write_one(self, row: LineRow, res: Result) -> None:
+        path = wav_path(row)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            write_wav(path, res.audio, res.sample_rate, self.subtype)
+        except FileExistsError:
+            if not wav_ok(path, sample_rate=res.sample_rate):
+                raise OSError(f"{path} exists and is not a valid WAV; not overwriting") from None
+
+    def _cache(self, batch: Batch, done: list[tuple[int, str, float, bool]]) -> list[dict]:
+        """Link each freshly synthesized WAV into the cache (one entry per key)."""
+        rows = []
+        by_id = {d[0]: d for d in done if not d[3]}
+        for group in batch.groups:
+            first = next((r for r in group if r.id in by_id), None)
+            if first is None or not first.cache_key:
+                continue
+            src = Path(by_id[first.id][1])
+            dst = cache_path(self.cfg.paths.cache, first.cache_key)
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if not dst.exists():
+                    link_or_copy(src, dst, link=self.cfg.cache.link)
+                rows.append({"key": first.cache_key, "path": str(dst),
+                             "bytes": dst.stat().st_size, "seconds": by_id[first.id][2],
+                             "voice": first.voice})
+            except OSError as exc:   # the cache is an optimization; the line is done anyway
+                log.warning("cache.store_failed", key=first.cache_key[:12], error=str(exc))
+        return rows

@@ -1,0 +1,270 @@
+"""``ttsd purge-cache``: drop cache entries (all, older than, or least recently used
+first down to a size), safely while the daemon runs (RELIABILITY rows 30 and 31).
+
+Order of work, page by page (500 entries): the rows are deleted in one transaction
+first (``Store.cache_evict``, which waits on the daemon's write lock through
+``busy_timeout`` instead of failing), then their files are unlinked. A daemon that
+read a row just before it went and then finds the file gone treats it as a miss and
+synthesizes the line again (row 31); the daemon never sees a row whose file was
+removed before the row. Short transactions per page keep the write lock brief, so
+the daemon's own writes never wait long (row 30).
+
+Only files that lie inside the cache folder are unlinked: a row whose path leads
+elsewhere (absolute, ``..``, or through a symlinked folder) is dropped from the
+store but its file is left alone and reported as refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ttsd.config import PathsConfig
+from ttsd.errors import ConfigError
+from ttsd.log import get_logger
+from ttsd.status import human_bytes
+from ttsd.store import Store
+
+log = get_logger(__name__)
+
+PAGE = 500
+"""Entries per transaction (also well below SQLite's limit on bound parameters)."""
+
+
+class PurgeOptionError(ConfigError, ValueError):
+    """A purge option is wrong (bad age or size, or no option at all)."""
+
+
+# ---------------------------------------------------------------------- options
+
+_AGE_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_AGE_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhdw])", re.IGNORECASE)
+_AGE = re.compile(r"(?:\d+(?:\.\d+)?\s*[smhdw]\s*)+", re.IGNORECASE)
+
+
+def parse_age(text: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s``, ``2w``, ``1.5h``, ``1h30m`` → seconds."""
+    s = text.strip()
+    if not _AGE.fullmatch(s):
+        raise PurgeOptionError(
+            f"age {text!r}: expected a number and a unit (s, m, h, d or w), e.g. 30d, 12h, 90m")
+    return sum(float(n) * _AGE_UNITS[u.lower()] for n, u in _AGE_PART.findall(s))
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+    "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``2GB``, ``500MB``, ``100k`` (decimal), ``1.5GiB``, ``64MiB`` (binary), ``4096`` →
+    bytes (rounded down)."""
+    m = _SIZE.fullmatch(text.strip())
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _SIZE_UNITS:
+        raise PurgeOptionError(
+            f"size {text!r}: expected a number with an optional unit: B, kB, MB, GB, TB "
+            "(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 2GB")
+    return math.floor(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+# ---------------------------------------------------------------------- purge
+
+@dataclass
+class PurgeReport:
+    removed: int = 0
+    """Cache entries removed from the store (or that would be, in a dry run)."""
+    freed_bytes: int = 0
+    """Disk space given back: sizes of the unlinked files no outbox WAV still links to."""
+    kept: int = 0
+    """Entries left in the cache."""
+    kept_bytes: int = 0
+    """Their size, as the store records it."""
+    dry_run: bool = False
+    missing_files: int = 0
+    """Removed entries whose file was already gone (not an error)."""
+    refused: int = 0
+    """Removed entries whose path leads outside the cache folder: file left alone."""
+    refused_paths: list[str] = field(default_factory=list)
+    linked: int = 0
+    """Unlinked files whose data stays on disk: an outbox WAV is a hard link to it."""
+    linked_bytes: int = 0
+
+
+def purge(paths: PathsConfig, *, all: bool = False, older_than_s: float | None = None,
+          max_bytes: int | None = None, dry_run: bool = False,
+          now: float | None = None) -> PurgeReport:
+    """Remove cache entries: every one (``all``), those last used more than
+    ``older_than_s`` ago, and least recently used ones until the total is at most
+    ``max_bytes``. Options combine (union). ``dry_run`` changes nothing and reports
+    what would go. RELIABILITY rows 30, 31: safe while the daemon runs.
+    """
+    if not all and older_than_s is None and max_bytes is None:
+        raise PurgeOptionError("nothing to purge: say --all, --older-than or --max-size")
+    if older_than_s is not None and not (math.isfinite(older_than_s) and older_than_s >= 0):
+        raise PurgeOptionError(f"--older-than must be a duration >= 0, got {older_than_s!r}")
+    if max_bytes is not None and max_bytes < 0:
+        raise PurgeOptionError(f"--max-size must be >= 0 bytes, got {max_bytes!r}")
+    now = time.time() if now is None else now
+    report = PurgeReport(dry_run=dry_run)
+    if not paths.db.exists():
+        return report  # never ran: nothing recorded, nothing to remove (and no DB created)
+    store = Store.open_readonly(paths.db) if dry_run else Store(paths.db)
+    assert store is not None
+    try:
+        gone_bytes = _purge(store, paths.cache, report, all=all, max_bytes=max_bytes,
+                            cutoff=None if older_than_s is None else now - older_than_s)
+        count, size = _totals(store)
+        if dry_run:
+            count, size = count - report.removed, size - gone_bytes
+        report.kept, report.kept_bytes = count, size
+    finally:
+        store.close()
+    log.info("cache.purge", removed=report.removed, freed_bytes=report.freed_bytes,
+             kept=report.kept, missing=report.missing_files, refused=report.refused,
+             linked=report.linked, dry_run=dry_run)
+    return report
+
+
+def _totals(store: Store) -> tuple[int, int]:
+    count, size = store.conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM cache").fetchone()
+    return int(count), int(size)
+
+
+def _purge(store: Store, cache_dir: Path, report: PurgeReport, *, all: bool,
+           max_bytes: int | None, cutoff: float | None) -> int:
+    """Walk entries least recently used first, a page at a time (keyset on
+    (last_used, rowid): the cache_lru index order), and remove the victims.
+
+    Every criterion picks a prefix of that order, except that ``all`` is bounded by
+    the rowids present at the start (entries the daemon adds meanwhile stay).
+    Returns the bytes (as the store records them) of the entries removed.
+    """
+    snapshot_rowid = store.one("SELECT MAX(rowid) FROM cache") or 0
+    total = _totals(store)[1]
+    root = os.path.realpath(cache_dir)
+    after: tuple[float, int] = (-math.inf, -1)
+    gone_bytes = 0
+    while True:
+        page = store.conn.execute(
+            "SELECT key, path, bytes, last_used, rowid FROM cache "
+            "WHERE (last_used, rowid) > (?, ?) ORDER BY last_used, rowid LIMIT ?",
+            (*after, PAGE)).fetchall()
+        if not page:
+            return gone_bytes
+        after = (page[-1][3], page[-1][4])
+        victims: list[tuple[str, str, int]] = []
+        done = False
+        for key, path, size, last_used, rowid in page:
+            if all and rowid <= snapshot_rowid:
+                pass
+            elif ((cutoff is not None and last_used < cutoff)
+                  or (max_bytes is not None and total > max_bytes)):
+                pass
+            elif all:
+                continue  # added during the purge: keep, look further
+            else:
+                done = True  # more recently used than anything that goes
+                break
+            victims.append((key, path, size))
+            total -= size
+        gone_bytes += _remove(store, victims, root, report)
+        if done:
+            return gone_bytes
+
+
+def _remove(store: Store, victims: list[tuple[str, str, int]], root: str,
+            report: PurgeReport) -> int:
+    """Rows first (one transaction), then files; returns the rows' recorded bytes."""
+    if not victims:
+        return 0
+    if report.dry_run:
+        rows: list[dict[str, Any]] = [{"key": k, "path": p, "bytes": b} for k, p, b in victims]
+    else:
+        rows = store.cache_evict([k for k, _, _ in victims])
+    for r in rows:
+        report.removed += 1
+        _unlink(Path(r["path"]), root, report)
+    return sum(int(r["bytes"]) for r in rows)
+
+
+def _unlink(path: Path, root: str, report: PurgeReport) -> None:
+    """Unlink one cached file (only inside ``root``, the cache folder's real path)."""
+    target = inside(path, root)
+    if target is None:
+        report.refused += 1
+        report.refused_paths.append(str(path))
+        log.warning("cache.purge_refused", path=str(path), reason="outside the cache folder")
+        return
+    try:
+        st = os.lstat(target)
+    except FileNotFoundError:
+        report.missing_files += 1
+        return
+    if stat.S_ISDIR(st.st_mode):
+        report.refused += 1
+        report.refused_paths.append(str(path))
+        log.warning("cache.purge_refused", path=str(path), reason="a folder")
+        return
+    if not report.dry_run:
+        try:
+            os.unlink(target)
+        except FileNotFoundError:
+            report.missing_files += 1
+            return
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        report.linked += 1
+        report.linked_bytes += st.st_size
+    else:
+        report.freed_bytes += st.st_size
+
+
+def inside(path: Path, root: str) -> str | None:
+    """The real path to unlink for ``path`` (relative paths are taken from ``root``) if
+    it lies inside ``root``; None otherwise. The folders are resolved (symlinks and
+    ``..``); the last component is not followed, so a symlink is removed, not its target.
+    """
+    full = Path(root) / path if not path.is_absolute() else path
+    name = full.name
+    if name in ("", ".", ".."):
+        return None
+    parent = os.path.realpath(full.parent)
+    if os.path.commonpath([parent, root]) != root:
+        return None
+    return os.path.join(parent, name)
+
+
+# ---------------------------------------------------------------------- render
+
+def render(report: PurgeReport) -> str:
+    """What was removed and freed, for a terminal."""
+    verb = "would remove" if report.dry_run else "removed"
+    text = (f"{verb} {report.removed:,} cache entries, "
+            f"{'would free' if report.dry_run else 'freed'} {human_bytes(report.freed_bytes)}; "
+            f"kept {report.kept:,} entries ({human_bytes(report.kept_bytes)})")
+    notes = []
+    if report.linked:
+        notes.append(f"{report.linked:,} files ({human_bytes(report.linked_bytes)}) are still "
+                     "hard-linked from the outbox, so their space stays in use until those "
+                     "WAVs go")
+    if report.missing_files:
+        notes.append(f"{report.missing_files:,} files were already missing")
+    if report.refused:
+        shown = ", ".join(report.refused_paths[:5])
+        more = f" and {report.refused - 5:,} more" if report.refused > 5 else ""
+        notes.append(f"{report.refused:,} entries pointed outside the cache folder; "
+                     f"their files were left alone: {shown}{more}")
+    if report.dry_run:
+        notes.append("dry run: nothing was changed")
+    return "\n".join([text, *(f"  {n}" for n in notes)])

@@ -1,0 +1,430 @@
+"""``ttsd status``: what the daemon is doing, read from the store (and psutil), never asked.
+
+Like ``rq info``, status reads the heartbeat row the daemon writes every
+``heartbeat_s`` and checks its pid with psutil; it never talks to the process. It
+opens the store read-only (WAL: a reader never blocks the daemon's writes and is
+never blocked by them) and runs a handful of short, index-friendly queries in one
+read transaction, so the numbers are one consistent snapshot (RELIABILITY row 30:
+answers in well under a second with 100k lines, while another connection holds the
+write lock).
+
+``collect`` returns a JSON-able dict (``ttsd status --json``); ``render`` turns it
+into a compact block for a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from ttsd.config import PathsConfig
+from ttsd.errors import ConfigError
+from ttsd.store import Store
+
+LATENCY_WINDOW = 1000
+"""Batch latency percentiles are taken over this many most recent batches."""
+RECENT_S = 3600.0
+"""The "recent" x-realtime window: the last hour."""
+MIN_STALE_S = 10.0
+"""A heartbeat is stale after max(MIN_STALE_S, STALE_BEATS × heartbeat_s)."""
+STALE_BEATS = 5
+DEFAULT_HEARTBEAT_S = 2.0
+"""Assumed when the heartbeat's info does not say (DaemonConfig.heartbeat_s default)."""
+CPU_SAMPLE_S = 0.1
+"""CPU% is measured over at least this long (overlapping the store queries)."""
+PID_REUSE_SLACK_S = 2.0
+"""A live pid whose process started later than this after the daemon's start is not it."""
+STOPPED_STATES = ("stopped",)
+"""Heartbeat states the daemon writes when it exits cleanly."""
+
+
+# ---------------------------------------------------------------------- collect
+
+def collect(paths: PathsConfig, now: float | None = None) -> dict[str, Any]:
+    """Everything ``ttsd status`` shows, as a JSON-able dict (see ``_empty``).
+
+    A missing store means the daemon never ran here: daemon state "down", zeros
+    elsewhere. A store that exists but cannot be read raises ConfigError.
+    """
+    now = time.time() if now is None else now
+    report = _empty(paths.db, now)
+    store = Store.open_readonly(paths.db)
+    if store is None:
+        report["daemon"]["reason"] = f"never ran here (no store at {paths.db})"
+        return report
+    report["store"]["exists"] = True
+    proc: psutil.Process | None = None
+    cpu_started = 0.0
+    try:
+        store.conn.execute("BEGIN")  # one read snapshot for every query below
+        try:
+            beat = _heartbeat_row(store)
+            if beat is not None:
+                proc = _daemon(report, beat, now)
+                if proc is not None:
+                    cpu_started = _cpu_start(proc)
+            _counts(store, report)
+            _cache(store, report)
+            _speed(store, report, now)
+            _releases(store, report)
+        finally:
+            store.conn.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise ConfigError(f"cannot read the store {paths.db}: {exc}") from None
+    finally:
+        store.close()
+    if proc is not None:
+        _process_facts(proc, cpu_started, report["daemon"])
+    return report
+
+
+def _empty(db: Path, now: float) -> dict[str, Any]:
+    """The report's shape, every number zero or None. Units: seconds, bytes, ms."""
+    return {
+        "now": now,
+        "store": {"path": str(db), "exists": False},
+        "daemon": {
+            "state": "down",          # up | stale (pid alive, heartbeat old) | down
+            "reason": None,           # why it is not up, in words
+            "pid": None, "started_at": None, "uptime_s": None,
+            "heartbeat_at": None, "heartbeat_age_s": None, "heartbeat_state": None,
+            "status": None,           # the daemon's own one-line status text
+            "version": None,
+            "rss_bytes": None,
+            "cpu_percent": None,      # % of one core, sampled now
+        },
+        "device": {"device": None, "dtype": None, "gpu_name": None,
+                   "gpu_allocated": None, "gpu_reserved": None, "gpu_peak": None},
+        "queue_depth": 0,             # lines pending + running
+        "files": {"done": 0, "failed": 0, "in_progress": 0},
+        "lines": {"done": 0, "failed": 0, "pending": 0, "running": 0, "cached": 0},
+        "audio": {"seconds": 0.0, "hours": 0.0},
+        "cache": {"entries": 0, "bytes": 0, "hits": 0, "misses": 0, "hit_rate": None},
+        "speed": {
+            "batches": 0,
+            "ms_per_line": None,            # sum model_ms / sum lines, all batches
+            "latency_batches": 0,           # batches behind p50/p95 (last 1000)
+            "latency_p50_ms": None,
+            "latency_p95_ms": None,
+            "x_realtime_last_hour": None,   # see x_realtime()
+            "x_realtime_overall": None,
+            "model_x_realtime": None,       # audio s / model s, all batches
+            "padding_efficiency": None,     # used / padded frames
+        },
+        "memory_releases": {"count": 0, "total_bytes": 0, "last_at": None,
+                            "last_bytes": None, "last_reason": None},
+    }
+
+
+def _heartbeat_row(store: Store) -> dict[str, Any] | None:
+    rows = store.q("SELECT pid, started_at, at, state, info FROM heartbeat WHERE id = 1")
+    return rows[0] if rows else None
+
+
+def _info(raw: Any) -> dict[str, Any]:
+    try:
+        info = json.loads(raw) if raw else {}
+    except (TypeError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def stale_after(heartbeat_s: float | None) -> float:
+    """Seconds after which a heartbeat is stale: max(10 s, 5 × the heartbeat interval)."""
+    beat = heartbeat_s if _finite(heartbeat_s) and heartbeat_s > 0 else DEFAULT_HEARTBEAT_S
+    return max(MIN_STALE_S, STALE_BEATS * float(beat))
+
+
+def _daemon(report: dict[str, Any], beat: dict[str, Any], now: float) -> psutil.Process | None:
+    """Fill ``daemon`` and ``device`` from the heartbeat; the daemon's Process when up."""
+    d, info = report["daemon"], _info(beat.get("info"))
+    pid, started, at = beat.get("pid"), beat.get("started_at"), beat.get("at")
+    d.update(pid=pid, started_at=started, heartbeat_at=at, heartbeat_state=beat.get("state"),
+             status=_str(info.get("status")), version=_str(info.get("version")))
+    d["heartbeat_age_s"] = now - at if _finite(at) else None
+    dev = report["device"]
+    dev["device"], dev["dtype"] = _str(info.get("device")), _str(info.get("dtype"))
+    dev["gpu_name"] = _str(info.get("gpu_name"))
+    for key in ("gpu_allocated", "gpu_reserved", "gpu_peak"):
+        dev[key] = _num(info.get(key))
+
+    if beat.get("state") in STOPPED_STATES:
+        d["reason"] = "stopped cleanly"
+        return None
+    proc = _live_process(pid, started)
+    if proc is None:
+        d["reason"] = f"pid {pid} is not running (it stopped without saying so)"
+        return None
+    limit = stale_after(_num(info.get("heartbeat_s")))
+    age = d["heartbeat_age_s"]
+    if age is None or age > limit:
+        d["state"] = "stale"
+        d["reason"] = (f"pid {pid} is alive but its last heartbeat is "
+                       f"{'missing' if age is None else human_duration(age) + ' old'} "
+                       f"(limit {human_duration(limit)}): hung?")
+        return proc
+    d["state"] = "up"
+    d["uptime_s"] = now - started if _finite(started) else None
+    return proc
+
+
+def _live_process(pid: Any, started_at: Any) -> psutil.Process | None:
+    """The process behind ``pid`` if it is alive and not a later process given the same pid."""
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        proc = psutil.Process(pid)
+    except psutil.Error:
+        return None
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if _finite(started_at) and proc.create_time() > started_at + PID_REUSE_SLACK_S:
+            return None
+    except psutil.AccessDenied:
+        pass  # alive, but hidden from us (hidepid, another user): trust the heartbeat
+    except psutil.Error:
+        return None
+    return proc
+
+
+def _cpu_start(proc: psutil.Process) -> float:
+    try:
+        proc.cpu_percent(None)  # primes the counter; read again after the queries
+    except psutil.Error:
+        pass
+    return time.monotonic()
+
+
+def _process_facts(proc: psutil.Process, cpu_started: float, d: dict[str, Any]) -> None:
+    try:
+        d["rss_bytes"] = proc.memory_info().rss
+        left = CPU_SAMPLE_S - (time.monotonic() - cpu_started)
+        if left > 0:
+            time.sleep(left)
+        d["cpu_percent"] = proc.cpu_percent(None)
+    except psutil.Error:
+        pass  # another user's process under hidepid, or it just exited
+
+
+def _counts(store: Store, report: dict[str, Any]) -> None:
+    lines = report["lines"]
+    # lines_state index: a covering scan, no table rows read
+    for state, n in store.conn.execute("SELECT state, COUNT(*) FROM lines GROUP BY state"):
+        if state in lines:
+            lines[state] = n
+    report["queue_depth"] = lines["pending"] + lines["running"]
+    seconds, cached = store.conn.execute(
+        "SELECT COALESCE(SUM(seconds), 0), COALESCE(SUM(cached), 0) FROM lines "
+        "WHERE state = 'done'").fetchone()
+    lines["cached"] = int(cached)
+    report["audio"] = {"seconds": float(seconds), "hours": float(seconds) / 3600.0}
+    files = report["files"]
+    for state, n in store.conn.execute("SELECT state, COUNT(*) FROM files GROUP BY state"):
+        if state in ("done", "failed"):
+            files[state] += n
+        else:  # parsing, queued
+            files["in_progress"] += n
+
+
+def _cache(store: Store, report: dict[str, Any]) -> None:
+    cache = report["cache"]
+    entries, size = store.conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM cache").fetchone()
+    counters = dict(store.conn.execute(
+        "SELECT name, value FROM counters WHERE name IN ('cache_hits', 'cache_misses')"))
+    hits, misses = int(counters.get("cache_hits", 0)), int(counters.get("cache_misses", 0))
+    cache.update(entries=entries, bytes=size, hits=hits, misses=misses,
+                 hit_rate=hits / (hits + misses) if hits + misses else None)
+
+
+def _speed(store: Store, report: dict[str, Any], now: float) -> None:
+    speed = report["speed"]
+    n, lines, model_ms, audio_s, used, padded = store.conn.execute(
+        "SELECT COUNT(*), SUM(size), SUM(model_ms), SUM(audio_s), SUM(used_frames), "
+        "SUM(padded_frames) FROM batches").fetchone()
+    speed["batches"] = n
+    if lines and model_ms is not None:
+        speed["ms_per_line"] = model_ms / lines
+    if model_ms and audio_s is not None:
+        speed["model_x_realtime"] = audio_s / (model_ms / 1000.0)
+    if padded:
+        speed["padding_efficiency"] = (used or 0) / padded
+    recent = [r[0] for r in store.conn.execute(
+        "SELECT model_ms FROM batches WHERE model_ms IS NOT NULL ORDER BY id DESC LIMIT ?",
+        (LATENCY_WINDOW,))]
+    speed["latency_batches"] = len(recent)
+    speed["latency_p50_ms"] = percentile(recent, 50)
+    speed["latency_p95_ms"] = percentile(recent, 95)
+    speed["x_realtime_last_hour"] = x_realtime(store, since=now - RECENT_S)
+    speed["x_realtime_overall"] = x_realtime(store, since=None)
+    if report["device"]["device"] is None:  # daemon never beat: the last batch says
+        row = store.conn.execute(
+            "SELECT device, dtype FROM batches ORDER BY id DESC LIMIT 1").fetchone()
+        if row:
+            report["device"]["device"], report["device"]["dtype"] = row
+
+
+def x_realtime(store: Store, since: float | None) -> float | None:
+    """Audio seconds produced ÷ wall seconds from the start of the first batch to the
+    end of the last batch of the window (batches whose ``at`` is ≥ ``since``; all of
+    them when ``since`` is None).
+
+    A batch's ``at`` is when it was recorded, i.e. its end; its start is taken as
+    ``at − model_ms``. So wall = (max(at) − min(at)) + model_ms of the first batch, and
+    one lone batch gives its model-only speed. Idle time before the first and after
+    the last batch does not count; idle gaps between batches do. Cache hits produce
+    no batch and so add nothing. None when the window has no batch or no time.
+    """
+    where, params = ("WHERE at >= ?", (since,)) if since is not None else ("", ())
+    audio, first, last = store.conn.execute(
+        f"SELECT SUM(audio_s), MIN(at), MAX(at) FROM batches {where}", params).fetchone()
+    if first is None or audio is None:
+        return None
+    first_ms = store.one("SELECT model_ms FROM batches WHERE at = ? ORDER BY id LIMIT 1",
+                         (first,)) or 0.0
+    wall = (last - first) + first_ms / 1000.0
+    return audio / wall if wall > 0 else None
+
+
+def _releases(store: Store, report: dict[str, Any]) -> None:
+    rel = report["memory_releases"]
+    count, total = store.conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM releases").fetchone()
+    rel.update(count=count, total_bytes=total)
+    row = store.conn.execute(
+        "SELECT at, bytes, reason FROM releases ORDER BY id DESC LIMIT 1").fetchone()
+    if row:
+        rel["last_at"], rel["last_bytes"], rel["last_reason"] = row
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0–100), interpolating linearly between the closest ranks
+    (numpy's default); None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * min(max(q, 0.0), 100.0) / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _num(x: Any) -> float | int | None:
+    return x if _finite(x) else None
+
+
+def _str(x: Any) -> str | None:
+    return str(x) if x is not None else None
+
+
+# ---------------------------------------------------------------------- render
+
+def human_bytes(n: float | None) -> str:
+    """``1536`` → ``1.5 KiB``; ``5368709120`` → ``5.0 GiB`` (binary multiples)."""
+    if n is None:
+        return "-"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{int(n)} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
+def human_duration(s: float | None) -> str:
+    """``45`` → ``45s``; ``3725`` → ``1h 2m``; ``200000`` → ``2d 7h``."""
+    if s is None:
+        return "-"
+    s = max(0.0, float(s))
+    if s < 10:
+        return f"{s:.1f}s"
+    if s < 60:
+        return f"{s:.0f}s"
+    minutes, sec = divmod(int(s), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m {sec}s"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.1f} ms" if x < 100 else f"{x:,.0f} ms")
+
+
+def _xrt(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.1f}×" if x < 100 else f"{x:,.0f}×")
+
+
+def render(report: dict[str, Any]) -> str:
+    """A compact, readable block for a terminal."""
+    d, dev, sp = report["daemon"], report["device"], report["speed"]
+    lines, files, cache = report["lines"], report["files"], report["cache"]
+    rel = report["memory_releases"]
+    now = report.get("now") or time.time()
+    out: list[str] = []
+
+    def row(label: str, text: str) -> None:
+        out.append(f"{label:<9} {text}")
+
+    if d["state"] == "up":
+        cpu = "-" if d["cpu_percent"] is None else f"{d['cpu_percent']:.0f}%"
+        text = (f"up · pid {d['pid']} · uptime {human_duration(d['uptime_s'])} · "
+                f"RSS {human_bytes(d['rss_bytes'])} · CPU {cpu}")
+        if d["version"]:
+            text += f" · v{d['version']}"
+    else:
+        text = f"{d['state'].upper()} · {d['reason'] or 'unknown'}"
+    if d["heartbeat_age_s"] is not None:
+        text += f" · heartbeat {human_duration(d['heartbeat_age_s'])} ago"
+    row("daemon", text)
+    if d["status"] and d["state"] != "down":
+        row("", d["status"])
+    if dev["device"]:
+        text = " ".join(x for x in (dev["device"], dev["dtype"]) if x)
+        if dev["gpu_name"]:
+            text += f" · {dev['gpu_name']}"
+        if dev["gpu_allocated"] is not None or dev["gpu_reserved"] is not None:
+            text += (f" · GPU memory {human_bytes(dev['gpu_allocated'])} allocated, "
+                     f"{human_bytes(dev['gpu_reserved'])} reserved, "
+                     f"{human_bytes(dev['gpu_peak'])} peak")
+        row("device", text)
+    row("queue", f"{report['queue_depth']:,} lines ({lines['pending']:,} pending, "
+                 f"{lines['running']:,} running)")
+    row("files", f"{files['done']:,} done · {files['failed']:,} failed · "
+                 f"{files['in_progress']:,} in progress")
+    row("lines", f"{lines['done']:,} done ({lines['cached']:,} from the cache) · "
+                 f"{lines['failed']:,} failed")
+    audio = report["audio"]
+    row("audio", f"{audio['hours']:,.2f} h" if audio["hours"] >= 1
+        else human_duration(audio["seconds"]))
+    rate = "-" if cache["hit_rate"] is None else f"{100 * cache['hit_rate']:.1f}%"
+    row("cache", f"{cache['entries']:,} entries · {human_bytes(cache['bytes'])} · "
+                 f"hit rate {rate} ({cache['hits']:,} hits, {cache['misses']:,} misses)")
+    if sp["batches"]:
+        row("speed", f"{_ms(sp['ms_per_line'])}/line · batch p50 {_ms(sp['latency_p50_ms'])}, "
+                     f"p95 {_ms(sp['latency_p95_ms'])} (last {sp['latency_batches']:,} batches)")
+        row("", f"{_xrt(sp['x_realtime_last_hour'])} realtime last hour · "
+                f"{_xrt(sp['x_realtime_overall'])} overall · "
+                f"{_xrt(sp['model_x_realtime'])} model only · {sp['batches']:,} batches")
+    else:
+        row("speed", "no batches yet")
+    if rel["count"]:
+        row("memory", f"last release {human_duration(now - rel['last_at'])} ago "
+                      f"({human_bytes(rel['last_bytes'])}, {rel['last_reason'] or '-'}) · "
+                      f"{rel['count']:,} releases, {human_bytes(rel['total_bytes'])} in all")
+    out.append(f"{'store':<9} {report['store']['path']}")
+    return "\n".join(out)

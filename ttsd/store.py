@@ -1,0 +1,356 @@
+"""The SQLite store (sqlite-utils): files, lines, cache, batches, heartbeat, releases.
+
+The store is the truth: every line's state lives here, so a restart after ``kill -9``
+resumes from it. WAL mode, ``synchronous=FULL``, ``busy_timeout`` 10 s; writers use
+``BEGIN IMMEDIATE``. One ``Store`` per thread (sqlite3 connections are not shared).
+
+Line states: pending → running (attempts + 1, saved before synthesis) → done | failed.
+File states: parsing → queued (all lines stored) → done | failed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from ttsd.errors import ConfigError
+from ttsd.records import BatchStats
+
+OPEN_STATES = ("pending", "running")
+
+
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db.execute("""CREATE TABLE files (
+        id INTEGER PRIMARY KEY, name TEXT NOT NULL, work_path TEXT NOT NULL,
+        size INTEGER NOT NULL, sha256 TEXT NOT NULL, out_dir TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'parsing', kind TEXT, total_lines INTEGER DEFAULT 0,
+        error TEXT, note TEXT, dest TEXT, created_at REAL NOT NULL, finished_at REAL)""")
+    db.execute("""CREATE TABLE lines (
+        id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL REFERENCES files(id),
+        number INTEGER NOT NULL, out_name TEXT, name_key TEXT, line_id TEXT,
+        text TEXT NOT NULL, voice TEXT, speaker_id INTEGER DEFAULT 0,
+        length_scale REAL DEFAULT 1, noise_scale REAL DEFAULT 0.667, noise_w REAL DEFAULT 0.8,
+        seed INTEGER DEFAULT 0, cache_key TEXT, state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0, synth_count INTEGER NOT NULL DEFAULT 0,
+        error TEXT, wav TEXT, seconds REAL, cached INTEGER NOT NULL DEFAULT 0,
+        finished_at REAL, UNIQUE(file_id, number))""")
+    db.execute("CREATE UNIQUE INDEX lines_name ON lines(file_id, name_key) "
+               "WHERE name_key IS NOT NULL")
+    db.execute("CREATE INDEX lines_state ON lines(state, id)")
+    db.execute("CREATE INDEX lines_file_state ON lines(file_id, state)")
+    db.execute("""CREATE TABLE cache (
+        key TEXT PRIMARY KEY, path TEXT NOT NULL, bytes INTEGER NOT NULL,
+        seconds REAL NOT NULL, voice TEXT, created_at REAL NOT NULL,
+        last_used REAL NOT NULL, hits INTEGER NOT NULL DEFAULT 0)""")
+    db.execute("CREATE INDEX cache_lru ON cache(last_used)")
+    db.execute("""CREATE TABLE batches (
+        id INTEGER PRIMARY KEY, at REAL NOT NULL, size INTEGER, phonemes INTEGER,
+        audio_s REAL, prepare_ms REAL, model_ms REAL, write_ms REAL, device TEXT,
+        dtype TEXT, voice TEXT, padded_frames INTEGER, used_frames INTEGER)""")
+    db.execute("CREATE INDEX batches_at ON batches(at)")
+    db.execute("""CREATE TABLE heartbeat (
+        id INTEGER PRIMARY KEY CHECK (id = 1), pid INTEGER, started_at REAL, at REAL,
+        state TEXT, info TEXT)""")
+    db.execute("""CREATE TABLE releases (
+        id INTEGER PRIMARY KEY, at REAL NOT NULL, bytes INTEGER NOT NULL, reason TEXT,
+        device TEXT)""")
+    db.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+
+
+MIGRATIONS = [m001_initial]
+
+
+@dataclass(frozen=True)
+class LineRow:
+    id: int
+    file_id: int
+    number: int
+    text: str
+    voice: str
+    speaker_id: int
+    length_scale: float
+    noise_scale: float
+    noise_w: float
+    seed: int
+    cache_key: str | None
+    out_name: str
+    out_dir: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class NewLine:
+    """A parsed line ready for the store (state pending, or failed with ``error``)."""
+
+    number: int
+    text: str
+    line_id: str | None = None
+    out_name: str | None = None
+    name_key: str | None = None
+    voice: str | None = None
+    speaker_id: int = 0
+    length_scale: float = 1.0
+    noise_scale: float = 0.667
+    noise_w: float = 0.8
+    seed: int = 0
+    cache_key: str | None = None
+    error: str | None = None
+
+
+class Store:
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = path
+        if not readonly:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"state folder {path.parent} cannot be created: {exc}") from None
+            if not os.access(path.parent, os.W_OK):
+                raise ConfigError(f"state folder {path.parent} is not writable (SQLite's WAL "
+                                  "needs to create files beside the database)")
+        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.OperationalError as exc:
+            raise ConfigError(f"cannot open the store {path}: {exc}") from None
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        if not readonly:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self._migrate()
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> Store | None:
+        return cls(path, readonly=True) if path.exists() else None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def _migrate(self) -> None:
+        with self.tx():
+            self.conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, at REAL)")
+            done = {r[0] for r in self.conn.execute("SELECT name FROM _migrations")}
+            for m in MIGRATIONS:
+                if m.__name__ not in done:
+                    m(self.db)
+                    self.conn.execute("INSERT INTO _migrations VALUES (?, ?)", (m.__name__, time.time()))
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error)."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+
+    def q(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        cur = self.conn.execute(sql, tuple(params))
+        cols = [c[0] for c in cur.description or ()]
+        return [dict(zip(cols, row)) for row in cur.fetchall()]  # type: ignore[misc]
+
+    def one(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        row = self.conn.execute(sql, tuple(params)).fetchone()
+        return row[0] if row else None
+
+    # ------------------------------------------------------------------ files
+
+    def add_file(self, name: str, work_path: Path, size: int, sha256: str, out_dir: Path,
+                 kind: str = "") -> int:
+        with self.tx() as c:
+            cur = c.execute("INSERT INTO files (name, work_path, size, sha256, out_dir, kind, "
+                            "created_at) VALUES (?,?,?,?,?,?,?)",
+                            (name, str(work_path), size, sha256, str(out_dir), kind, time.time()))
+            return int(cur.lastrowid)
+
+    def out_dir_taken(self, out_dir: Path) -> bool:
+        return bool(self.one("SELECT 1 FROM files WHERE out_dir = ? LIMIT 1", (str(out_dir),)))
+
+    def file_by_work_path(self, work_path: Path) -> dict | None:
+        rows = self.q("SELECT * FROM files WHERE work_path = ?", (str(work_path),))
+        return rows[0] if rows else None
+
+    def files_in(self, *states: str) -> list[dict]:
+        marks = ",".join("?" * len(states))
+        return self.q(f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY id", states)
+
+    def add_lines(self, file_id: int, lines: list[NewLine]) -> None:
+        """Insert a chunk of lines in one transaction (idempotent on (file, number))."""
+        now = time.time()
+        with self.tx() as c:
+            c.executemany(
+                "INSERT OR IGNORE INTO lines (file_id, number, out_name, name_key, line_id, "
+                "text, voice, speaker_id, length_scale, noise_scale, noise_w, seed, cache_key, "
+                "state, error, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(file_id, ln.number, ln.out_name, ln.name_key, ln.line_id, ln.text, ln.voice,
+                  ln.speaker_id, ln.length_scale, ln.noise_scale, ln.noise_w, ln.seed,
+                  ln.cache_key, "failed" if ln.error else "pending", ln.error,
+                  now if ln.error else None) for ln in lines])
+
+    def file_parsed(self, file_id: int, kind: str, total_lines: int, note: str | None) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE files SET state='queued', kind=?, total_lines=?, note=? WHERE id=?",
+                      (kind, total_lines, note, file_id))
+
+    def fail_file(self, file_id: int, error: str, dest: str | None = None) -> None:
+        """A file that cannot be read: its lines (if any) are dropped with it."""
+        with self.tx() as c:
+            c.execute("DELETE FROM lines WHERE file_id=? AND state IN ('pending','running')",
+                      (file_id,))
+            c.execute("UPDATE files SET state='failed', error=?, dest=?, finished_at=? WHERE id=?",
+                      (error, dest, time.time(), file_id))
+
+    def finishable_files(self) -> list[dict]:
+        return self.q("SELECT * FROM files f WHERE f.state='queued' AND NOT EXISTS "
+                      "(SELECT 1 FROM lines l WHERE l.file_id=f.id AND l.state IN "
+                      "('pending','running')) ORDER BY f.id")
+
+    def set_dest(self, file_id: int, dest: str) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE files SET dest=? WHERE id=?", (dest, file_id))
+
+    def finish_file(self, file_id: int) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE files SET state='done', finished_at=? WHERE id=?",
+                      (time.time(), file_id))
+
+    def manifest_rows(self, file_id: int) -> Iterator[dict]:
+        cur = self.conn.execute(
+            "SELECT number, line_id, out_name, text, wav, seconds, cached, error, state "
+            "FROM lines WHERE file_id=? ORDER BY number", (file_id,))
+        cols = [c[0] for c in cur.description]
+        for row in cur:
+            yield dict(zip(cols, row))
+
+    def file_counts(self, file_id: int) -> dict[str, int]:
+        rows = self.conn.execute("SELECT state, COUNT(*) FROM lines WHERE file_id=? GROUP BY state",
+                                 (file_id,)).fetchall()
+        return {s: n for s, n in rows}
+
+    # ------------------------------------------------------------------ lines
+
+    def pending_count(self) -> int:
+        return int(self.one("SELECT COUNT(*) FROM lines WHERE state IN ('pending','running')") or 0)
+
+    def recover(self, max_attempts: int) -> int:
+        """At start: lines left running by a crash go back to pending."""
+        with self.tx() as c:
+            n = c.execute("UPDATE lines SET state='pending' WHERE state='running'").rowcount
+        return n
+
+    def take(self, limit: int, max_attempts: int) -> tuple[list[LineRow], list[int]]:
+        """Oldest pending lines → running (attempts + 1, committed before synthesis).
+
+        Lines already started ``max_attempts`` times fail instead (they killed the
+        process each time); their ids are returned second.
+        """
+        with self.tx() as c:
+            rows = c.execute(
+                "SELECT l.id, l.file_id, l.number, l.text, l.voice, l.speaker_id, "
+                "l.length_scale, l.noise_scale, l.noise_w, l.seed, l.cache_key, l.out_name, "
+                "f.out_dir, l.attempts FROM lines l JOIN files f ON f.id = l.file_id "
+                "WHERE l.state='pending' ORDER BY l.id LIMIT ?", (limit,)).fetchall()
+            take, dead = [], []
+            for r in rows:
+                (dead if r[13] >= max_attempts else take).append(r)
+            now = time.time()
+            if dead:
+                c.executemany(
+                    "UPDATE lines SET state='failed', finished_at=?, error=? WHERE id=?",
+                    [(now, f"synthesis was started {r[13]} times and never finished "
+                      "(the process died each time); giving up", r[0]) for r in dead])
+            if take:
+                c.executemany("UPDATE lines SET state='running', attempts=attempts+1 WHERE id=?",
+                              [(r[0],) for r in take])
+        return [LineRow(*r[:13], attempts=r[13] + 1) for r in take], [r[0] for r in dead]
+
+    def release(self, line_ids: list[int], *, undo_attempt: bool = True) -> None:
+        """Running lines back to pending (graceful stop, requeue)."""
+        with self.tx() as c:
+            c.executemany("UPDATE lines SET state='pending', attempts=MAX(0, attempts - ?) "
+                          "WHERE id=? AND state='running'",
+                          [(1 if undo_attempt else 0, i) for i in line_ids])
+
+    def complete(self, done: list[tuple[int, str, float, bool]],
+                 failed: list[tuple[int, str]], cache_rows: list[dict],
+                 batch: BatchStats | None, counters: dict[str, int]) -> None:
+        """Record one batch's outcome atomically: done (id, wav, seconds, cached),
+        failed (id, error), new cache entries, the batch's stats and counters."""
+        now = time.time()
+        with self.tx() as c:
+            c.executemany("UPDATE lines SET state='done', wav=?, seconds=?, cached=?, "
+                          "synth_count=synth_count+?, finished_at=?, error=NULL WHERE id=?",
+                          [(wav, sec, int(cached), 0 if cached else 1, now, i)
+                           for i, wav, sec, cached in done])
+            c.executemany("UPDATE lines SET state='failed', error=?, finished_at=? WHERE id=?",
+                          [(err, now, i) for i, err in failed])
+            c.executemany("INSERT OR REPLACE INTO cache (key, path, bytes, seconds, voice, "
+                          "created_at, last_used, hits) VALUES (?,?,?,?,?,?,?,0)",
+                          [(r["key"], r["path"], r["bytes"], r["seconds"], r["voice"], now, now)
+                           for r in cache_rows])
+            if batch is not None:
+                c.execute("INSERT INTO batches (at, size, phonemes, audio_s, prepare_ms, model_ms,"
+                          " write_ms, device, dtype, voice, padded_frames, used_frames) "
+                          "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                          (now, batch.size, batch.phonemes, batch.audio_s, batch.prepare_ms,
+                           batch.model_ms, batch.write_ms, batch.device, batch.dtype, batch.voice,
+                           batch.padded_frames, batch.used_frames))
+            for name, value in counters.items():
+                c.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) "
+                          "DO UPDATE SET value = value + excluded.value", (name, value))
+
+    # ------------------------------------------------------------------ cache
+
+    def cache_get(self, key: str) -> dict | None:
+        rows = self.q("SELECT * FROM cache WHERE key=?", (key,))
+        return rows[0] if rows else None
+
+    def cache_hit(self, key: str) -> None:
+        with self.tx() as c:
+            c.execute("UPDATE cache SET hits=hits+1, last_used=? WHERE key=?", (time.time(), key))
+
+    def cache_evict(self, keys: list[str]) -> list[dict]:
+        """Delete cache rows (in one transaction) and return them; the caller unlinks files."""
+        if not keys:
+            return []
+        with self.tx() as c:
+            marks = ",".join("?" * len(keys))
+            cur = c.execute(f"SELECT key, path, bytes FROM cache WHERE key IN ({marks})", keys)
+            rows = [dict(zip(("key", "path", "bytes"), r)) for r in cur.fetchall()]
+            c.execute(f"DELETE FROM cache WHERE key IN ({marks})", keys)
+        return rows
+
+    def cache_entries(self, order: str = "last_used") -> list[dict]:
+        return self.q(f"SELECT key, path, bytes, last_used, hits FROM cache ORDER BY {order}")
+
+    # ------------------------------------------------------------------ daemon facts
+
+    def heartbeat(self, pid: int, started_at: float, state: str, info: dict[str, Any]) -> None:
+        with self.tx() as c:
+            c.execute("INSERT INTO heartbeat (id, pid, started_at, at, state, info) "
+                      "VALUES (1,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET pid=excluded.pid, "
+                      "started_at=excluded.started_at, at=excluded.at, state=excluded.state, "
+                      "info=excluded.info", (pid, started_at, time.time(), state, json.dumps(info)))
+
+    def record_release(self, freed: int, reason: str, device: str) -> None:
+        with self.tx() as c:
+            c.execute("INSERT INTO releases (at, bytes, reason, device) VALUES (?,?,?,?)",
+                      (time.time(), freed, reason, device))
+
+    def counters(self) -> dict[str, int]:
+        return {r["name"]: r["value"] for r in self.q("SELECT name, value FROM counters")}

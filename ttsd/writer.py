@@ -1,0 +1,441 @@
+"""Writer: WAV files, manifests and input disposition, every one of them atomic.
+
+A file appears under its final name only when complete: the bytes go to a temp file
+``.<name>.<8 hex>.tmp`` in the same folder (``O_EXCL``), then ``fsync(tmp)``, a rename
+that never replaces an existing file (``renameat2(RENAME_NOREPLACE)``, else link +
+unlink), and ``fsync(folder)``. On any error the temp file is removed before the error
+propagates, so a crash or a full disk leaves no partial file behind; temps left by a
+``kill -9`` are removed by ``remove_stale_temps`` at start. Only this module imports
+soundfile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import ctypes
+import errno
+import functools
+import io
+import os
+import secrets
+import stat
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from ttsd.log import get_logger
+
+log = get_logger(__name__)
+
+NAME_MAX = 255
+ERROR_SUFFIX = ".error.txt"
+MANIFEST_COLUMNS = ("id", "line", "text", "wav", "seconds", "cached", "error")
+CHUNK = 1024 * 1024
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_NO_DIR_FSYNC = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One line of ``manifest.csv``."""
+
+    id: str
+    line: int
+    text: str
+    wav: str
+    """WAV file name relative to the manifest's folder ('' when the line failed)."""
+    seconds: float | None
+    cached: bool
+    error: str
+
+
+# -- atomic primitives -----------------------------------------------------------------
+
+
+def _fit(name: str, limit: int) -> str:
+    """``name`` shortened to at most ``limit`` bytes, keeping a short suffix."""
+    if len(os.fsencode(name)) <= limit:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    tail = dot + suffix if dot and stem and len(suffix) <= 8 else ""
+    head = stem if tail else name
+    while head and len(os.fsencode(head + tail)) > limit:
+        head = head[:-1]
+    return head + tail
+
+
+def _tmp_path(path: Path) -> Path:
+    """``.<name>.<8 hex>.tmp`` beside ``path``, within NAME_MAX bytes."""
+    return path.parent / f".{_fit(path.name, NAME_MAX - 14)}.{secrets.token_hex(4)}.tmp"
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (skipped where directories cannot be synced)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _NO_DIR_FSYNC:
+            raise
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """libc's renameat2, or None where it does not exist (non-Linux, old glibc)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename ``src`` to ``dst``, raising FileExistsError instead of replacing ``dst``.
+
+    Atomic through renameat2(RENAME_NOREPLACE); where the filesystem lacks it, a hard
+    link then unlink; where links are unsupported too, an existence check then rename.
+    Works for symlinks and FIFOs (nothing is opened). EXDEV propagates.
+    """
+    fn = _renameat2()
+    if fn is not None:
+        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.EXDEV, errno.ENOENT):
+            raise
+        if os.path.lexists(dst):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
+        os.rename(src, dst)
+        return
+    os.unlink(src)
+
+
+def _exists_error(path: Path) -> FileExistsError:
+    return FileExistsError(errno.EEXIST, "will not overwrite an existing file", str(path))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_atomic(path: Path, data: bytes, *, overwrite: bool = False) -> int:
+    """Write ``data`` to ``path`` atomically and durably; returns the byte count.
+
+    FileExistsError if ``path`` exists and not ``overwrite``. No temp file survives an
+    error (ENOSPC and EIO propagate as OSError after cleanup).
+    """
+    path = Path(path)
+    if not overwrite and os.path.lexists(path):
+        raise _exists_error(path)
+    tmp = _tmp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            rename_noreplace(tmp, path)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return len(data)
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+# -- WAV -------------------------------------------------------------------------------
+
+
+def encode_wav(samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> bytes:
+    """Mono WAV bytes of float samples, clipped to [-1, 1]; ValueError on NaN/Inf or
+    anything that is not 1-D."""
+    audio = np.asarray(samples, dtype=np.float32)
+    if audio.ndim != 1:
+        raise ValueError(f"expected 1-D mono samples, got shape {audio.shape}")
+    if not np.isfinite(audio).all():
+        raise ValueError("samples contain NaN or Inf; refusing to write them")
+    if sample_rate <= 0:
+        raise ValueError(f"sample rate must be positive, got {sample_rate}")
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(audio, -1.0, 1.0), sample_rate, subtype=subtype, format="WAV")
+    return buf.getvalue()
+
+
+def write_wav(path: Path, samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16", *,
+              overwrite: bool = False) -> int:
+    """Encode and write one WAV atomically; returns the bytes written.
+
+    Raises FileExistsError rather than overwrite (unless ``overwrite``), ValueError for
+    NaN/Inf samples, OSError (ENOSPC, EIO…) after removing the temp file.
+    """
+    path = Path(path)
+    if not overwrite and os.path.lexists(path):
+        raise _exists_error(path)
+    data = encode_wav(samples, sample_rate, subtype)
+    written = write_atomic(path, data, overwrite=overwrite)
+    log.debug("writer.wav", path=str(path), bytes=written)
+    return written
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy a regular file into ``dst`` via tmp + fsync + no-replace rename; size-checked."""
+    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(sfd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"{src}: not a regular file")
+        tmp = _tmp_path(dst)
+        dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o644)
+        try:
+            try:
+                copied = 0
+                while chunk := os.read(sfd, CHUNK):
+                    _write_all(dfd, chunk)
+                    copied += len(chunk)
+                os.fsync(dfd)
+                size = os.fstat(dfd).st_size
+            finally:
+                os.close(dfd)
+            if copied != st.st_size or size != st.st_size:
+                raise OSError(errno.EIO, f"copy of {src} has {size} bytes, expected {st.st_size}")
+            rename_noreplace(tmp, dst)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+    finally:
+        os.close(sfd)
+    _fsync_dir(dst.parent)
+
+
+def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
+    """Put a cached WAV at ``dst``: a hard link, else (other device, no link support,
+    too many links) an atomic, size-verified copy. Never overwrites ``dst``.
+
+    Raises FileExistsError if ``dst`` exists, FileNotFoundError if ``src`` is gone,
+    ValueError if ``src`` is not a regular file (a symlink is never followed).
+    """
+    src, dst = Path(src), Path(dst)
+    if os.path.lexists(dst):
+        raise _exists_error(dst)
+    st = os.lstat(src)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{src}: not a regular file")
+    if link:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except (FileExistsError, FileNotFoundError):
+            raise
+        except OSError as exc:
+            log.debug("writer.link_failed", src=str(src), dst=str(dst), error=str(exc))
+        else:
+            _fsync_dir(dst.parent)
+            return
+    _copy_atomic(src, dst)
+
+
+def _riff_complete(path: Path, size: int) -> bool:
+    """The RIFF header's own length fits in the file (catches truncation)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return False
+    (riff_len,) = struct.unpack("<I", head[4:8])
+    return riff_len + 8 <= size
+
+
+def wav_ok(path: Path, *, sample_rate: int | None = None, min_bytes: int = 45,
+           size: int | None = None) -> bool:
+    """Cache check: a regular file (not a symlink) of at least ``min_bytes`` (exactly
+    ``size`` when given), complete RIFF/WAVE, frames > 0, and the expected rate."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < min_bytes:
+            return False
+        if size is not None and st.st_size != size:
+            return False
+        if not _riff_complete(Path(path), st.st_size):
+            return False
+        info = sf.info(str(path))
+    except (OSError, RuntimeError, ValueError):
+        return False
+    if info.frames <= 0:
+        return False
+    return sample_rate is None or info.samplerate == sample_rate
+
+
+def wav_info(path: Path) -> tuple[int, int, float]:
+    """(sample_rate, frames, seconds) of a WAV; OSError if missing, ValueError if unreadable."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    try:
+        info = sf.info(str(path))
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: not a readable WAV file: {exc}") from None
+    return info.samplerate, info.frames, info.frames / info.samplerate
+
+
+# -- manifest --------------------------------------------------------------------------
+
+
+def _csv_cell(value: str) -> str:
+    """Guard against formula injection: a cell starting with = + - @ TAB CR gets a "'"."""
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+def manifest_bytes(rows: Iterable[ManifestRow]) -> bytes:
+    """The manifest as UTF-8 CSV (RFC 4180: CRLF records, so a CR or LF inside a cell is
+    always quoted)."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(MANIFEST_COLUMNS)
+    for r in rows:
+        writer.writerow([
+            _csv_cell(r.id), r.line, _csv_cell(r.text), _csv_cell(r.wav),
+            "" if r.seconds is None else f"{r.seconds:.3f}",
+            "true" if r.cached else "false", _csv_cell(r.error),
+        ])
+    return out.getvalue().encode("utf-8")
+
+
+def write_manifest(path: Path, rows: Iterable[ManifestRow]) -> None:
+    """Write (or atomically replace) ``manifest.csv``."""
+    path = Path(path)
+    write_atomic(path, manifest_bytes(rows), overwrite=True)
+    log.debug("writer.manifest", path=str(path))
+
+
+# -- input disposition -----------------------------------------------------------------
+
+
+def _candidates(name: str) -> Iterable[str]:
+    """``name``, ``stem (2).suffix``, ``stem (3).suffix``…, each leaving room for
+    ``.error.txt`` within NAME_MAX bytes."""
+    limit = NAME_MAX - len(ERROR_SUFFIX)
+    dot = name.rfind(".")
+    stem, suffix = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    yield _fit(name, limit)
+    for k in range(2, 100_000):
+        tag = f" ({k}){suffix}"
+        yield _fit(stem, limit - len(os.fsencode(tag))) + tag
+    raise FileExistsError(errno.EEXIST, "no free name left", name)
+
+
+def _move_across(src: Path, dst: Path) -> None:
+    """Cross-device move without following or opening anything but a regular file."""
+    st = os.lstat(src)
+    tmp = _tmp_path(dst)
+    if stat.S_ISREG(st.st_mode):
+        _copy_atomic(src, dst)
+    else:
+        try:
+            if stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(src), tmp)
+            elif stat.S_ISFIFO(st.st_mode):
+                os.mkfifo(tmp, 0o600)
+            else:  # sockets, devices, directories: keep a named placeholder
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                                 0o600))
+            rename_noreplace(tmp, dst)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+        _fsync_dir(dst.parent)
+    if stat.S_ISDIR(st.st_mode):
+        os.rmdir(src)
+    else:
+        os.unlink(src)
+
+
+def _error_text(name: str, error: str) -> str:
+    """The error file's text: the reason, led by the input's name unless it already is."""
+    text = error.strip("\n")
+    if not text.startswith(name):
+        text = f"{name}: {text}"
+    return text + "\n"
+
+
+def dispose(path: Path, folder: Path, name: str, *, error: str | None = None) -> Path:
+    """Move an input out of the work folder into ``folder`` (done/ or failed/) as ``name``,
+    adding " (2)", " (3)"… rather than overwrite. With ``error``, ``<final name>.error.txt``
+    (the reason, led by ``name`` unless it already is) is written beside it first, so the
+    input is never there without its reason. Symlinks and FIFOs are renamed, never
+    opened; across filesystems they are recreated, regular files copied. Returns the path.
+    """
+    path, folder = Path(path), Path(folder)
+    if not name or "/" in name or "\0" in name or name in (".", ".."):
+        raise ValueError(f"not a plain file name: {name!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    for candidate in _candidates(name):
+        dst = folder / candidate
+        note = folder / (candidate + ERROR_SUFFIX)
+        if os.path.lexists(dst) or (error is not None and os.path.lexists(note)):
+            continue
+        if error is not None:
+            try:
+                write_atomic(note, _error_text(name, error).encode("utf-8"))
+            except FileExistsError:
+                continue
+        try:
+            try:
+                rename_noreplace(path, dst)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                _move_across(path, dst)
+        except FileExistsError:
+            if error is not None:
+                _remove_quietly(note)
+            continue
+        except BaseException:
+            if error is not None:
+                _remove_quietly(note)
+            raise
+        _fsync_dir(folder)
+        _fsync_dir(path.parent)
+        log.info("writer.disposed", name=name, to=str(dst), failed=error is not None)
+        return dst
+    raise AssertionError("unreachable")  # pragma: no cover - _candidates raises first
+
+
+def remove_stale_temps(folder: Path) -> int:
+    """Remove ``.*.tmp`` files under ``folder`` (recursively, links not followed) that a
+    crash left behind; returns how many. Call at start, before any writer runs."""
+    removed = 0
+    for root, _dirs, files in os.walk(folder, followlinks=False):
+        for fname in files:
+            if fname.startswith(".") and fname.endswith(".tmp") and len(fname) > 5:
+                try:
+                    os.unlink(os.path.join(root, fname))
+                    removed += 1
+                except FileNotFoundError:
+                    continue
+    if removed:
+        log.info("writer.stale_temps_removed", folder=str(folder), count=removed)
+    return removed
