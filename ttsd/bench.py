@@ -261,6 +261,10 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
             report["batched"].append(row)
         eng.max_batch = max(sizes)
         results_by_dtype[dtype] = eng.run(prep[:64])[0]
+        eng.max_batch = 1
+        alone = [eng.run([p])[0][0] for p in prep[:64]]
+        eng.max_batch = max(sizes)
+        report.setdefault("batched_vs_alone", {})[dtype] = _quality(alone, results_by_dtype[dtype])
         if eng is not base:
             del eng
             if gpu:

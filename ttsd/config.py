@@ -93,8 +93,9 @@ class EngineConfig:
     """Cap on output length: a line may yield at most 2 s + this × characters of audio."""
     memory_fraction: float = 0.9
     """Share of the GPU's memory this process may use."""
-    cudnn_benchmark: bool = True
-    """Let cuDNN pick the fastest kernels for each shape (GPU only)."""
+    cudnn_benchmark: bool = False
+    """Let cuDNN time its kernels for each new shape (GPU only). Off by default: with
+    variable batch shapes the search itself dominated (batch latency p95 1.6-5 s on an H100)."""
     warmup: bool = True
     """Run the model over typical shapes at load so the first batch is fast."""
     cuda_graphs: bool = True

@@ -109,10 +109,10 @@ class ParsedInput:
     repeated: each ``iter()`` starts again from the first line.
     """
 
-    __slots__ = ("kind", "total_lines", "note", "columns", "delimiter", "_source")
+    __slots__ = ("_source", "columns", "delimiter", "kind", "note", "total_lines")
 
     def __init__(self, kind: str, total_lines: int, note: str | None,
-                 source: _TxtSource | _CsvSource | None, columns: tuple[str, ...] = ("text",),
+                 source: _TxtSource | _CsvSource | None, *, columns: tuple[str, ...] = ("text",),
                  delimiter: str | None = None) -> None:
         self.kind = kind
         """``"txt"`` or ``"csv"``."""
@@ -165,11 +165,7 @@ def input_kind(name: str) -> str:
 
 def decode(data: bytes, name: str) -> str:
     """Bytes → text: BOM first (UTF-8/16/32), then the binary test, then strict UTF-8."""
-    for bom, encoding, unit in _BOMS:
-        if data.startswith(bom):
-            break
-    else:
-        bom, encoding, unit = b"", "utf-8", 1
+    bom, encoding, unit = _sniff_bom(data)
     if unit == 1:
         nul = data.find(b"\x00", len(bom), len(bom) + BINARY_PROBE)
         if nul >= 0:
@@ -204,6 +200,14 @@ def sniff_delimiter(header: str) -> str:
 
 
 # --- text and lines ---------------------------------------------------------------
+
+
+def _sniff_bom(data: bytes) -> tuple[bytes, str, int]:
+    """(BOM, codec, code unit size); no BOM means UTF-8."""
+    for bom, encoding, unit in _BOMS:
+        if data.startswith(bom):
+            return bom, encoding, unit
+    return b"", "utf-8", 1
 
 
 def _locate(data: bytes, offset: int, encoding: str) -> tuple[int, int]:
@@ -319,7 +323,7 @@ def _csv_input(text: str, total: int, name: str, limits: ParseLimits) -> ParsedI
     rest = end + 1
     note = None if _CONTENT.search(text, rest) else "no rows after the header"
     source = None if note else _CsvSource(text, rest, number + 1, columns, delimiter, limits)
-    return ParsedInput("csv", total, note, source, columns, delimiter)
+    return ParsedInput("csv", total, note, source, columns=columns, delimiter=delimiter)
 
 
 def _header(line: str, name: str, number: int,

@@ -120,7 +120,8 @@ def purge(paths: PathsConfig, *, all: bool = False, older_than_s: float | None =
     if not paths.db.exists():
         return report  # never ran: nothing recorded, nothing to remove (and no DB created)
     store = Store.open_readonly(paths.db) if dry_run else Store(paths.db)
-    assert store is not None
+    if store is None:  # removed since the check above
+        return report
     try:
         gone_bytes = _purge(store, paths.cache, report, all=all, max_bytes=max_bytes,
                             cutoff=None if older_than_s is None else now - older_than_s)
@@ -167,15 +168,12 @@ def _purge(store: Store, cache_dir: Path, report: PurgeReport, *, all: bool,
         victims: list[tuple[str, str, int]] = []
         done = False
         for key, path, size, last_used, rowid in page:
-            if all and rowid <= snapshot_rowid:
-                pass
-            elif ((cutoff is not None and last_used < cutoff)
-                  or (max_bytes is not None and total > max_bytes)):
-                pass
-            elif all:
-                continue  # added during the purge: keep, look further
-            else:
-                done = True  # more recently used than anything that goes
+            if all:
+                if rowid > snapshot_rowid:
+                    continue  # added while we purge: keep it, look further
+            elif not ((cutoff is not None and last_used < cutoff)
+                      or (max_bytes is not None and total > max_bytes)):
+                done = True  # this and everything used later stay
                 break
             victims.append((key, path, size))
             total -= size
@@ -237,7 +235,7 @@ def inside(path: Path, root: str) -> str | None:
     """
     full = Path(root) / path if not path.is_absolute() else path
     name = full.name
-    if name in ("", ".", ".."):
+    if name in ("", ".", "..") or "\0" in str(full):
         return None
     parent = os.path.realpath(full.parent)
     if os.path.commonpath([parent, root]) != root:
@@ -259,7 +257,7 @@ def render(report: PurgeReport) -> str:
                      "hard-linked from the outbox, so their space stays in use until those "
                      "WAVs go")
     if report.missing_files:
-        notes.append(f"{report.missing_files:,} files were already missing")
+        notes.append(f"{report.missing_files:,} of their files were already missing")
     if report.refused:
         shown = ", ".join(report.refused_paths[:5])
         more = f" and {report.refused - 5:,} more" if report.refused > 5 else ""

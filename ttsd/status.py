@@ -14,6 +14,7 @@ into a compact block for a terminal.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sqlite3
@@ -195,10 +196,8 @@ def _live_process(pid: Any, started_at: Any) -> psutil.Process | None:
 
 
 def _cpu_start(proc: psutil.Process) -> float:
-    try:
+    with contextlib.suppress(psutil.Error):
         proc.cpu_percent(None)  # primes the counter; read again after the queries
-    except psutil.Error:
-        pass
     return time.monotonic()
 
 
@@ -425,6 +424,7 @@ def render(report: dict[str, Any]) -> str:
     if rel["count"]:
         row("memory", f"last release {human_duration(now - rel['last_at'])} ago "
                       f"({human_bytes(rel['last_bytes'])}, {rel['last_reason'] or '-'}) · "
-                      f"{rel['count']:,} releases, {human_bytes(rel['total_bytes'])} in all")
+                      f"{rel['count']:,} release{'' if rel['count'] == 1 else 's'}, "
+                      f"{human_bytes(rel['total_bytes'])} in all")
     out.append(f"{'store':<9} {report['store']['path']}")
     return "\n".join(out)

@@ -119,10 +119,13 @@ class LoadedVoice:
 
 def pick_device(device: str) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VoiceError(f"device {device!r} asked for, but CUDA is not available here")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VoiceError(f"device {device!r} asked for, but CUDA is not available here")
+        if dev.index is None:  # memory and stats calls need an explicit index
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 
@@ -131,6 +134,14 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16,
             "bfloat16": torch.bfloat16}[dtype]
+
+
+def bucket(n: int, step: int) -> int:
+    """Round a padded length up to a few fixed shapes (multiples of ``step`` up to
+    16 steps, then of 4 steps), so cuDNN's per-shape algorithm search runs once per
+    bucket instead of once per batch. Padding is masked: results do not change."""
+    unit = step if n <= 16 * step else 4 * step
+    return -(-n // unit) * unit
 
 
 def line_seed(seed: int, text: str, sentence: int) -> int:
@@ -172,7 +183,7 @@ class Engine:
 
     def __init__(self, voices: dict[str, VoiceInfo], *, device: str = "auto",
                  dtype: str = "auto", memory_fraction: float = 0.9,
-                 cudnn_benchmark: bool = True, max_audio_s_per_char: float = 0.5,
+                 cudnn_benchmark: bool = False, max_audio_s_per_char: float = 0.5,
                  sentence_silence_s: float = 0.2, normalize: bool = True,
                  cache_dir=None, max_batch: int = 0, frame_budget: int = 0,
                  token_budget: int = 40000) -> None:
@@ -343,7 +354,7 @@ class Engine:
             self.faults.check(prepared, chunk, "text")
         t0 = time.perf_counter()
         dev, b = self.device, len(chunk)
-        tmax = max(len(it.ids) for it in chunk)
+        tmax = bucket(max(len(it.ids) for it in chunk), 16)
         ids = torch.zeros(b, tmax, dtype=torch.long)
         for i, it in enumerate(chunk):
             ids[i, :len(it.ids)] = torch.tensor(it.ids)
@@ -389,7 +400,7 @@ class Engine:
     def _decode(self, lv: LoadedVoice, prepared: list[Prepared], chunk: list[_Item],
                 dec: Generator) -> np.ndarray:
         dev, b = self.device, len(chunk)
-        fmax = max(it.frames for it in chunk)
+        fmax = bucket(max(it.frames for it in chunk), 64)
         tmax = max(it.m.size(1) for it in chunk)
         inter = chunk[0].m.size(0)
         m = torch.zeros(b, inter, tmax, device=dev)
