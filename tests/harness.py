@@ -32,22 +32,23 @@ class Site:
         return self.root / "config.toml"
 
     def write_config(self) -> None:
-        base = {
-            "input": 'settle_s = 0.3\nrescan_s = 1.0\n',
-            "engine": 'device = "cpu"\ndtype = "float32"\nwarmup = false\n',
-            "batching": 'max_batch_size = 4\nmax_wait_ms = 20\n',
-            "daemon": 'heartbeat_s = 0.5\nstop_timeout_s = 30\n',
+        """Test defaults (CPU, float32, fast settle) overridden key by key by extra_config."""
+        sections: dict[str, dict[str, str]] = {
+            "input": {"settle_s": "0.3", "rescan_s": "1.0"},
+            "engine": {"device": '"cpu"', "dtype": '"float32"', "warmup": "false"},
+            "batching": {"max_batch_size": "4", "max_wait_ms": "20"},
+            "daemon": {"heartbeat_s": "0.5", "stop_timeout_s": "30"},
         }
-        extra: dict[str, str] = {}
         section = None
         for line in self.extra_config.splitlines():
-            if line.strip().startswith("["):
-                section = line.strip()[1:-1]
-            elif line.strip() and section:
-                extra[section] = extra.get(section, "") + line.strip() + "\n"
-        text = ""
-        for sec in sorted(set(base) | set(extra)):
-            text += f"[{sec}]\n{base.get(sec, '')}{extra.get(sec, '')}\n"
+            line = line.strip()
+            if line.startswith("["):
+                section = line[1:-1]
+            elif "=" in line and section:
+                key, value = (x.strip() for x in line.split("=", 1))
+                sections.setdefault(section, {})[key] = value
+        text = "".join(f"[{sec}]\n" + "".join(f"{k} = {v}\n" for k, v in kv.items()) + "\n"
+                       for sec, kv in sections.items())
         self.config.write_text(text, encoding="utf-8")
 
     @property

@@ -1,0 +1,8 @@
+"""Make tests/ importable (harness.py) and keep the daemon's subprocesses on the CPU."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))

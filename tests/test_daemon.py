@@ -1,0 +1,194 @@
+"""End to end: the real `ttsd run` as a subprocess, the real voice on the CPU, real files,
+real SQLite. Each test ends by checking the invariant (tests/harness.py)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from harness import Site, assert_invariant
+
+
+def _check_wav(path: Path, text: str) -> None:
+    audio, sr = sf.read(str(path), dtype="float32")
+    assert sr == 22050
+    seconds = len(audio) / sr
+    # Plausible speech length: roughly 25–200 ms per character for this voice.
+    assert 0.025 * len(text) < seconds < 0.2 * len(text) + 1.0, (path, seconds, text)
+    assert float(np.sqrt(np.mean(audio ** 2))) > 0.01, f"{path} is silent"
+
+
+def test_end_to_end_files_before_start_slow_writer_and_csv(tmp_path: Path) -> None:
+    site = Site(tmp_path, extra_config="[input]\nsettle_s = 0.6\n")
+    site.inbox.mkdir(parents=True)
+    early = ["Hello there, this file was here before the daemon started.", "Second line."]
+    (site.inbox / "early.txt").write_text("\n".join(early) + "\n", encoding="utf-8")
+    site.start()
+    site.wait_ready()
+    # A CSV with ids, speeds and one bad row.
+    (site.inbox / "prompts.csv").write_text(
+        'id,text,speed\nwelcome,"Welcome, everyone.",1.2\nbad,"Too fast",nan\n'
+        'bye,"Goodbye now!",\n', encoding="utf-8")
+    # A file written slowly, in pieces, while held open.
+    slow = ["A slowly written line.", "It arrives in pieces.", "The end."]
+    with open(site.inbox / "slow.txt", "w", encoding="utf-8") as f:
+        for line in slow:
+            f.write(line + "\n")
+            f.flush()
+            time.sleep(0.25)
+    site.wait_files_finished(3)
+    status = site.status()
+    assert status["daemon"]["state"] == "up"
+    assert status["lines"]["done"] == 2 + 2 + 3
+    assert site.stop() == 0
+
+    out = site.outbox
+    _check_wav(out / "early" / "0001.wav", early[0])
+    _check_wav(out / "early" / "0002.wav", early[1])
+    for i, line in enumerate(slow, 1):
+        _check_wav(out / "slow" / f"{i:04d}.wav", line)
+    _check_wav(out / "prompts" / "welcome.wav", "Welcome, everyone.")
+    assert not (out / "prompts" / "bad.wav").exists()
+    with open(out / "prompts" / "manifest.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["welcome"]["wav"] == "welcome.wav" and not by_id["welcome"]["error"]
+    assert "speed" in by_id["bad"]["error"] and by_id["bad"]["wav"] == ""
+    assert (tmp_path / "done" / "prompts.csv").exists()
+    assert (tmp_path / "done" / "slow.txt").read_text() == "".join(s + "\n" for s in slow)
+    # The store agrees: one row per line, faster speed gives shorter audio than default.
+    rows = site.query("SELECT state, COUNT(*) FROM lines GROUP BY state")
+    assert dict(rows) == {"done": 7, "failed": 1}
+    assert site.query("SELECT COUNT(*) FROM batches")[0][0] >= 1
+    assert_invariant(site)
+
+
+def test_kill9_mid_batch_then_restart_finishes_each_line_once(tmp_path: Path) -> None:
+    """Row 24: kill -9 while batches are in flight; a restart finishes the rest, and no
+    line finished before the kill is synthesized again."""
+    site = Site(tmp_path, extra_config="[batching]\nmax_batch_size = 2\n",
+                env={"TTSD_FAULTS": "1"})
+    site.inbox.mkdir(parents=True)
+    lines = [f"Line number {i} {{{{fault:slow:700}}}}" for i in range(10)]
+    (site.inbox / "book.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    site.start()
+    site.wait_ready()
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if site.db.exists() and site.query(
+                "SELECT COUNT(*) FROM lines WHERE state='done'")[0][0] >= 2:
+            break
+        time.sleep(0.1)
+    site.kill9()
+    done_before = {r[0] for r in site.query("SELECT id FROM lines WHERE state='done'")}
+    assert 2 <= len(done_before) < 10
+    site.start()
+    site.wait_ready()
+    site.wait_files_finished(1)
+    assert site.stop() == 0
+    rows = site.query("SELECT id, state, synth_count FROM lines")
+    assert len(rows) == 10 and all(r[1] == "done" for r in rows)
+    for line_id, _state, count in rows:
+        if line_id in done_before:
+            assert count == 1, f"line {line_id} finished before the kill was redone"
+        else:
+            assert count in (1, 2)
+    assert len(list((site.outbox / "book").glob("*.wav"))) == 10
+    assert_invariant(site)
+
+
+def test_notify_socket_ready_watchdog_stopping(tmp_path: Path) -> None:
+    """Rows 33/34: READY=1 after load and scan, WATCHDOG=1 from the work loop, STOPPING=1."""
+    sock_path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(sock_path)
+    sock.settimeout(0.5)
+    got: list[str] = []
+    stop = threading.Event()
+
+    def listen() -> None:
+        while not stop.is_set():
+            try:
+                got.append(sock.recv(4096).decode())
+            except socket.timeout:
+                continue
+
+    t = threading.Thread(target=listen)
+    t.start()
+    try:
+        site = Site(tmp_path, env={"NOTIFY_SOCKET": sock_path, "WATCHDOG_USEC": "2000000"})
+        site.start()
+        site.wait_ready()
+        deadline = time.time() + 20
+        while time.time() < deadline and not any("WATCHDOG=1" in m for m in got):
+            time.sleep(0.1)
+        assert site.stop() == 0
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join()
+        sock.close()
+    text = "\n".join(got)
+    assert "READY=1" in text
+    assert "WATCHDOG=1" in text
+    assert "STATUS=" in text
+    assert "STOPPING=1" in text
+
+
+def test_cache_hit_then_purge_while_running(tmp_path: Path) -> None:
+    """The same line twice: the second is a cache hit with no model work; purge-cache
+    --all while the daemon runs removes the cache but not the outbox WAVs."""
+    site = Site(tmp_path)
+    site.start()
+    site.wait_ready()
+    (site.inbox / "a.txt").write_text("The same sentence, twice.\n", encoding="utf-8")
+    site.wait_files_finished(1)
+    (site.inbox / "b.txt").write_text("The same sentence, twice.\n", encoding="utf-8")
+    site.wait_files_finished(2)
+    rows = site.query("SELECT cached, synth_count FROM lines ORDER BY id")
+    assert rows == [(0, 1), (1, 0)]
+    assert site.status()["cache"]["hits"] == 1
+    dry = site.cli("purge-cache", "--all", "--dry-run")
+    assert dry.returncode == 0 and site.query("SELECT COUNT(*) FROM cache")[0][0] == 1
+    out = site.cli("purge-cache", "--all")
+    assert out.returncode == 0, out.stderr
+    assert site.query("SELECT COUNT(*) FROM cache")[0][0] == 0
+    assert not list((tmp_path / "state" / "cache").rglob("*.wav"))
+    assert (site.outbox / "a" / "0001.wav").exists() and (site.outbox / "b" / "0001.wav").exists()
+    # After the purge the same line is synthesized again, not failed.
+    (site.inbox / "c.txt").write_text("The same sentence, twice.\n", encoding="utf-8")
+    site.wait_files_finished(3)
+    assert site.query("SELECT cached, synth_count FROM lines ORDER BY id")[-1] == (0, 1)
+    assert site.stop() == 0
+    assert_invariant(site)
+
+
+def test_once_exits_nonzero_when_a_file_fails(tmp_path: Path) -> None:
+    """`run --once` finishes what is in the inbox and exits; a binary file fails it."""
+    site = Site(tmp_path)
+    site.write_config()
+    site.inbox.mkdir(parents=True)
+    (site.inbox / "good.txt").write_text("Just one line.\n", encoding="utf-8")
+    (site.inbox / "bad.txt").write_bytes(os.urandom(2048) + b"\x00" * 16)
+    out = site.cli("run", "--once", timeout=180)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert (site.outbox / "good" / "0001.wav").exists()
+    err = (tmp_path / "failed" / "bad.txt.error.txt").read_text()
+    assert "binary" in err
+    assert_invariant(site)
+
+
+def test_say_writes_a_wav(tmp_path: Path) -> None:
+    site = Site(tmp_path)
+    site.write_config()
+    out = site.cli("say", "Testing one, two, three.", "-o", str(tmp_path / "x.wav"),
+                   "--speed", "1.5", "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    _check_wav(tmp_path / "x.wav", "Testing one, two, three.")
