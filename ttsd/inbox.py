@@ -34,6 +34,7 @@ from watchdog.observers.polling import PollingObserverVFS
 from ttsd.config import InputConfig
 from ttsd.errors import InputError
 from ttsd.log import get_logger
+from ttsd.names import fit_name as _fit
 
 log = get_logger(__name__)
 
@@ -148,18 +149,6 @@ def _kind(mode: int) -> str | None:
     if stat.S_ISDIR(mode):
         return "a directory"
     return "not a regular file"
-
-
-def _fit(name: str, limit: int) -> str:
-    """``name`` shortened to at most ``limit`` bytes, keeping a short suffix."""
-    if len(os.fsencode(name)) <= limit:
-        return name
-    stem, dot, suffix = name.rpartition(".")
-    tail = dot + suffix if dot and stem and len(suffix) <= 8 else ""
-    head = stem if tail else name
-    while head and len(os.fsencode(head + tail)) > limit:
-        head = head[:-1]
-    return head + tail
 
 
 def _work_name(name: str) -> str:

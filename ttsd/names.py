@@ -11,6 +11,8 @@ letting one output overwrite the other.
 
 from __future__ import annotations
 
+import os
+
 import hashlib
 import re
 import unicodedata
@@ -91,3 +93,15 @@ def csv_cell(value: object) -> str:
     if isinstance(value, (int, float)):
         return text
     return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+
+
+def fit_name(name: str, limit: int) -> str:
+    """``name`` shortened to at most ``limit`` bytes, keeping a short suffix."""
+    if len(os.fsencode(name)) <= limit:
+        return name
+    stem, dot, suffix = name.rpartition(".")
+    tail = dot + suffix if dot and stem and len(suffix) <= 8 else ""
+    head = stem if tail else name
+    while head and len(os.fsencode(head + tail)) > limit:
+        head = head[:-1]
+    return head + tail

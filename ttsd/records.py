@@ -34,39 +34,6 @@ class LineError:
     column: int | None = None
 
 
-@dataclass(frozen=True)
-class SynthParams:
-    """Everything besides the text that decides a line's audio."""
-
-    voice: str
-    speaker_id: int = 0
-    length_scale: float = 1.0
-    noise_scale: float = 0.667
-    noise_w: float = 0.8
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class Job:
-    """A pending line as the batcher sees it (read back from the store)."""
-
-    line_id: int
-    text: str
-    params: SynthParams
-    cost: int = 0
-    """Phoneme-ish cost estimate used for batching (characters until phonemized)."""
-
-
-@dataclass
-class Clip:
-    """One line's synthesized audio (float32 samples in [-1, 1])."""
-
-    line_id: int
-    samples: object  # numpy.ndarray, float32, 1-D
-    sample_rate: int
-    phonemes: int = 0
-
-
 @dataclass
 class BatchStats:
     """Timings of one batch, recorded in the store."""

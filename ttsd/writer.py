@@ -29,6 +29,7 @@ import numpy as np
 import soundfile as sf
 
 from ttsd.log import get_logger
+from ttsd.names import csv_cell, fit_name as _fit
 
 log = get_logger(__name__)
 
@@ -36,7 +37,6 @@ NAME_MAX = 255
 ERROR_SUFFIX = ".error.txt"
 MANIFEST_COLUMNS = ("id", "line", "text", "wav", "seconds", "cached", "error")
 CHUNK = 1024 * 1024
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _NO_DIR_FSYNC = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
@@ -57,18 +57,6 @@ class ManifestRow:
 
 
 # -- atomic primitives -----------------------------------------------------------------
-
-
-def _fit(name: str, limit: int) -> str:
-    """``name`` shortened to at most ``limit`` bytes, keeping a short suffix."""
-    if len(os.fsencode(name)) <= limit:
-        return name
-    stem, dot, suffix = name.rpartition(".")
-    tail = dot + suffix if dot and stem and len(suffix) <= 8 else ""
-    head = stem if tail else name
-    while head and len(os.fsencode(head + tail)) > limit:
-        head = head[:-1]
-    return head + tail
 
 
 def _tmp_path(path: Path) -> Path:
@@ -304,11 +292,6 @@ def wav_info(path: Path) -> tuple[int, int, float]:
 # -- manifest --------------------------------------------------------------------------
 
 
-def _csv_cell(value: str) -> str:
-    """Guard against formula injection: a cell starting with = + - @ TAB CR gets a "'"."""
-    return "'" + value if value.startswith(_FORMULA_START) else value
-
-
 def manifest_bytes(rows: Iterable[ManifestRow]) -> bytes:
     """The manifest as UTF-8 CSV (RFC 4180: CRLF records, so a CR or LF inside a cell is
     always quoted)."""
@@ -317,9 +300,9 @@ def manifest_bytes(rows: Iterable[ManifestRow]) -> bytes:
     writer.writerow(MANIFEST_COLUMNS)
     for r in rows:
         writer.writerow([
-            _csv_cell(r.id), r.line, _csv_cell(r.text), _csv_cell(r.wav),
+            csv_cell(r.id), r.line, csv_cell(r.text), csv_cell(r.wav),
             "" if r.seconds is None else f"{r.seconds:.3f}",
-            "true" if r.cached else "false", _csv_cell(r.error),
+            "true" if r.cached else "false", csv_cell(r.error),
         ])
     return out.getvalue().encode("utf-8")
 

@@ -130,8 +130,8 @@ def pick_device(device: str) -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype == "auto":  # the fastest decoder dtype under 2% STFT error on an H100 (README)
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16,
             "bfloat16": torch.bfloat16}[dtype]
 
