@@ -274,7 +274,15 @@ class Engine:
                 by_voice.setdefault(p.request.voice, []).append(i)
         for name, idxs in by_voice.items():
             lv = self.voice(name)
-            for i, res in zip(idxs, self._run_voice(lv, [prepared[i] for i in idxs], stats)):
+            try:
+                done = self._run_voice(lv, [prepared[i] for i in idxs], stats)
+            except DeviceLostError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - only sticky device errors are converted
+                if _is_sticky(exc):
+                    raise DeviceLostError(f"device error, restart needed: {exc}") from exc
+                raise
+            for i, res in zip(idxs, done):
                 results[i] = res
         return [r for r in results if r is not None], stats
 

