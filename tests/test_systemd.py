@@ -101,6 +101,7 @@ def test_unit_life_cycle(unit: dict[str, dict[str, list[str]]]) -> None:
     assert seconds(one(unit, "WatchdogSec")) == 60
     assert one(unit, "Restart") == "on-failure"
     assert seconds(one(unit, "RestartSec")) == 5
+    assert one(unit, "RestartPreventExitStatus") == "2"       # ttsd: error a person must fix
     assert one(unit, "KillSignal") == "SIGTERM"
     assert seconds(one(unit, "TimeoutStopSec")) == 90
     assert one(unit, "ExecStart").split() == [
@@ -134,8 +135,11 @@ def test_unit_keeps_the_gpu_reachable(unit: dict[str, dict[str, list[str]]]) -> 
     allowed = {entry.split()[0]: entry.split()[1] for entry in unit["Service"]["DeviceAllow"]}
     for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-uvm"):
         assert "rw" in allowed.get(node, ""), node
-    for group in ("char-nvidia-frontend", "char-nvidia-uvm"):   # /proc/devices names
+    # /proc/devices names: major 195 is "nvidia" + "nvidiactl" (driver 580), "nvidia-frontend"
+    # on older drivers; "nvidia-uvm" is CUDA's unified memory.
+    for group in ("char-nvidia", "char-nvidiactl", "char-nvidia-frontend", "char-nvidia-uvm"):
         assert "rw" in allowed.get(group, ""), group
+    assert "char-nvidia*" not in allowed    # would also grant nvswitch/nvlink management
     assert not any("*" in node for node in allowed if node.startswith("/"))  # no globs on paths
     # PrivateDevices=yes mounts a /dev without /dev/nvidia*; ProcSubset=pid hides /proc/driver.
     assert unit["Service"].get("PrivateDevices", ["no"]) == ["no"]
