@@ -57,13 +57,14 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def _engine(cfg: Config, dtype: str, max_batch: int) -> Engine:
+def _engine(cfg: Config, dtype: str, max_batch: int, compile: str | None = None) -> Engine:
     e = cfg.engine
     return Engine(discover(e.voices_dir), device=e.device, dtype=dtype,
                   memory_fraction=e.memory_fraction, cudnn_benchmark=e.cudnn_benchmark,
                   cache_dir=cfg.paths.voices_cache, max_batch=max_batch,
                   max_audio_s_per_char=e.max_audio_s_per_char,
-                  sentence_silence_s=e.sentence_silence_s, token_budget=10**9)
+                  sentence_silence_s=e.sentence_silence_s, token_budget=10**9,
+                  compile=compile or e.compile)
 
 
 def _requests(cfg: Config, engine: Engine, lines: list[str]) -> list[Request]:
@@ -79,8 +80,9 @@ def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
     """Run ``prepared`` in batches of ``size`` (sorted by length, as the daemon does)."""
     order = sorted(prepared, key=lambda p: -p.phonemes) if size > 1 else prepared
     batches = [order[i:i + size] for i in range(0, len(order), size)]
-    engine.run(batches[0])  # warm this shape
-    lat, audio, frames, slots = [], 0.0, 0, 0
+    for b in {id(batches[0]): batches[0], id(batches[-1]): batches[-1]}.values():
+        engine.run(b)  # warm (and compile) the largest and the smallest shapes
+    lat, audio, frames, slots, text_ms, audio_ms = [], 0.0, 0, 0, 0.0, 0.0
     t0 = time.perf_counter()
     for b in batches:
         t = time.perf_counter()
@@ -88,11 +90,14 @@ def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
         lat.append((time.perf_counter() - t) * 1000)
         audio += sum(r.seconds for r in results)
         frames, slots = frames + stats.frames, slots + stats.frame_slots
+        text_ms, audio_ms = text_ms + stats.text_ms, audio_ms + stats.audio_ms
     wall = time.perf_counter() - t0
     return {"batch": size, "lines": len(prepared), "audio_s": round(audio, 2),
             "wall_s": round(wall, 3), "x_realtime": round(audio / wall, 1),
             "latency_ms_p50": round(_pct(lat, 50), 1), "latency_ms_p95": round(_pct(lat, 95), 1),
-            "padding_efficiency": round(frames / slots, 3) if slots else 1.0}
+            "padding_efficiency": round(frames / slots, 3) if slots else 1.0,
+            "text_half_ms": round(text_ms, 1), "audio_half_ms": round(audio_ms, 1),
+            "compiled": engine.compile}
 
 
 def _stft_mag(a: np.ndarray, n_fft: int = 1024, hop: int = 256) -> np.ndarray:

@@ -117,7 +117,8 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
 
     cfg = _override(cfg, ns)
     e = cfg.engine
-    engine = build_engine(cfg)
+    # One line: compiling (tens of seconds) would cost more than it saves.
+    engine = build_engine(cfg, compile="off" if e.compile == "auto" else e.compile)
     lv = engine.voice(e.voice)
     info = lv.info
     inf = info.inference

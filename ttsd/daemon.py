@@ -49,13 +49,14 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
 
 
-def build_engine(cfg: Config) -> Engine:
+def build_engine(cfg: Config, *, compile: str | None = None) -> Engine:
     e = cfg.engine
     return Engine(discover(e.voices_dir), device=e.device, dtype=e.dtype,
                   memory_fraction=e.memory_fraction, cudnn_benchmark=e.cudnn_benchmark,
                   max_audio_s_per_char=e.max_audio_s_per_char,
                   sentence_silence_s=e.sentence_silence_s, cache_dir=cfg.paths.voices_cache,
-                  max_batch=cfg.batching.max_batch_size, token_budget=cfg.batching.max_phonemes)
+                  max_batch=cfg.batching.max_batch_size, token_budget=cfg.batching.max_phonemes,
+                  compile=compile or e.compile)
 
 
 def voice_facts(engine: Engine, name: str) -> VoiceFacts:
@@ -258,7 +259,8 @@ class Daemon:
 
     def _sink_loop(self) -> None:
         store = Store(self.cfg.paths.db)
-        sink = Sink(self.cfg, self.engine, self.cfg.batching.writer_threads)
+        sink = Sink(self.cfg, self.engine,
+                    self.cfg.batching.writer_threads or min(8, os.cpu_count() or 1))
         try:
             while True:
                 batch = self.write_q.get()

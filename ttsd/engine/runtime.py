@@ -20,6 +20,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from ttsd.engine.phonemes import Phonemizer
 from ttsd.engine.vits import Generator, Vits
 from ttsd.engine.voice import VoiceInfo, load_model
 from ttsd.errors import DeviceLostError, VoiceError
+from ttsd.log import get_logger
+
+log = get_logger(__name__)
 
 ENGINE_VERSION = "ttsd-vits-1"
 """Part of every cache key: bump when the audio for the same inputs would change."""
@@ -114,6 +118,8 @@ class LoadedVoice:
     phonemizer: Phonemizer
     dec32: Generator | None = None
     """A float32 copy of the decoder, kept when the decoder runs in half precision."""
+    audio_half: Any = None
+    """``model.audio_half``, compiled when the engine compiles; eager otherwise."""
     extra: dict = field(default_factory=dict)
 
 
@@ -173,6 +179,12 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def _is_compile_error(exc: BaseException) -> bool:
+    mod = type(exc).__module__
+    return mod.startswith(("torch._dynamo", "torch._inductor")) or "CompilationError" in \
+        type(exc).__name__ or "InductorError" in type(exc).__name__
+
+
 def _is_sticky(exc: BaseException) -> bool:
     text = str(exc)
     return any(s in text for s in _STICKY)
@@ -186,7 +198,7 @@ class Engine:
                  cudnn_benchmark: bool = False, max_audio_s_per_char: float = 0.5,
                  sentence_silence_s: float = 0.2, normalize: bool = True,
                  cache_dir=None, max_batch: int = 0, frame_budget: int = 0,
-                 token_budget: int = 40000) -> None:
+                 token_budget: int = 40000, compile: str = "auto") -> None:
         self.voices = voices
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -198,6 +210,7 @@ class Engine:
         self.token_budget = token_budget
         self.frame_budget = frame_budget or self._default_frame_budget()
         self.faults = faults.from_env()
+        self.compile = compile == "on" or (compile == "auto" and self.device.type == "cuda")
         self._loaded: dict[str, LoadedVoice] = {}
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -223,13 +236,19 @@ class Engine:
         info = self.voices[name]
         model, digest = load_model(info, self.cache_dir)
         model = model.to(self.device)
+        model.dec.optimize()
         dec32 = None
         if self.dtype != torch.float32:
             if self.device.type == "cuda":
                 import copy
                 dec32 = copy.deepcopy(model.dec)
             model.dec.to(self.dtype)
-        lv = LoadedVoice(info, model, digest, Phonemizer(info.config), dec32)
+        audio_half = model.audio_half
+        if self.compile:
+            # One dynamic-shape graph for every (batch, frames) bucket; Inductor fuses the
+            # masks, activations and noise around cuDNN's convolutions.
+            audio_half = torch.compile(model.audio_half, dynamic=True)
+        lv = LoadedVoice(info, model, digest, Phonemizer(info.config), dec32, audio_half)
         self._loaded[name] = lv
         return lv
 
@@ -390,23 +409,28 @@ class Engine:
         if self.faults:
             self.faults.check(prepared, chunk, "audio")
         t0 = time.perf_counter()
-        audio = self._decode(lv, prepared, chunk, lv.model.dec)
+        audio, finite = self._decode(lv, prepared, chunk, None)
         hop = lv.model.args.hop
         for i, it in enumerate(chunk):
-            a = audio[i, : it.frames * hop]
+            a, ok = audio[i, : it.frames * hop], bool(finite[i])
             if self.faults and prepared[it.line].fault == "nan":
-                a = a.copy()
+                a, ok = a.copy(), False
                 a[::7] = np.nan
-            if not np.isfinite(a).all() and lv.dec32 is not None:
-                a = self._decode(lv, prepared, [it], lv.dec32)[0, : it.frames * hop]
-            it.audio = a
+            if not ok and lv.dec32 is not None:
+                again, fin = self._decode(lv, prepared, [it], lv.dec32)
+                a, ok = again[0, : it.frames * hop], bool(fin[0])
+            it.audio = a if ok else None
         stats.audio_calls += 1
         stats.frame_slots += len(chunk) * chunk[0].frames
         stats.frames += sum(it.frames for it in chunk)
         stats.audio_ms += (time.perf_counter() - t0) * 1000
 
     def _decode(self, lv: LoadedVoice, prepared: list[Prepared], chunk: list[_Item],
-                dec: Generator) -> np.ndarray:
+                dec: Generator | None) -> tuple[np.ndarray, np.ndarray]:
+        """The audio half on ``chunk``: the engine's (maybe compiled) decoder when
+        ``dec`` is None, else ``dec`` eagerly (the float32 retry). Returns the audio
+        [B, S] (zero past each item's end, peak-normalized, clipped) and a finite flag
+        per item, both on the host."""
         dev, b = self.device, len(chunk)
         fmax = bucket(max(it.frames for it in chunk), 64)
         tmax = max(it.m.size(1) for it in chunk)
@@ -422,13 +446,34 @@ class Engine:
         sid = torch.tensor([r.speaker_id for r in reqs], device=dev)
         seeds = torch.tensor([it.seed for it in chunk], device=dev)
         noise = torch.tensor([r.noise_scale for r in reqs], dtype=torch.float32, device=dev)
-        saved = lv.model.dec
-        lv.model.dec = dec
+        args = (m, logs, dur, frames, fmax, sid, seeds, noise)
+        if dec is not None:
+            return self._to_host(lv.model.audio_half(*args, dec), frames * lv.model.args.hop)
         try:
-            out = lv.model.audio_half(m, logs, dur, frames, fmax, sid, seeds, noise)
-        finally:
-            lv.model.dec = saved
-        return out.cpu().numpy()
+            out = lv.audio_half(*args)
+        except Exception as exc:  # noqa: BLE001 - a compiler failure: run eagerly from now on
+            if lv.audio_half is lv.model.audio_half or not _is_compile_error(exc):
+                raise
+            log.warning("engine.compile_failed", error=str(exc).splitlines()[0][:300])
+            lv.audio_half = lv.model.audio_half
+            out = lv.audio_half(*args)
+        return self._to_host(out, frames * lv.model.args.hop)
+
+    def _to_host(self, out: torch.Tensor, samples: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Mask, check, normalize and clip on the device, then one copy to (pinned) host
+        memory: per-line passes over the audio in numpy cost more than the decoder."""
+        valid = torch.arange(out.size(1), device=out.device) < samples.unsqueeze(1)
+        out = torch.where(valid, out, 0.0)
+        finite = torch.isfinite(out).all(1)
+        if self.normalize:
+            peak = out.abs().amax(1, keepdim=True)
+            out = torch.where(peak > 1e-8, out / peak, 0.0)
+        out = out.clamp(-1.0, 1.0)
+        if out.device.type != "cuda":
+            return out.numpy(), finite.numpy()
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out)
+        return host.numpy(), finite.cpu().numpy()
 
     def _assemble(self, lv: LoadedVoice, prepared: list[Prepared], items: list[_Item],
                   line_error: dict[int, str]) -> list[Result]:
@@ -442,20 +487,15 @@ class Engine:
             if li in line_error:
                 out.append(self._fail(p, line_error[li], sr))
                 continue
-            chunks = []
-            for it in sorted(parts[li], key=lambda x: x.sentence):
-                a = it.audio
-                if a is None or not np.isfinite(a).all():
-                    chunks = None
-                    break
-                if self.normalize:
-                    peak = float(np.max(np.abs(a))) if a.size else 0.0
-                    a = a / peak if peak > 1e-8 else np.zeros_like(a)
-                chunks.extend([np.clip(a, -1.0, 1.0).astype(np.float32), silence])
-            if chunks is None:
+            audios = [it.audio for it in sorted(parts[li], key=lambda x: x.sentence)]
+            if any(a is None for a in audios):
                 out.append(self._fail(p, "the model produced non-finite audio (NaN/Inf)", sr))
                 continue
-            audio = np.concatenate(chunks[:-1]) if chunks else np.zeros(0, np.float32)
+            if len(audios) == 1:   # already normalized and clipped on the device
+                audio = audios[0]
+            else:
+                audio = np.concatenate([x for a in audios for x in (silence, a)][1:]) \
+                    if audios else np.zeros(0, np.float32)
             out.append(Result(p.request.key, audio, sr, None, p.phonemes))
         return out
 

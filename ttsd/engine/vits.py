@@ -164,6 +164,25 @@ class RelAttention(nn.Module):
         return self.conv_o(out)
 
 
+def conv_gemm(conv: nn.Conv1d, x: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
+    """``conv(F.pad(x, pad))`` as unfold + one matrix product.
+
+    For the text half, which runs in strict float32: cuDNN's heuristics (benchmark off,
+    TF32 off) pick an FFT algorithm for these kernel-3 convolutions that took 35 ms a
+    call at batch 64 on an H100; a plain float32 GEMM takes well under 1 ms."""
+    k = conv.kernel_size[0]
+    if k == 1:
+        return conv(F.pad(x, pad) if any(pad) else x)
+    cols = F.pad(x, pad).unfold(2, k, 1)                     # [B, C, T, k]
+    b, c, t, _ = cols.shape
+    cols = cols.permute(0, 2, 1, 3).reshape(b, t, c * k)      # [B, T, C*k]
+    w = conv.weight.reshape(conv.out_channels, c * k)
+    y = torch.matmul(cols, w.t())
+    if conv.bias is not None:
+        y = y + conv.bias
+    return y.transpose(1, 2)
+
+
 class FFN(nn.Module):
     def __init__(self, channels: int, filter_channels: int, kernel: int) -> None:
         super().__init__()
@@ -172,8 +191,8 @@ class FFN(nn.Module):
         self.conv_2 = nn.Conv1d(filter_channels, channels, kernel)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv_1(F.pad(x * mask, self.pad)))
-        return self.conv_2(F.pad(x * mask, self.pad)) * mask
+        x = torch.relu(conv_gemm(self.conv_1, x * mask, self.pad))
+        return conv_gemm(self.conv_2, x * mask, self.pad) * mask
 
 
 class Encoder(nn.Module):
@@ -351,9 +370,10 @@ class DurationPredictor(nn.Module):
     def __init__(self, a: VitsArgs) -> None:
         super().__init__()
         k = a.dp_kernel
-        self.conv_1 = nn.Conv1d(a.hidden, a.dp_filter, k, padding=k // 2)
+        self.pad = (k // 2, k // 2)
+        self.conv_1 = nn.Conv1d(a.hidden, a.dp_filter, k)
         self.norm_1 = LayerNorm(a.dp_filter)
-        self.conv_2 = nn.Conv1d(a.dp_filter, a.dp_filter, k, padding=k // 2)
+        self.conv_2 = nn.Conv1d(a.dp_filter, a.dp_filter, k)
         self.norm_2 = LayerNorm(a.dp_filter)
         self.proj = nn.Conv1d(a.dp_filter, 1, 1)
         if a.gin:
@@ -363,8 +383,8 @@ class DurationPredictor(nn.Module):
                 noise: torch.Tensor | None = None) -> torch.Tensor:
         if g is not None:
             x = x + self.cond(g)
-        x = self.norm_1(torch.relu(self.conv_1(x * mask)))
-        x = self.norm_2(torch.relu(self.conv_2(x * mask)))
+        x = self.norm_1(torch.relu(conv_gemm(self.conv_1, x * mask, self.pad)))
+        x = self.norm_2(torch.relu(conv_gemm(self.conv_2, x * mask, self.pad)))
         return self.proj(x * mask) * mask
 
 
@@ -435,6 +455,20 @@ class Flow(nn.Module):
 # --------------------------------------------------------------------------- decoder
 
 
+def _conv(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """``conv`` on [B, C, T], or on [B, C, 1, T] channels-last (the optimized decoder,
+    with the 2-D weight ``conv.w4`` made by ``Generator.optimize``)."""
+    if x.dim() == 3:
+        return conv(x)
+    return F.conv2d(x, conv.w4, conv.bias, stride=(1, conv.stride[0]),
+                    padding=(0, conv.padding[0]), dilation=(1, conv.dilation[0]))
+
+
+def _mask_like(lengths: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    mask = sequence_mask(lengths, x.size(-1)).to(x.dtype)
+    return mask.unsqueeze(2) if x.dim() == 4 else mask
+
+
 class ResBlock(nn.Module):
     """HiFi-GAN residual block; type "1" (convs1 + convs2) or "2" (convs)."""
 
@@ -454,13 +488,68 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.kind == "1":
             for c1, c2 in zip(self.convs1, self.convs2):
-                xt = c1(F.leaky_relu(x, LRELU_SLOPE) * mask)
-                xt = c2(F.leaky_relu(xt, LRELU_SLOPE) * mask)
+                xt = _conv(c1, F.leaky_relu(x, LRELU_SLOPE) * mask)
+                xt = _conv(c2, F.leaky_relu(xt, LRELU_SLOPE) * mask)
                 x = xt + x
         else:
             for c in self.convs:
-                x = c(F.leaky_relu(x, LRELU_SLOPE) * mask) + x
+                x = _conv(c, F.leaky_relu(x, LRELU_SLOPE) * mask) + x
         return x * mask
+
+
+def polyphase_weight(w: torch.Tensor, stride: int, padding: int) -> tuple[torch.Tensor, int]:
+    """A ConvTranspose1d weight [Cin, Cout, K] as one ordinary conv1d weight
+    [stride*Cout, Cin, M] whose output channel ``r*Cout + o`` is output phase ``r``
+    (sample ``q*stride + r``), reading inputs ``q + m0 .. q + m0 + M - 1``.
+
+    Output sample n = q*s + r gets x[i]·W[k] for every n + p = i*s + k, i.e.
+    i = q + m with k = r + p - m*s. Returns (weight, m0)."""
+    cin, cout, k = w.shape
+    taps = {}  # (r, m) → k
+    for r in range(stride):
+        for kk in range(k):
+            m, rem = divmod(r + padding - kk, stride)
+            if rem == 0:
+                taps[(r, m)] = kk
+    ms = [m for _, m in taps]
+    m0, size = min(ms), max(ms) - min(ms) + 1
+    out = w.new_zeros(stride, cout, cin, size)
+    for (r, m), kk in taps.items():
+        out[r, :, :, m - m0] = w[:, :, kk].t()
+    return out.reshape(stride * cout, cin, size), m0
+
+
+class PolyphaseUp(nn.Module):
+    """ConvTranspose1d run as one dense convolution + interleave: cuDNN's transposed
+    convolutions ran several times slower on an H100. In the channels-last layout the
+    interleave is free: channel ``r*Cout + o`` at step q is already sample q*s + r."""
+
+    def __init__(self, up: nn.ConvTranspose1d) -> None:
+        super().__init__()
+        (k,), (s,), (p,) = up.kernel_size, up.stride, up.padding
+        w, self.m0 = polyphase_weight(up.weight.detach(), s, p)
+        self.stride, self.k, self.p = s, k, p
+        self.cout = up.out_channels
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.bias = nn.Parameter(up.bias.detach().repeat(s), requires_grad=False)
+        self.register_buffer("w4", w.unsqueeze(2).contiguous(memory_format=torch.channels_last))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.size(-1)
+        n = (t - 1) * self.stride - 2 * self.p + self.k
+        q = -(-n // self.stride)
+        size = self.weight.size(-1)
+        # Symmetric zero padding P, then keep the windows starting at q + m0.
+        pad = max(0, -self.m0, q - 1 + self.m0 + size - t)
+        start = self.m0 + pad
+        b = x.size(0)
+        if x.dim() == 3:
+            y = F.conv1d(x, self.weight, self.bias, padding=pad)[:, :, start:start + q]
+            y = y.reshape(b, self.stride, self.cout, q).permute(0, 2, 3, 1)
+            return y.reshape(b, self.cout, q * self.stride)[:, :, :n]
+        y = F.conv2d(x, self.w4, self.bias, padding=(0, pad))[:, :, :, start:start + q]
+        y = y.permute(0, 2, 3, 1).reshape(b, 1, q * self.stride, self.cout)
+        return y.permute(0, 3, 1, 2)[:, :, :, :n]
 
 
 class Generator(nn.Module):
@@ -479,25 +568,42 @@ class Generator(nn.Module):
                 self.resblocks.append(ResBlock(ch // 2 ** (i + 1), rk, rd, a.resblock))
         self.num_kernels = len(a.rb_kernels)
         self.conv_post = nn.Conv1d(ch // 2 ** len(a.ups), 1, 7, 1, padding=3, bias=False)
+        self.channels_last = False
+
+    def optimize(self) -> None:
+        """After loading: transposed convolutions in polyphase form, and every
+        activation in the channels-last layout [B, C, 1, T] (cuDNN's native layout for
+        16-bit convolutions: no NCHW↔NHWC transposes around each call)."""
+        self.ups = nn.ModuleList(u if isinstance(u, PolyphaseUp) else PolyphaseUp(u)
+                                 for u in self.ups)
+        for m in self.modules():
+            if isinstance(m, nn.Conv1d) and not hasattr(m, "w4"):
+                m.register_buffer("w4", m.weight.detach().unsqueeze(2).contiguous(
+                    memory_format=torch.channels_last))
+        self.channels_last = True
 
     def forward(self, z: torch.Tensor, frames: torch.Tensor, g: torch.Tensor | None):
         # z: [B, inter, F] (zero past each line's end); frames: [B] → audio [B, S]
-        mask = sequence_mask(frames, z.size(2)).to(z.dtype)
-        x = self.conv_pre(z * mask)
+        if self.channels_last:
+            z = z.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+            g = g.unsqueeze(2) if g is not None else None
+        mask = _mask_like(frames, z)
+        x = _conv(self.conv_pre, z * mask)
         if g is not None:
-            x = x + self.cond(g)
+            x = x + _conv(self.cond, g)
         length = frames
         for i, up in enumerate(self.ups):
             x = up(F.leaky_relu(x, LRELU_SLOPE) * mask)
             length = length * self.strides[i]
-            mask = sequence_mask(length, x.size(2)).to(x.dtype)
+            mask = _mask_like(length, x)
             blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
             xs = blocks[0](x, mask)
             for block in blocks[1:]:
                 xs = xs + block(x, mask)
             x = xs / self.num_kernels
-        x = self.conv_post(F.leaky_relu(x) * mask)
-        return torch.tanh(x)[:, 0]
+        x = _conv(self.conv_post, F.leaky_relu(x) * mask)
+        x = torch.tanh(x)
+        return x[:, 0, 0] if x.dim() == 4 else x[:, 0]
 
 
 # --------------------------------------------------------------------------- model
@@ -533,9 +639,11 @@ class Vits(nn.Module):
 
     def audio_half(self, m_p: torch.Tensor, logs_p: torch.Tensor, durations: torch.Tensor,
                    frames: torch.Tensor, max_frames: int, sid: torch.Tensor,
-                   seeds: torch.Tensor, noise_scale: torch.Tensor) -> torch.Tensor:
-        """Expand by durations, flows (float32), decoder (in its own dtype) → audio
-        [B, max_frames*hop] float32."""
+                   seeds: torch.Tensor, noise_scale: torch.Tensor,
+                   dec: Generator | None = None) -> torch.Tensor:
+        """Expand by durations, flows (float32), decoder (``dec``, default ``self.dec``,
+        in its own dtype) → audio [B, max_frames*hop] float32."""
+        dec = self.dec if dec is None else dec
         g = self.speaker(sid)
         cum = torch.cumsum(durations, dim=1)  # [B, T]
         pos = torch.arange(max_frames, device=m_p.device).unsqueeze(0).expand(cum.size(0), -1)
@@ -547,9 +655,9 @@ class Vits(nn.Module):
         eps = hash_normal(seeds, m.size(1), max_frames, stream=2)
         z_p = m + eps * torch.exp(logs) * noise_scale.view(-1, 1, 1)
         z = self.flow.reverse(z_p, y_mask, g) * y_mask
-        dec_dtype = self.dec.conv_pre.weight.dtype
+        dec_dtype = dec.conv_pre.weight.dtype
         gd = g.to(dec_dtype) if g is not None else None
-        return self.dec(z.to(dec_dtype), frames, gd).float()
+        return dec(z.to(dec_dtype), frames, gd).float()
 
     def forward(self, ids, lengths, sid, seeds, noise_scale, noise_w, length_scale):
         m_p, logs_p, dur = self.text_half(ids, lengths, sid, seeds, noise_w, length_scale)
