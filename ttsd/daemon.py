@@ -197,8 +197,15 @@ class Daemon:
         store = Store(self.cfg.paths.db)
         feeder = Feeder(self.cfg, self.engine,
                         {n: v.sample_rate for n, v in self.engine.voices.items()})
+        max_attempts = self.cfg.daemon.max_attempts
         try:
             while not self.stop.is_set():
+                # A line that was in flight when the process died runs alone, with
+                # nothing else taken: if it kills the process again, no other line
+                # loses an attempt (RELIABILITY row 25).
+                if self.in_flight and store.suspect_next(max_attempts):
+                    self.stop.wait(0.02)
+                    continue
                 batch = feeder.next_batch(store, self.stop)
                 if batch is None:
                     self.stop.wait(0.05)
@@ -215,6 +222,9 @@ class Daemon:
                     store.release([r.id for r in batch.rows])
                     with self._lock:
                         self.in_flight.difference_update(r.id for r in batch.rows)
+                if any(r.attempts > 1 for r in batch.rows):
+                    while self.in_flight and not self.stop.is_set():
+                        self.stop.wait(0.02)
         finally:
             store.close()
 
