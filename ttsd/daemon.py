@@ -96,6 +96,8 @@ class Daemon:
         store = Store(cfg.paths.db)
         self._signals()
         t0 = time.perf_counter()
+        # A kill -9 while the converted voice was being cached leaves its temp behind.
+        removed = remove_stale_temps(cfg.paths.voices_cache)
         self.engine = build_engine(cfg)
         default = cfg.engine.voice
         facts = {default: voice_facts(self.engine, default)}  # other voices load on first use
@@ -108,7 +110,7 @@ class Daemon:
         log.info("engine.ready", voice=default, device=str(self.engine.device),
                  dtype=str(self.engine.dtype).split(".")[-1], load_s=round(time.perf_counter() - t0, 2),
                  warmup_s=round(warm_s, 2))
-        removed = remove_stale_temps(cfg.paths.outbox) + remove_stale_temps(cfg.paths.cache)
+        removed += remove_stale_temps(cfg.paths.outbox) + remove_stale_temps(cfg.paths.cache)
         requeued = store.recover(cfg.daemon.max_attempts)
         self.ingest.recover(store)
         self.ingest.inbox.start()
