@@ -29,7 +29,7 @@ from ttsd import __version__
 from ttsd.config import Config
 from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover
-from ttsd.errors import DeviceLostError
+from ttsd.errors import ConfigError, DeviceLostError
 from ttsd.ingest import Ingest, VoiceFacts
 from ttsd.log import get_logger
 from ttsd.notify import Notifier
@@ -90,10 +90,14 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.cfg
+        store = Store(cfg.paths.db)   # a clear error first if the state folder is unusable
         for p in (cfg.paths.inbox, cfg.paths.outbox, cfg.paths.done, cfg.paths.failed,
                   cfg.paths.work, cfg.paths.cache):
-            p.mkdir(parents=True, exist_ok=True)
-        store = Store(cfg.paths.db)
+            try:
+                p.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                store.close()
+                raise ConfigError(f"folder {p} cannot be created: {exc.strerror}") from None
         self._signals()
         t0 = time.perf_counter()
         # A kill -9 while the converted voice was being cached leaves its temp behind.
@@ -144,6 +148,8 @@ class Daemon:
                 log.warning("daemon.force_stop", signal=signum)
                 os._exit(1)
             log.info("daemon.stopping", signal=signal.Signals(signum).name)
+            if self.busy:   # the batch in the model may finish: ask systemd for the time
+                self.notifier.extend_timeout(self.cfg.daemon.stop_timeout_s)
             self.stop.set()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)
@@ -244,15 +250,18 @@ class Daemon:
                         break
                     self._maybe_release(store, mem.idle_s, "idle", idle=True)
                     continue
+                if self.stop.is_set():   # taken but not started: back to pending
+                    store.release([r.id for r in batch.rows])
+                    with self._lock:
+                        self.in_flight.difference_update(r.id for r in batch.rows)
+                    break
                 self.busy = True
-                if self.stop.is_set():
-                    self.notifier.extend_timeout(self.cfg.daemon.stop_timeout_s)
                 self.write_q.put(synth.run(batch))
                 self.last_work = time.monotonic()
                 self.busy = False
                 if mem.free_memory_every_s > 0:
                     self._maybe_release(store, mem.free_memory_every_s, "periodic")
-                if self.stop.is_set() and self.batch_q.empty():
+                if self.stop.is_set():   # the batch in flight is done; no new one starts
                     break
         finally:
             self.write_q.put(None)
