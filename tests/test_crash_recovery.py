@@ -159,3 +159,37 @@ def test_random_kills_then_restart_finish_each_line_once(tmp_path: Path) -> None
         results = [f.result() for f in futs]
     # The kills must land in real work, not only in start-up.
     assert sum(r[1] for r in results) >= 5, results
+
+
+def test_a_line_that_kills_the_process_every_time_fails_alone(tmp_path: Path) -> None:
+    """Row 25: ``{{fault:exit}}`` makes the process die (status 137) whenever the line
+    is synthesized. The attempt is committed before synthesis, so after max_attempts
+    starts the line fails with a reason and the file goes on; its batch-mates and the
+    lines prefetched behind it each lose at most one attempt (a crash suspect runs
+    alone) and are written once."""
+    site = Site(tmp_path, env={"TTSD_FAULTS": "1"}, extra_config=(
+        "[batching]\nmax_batch_size = 3\nmax_wait_ms = 100\n[daemon]\nmax_attempts = 3\n"))
+    site.inbox.mkdir(parents=True)
+    text = [f"Innocent line {i}." for i in range(1, 10)]
+    text[1] = "This line {{fault:exit}} kills it."
+    (site.inbox / "a.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
+    exits = []
+    for _run in range(5):
+        site.start()
+        try:
+            site.wait_files_finished(1, timeout=90)
+        except AssertionError:
+            exits.append(site.proc.wait(timeout=30))
+            continue
+        assert site.stop() == 0
+        break
+    assert exits == [137, 137, 137], exits
+    rows = {r[0]: r[1:] for r in site.query(
+        "SELECT number, state, error, attempts, synth_count FROM lines")}
+    assert rows[2][0] == "failed" and "never finished" in rows[2][1], rows[2]
+    assert rows[2][2] == 3
+    for n, (state, _err, attempts, synth) in rows.items():
+        if n != 2:
+            assert state == "done" and synth == 1 and attempts <= 2, (n, rows[n])
+    assert (tmp_path / "done" / "a.txt").exists()
+    assert_invariant(site)
