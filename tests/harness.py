@@ -164,6 +164,26 @@ def assert_invariant(site: Site) -> None:
 # ------------------------------------------------------------------ crash recovery
 
 
+def restart_until_finished(site: Site, files: int, *, max_runs: int = 5,
+                           after_exit=None) -> list[int]:
+    """Start the daemon again each time it dies on its own (as systemd's Restart= would)
+    until ``files`` files are finished, then stop it (exit 0 expected). Returns the exit
+    statuses of the runs that died; ``after_exit(site)`` checks the state after each."""
+    exits: list[int] = []
+    for _run in range(max_runs):
+        site.start()
+        try:
+            site.wait_files_finished(files, timeout=90)
+        except AssertionError:
+            exits.append(site.proc.wait(timeout=30))
+            if after_exit is not None:
+                after_exit(site)
+            continue
+        assert site.stop() == 0, site.logs()
+        return exits
+    raise AssertionError(f"not finished after {max_runs} runs (exits {exits}):\n{site.logs()}")
+
+
 @dataclass
 class Snapshot:
     """What the store and the outbox show at one moment (between two daemon runs)."""

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import ROOT, Site, assert_invariant, assert_no_redo, snapshot
+from harness import (ROOT, Site, assert_invariant, assert_no_redo, restart_until_finished,
+                     snapshot)
 from ttsd import crash
 
 LINES = ["Good morning.", "The cat sat on the mat.", "Rain again today.", "One more."]
@@ -173,16 +174,7 @@ def test_a_line_that_kills_the_process_every_time_fails_alone(tmp_path: Path) ->
     text = [f"Innocent line {i}." for i in range(1, 10)]
     text[1] = "This line {{fault:exit}} kills it."
     (site.inbox / "a.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
-    exits = []
-    for _run in range(5):
-        site.start()
-        try:
-            site.wait_files_finished(1, timeout=90)
-        except AssertionError:
-            exits.append(site.proc.wait(timeout=30))
-            continue
-        assert site.stop() == 0
-        break
+    exits = restart_until_finished(site, 1)
     assert exits == [137, 137, 137], exits
     rows = {r[0]: r[1:] for r in site.query(
         "SELECT number, state, error, attempts, synth_count FROM lines")}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness import Site, assert_invariant
+from harness import Site, assert_invariant, restart_until_finished
 
 
 def _site(tmp_path: Path, batch: int = 8, extra: str = "") -> Site:
@@ -102,19 +102,13 @@ def test_sticky_device_error_exits_for_a_restart_and_requeues(tmp_path: Path) ->
     text = ["First line.", "Second line.", "Third {{fault:sticky}} breaks the card.",
             "Fourth line.", "Fifth line.", "Sixth line."]
     (site.inbox / "a.txt").write_text("\n".join(text) + "\n", encoding="utf-8")
-    exits = []
-    for _run in range(4):
-        site.start()
-        try:
-            site.wait_files_finished(1, timeout=90)
-        except AssertionError:
-            exits.append(site.proc.wait(timeout=30))
-            assert site.logs().count("engine.device_lost") == 1, site.logs()
-            states = dict(site.query("SELECT number, state FROM lines"))
-            assert states[3] in ("running", "pending"), states   # requeued, not failed
-            continue
-        assert site.stop() == 0
-        break
+
+    def after_exit(site: Site) -> None:
+        assert site.logs().count("engine.device_lost") == 1, site.logs()   # no retry here
+        states = dict(site.query("SELECT number, state FROM lines"))
+        assert states[3] in ("running", "pending"), states   # requeued, not failed
+
+    exits = restart_until_finished(site, 1, after_exit=after_exit)
     assert exits == [75, 75], exits
     lines = _lines(site)
     assert lines[3][0] == "failed" and "never finished" in lines[3][1]
