@@ -159,3 +159,71 @@ def assert_invariant(site: Site) -> None:
     assert not leftovers, f"temporary files left: {leftovers}"
     work = site.root / "state" / "work"
     assert not work.exists() or not any(work.iterdir()), f"work folder not empty: {list(work.iterdir())}"
+
+
+# ------------------------------------------------------------------ crash recovery
+
+
+def restart_until_finished(site: Site, files: int, *, max_runs: int = 5,
+                           after_exit=None) -> list[int]:
+    """Start the daemon again each time it dies on its own (as systemd's Restart= would)
+    until ``files`` files are finished, then stop it (exit 0 expected). Returns the exit
+    statuses of the runs that died; ``after_exit(site)`` checks the state after each."""
+    exits: list[int] = []
+    for _run in range(max_runs):
+        site.start()
+        try:
+            site.wait_files_finished(files, timeout=90)
+        except AssertionError:
+            exits.append(site.proc.wait(timeout=30))
+            if after_exit is not None:
+                after_exit(site)
+            continue
+        assert site.stop() == 0, site.logs()
+        return exits
+    raise AssertionError(f"not finished after {max_runs} runs (exits {exits}):\n{site.logs()}")
+
+
+@dataclass
+class Snapshot:
+    """What the store and the outbox show at one moment (between two daemon runs)."""
+
+    lines: dict[int, tuple[str, int, int, str | None]]
+    """line id → (state, attempts, synth_count, wav)"""
+    wavs: dict[str, tuple[int, int]]
+    """every complete WAV under the outbox → (inode, mtime_ns)"""
+    temps: list[Path]
+
+
+def snapshot(site: Site) -> Snapshot:
+    rows = site.query("SELECT id, state, attempts, synth_count, wav FROM lines") \
+        if site.db.exists() else []
+    wavs = {}
+    for p in site.outbox.rglob("*.wav") if site.outbox.exists() else ():
+        st = p.stat()
+        wavs[str(p)] = (st.st_ino, st.st_mtime_ns)
+    temps = list(site.root.rglob("*.tmp"))
+    return Snapshot({r[0]: tuple(r[1:]) for r in rows}, wavs, temps)
+
+
+def assert_no_redo(before: Snapshot, after: Snapshot) -> None:
+    """Nothing finished before a kill was done again after the restart.
+
+    The store shows it: ``attempts`` is raised (and committed) each time a line is
+    taken for synthesis, ``synth_count`` when a synthesized WAV is committed as done.
+    A line done before the kill keeps both, and its WAV (same inode, same mtime) was
+    never rewritten; a WAV renamed into place but not yet committed is adopted as it is.
+    Within one run a line is taken at most once more (a crash suspect runs alone), and
+    no line is ever counted as synthesized twice.
+    """
+    for lid, (state, attempts, synth, wav) in before.lines.items():
+        now = after.lines.get(lid)
+        assert now is not None, f"line {lid} vanished"
+        if state == "done":
+            assert now == (state, attempts, synth, wav), \
+                f"line {lid} was done before the kill, changed after: {(state, attempts, synth)} → {now}"
+        assert now[1] - attempts <= 1, f"line {lid} taken {now[1] - attempts} times in one run"
+    for path, ident in before.wavs.items():
+        assert after.wavs.get(path) == ident, f"{path} was rewritten or removed after the kill"
+    for lid, (state, _attempts, synth, _wav) in after.lines.items():
+        assert synth <= 1, f"line {lid} synthesized {synth} times"

@@ -29,7 +29,7 @@ from ttsd import __version__
 from ttsd.config import Config
 from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover
-from ttsd.errors import DeviceLostError
+from ttsd.errors import ConfigError, DeviceLostError
 from ttsd.ingest import Ingest, VoiceFacts
 from ttsd.log import get_logger
 from ttsd.notify import Notifier
@@ -91,12 +91,18 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.cfg
+        store = Store(cfg.paths.db)   # a clear error first if the state folder is unusable
         for p in (cfg.paths.inbox, cfg.paths.outbox, cfg.paths.done, cfg.paths.failed,
                   cfg.paths.work, cfg.paths.cache):
-            p.mkdir(parents=True, exist_ok=True)
-        store = Store(cfg.paths.db)
+            try:
+                p.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                store.close()
+                raise ConfigError(f"folder {p} cannot be created: {exc.strerror}") from None
         self._signals()
         t0 = time.perf_counter()
+        # A kill -9 while the converted voice was being cached leaves its temp behind.
+        removed = remove_stale_temps(cfg.paths.voices_cache)
         self.engine = build_engine(cfg)
         default = cfg.engine.voice
         facts = {default: voice_facts(self.engine, default)}  # other voices load on first use
@@ -109,7 +115,7 @@ class Daemon:
         log.info("engine.ready", voice=default, device=str(self.engine.device),
                  dtype=str(self.engine.dtype).split(".")[-1], load_s=round(time.perf_counter() - t0, 2),
                  warmup_s=round(warm_s, 2))
-        removed = remove_stale_temps(cfg.paths.outbox) + remove_stale_temps(cfg.paths.cache)
+        removed += remove_stale_temps(cfg.paths.outbox) + remove_stale_temps(cfg.paths.cache)
         requeued = store.recover(cfg.daemon.max_attempts)
         self.ingest.recover(store)
         self.ingest.inbox.start()
@@ -143,6 +149,8 @@ class Daemon:
                 log.warning("daemon.force_stop", signal=signum)
                 os._exit(1)
             log.info("daemon.stopping", signal=signal.Signals(signum).name)
+            if self.busy:   # the batch in the model may finish: ask systemd for the time
+                self.notifier.extend_timeout(self.cfg.daemon.stop_timeout_s)
             self.stop.set()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)
@@ -198,8 +206,15 @@ class Daemon:
         store = Store(self.cfg.paths.db)
         feeder = Feeder(self.cfg, self.engine,
                         {n: v.sample_rate for n, v in self.engine.voices.items()})
+        max_attempts = self.cfg.daemon.max_attempts
         try:
             while not self.stop.is_set():
+                # A line that was in flight when the process died runs alone, with
+                # nothing else taken: if it kills the process again, no other line
+                # loses an attempt (RELIABILITY row 25).
+                if self.in_flight and store.suspect_next(max_attempts):
+                    self.stop.wait(0.02)
+                    continue
                 batch = feeder.next_batch(store, self.stop)
                 if batch is None:
                     self.stop.wait(0.05)
@@ -216,6 +231,9 @@ class Daemon:
                     store.release([r.id for r in batch.rows])
                     with self._lock:
                         self.in_flight.difference_update(r.id for r in batch.rows)
+                if any(r.attempts > 1 for r in batch.rows):
+                    while self.in_flight and not self.stop.is_set():
+                        self.stop.wait(0.02)
         finally:
             store.close()
 
@@ -233,15 +251,18 @@ class Daemon:
                         break
                     self._maybe_release(store, mem.idle_s, "idle", idle=True)
                     continue
+                if self.stop.is_set():   # taken but not started: back to pending
+                    store.release([r.id for r in batch.rows])
+                    with self._lock:
+                        self.in_flight.difference_update(r.id for r in batch.rows)
+                    break
                 self.busy = True
-                if self.stop.is_set():
-                    self.notifier.extend_timeout(self.cfg.daemon.stop_timeout_s)
                 self.write_q.put(synth.run(batch))
                 self.last_work = time.monotonic()
                 self.busy = False
                 if mem.free_memory_every_s > 0:
                     self._maybe_release(store, mem.free_memory_every_s, "periodic")
-                if self.stop.is_set() and self.batch_q.empty():
+                if self.stop.is_set():   # the batch in flight is done; no new one starts
                     break
         finally:
             self.write_q.put(None)

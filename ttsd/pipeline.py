@@ -65,9 +65,10 @@ class Feeder:
         """Up to ``size`` lines of one voice; waits ``max_wait_ms`` for a fuller batch."""
         rows, dead = store.take(self.size, self.cfg.daemon.max_attempts)
         if rows and len(rows) < self.size and self.cfg.batching.max_wait_ms > 0 \
-                and not stop.is_set():
+                and rows[0].attempts == 1 and not stop.is_set():  # a suspect stays alone
             time.sleep(self.cfg.batching.max_wait_ms / 1000)
-            more, dead2 = store.take(self.size - len(rows), self.cfg.daemon.max_attempts)
+            more, dead2 = store.take(self.size - len(rows), self.cfg.daemon.max_attempts,
+                                     fresh_only=True)
             rows, dead = rows + more, dead + dead2
         if dead:
             log.warning("lines.gave_up", count=len(dead), ids=dead[:10])

@@ -11,6 +11,7 @@ File states: parsing → queued (all lines stored) → done | failed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import sqlite3
@@ -253,11 +254,16 @@ class Store:
             n = c.execute("UPDATE lines SET state='pending' WHERE state='running'").rowcount
         return n
 
-    def take(self, limit: int, max_attempts: int) -> tuple[list[LineRow], list[int]]:
+    def take(self, limit: int, max_attempts: int, *, fresh_only: bool = False
+             ) -> tuple[list[LineRow], list[int]]:
         """Oldest pending lines → running (attempts + 1, committed before synthesis).
 
         Lines already started ``max_attempts`` times fail instead (they killed the
-        process each time); their ids are returned second.
+        process each time); their ids are returned second. A pending line with
+        attempts > 0 is a *suspect*: the process died while it was in flight. A suspect
+        comes alone, in a batch of its own, so that a line that kills the process
+        every time cannot take its batch-mates down with it; the lines after it wait
+        for it. With ``fresh_only`` (topping up a batch) no suspect is taken.
         """
         with self.tx() as c:
             rows = c.execute(
@@ -265,9 +271,12 @@ class Store:
                 "l.length_scale, l.noise_scale, l.noise_w, l.seed, l.cache_key, l.out_name, "
                 "f.out_dir, l.attempts FROM lines l JOIN files f ON f.id = l.file_id "
                 "WHERE l.state='pending' ORDER BY l.id LIMIT ?", (limit,)).fetchall()
-            take, dead = [], []
-            for r in rows:
-                (dead if r[13] >= max_attempts else take).append(r)
+            dead = [r for r in rows if r[13] >= max_attempts]
+            live = [r for r in rows if r[13] < max_attempts]
+            if live and live[0][13] > 0 and not fresh_only:
+                take = live[:1]
+            else:
+                take = list(itertools.takewhile(lambda r: r[13] == 0, live))
             now = time.time()
             if dead:
                 c.executemany(
@@ -278,6 +287,11 @@ class Store:
                 c.executemany("UPDATE lines SET state='running', attempts=attempts+1 WHERE id=?",
                               [(r[0],) for r in take])
         return [LineRow(*r[:13], attempts=r[13] + 1) for r in take], [r[0] for r in dead]
+
+    def suspect_next(self, max_attempts: int) -> bool:
+        """The oldest pending line was in flight when the process died (see ``take``)."""
+        n = self.one("SELECT attempts FROM lines WHERE state='pending' ORDER BY id LIMIT 1")
+        return n is not None and 0 < n < max_attempts
 
     def release(self, line_ids: list[int], *, undo_attempt: bool = True) -> None:
         """Running lines back to pending (graceful stop, requeue)."""

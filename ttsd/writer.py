@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from ttsd import crash
 from ttsd.log import get_logger
 from ttsd.names import csv_cell, fit_name as _fit
 
@@ -124,11 +125,14 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def write_atomic(path: Path, data: bytes, *, overwrite: bool = False) -> int:
+def write_atomic(path: Path, data: bytes, *, overwrite: bool = False,
+                 crash_at: str | None = None) -> int:
     """Write ``data`` to ``path`` atomically and durably; returns the byte count.
 
     FileExistsError if ``path`` exists and not ``overwrite``. No temp file survives an
-    error (ENOSPC and EIO propagate as OSError after cleanup).
+    error (ENOSPC and EIO propagate as OSError after cleanup). ``crash_at`` names the
+    crash point (ttsd.crash) reached once the temp file is written and synced, before
+    the rename.
     """
     path = Path(path)
     if not overwrite and os.path.lexists(path):
@@ -141,6 +145,8 @@ def write_atomic(path: Path, data: bytes, *, overwrite: bool = False) -> int:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if crash_at:
+            crash.point(crash_at)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -186,7 +192,7 @@ def write_wav(path: Path, samples: np.ndarray, sample_rate: int, subtype: str = 
     if not overwrite and os.path.lexists(path):
         raise _exists_error(path)
     data = encode_wav(samples, sample_rate, subtype)
-    written = write_atomic(path, data, overwrite=overwrite)
+    written = write_atomic(path, data, overwrite=overwrite, crash_at="after_tmp")
     log.debug("writer.wav", path=str(path), bytes=written)
     return written
 

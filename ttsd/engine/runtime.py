@@ -487,6 +487,10 @@ class Engine:
             if li in line_error:
                 out.append(self._fail(p, line_error[li], sr))
                 continue
+            failed = next((it.error for it in parts[li] if it.error), None)
+            if failed:   # the audio half failed for it (out of memory even alone)
+                out.append(self._fail(p, failed, sr))
+                continue
             audios = [it.audio for it in sorted(parts[li], key=lambda x: x.sentence)]
             if any(a is None for a in audios):
                 out.append(self._fail(p, "the model produced non-finite audio (NaN/Inf)", sr))

@@ -8,6 +8,7 @@ under the SHA-256 of the ONNX file and reused on the next start.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -175,6 +176,9 @@ def _tuples(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _save_atomic(path: Path, obj: Any) -> None:
+    """Temp ``.*.tmp`` beside ``path`` (removed on error; after a kill -9 the daemon
+    removes it at start), fsync, rename."""
+    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
@@ -184,4 +188,7 @@ def _save_atomic(path: Path, obj: Any) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError:
-        pass  # the cache is an optimization: a read-only state folder just skips it
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        # the cache is an optimization: a read-only state folder just skips it
