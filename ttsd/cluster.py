@@ -15,7 +15,9 @@ back-off and out-of-rotation rules as for local workers (ttsd/workers.py).
 from __future__ import annotations
 
 import os
+import signal
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -59,6 +61,31 @@ def connect(cfg: Config) -> bool:
     if ray.is_initialized():
         return False
     c = cfg.cluster
+    saved = _handlers()   # ray.init installs its own SIGTERM handler (sys.exit(15)):
+    try:                  # the daemon's warm stop must stay in charge
+        started = _init(ray, c)
+    finally:
+        _restore(saved)
+    res = ray.cluster_resources()
+    log.info("ray.connected", address=c.address, started_here=started,
+             nodes=len([n for n in ray.nodes() if n.get("Alive")]),
+             cpus=res.get("CPU", 0), gpus=res.get("GPU", 0))
+    return started
+
+
+def _handlers() -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore(saved: dict[int, Any]) -> None:
+    for sig, handler in saved.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+
+
+def _init(ray: Any, c: Any) -> bool:
     if c.address == "local":   # a private instance: its workers inherit our environment
         need = c.workers * max(1, c.cpus_per_worker)
         ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
@@ -69,10 +96,6 @@ def connect(cfg: Config) -> bool:
         env = {"env_vars": {"TTSD_FAULTS": faults}} if faults else None
         ray.init(address=c.address, log_to_driver=False, runtime_env=env)
         started = False
-    res = ray.cluster_resources()
-    log.info("ray.connected", address=c.address, started_here=started,
-             nodes=len([n for n in ray.nodes() if n.get("Alive")]),
-             cpus=res.get("CPU", 0), gpus=res.get("GPU", 0))
     return started
 
 
@@ -130,6 +153,9 @@ class RayHandle:
     def __init__(self, owner: _Actor) -> None:
         self.owner = owner
         self.refs: deque = deque()
+        self.lost = False
+        """The actor process died (Ray restarts it): killing it again would kill the
+        restarted one."""
 
     def _get(self, ref: Any, timeout: float | None) -> Any:
         import ray
@@ -140,18 +166,32 @@ class RayHandle:
         except GetTimeoutError:
             raise
         except RayActorError as exc:   # the actor died; Ray restarts it
+            self.lost = True
             raise WorkerDied(f"Ray actor lost: {str(exc).splitlines()[0]}") from None
         except RayError as exc:        # the task raised (device lost, engine bug)
             raise WorkerDied(f"Ray task failed: {str(exc).splitlines()[0][:300]}") from None
 
     def start(self, timeout: float) -> dict[str, Any]:
-        from ray.exceptions import GetTimeoutError
+        """Wait until the actor answers (Ray may still be restarting it)."""
+        import ray
+        from ray import exceptions as rex
 
-        try:
-            return self._get(self.owner.actor.info.remote(), timeout)
-        except GetTimeoutError:
-            raise WorkerDied(f"Ray actor not ready within {timeout:.0f} s "
-                             "(no free GPU/CPU in the cluster?)") from None
+        unavailable = getattr(rex, "ActorUnavailableError", ())
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerDied(f"Ray actor not ready within {timeout:.0f} s "
+                                 "(no free GPU/CPU in the cluster?)")
+            try:
+                return ray.get(self.owner.actor.info.remote(), timeout=left)
+            except rex.GetTimeoutError:
+                continue
+            except unavailable:          # restarting: ask again
+                time.sleep(0.2)
+            except rex.RayError as exc:
+                raise WorkerDied(f"Ray actor failed to start: "
+                                 f"{str(exc).splitlines()[0][:300]}") from None
 
     def submit(self, requests: list) -> None:
         self.refs.append(self.owner.actor.run.remote(requests))
@@ -177,7 +217,7 @@ class RayHandle:
         import ray
 
         self.refs.clear()
-        if self.owner.actor is not None:
+        if self.owner.actor is not None and not self.lost:
             ray.kill(self.owner.actor, no_restart=False)
 
     def close(self) -> None:

@@ -629,7 +629,8 @@ class WorkerPool:
         store.worker_set(slot.index, state="restarting", failures=slot.failures_total,
                          restarts=slot.restarts, last_error=slot.last_error, pid=None)
         log.warning("worker.restarting", worker=slot.index, device=slot.device,
-                    in_s=round(delay, 2), recent_failures=len(slot.failures))
+                    in_s=round(delay, 2), recent_failures=len(slot.failures),
+                    error=slot.last_error[:200])
         self.stop.wait(delay)
 
 
