@@ -75,6 +75,10 @@ class EngineConfig:
     """Extra voices: NAME.onnx + NAME.onnx.json pairs."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cuda, cuda:N or cpu."""
+    devices: tuple[str, ...] = ()
+    """Several devices, one worker process each: ("auto",) = every visible GPU (else the
+    CPU), or a list such as ("cuda:0", "cuda:1"). Empty, or one device: the model runs
+    in the daemon's own process on ``device`` (or that one device), as before."""
     dtype: str = "auto"
     """auto, float32, float16 or bfloat16 (half precision applies to the decoder only)."""
     speaker: str = ""
@@ -156,6 +160,37 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    backend: str = "local"
+    """local: worker processes on this host (engine.devices); ray: Ray actors."""
+    address: str = "auto"
+    """Ray only: "auto" (the cluster this host belongs to), "ray://HOST:10001", or
+    "local" (start a private single-host Ray instance inside the daemon)."""
+    workers: int = 0
+    """Ray only: actors to start; 0 = one per GPU of the cluster, or, with no GPU,
+    one per cpus_per_worker CPUs."""
+    cpus_per_worker: int = 0
+    """CPU workers: torch threads of each (Ray: its num_cpus); 0 = the host's cores
+    divided among the CPU workers (Ray: 1)."""
+    queue_ahead: int = 1
+    """Batches queued on each worker beyond the one it is running."""
+    batch_timeout_s: float = 300.0
+    """A batch running longer than this means a hung worker: it is killed, restarted,
+    and its batch goes back to the queue."""
+    start_timeout_s: float = 300.0
+    """A worker must load its voice and warm up within this."""
+    restart_backoff_s: float = 1.0
+    """Delay before restarting a dead worker; doubles per recent failure."""
+    restart_backoff_max_s: float = 60.0
+    """Upper bound of that delay."""
+    max_failures: int = 5
+    """A device whose worker failed this many times within failure_window_s is taken
+    out of rotation (reported in `ttsd status` and the log)."""
+    failure_window_s: float = 600.0
+    """The window for max_failures."""
+
+
+@dataclass(frozen=True)
 class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     input: InputConfig = field(default_factory=InputConfig)
@@ -165,6 +200,7 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     source: Path | None = None
     """The file this config was read from (None for defaults)."""
 
@@ -203,15 +239,19 @@ class Config:
             if f.name == "source":
                 continue
             section = getattr(self, f.name)
-            out[f.name] = {k.name: (str(v) if isinstance(v := getattr(section, k.name), Path) else v)
+            out[f.name] = {k.name: _plain(getattr(section, k.name))
                            for k in dataclasses.fields(section)}
         return out
+
+
+def _plain(v: Any) -> Any:
+    return str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
 
 
 SECTIONS: dict[str, type] = {
     "paths": PathsConfig, "input": InputConfig, "engine": EngineConfig,
     "batching": BatchingConfig, "output": OutputConfig, "cache": CacheConfig,
-    "memory": MemoryConfig, "daemon": DaemonConfig,
+    "memory": MemoryConfig, "daemon": DaemonConfig, "cluster": ClusterConfig,
 }
 
 
@@ -262,6 +302,13 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
+    if hint == tuple[str, ...]:  # engine.devices: "auto" or a list of strings
+        if isinstance(value, str):
+            value = [value] if value else []
+        if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+            raise ConfigError(f"{where}: expected \"auto\" or a list of device strings, "
+                              f"got {value!r}")
+        return tuple(value)
     if hint is Path:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{where}: expected a path string, got {value!r}")
@@ -272,6 +319,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _SUBTYPES = ("PCM_16", "PCM_24", "PCM_32", "FLOAT")
 _LEVELS = ("debug", "info", "warning", "error")
+_BACKENDS = ("local", "ray")
 
 
 def validate(cfg: Config, where: str = "config") -> None:
@@ -290,6 +338,10 @@ def validate(cfg: Config, where: str = "config") -> None:
     need(e.dtype in _DTYPES, "engine.dtype", f"must be one of {', '.join(_DTYPES)}")
     need(e.device == "auto" or e.device == "cpu" or e.device.startswith("cuda"),
          "engine.device", "must be auto, cpu, cuda or cuda:N")
+    for dev in e.devices:
+        need(dev == "auto" and len(e.devices) == 1 or dev == "cpu" or _cuda(dev),
+             "engine.devices", f"{dev!r}: each must be cpu, cuda or cuda:N "
+             "(or the whole value \"auto\")")
     need(0.1 <= e.speed <= 10, "engine.speed", "must be between 0.1 and 10")
     need(e.noise_scale <= 10, "engine.noise_scale", "must be <= 10")
     need(e.noise_w <= 10, "engine.noise_w", "must be <= 10")
@@ -309,6 +361,25 @@ def validate(cfg: Config, where: str = "config") -> None:
     need(d.heartbeat_s > 0, "daemon.heartbeat_s", "must be > 0")
     need(d.max_attempts >= 1, "daemon.max_attempts", "must be >= 1")
     need(d.stop_timeout_s >= 0, "daemon.stop_timeout_s", "must be >= 0")
+    c = cfg.cluster
+    need(c.backend in _BACKENDS, "cluster.backend", f"must be one of {', '.join(_BACKENDS)}")
+    need(c.address in ("auto", "local") or c.address.startswith("ray://")
+         or ":" in c.address, "cluster.address",
+         'must be "auto", "local", "ray://HOST:PORT" or HOST:PORT')
+    need(c.workers >= 0, "cluster.workers", "must be >= 0 (0 = one per GPU)")
+    need(c.cpus_per_worker >= 0, "cluster.cpus_per_worker", "must be >= 0 (0 = auto)")
+    need(c.queue_ahead >= 0, "cluster.queue_ahead", "must be >= 0")
+    need(c.batch_timeout_s > 0, "cluster.batch_timeout_s", "must be > 0")
+    need(c.start_timeout_s > 0, "cluster.start_timeout_s", "must be > 0")
+    need(c.restart_backoff_s >= 0, "cluster.restart_backoff_s", "must be >= 0")
+    need(c.restart_backoff_max_s >= c.restart_backoff_s, "cluster.restart_backoff_max_s",
+         "must be >= cluster.restart_backoff_s")
+    need(c.max_failures >= 1, "cluster.max_failures", "must be >= 1")
+    need(c.failure_window_s > 0, "cluster.failure_window_s", "must be > 0")
+
+
+def _cuda(dev: str) -> bool:
+    return dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())
 
 
 def dump(cfg: Config) -> str:

@@ -5,6 +5,8 @@ Threads (data flows one way, through bounded queues):
     files   ─ Ingest: inbox → claim → parse → store; finished files → manifest, done/
     feeder  ─ Feeder: store → batch (+ cache hits) → phonemes        ─┐ queue (prefetch)
     model   ─ Synth: the engine on the device; pings the systemd watchdog  ─┐ queue
+              (several devices or Ray: a WorkerPool, one driver thread per worker
+               process/actor; see ttsd/workers.py)
     sink    ─ Sink: WAVs (a small pool) → one store transaction per batch
     main    ─ signals, heartbeat, sd_notify STATUS, --once completion
 
@@ -25,7 +27,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from ttsd import __version__
+from ttsd import __version__, workers
 from ttsd.config import Config
 from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover
@@ -49,9 +51,10 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
 
 
-def build_engine(cfg: Config, *, compile: str | None = None) -> Engine:
+def build_engine(cfg: Config, device: str | None = None, *,
+                 compile: str | None = None) -> Engine:
     e = cfg.engine
-    return Engine(discover(e.voices_dir), device=e.device, dtype=e.dtype,
+    return Engine(discover(e.voices_dir), device=device or e.device, dtype=e.dtype,
                   memory_fraction=e.memory_fraction, cudnn_benchmark=e.cudnn_benchmark,
                   max_audio_s_per_char=e.max_audio_s_per_char,
                   sentence_silence_s=e.sentence_silence_s, cache_dir=cfg.paths.voices_cache,
@@ -86,6 +89,8 @@ class Daemon:
         self.last_work = time.monotonic()
         self.last_release = time.monotonic()
         self.busy = False
+        self.pool: Any = None
+        self._ray_started = False
 
     # ------------------------------------------------------------------ run
 
@@ -103,13 +108,18 @@ class Daemon:
         t0 = time.perf_counter()
         # A kill -9 while the converted voice was being cached leaves its temp behind.
         removed = remove_stale_temps(cfg.paths.voices_cache)
-        self.engine = build_engine(cfg)
+        pooled = workers.pool_wanted(cfg)
+        devices = workers.local_devices(cfg)
+        # With a worker pool the daemon's own engine only answers voice facts (CPU).
+        self.engine = build_engine(cfg, "cpu" if pooled else devices[0])
         default = cfg.engine.voice
         facts = {default: voice_facts(self.engine, default)}  # other voices load on first use
         self.ingest = Ingest(cfg, _LazyVoices(self.engine, facts), self.stop,
                              fmt=f"wav/{cfg.output.subtype}")
         warm_s = 0.0
-        if cfg.engine.warmup:
+        if pooled:
+            self._start_pool(store)
+        elif cfg.engine.warmup:
             warm_s = self.engine.warmup(default, sizes=(1, 8, 32) if
                                         self.engine.device.type == "cuda" else (1,))
         log.info("engine.ready", voice=default, device=str(self.engine.device),
@@ -142,6 +152,30 @@ class Daemon:
         if self.once and self.ingest.failed_files:
             return 1
         return 0
+
+    def _start_pool(self, store: Store) -> None:
+        cfg = self.cfg
+        if cfg.cluster.backend == "ray":
+            from ttsd import cluster   # ray is imported only here, only for this backend
+            self._ray_started = cluster.connect(cfg)
+            slots = cluster.ray_slots(cfg)
+        else:
+            slots = workers.local_slots(cfg)
+
+        def forget(ids: list[int]) -> None:
+            with self._lock:
+                self.in_flight.difference_update(ids)
+
+        def on_close() -> None:
+            if self._ray_started:
+                from ttsd import cluster
+                cluster.shutdown(True)
+
+        self.pool = workers.WorkerPool(cfg, slots, self.batch_q, self.write_q, self.stop,
+                                       forget, on_close)
+        self.pool.start()
+        log.info("workers.started", backend=cfg.cluster.backend, workers=len(slots),
+                 ready=self.pool.ready_count(), devices=[s.device for s in slots])
 
     def _signals(self) -> None:
         def handler(signum: int, _frame: Any) -> None:
@@ -187,7 +221,8 @@ class Daemon:
             self._print_progress(store, final=True)
 
     def _once_finished(self, store: Store) -> bool:
-        return (not self.busy and self.batch_q.empty() and self.write_q.empty()
+        busy = self.pool.busy() if self.pool is not None else self.busy
+        return (not busy and self.batch_q.empty() and self.write_q.empty()
                 and store.pending_count() == 0 and not store.files_in("parsing", "queued")
                 and self.ingest.inbox.pending() == 0)
 
@@ -204,9 +239,14 @@ class Daemon:
 
     def _feeder_loop(self) -> None:
         store = Store(self.cfg.paths.db)
-        feeder = Feeder(self.cfg, self.engine,
-                        {n: v.sample_rate for n, v in self.engine.voices.items()})
+        rates = {n: v.sample_rate for n, v in self.engine.voices.items()}
         max_attempts = self.cfg.daemon.max_attempts
+        if self.pool is None:
+            feeder = Feeder(self.cfg, self.engine, rates)
+        else:   # workers phonemize; a retried line runs alone
+            gpu = any("cuda" in s.device or "gpu" in s.device for s in self.pool.slots)
+            feeder = Feeder(self.cfg, self.engine, rates, prepare=False,
+                            size=64 if gpu else 1, isolate_retries=True)
         try:
             while not self.stop.is_set():
                 # A line that was in flight when the process died runs alone, with
@@ -238,6 +278,12 @@ class Daemon:
             store.close()
 
     def _model_loop(self) -> None:
+        if self.pool is not None:
+            try:
+                self.pool.supervise(self.notifier.watchdog)
+            finally:
+                self.write_q.put(None)
+            return
         store = Store(self.cfg.paths.db)
         synth = Synth(self.engine)
         mem = self.cfg.memory
@@ -293,7 +339,9 @@ class Daemon:
                 self.progress.lines_done += counts["done"]
                 self.progress.lines_failed += counts["failed"] + len(batch.dead)
                 if batch.rows:
-                    log.info("batch.done", lines=len(batch.rows), hits=len(batch.hits),
+                    where = {} if batch.worker is None else {"worker": batch.worker,
+                                                              "device": batch.device}
+                    log.info("batch.done", lines=len(batch.rows), hits=len(batch.hits), **where,
                              model_ms=round(batch.model_ms, 1),
                              prepare_ms=round(batch.prepare_ms, 1), **counts)
         finally:
@@ -324,15 +372,27 @@ class Daemon:
     # ------------------------------------------------------------------ reporting
 
     def _status_text(self, store: Store) -> str:
+        if self.pool is not None:
+            ready = self.pool.ready_count()
+            where = f"workers {ready}/{len(self.pool.slots)} ready"
+        else:
+            where = f"device {self.engine.device}"
         return (f"queue {store.pending_count()} lines; done {self.progress.lines_done}; "
-                f"failed {self.progress.lines_failed}; device {self.engine.device}")
+                f"failed {self.progress.lines_failed}; {where}")
 
     def _heartbeat(self, store: Store, state: str = "running") -> None:
         info: dict[str, Any] = {"version": __version__, "heartbeat_s": self.cfg.daemon.heartbeat_s,
-                                "queue": store.pending_count(), **self.engine.device_info()}
-        mem = self.engine.memory()
-        info.update(gpu_allocated=mem["allocated"], gpu_reserved=mem["reserved"],
-                    gpu_peak=mem["peak"], gpu_name=info.get("name"))
+                                "queue": store.pending_count()}
+        if self.pool is not None:   # per-device facts are in the workers table
+            summary = self.pool.summary()
+            info.update(device=f"{self.cfg.cluster.backend} workers: "
+                               + ", ".join(summary["devices"]),
+                        dtype=self.cfg.engine.dtype, workers=summary)
+        else:
+            info.update(self.engine.device_info())
+            mem = self.engine.memory()
+            info.update(gpu_allocated=mem["allocated"], gpu_reserved=mem["reserved"],
+                        gpu_peak=mem["peak"], gpu_name=info.get("name"))
         text = self._status_text(store)
         info["status"] = text
         store.heartbeat(os.getpid(), self.started_at, state, info)

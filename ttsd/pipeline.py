@@ -38,11 +38,18 @@ class Batch:
     groups: list[list[LineRow]] = field(default_factory=list)
     """Lines to synthesize, grouped by cache key; request ``key`` = group index."""
     prepared: list[Prepared] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
+    """The model's work; with worker processes they phonemize it themselves."""
     results: list[Result] = field(default_factory=list)
     stats: RunStats | None = None
     prepare_ms: float = 0.0
     model_ms: float = 0.0
     dead: list[int] = field(default_factory=list)
+    device: str = ""
+    """Set by a worker pool: the device (and ``worker`` its slot) that ran the batch."""
+    dtype: str = ""
+    worker: int | None = None
+    memory: dict = field(default_factory=dict)
 
 
 def wav_path(row: LineRow) -> Path:
@@ -54,12 +61,21 @@ def cache_path(cache_dir: Path, key: str) -> Path:
 
 
 class Feeder:
-    def __init__(self, cfg: Config, engine: Engine, sample_rates: dict[str, int]) -> None:
+    """``prepare=False`` (worker pools): the batch carries requests, and each worker
+    phonemizes its own, so host-side text work scales with the workers.
+    ``isolate_retries``: a line started before without finishing (its worker died)
+    runs alone, so a line that kills workers fails by itself after max_attempts
+    without taking its batch neighbours' attempts with it."""
+
+    def __init__(self, cfg: Config, engine: Engine, sample_rates: dict[str, int], *,
+                 prepare: bool = True, size: int = 0, isolate_retries: bool = False) -> None:
         self.cfg = cfg
         self.engine = engine
         self.sample_rates = sample_rates
+        self.prepare = prepare
+        self.isolate_retries = isolate_retries
         b = cfg.batching.max_batch_size
-        self.size = b or (64 if engine.device.type == "cuda" else 1)
+        self.size = b or size or (64 if engine.device.type == "cuda" else 1)
 
     def next_batch(self, store: Store, stop) -> Batch | None:
         """Up to ``size`` lines of one voice; waits ``max_wait_ms`` for a fuller batch."""
@@ -79,13 +95,20 @@ class Feeder:
         if other:  # one voice per batch; the rest go back without losing an attempt
             store.release([r.id for r in other])
             rows = [r for r in rows if r.voice == voice]
+        if self.isolate_retries and len(rows) > 1:
+            retried = next((r for r in rows if r.attempts > 1), None)
+            if retried is not None:
+                store.release([r.id for r in rows if r is not retried])
+                rows = [retried]
         batch = Batch(rows, voice, dead=dead)
         self._answer_without_model(store, batch)
         t0 = time.perf_counter()
         requests = [Request(i, g[0].text, g[0].voice, g[0].speaker_id, g[0].length_scale,
                             g[0].noise_scale, g[0].noise_w, g[0].seed)
                     for i, g in enumerate(batch.groups)]
-        batch.prepared = self.engine.prepare(requests)
+        batch.requests = requests
+        if self.prepare:
+            batch.prepared = self.engine.prepare(requests)
         batch.prepare_ms = (time.perf_counter() - t0) * 1000
         crash.point("mid_batch")
         return batch
@@ -182,13 +205,18 @@ class Sink:
         stats = None
         if batch.rows:
             s = batch.stats
+            phonemes = (sum(p.phonemes for p in batch.prepared) if batch.prepared
+                        else sum(r.phonemes for r in batch.results))
             stats = BatchStats(
-                size=len(batch.rows), phonemes=sum(p.phonemes for p in batch.prepared),
+                size=len(batch.rows), phonemes=phonemes,
                 audio_s=sum(d[2] for d in done), prepare_ms=batch.prepare_ms,
                 model_ms=batch.model_ms, write_ms=(time.perf_counter() - t0) * 1000,
-                device=str(self.engine.device), dtype=str(self.engine.dtype).split(".")[-1],
+                device=batch.device or str(self.engine.device),
+                dtype=batch.dtype or str(self.engine.dtype).split(".")[-1],
                 voice=batch.voice, padded_frames=s.frame_slots if s else 0,
-                used_frames=s.frames if s else 0)
+                used_frames=s.frames if s else 0,
+                extra={} if batch.worker is None else {"worker": batch.worker,
+                                                       "memory": batch.memory})
         counters = {"cache_hits": len(batch.hits), "cache_misses": len(batch.groups),
                     "lines_synthesized": sum(len(g) for g in batch.groups)}
         crash.point("before_commit")

@@ -74,6 +74,7 @@ def collect(paths: PathsConfig, now: float | None = None) -> dict[str, Any]:
             _cache(store, report)
             _speed(store, report, now)
             _releases(store, report)
+            _workers(store, report)
         finally:
             store.conn.execute("COMMIT")
     except sqlite3.Error as exc:
@@ -120,6 +121,7 @@ def _empty(db: Path, now: float) -> dict[str, Any]:
         },
         "memory_releases": {"count": 0, "total_bytes": 0, "last_at": None,
                             "last_bytes": None, "last_reason": None},
+        "workers": [],                # several devices / Ray: one dict per worker slot
     }
 
 
@@ -303,6 +305,35 @@ def _releases(store: Store, report: dict[str, Any]) -> None:
         rel["last_at"], rel["last_bytes"], rel["last_reason"] = row
 
 
+def _workers(store: Store, report: dict[str, Any]) -> None:
+    """One entry per worker slot: device, host, state, batches, x-realtime (audio s ÷
+    model s), GPU memory, restarts, and its memory releases."""
+    try:
+        rows = store.q("SELECT * FROM workers ORDER BY slot")
+        rel = {r["worker"]: r for r in store.q(
+            "SELECT worker, COUNT(*) AS count, COALESCE(SUM(bytes), 0) AS bytes, MAX(at) AS "
+            "last_at FROM releases WHERE worker IS NOT NULL GROUP BY worker")}
+    except sqlite3.OperationalError:   # a store from before migration m002
+        return
+    stopped = report["daemon"]["state"] != "up"
+    for r in rows:
+        state = r["state"]
+        if stopped and state not in ("out",):
+            state = "stopped"
+        model_s = (r["model_ms"] or 0) / 1000.0
+        re = rel.get(r["slot"], {})
+        report["workers"].append({
+            "slot": r["slot"], "device": r["device"], "backend": r["backend"],
+            "host": r["host"], "pid": r["pid"], "state": state, "batches": r["batches"],
+            "lines": r["lines"], "audio_s": r["audio_s"],
+            "x_realtime": r["audio_s"] / model_s if model_s > 0 else None,
+            "restarts": r["restarts"], "failures": r["failures"], "last_error": r["last_error"],
+            "gpu_name": r["gpu_name"], "gpu_total": r["gpu_total"],
+            "gpu_allocated": r["gpu_allocated"], "gpu_reserved": r["gpu_reserved"],
+            "gpu_peak": r["gpu_peak"], "releases": re.get("count", 0),
+            "released_bytes": re.get("bytes", 0), "last_release_at": re.get("last_at")})
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """The q-th percentile (0–100), interpolating linearly between the closest ranks
     (numpy's default); None for no values."""
@@ -426,5 +457,24 @@ def render(report: dict[str, Any]) -> str:
                       f"({human_bytes(rel['last_bytes'])}, {rel['last_reason'] or '-'}) · "
                       f"{rel['count']:,} release{'' if rel['count'] == 1 else 's'}, "
                       f"{human_bytes(rel['total_bytes'])} in all")
+    ws = report.get("workers") or []
+    if ws:
+        states: dict[str, int] = {}
+        for w in ws:
+            states[w["state"]] = states.get(w["state"], 0) + 1
+        row("workers", f"{len(ws)} · " + ", ".join(f"{n} {st}" for st, n in states.items()))
+        for w in ws:
+            text = (f"#{w['slot']} {w['device']} @ {w['host'] or '-'} pid {w['pid'] or '-'} "
+                    f"{w['state']} · {w['batches']:,} batches · {_xrt(w['x_realtime'])} · "
+                    f"restarts {w['restarts']}")
+            if w["gpu_allocated"]:
+                text += (f" · GPU {human_bytes(w['gpu_allocated'])} allocated, "
+                         f"{human_bytes(w['gpu_reserved'])} reserved, "
+                         f"{human_bytes(w['gpu_peak'])} peak")
+            if w["releases"]:
+                text += f" · {w['releases']} releases ({human_bytes(w['released_bytes'])})"
+            if w["state"] in ("out", "restarting") and w["last_error"]:
+                text += f" · {w['last_error'][:80]}"
+            row("", text)
     out.append(f"{'store':<9} {report['store']['path']}")
     return "\n".join(out)

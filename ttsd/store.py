@@ -67,7 +67,26 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
 
 
-MIGRATIONS = [m001_initial]
+def m002_workers(db: sqlite_utils.Database) -> None:
+    """Several devices: one row per worker slot (written by the daemon only), and the
+    slot behind each batch and memory release."""
+    db.execute("""CREATE TABLE workers (
+        slot INTEGER PRIMARY KEY, device TEXT NOT NULL, backend TEXT, host TEXT,
+        pid INTEGER, state TEXT NOT NULL, batches INTEGER NOT NULL DEFAULT 0,
+        lines INTEGER NOT NULL DEFAULT 0, audio_s REAL NOT NULL DEFAULT 0,
+        model_ms REAL NOT NULL DEFAULT 0, restarts INTEGER NOT NULL DEFAULT 0,
+        failures INTEGER NOT NULL DEFAULT 0, last_error TEXT, gpu_name TEXT,
+        gpu_allocated INTEGER, gpu_reserved INTEGER, gpu_peak INTEGER, gpu_total INTEGER,
+        started_at REAL, updated_at REAL)""")
+    db.execute("ALTER TABLE batches ADD COLUMN worker INTEGER")
+    db.execute("ALTER TABLE releases ADD COLUMN worker INTEGER")
+
+
+MIGRATIONS = [m001_initial, m002_workers]
+
+WORKER_FIELDS = ("device", "backend", "host", "pid", "state", "restarts", "failures",
+                 "last_error", "gpu_name", "gpu_allocated", "gpu_reserved", "gpu_peak",
+                 "gpu_total", "started_at")
 
 
 @dataclass(frozen=True)
@@ -318,12 +337,20 @@ class Store:
                           [(r["key"], r["path"], r["bytes"], r["seconds"], r["voice"], now, now)
                            for r in cache_rows])
             if batch is not None:
+                worker = batch.extra.get("worker")
                 c.execute("INSERT INTO batches (at, size, phonemes, audio_s, prepare_ms, model_ms,"
-                          " write_ms, device, dtype, voice, padded_frames, used_frames) "
-                          "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                          " write_ms, device, dtype, voice, padded_frames, used_frames, worker) "
+                          "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                           (now, batch.size, batch.phonemes, batch.audio_s, batch.prepare_ms,
                            batch.model_ms, batch.write_ms, batch.device, batch.dtype, batch.voice,
-                           batch.padded_frames, batch.used_frames))
+                           batch.padded_frames, batch.used_frames, worker))
+                if worker is not None:  # the worker's totals move with its batch, atomically
+                    mem = batch.extra.get("memory") or {}
+                    c.execute("UPDATE workers SET batches=batches+1, lines=lines+?, "
+                              "audio_s=audio_s+?, model_ms=model_ms+?, gpu_allocated=?, "
+                              "gpu_reserved=?, gpu_peak=?, updated_at=? WHERE slot=?",
+                              (batch.size, batch.audio_s, batch.model_ms, mem.get("allocated"),
+                               mem.get("reserved"), mem.get("peak"), now, worker))
             for name, value in counters.items():
                 c.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) "
                           "DO UPDATE SET value = value + excluded.value", (name, value))
@@ -361,10 +388,31 @@ class Store:
                       "started_at=excluded.started_at, at=excluded.at, state=excluded.state, "
                       "info=excluded.info", (pid, started_at, time.time(), state, json.dumps(info)))
 
-    def record_release(self, freed: int, reason: str, device: str) -> None:
+    def record_release(self, freed: int, reason: str, device: str,
+                       worker: int | None = None) -> None:
         with self.tx() as c:
-            c.execute("INSERT INTO releases (at, bytes, reason, device) VALUES (?,?,?,?)",
-                      (time.time(), freed, reason, device))
+            c.execute("INSERT INTO releases (at, bytes, reason, device, worker) "
+                      "VALUES (?,?,?,?,?)", (time.time(), freed, reason, device, worker))
+
+    def workers_reset(self) -> None:
+        """At start: the slots of the previous run are gone."""
+        with self.tx() as c:
+            c.execute("DELETE FROM workers")
+
+    def worker_set(self, slot: int, **fields: Any) -> None:
+        """Insert or update one worker slot's facts (names from WORKER_FIELDS)."""
+        bad = set(fields) - set(WORKER_FIELDS)
+        if bad:
+            raise ValueError(f"unknown worker fields {sorted(bad)}")
+        now = time.time()
+        with self.tx() as c:
+            sets = "".join(f"{k}=?, " for k in fields)
+            cur = c.execute(f"UPDATE workers SET {sets}updated_at=? WHERE slot=?",
+                            (*fields.values(), now, slot))
+            if cur.rowcount == 0:
+                row = {"device": "", "state": "starting", **fields}
+                c.execute(f"INSERT INTO workers (slot, {', '.join(row)}, updated_at) VALUES "
+                          f"({','.join('?' * (len(row) + 2))})", (slot, *row.values(), now))
 
     def counters(self) -> dict[str, int]:
         return {r["name"]: r["value"] for r in self.q("SELECT name, value FROM counters")}

@@ -1,0 +1,218 @@
+"""Several devices: the real daemon with a pool of worker processes (two CPU workers,
+``engine.devices = ["cpu", "cpu"]``) or Ray actors on a local Ray instance, the real
+voice, real files, real SQLite. Each end-to-end test ends by checking the invariant."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from harness import ROOT, Site, assert_invariant
+
+POOL = '[engine]\ndevices = ["cpu", "cpu"]\n[batching]\nmax_batch_size = 2\n'
+
+
+def _workers(site: Site) -> list[dict]:
+    return site.status()["workers"]
+
+
+def _wait(cond, timeout: float, site: Site, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        if site.proc and site.proc.poll() is not None:
+            raise AssertionError(f"daemon exited while waiting for {what}:\n{site.logs()}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}:\n{site.logs()}")
+
+
+def _plausible(path: Path, text: str) -> None:
+    audio, sr = sf.read(str(path), dtype="float32")
+    seconds = len(audio) / sr
+    assert 0.025 * len(text) < seconds < 0.2 * len(text) + 1.0, (path, seconds, text)
+    assert float(np.sqrt(np.mean(audio ** 2))) > 0.01, f"{path} is silent"
+
+
+def test_two_cpu_workers_end_to_end(tmp_path: Path) -> None:
+    """devices = ["cpu", "cpu"]: a txt and a csv through two worker processes; both do
+    batches, every line is one WAV, status shows each worker."""
+    site = Site(tmp_path, extra_config=POOL)
+    site.start()
+    site.wait_ready()
+    workers = _workers(site)
+    assert [w["device"] for w in workers] == ["cpu", "cpu"]
+    assert all(w["state"] == "ready" and w["pid"] and w["host"] for w in workers), workers
+    assert len({w["pid"] for w in workers} | {site.proc.pid}) == 3  # separate processes
+    lines = [f"Worker test line {i}, short and clear." for i in range(8)]
+    (site.inbox / "book.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (site.inbox / "p.csv").write_text('id,text\nhi,"Hello from the pool."\nbad,\n'
+                                      'bye,"Goodbye now."\n', encoding="utf-8")
+    site.wait_files_finished(2)
+    workers = _workers(site)
+    status = site.status()
+    assert site.stop() == 0
+    assert dict(site.query("SELECT state, COUNT(*) FROM lines GROUP BY state")) == \
+        {"done": 10, "failed": 1}
+    assert site.query("SELECT COUNT(*) FROM lines WHERE state='done' AND synth_count != 1") \
+        == [(0,)]
+    per_worker = dict(site.query("SELECT worker, COUNT(*) FROM batches GROUP BY worker"))
+    assert set(per_worker) == {0, 1}, per_worker       # both workers did batches
+    assert all(w["batches"] == per_worker[w["slot"]] for w in workers), (workers, per_worker)
+    assert all(w["x_realtime"] and w["x_realtime"] > 0 for w in workers)
+    assert status["lines"]["done"] == 10
+    for i, text in enumerate(lines, 1):
+        _plausible(site.outbox / "book" / f"{i:04d}.wav", text)
+    _plausible(site.outbox / "p" / "hi.wav", "Hello from the pool.")
+    assert_invariant(site)
+
+
+def test_worker_killed_mid_batch_loses_nothing_repeats_nothing(tmp_path: Path) -> None:
+    """SIGKILL one worker while it runs a batch: its batch goes back to the queue, the
+    worker restarts, the other carries on; every line ends done, synthesized once."""
+    site = Site(tmp_path, extra_config=POOL + "[cluster]\nrestart_backoff_s = 0.2\n",
+                env={"TTSD_FAULTS": "1"})
+    site.start()
+    site.wait_ready()
+    victim = _workers(site)[0]
+    lines = [f"Slow line number {i}. {{{{fault:slow:800}}}}" for i in range(12)]
+    (site.inbox / "book.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # Once the victim has finished a batch it is running the next one (one queued ahead).
+    _wait(lambda: _workers(site)[0]["batches"] >= 1, 90, site, "worker 0's first batch")
+    os.kill(victim["pid"], signal.SIGKILL)
+    _wait(lambda: "worker.died" in site.logs(), 30, site, "the daemon to notice")
+    site.wait_files_finished(1)
+    _wait(lambda: [w["state"] for w in _workers(site)] == ["ready", "ready"], 60, site,
+          "the killed worker to be back")
+    after = _workers(site)
+    assert site.stop() == 0
+    log = site.log.read_text()
+    died = [ln for ln in log.splitlines() if '"worker.died"' in ln]
+    assert len(died) == 1 and '"worker": 0' in died[0], died
+    assert '"batches_requeued": 0' not in died[0], died[0]   # it was mid-batch
+    rows = site.query("SELECT state, synth_count, attempts FROM lines")
+    assert len(rows) == 12 and all(r[0] == "done" for r in rows), rows
+    assert all(r[1] == 1 for r in rows), "a line was synthesized twice"
+    assert any(r[2] >= 2 for r in rows), "no line was retried: the kill hit no batch"
+    assert len(list((site.outbox / "book").glob("*.wav"))) == 12
+    assert after[0]["restarts"] == 1 and after[0]["pid"] != victim["pid"], after
+    assert after[0]["state"] == "ready" and after[1]["state"] == "ready", after
+    assert after[1]["restarts"] == 0 and after[1]["batches"] >= 1, after
+    assert_invariant(site)
+
+
+def test_line_that_kills_every_worker_fails_alone(tmp_path: Path) -> None:
+    """A line that kills the worker running it ({{fault:exit}}) ends failed after
+    daemon.max_attempts; its batch neighbours finish. A device failing max_failures
+    times is taken out of rotation and reported; the other carries on."""
+    site = Site(tmp_path, extra_config=POOL + "[daemon]\nmax_attempts = 3\n[cluster]\n"
+                "restart_backoff_s = 0.1\nmax_failures = 2\n", env={"TTSD_FAULTS": "1"})
+    lines = ["First good line.", "Second good line.", "Poison {{fault:exit}}",
+             "Fourth good line.", "Fifth good line.", "Sixth good line."]
+    site.start()
+    site.wait_ready()
+    (site.inbox / "mix.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    site.wait_files_finished(1, timeout=240)
+    _wait(lambda: sorted(w["state"] for w in _workers(site)) == ["out", "ready"], 60, site,
+          "one device out of rotation, the other ready")
+    workers = _workers(site)
+    assert site.stop() == 0
+    rows = site.query("SELECT number, state, attempts, synth_count, error FROM lines "
+                      "ORDER BY number")
+    poison = rows[2]
+    assert poison[1] == "failed" and poison[2] == 3 and "never finished" in poison[4], poison
+    assert all(r[1] == "done" and r[3] == 1 for i, r in enumerate(rows) if i != 2), rows
+    # Three deaths over two slots with max_failures = 2: exactly one device is out.
+    out = next(w for w in workers if w["state"] == "out")
+    assert out["failures"] == 2 and out["last_error"], out
+    assert sum(w["failures"] for w in workers) == 3, workers
+    assert '"worker.out_of_rotation"' in site.log.read_text()
+    assert_invariant(site)
+
+
+def test_ray_backend_end_to_end(tmp_path: Path) -> None:
+    """backend = "ray" on a local Ray instance started by the daemon: two CPU actors do
+    the model work; the daemon writes every WAV and row. One actor's process is killed
+    mid-batch: Ray restarts it, the daemon requeues its batch, nothing is lost or
+    synthesized twice."""
+    pytest.importorskip("ray")
+    site = Site(tmp_path, extra_config="[batching]\nmax_batch_size = 2\n[cluster]\n"
+                'backend = "ray"\naddress = "local"\nworkers = 2\ncpus_per_worker = 1\n'
+                "restart_backoff_s = 0.2\n", env={"TTSD_FAULTS": "1"})
+    site.start()
+    site.wait_ready(timeout=180)
+    workers = _workers(site)
+    assert [w["backend"] for w in workers] == ["ray", "ray"], workers
+    assert all(w["state"] == "ready" and w["pid"] != site.proc.pid for w in workers), workers
+    victim = workers[0]
+    lines = [f"Ray line {i}, on an actor. {{{{fault:slow:600}}}}" for i in range(8)]
+    (site.inbox / "r.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _wait(lambda: _workers(site)[0]["batches"] >= 1, 90, site, "actor 0's first batch")
+    os.kill(victim["pid"], signal.SIGKILL)
+    site.wait_files_finished(1)
+    _wait(lambda: [w["state"] for w in _workers(site)] == ["ready", "ready"], 60, site,
+          "the killed actor to be back")
+    after = _workers(site)
+    assert site.stop() == 0
+    died = [ln for ln in site.log.read_text().splitlines() if '"worker.died"' in ln]
+    assert len(died) == 1 and "Ray actor lost" in died[0], died
+    rows = site.query("SELECT state, synth_count FROM lines")
+    assert rows == [("done", 1)] * 8, rows
+    per_worker = dict(site.query("SELECT worker, COUNT(*) FROM batches GROUP BY worker"))
+    assert set(per_worker) == {0, 1}, per_worker
+    assert after[0]["restarts"] == 1 and after[0]["pid"] != victim["pid"], after
+    for i, text in enumerate(lines, 1):
+        _plausible(site.outbox / "r" / f"{i:04d}.wav", text.split(" {{")[0])
+    assert_invariant(site)
+
+
+def test_ray_is_never_imported_without_the_ray_backend() -> None:
+    code = ("import sys, ttsd.cli, ttsd.daemon, ttsd.workers, ttsd.status\n"
+            "from ttsd.config import Config\n"
+            "from ttsd import workers\n"
+            "assert not workers.pool_wanted(Config())\n"
+            "assert 'ray' not in sys.modules, 'ray imported'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_int16_wire_gives_the_same_wav_bytes() -> None:
+    """Workers send int16; the WAV written from it equals the one written from float32."""
+    from ttsd.workers import _wire, unwire
+    from ttsd.writer import encode_wav
+
+    rng = np.random.default_rng(7)
+    audio = rng.uniform(-1.05, 1.05, 50_000).astype(np.float32)
+    audio[:4] = [1.0, -1.0, 0.99999, -0.99999]
+    wire = _wire(audio, pcm16=True)
+    assert wire.dtype == np.int16
+    assert encode_wav(unwire(wire), 22050) == encode_wav(audio, 22050)
+    assert _wire(audio, pcm16=False) is audio   # PCM_24/32/FLOAT outputs get float32
+
+
+@pytest.mark.parametrize("table, needle", [
+    ('[engine]\ndevices = ["gpu0"]', "engine.devices"),
+    ('[engine]\ndevices = 3', "engine.devices"),
+    ('[cluster]\nbackend = "mpi"', "cluster.backend"),
+    ('[cluster]\naddress = "nowhere"', "cluster.address"),
+    ('[cluster]\nmax_failures = 0', "cluster.max_failures"),
+    ('[cluster]\nrestart_backoff_s = 5.0\nrestart_backoff_max_s = 1.0',
+     "cluster.restart_backoff_max_s"),
+])
+def test_config_errors_name_the_key(tmp_path: Path, table: str, needle: str) -> None:
+    from ttsd.config import Config
+    from ttsd.errors import ConfigError
+
+    path = tmp_path / "c.toml"
+    path.write_text(table + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        Config.load(path)
