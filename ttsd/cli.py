@@ -84,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--end-to-end", action="store_true",
                        help="also run the whole daemon over the lines (inbox → WAVs)")
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--load", type=int, default=0, metavar="LINES",
+                       help="load-test the whole daemon with the fast stand-in model: "
+                            "LINES lines in one file (or per file with --load-files)")
+    bench.add_argument("--load-files", type=int, default=0, metavar="N",
+                       help="with --load: drop N files of LINES lines at once")
+    bench.add_argument("--devices", default="",
+                       help="'all' (every GPU, else one CPU worker per core) or a comma list "
+                            "such as cuda:0,cuda:1: the scaling table over 1..N devices")
     _engine_args(bench)
     return ap
 
@@ -201,9 +209,21 @@ def cmd_init(cfg: Config, ns: argparse.Namespace) -> int:
 
 
 def cmd_bench(cfg: Config, ns: argparse.Namespace) -> int:
+    cfg = _override(cfg, ns)
+    if ns.load:
+        from ttsd import loadbench
+        report = loadbench.run_load(ns.load, files=ns.load_files)
+        print(json.dumps(report, indent=2) if ns.json else loadbench.render(report))
+        return 0
+    if ns.devices:
+        from ttsd import scalebench
+        report = scalebench.run(cfg, ns.devices, lines=ns.lines,
+                                batch=int(ns.batch_sizes.split(",")[0]) if ns.batch_sizes else 0)
+        print(json.dumps(report, indent=2, default=str) if ns.json
+              else scalebench.render(report))
+        return 0
     from ttsd import bench
 
-    cfg = _override(cfg, ns)
     report = bench.run(cfg, ns)
     print(json.dumps(report, indent=2) if ns.json else bench.render(report))
     return 0
