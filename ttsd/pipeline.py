@@ -24,7 +24,7 @@ from ttsd.errors import DeviceLostError
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
 from ttsd.store import LineRow, Store
-from ttsd.writer import link_or_copy, wav_info, wav_ok, write_wav
+from ttsd.writer import fsync_dir, link_or_copy, wav_info, wav_ok, write_wav
 
 log = get_logger(__name__)
 
@@ -52,6 +52,10 @@ class Batch:
     memory: dict = field(default_factory=dict)
 
 
+ANSWER_TAKE = 1024
+"""The most rows one batch takes while they are answered without the model."""
+
+
 def wav_path(row: LineRow) -> Path:
     return Path(row.out_dir) / f"{row.out_name}.wav"
 
@@ -76,10 +80,14 @@ class Feeder:
         self.isolate_retries = isolate_retries
         b = cfg.batching.max_batch_size
         self.size = b or size or (64 if engine.device.type == "cuda" else 1)
+        self.take_size = self.size
+        """Rows taken at once: grows while lines are answered without the model (cache
+        hits, WAVs already written), so a re-run of known lines costs one lookup, one
+        folder fsync and one transaction per up to ``ANSWER_TAKE`` lines."""
 
     def next_batch(self, store: Store, stop) -> Batch | None:
         """Up to ``size`` lines of one voice; waits ``max_wait_ms`` for a fuller batch."""
-        rows, dead = store.take(self.size, self.cfg.daemon.max_attempts)
+        rows, dead = store.take(self.take_size, self.cfg.daemon.max_attempts)
         if rows and len(rows) < self.size and self.cfg.batching.max_wait_ms > 0 \
                 and rows[0].attempts == 1 and not stop.is_set():  # a suspect stays alone
             time.sleep(self.cfg.batching.max_wait_ms / 1000)
@@ -102,6 +110,15 @@ class Feeder:
                 rows = [retried]
         batch = Batch(rows, voice, dead=dead)
         self._answer_without_model(store, batch)
+        if len(batch.groups) > self.size:   # a big take met new lines: keep a model batch
+            extra = [r for g in batch.groups[self.size:] for r in g]
+            batch.groups = batch.groups[:self.size]
+            keep = {r.id for r in extra}
+            batch.rows = [r for r in batch.rows if r.id not in keep]
+            store.release(sorted(keep))
+        answered = len(batch.existing) + len(batch.hits)
+        self.take_size = (min(ANSWER_TAKE, self.take_size * 4) if answered >= len(rows) // 2
+                          else self.size)
         t0 = time.perf_counter()
         requests = [Request(i, g[0].text, g[0].voice, g[0].speaker_id, g[0].length_scale,
                             g[0].noise_scale, g[0].noise_w, g[0].seed)
@@ -116,12 +133,14 @@ class Feeder:
     def _answer_without_model(self, store: Store, batch: Batch) -> None:
         sr = self.sample_rates.get(batch.voice)
         by_key: dict[str, list[LineRow]] = {}
+        cached = store.cache_get_many([r.cache_key for r in batch.rows if r.cache_key]) \
+            if self.cfg.cache.enabled else {}
         for row in batch.rows:
             if wav_ok(wav_path(row), sample_rate=sr):
                 batch.existing.append(row)   # written before a crash, never committed
                 continue
             if self.cfg.cache.enabled and row.cache_key:
-                entry = store.cache_get(row.cache_key)
+                entry = cached.get(row.cache_key)
                 if entry is not None:
                     if wav_ok(Path(entry["path"]), sample_rate=sr):
                         batch.hits.append((row, entry))
@@ -172,15 +191,22 @@ class Sink:
         for row in batch.existing:
             _sr, _frames, seconds = wav_info(wav_path(row))
             done.append((row.id, str(wav_path(row)), seconds, False))
+        hit_keys: list[str] = []
+        folders: set[Path] = set()
         for row, entry in batch.hits:
+            dst = wav_path(row)
             try:
-                wav_path(row).parent.mkdir(parents=True, exist_ok=True)
-                link_or_copy(Path(entry["path"]), wav_path(row), link=self.cfg.cache.link)
-                done.append((row.id, str(wav_path(row)), float(entry["seconds"]), True))
-                store.cache_hit(entry["key"])
+                if dst.parent not in folders:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                link_or_copy(Path(entry["path"]), dst, link=self.cfg.cache.link, sync_dir=False)
+                folders.add(dst.parent)
+                done.append((row.id, str(dst), float(entry["seconds"]), True))
+                hit_keys.append(entry["key"])
             except FileNotFoundError:   # purged in the meantime: synthesize it after all
                 store.cache_evict([entry["key"]])
                 requeue.append(row.id)
+        for folder in folders:   # the links are durable before their lines are done
+            fsync_dir(folder)
         results = {r.key: r for r in batch.results}
         jobs = []
         for gi, group in enumerate(batch.groups):
@@ -220,7 +246,7 @@ class Sink:
         counters = {"cache_hits": len(batch.hits), "cache_misses": len(batch.groups),
                     "lines_synthesized": sum(len(g) for g in batch.groups)}
         crash.point("before_commit")
-        store.complete(done, failed, cache_rows, stats, counters)
+        store.complete(done, failed, cache_rows, stats, counters, hit_keys)
         crash.point("after_commit")
         if requeue:
             store.release(requeue, undo_attempt=True)
@@ -249,8 +275,8 @@ class Sink:
             dst = cache_path(self.cfg.paths.cache, first.cache_key)
             try:
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                if not dst.exists():
-                    link_or_copy(src, dst, link=self.cfg.cache.link)
+                if not dst.exists():   # no folder fsync: a lost link is a miss later
+                    link_or_copy(src, dst, link=self.cfg.cache.link, sync_dir=False)
                 rows.append({"key": first.cache_key, "path": str(dst),
                              "bytes": dst.stat().st_size, "seconds": by_id[first.id][2],
                              "voice": first.voice})

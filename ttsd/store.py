@@ -321,11 +321,15 @@ class Store:
 
     def complete(self, done: list[tuple[int, str, float, bool]],
                  failed: list[tuple[int, str]], cache_rows: list[dict],
-                 batch: BatchStats | None, counters: dict[str, int]) -> None:
+                 batch: BatchStats | None, counters: dict[str, int],
+                 cache_hits: list[str] = ()) -> None:
         """Record one batch's outcome atomically: done (id, wav, seconds, cached),
-        failed (id, error), new cache entries, the batch's stats and counters."""
+        failed (id, error), new cache entries, the cache keys it used, the batch's stats
+        and counters."""
         now = time.time()
         with self.tx() as c:
+            c.executemany("UPDATE cache SET hits=hits+1, last_used=? WHERE key=?",
+                          [(now, k) for k in cache_hits])
             c.executemany("UPDATE lines SET state='done', wav=?, seconds=?, cached=?, "
                           "synth_count=synth_count+?, finished_at=?, error=NULL WHERE id=?",
                           [(wav, sec, int(cached), 0 if cached else 1, now, i)
@@ -361,9 +365,16 @@ class Store:
         rows = self.q("SELECT * FROM cache WHERE key=?", (key,))
         return rows[0] if rows else None
 
-    def cache_hit(self, key: str) -> None:
-        with self.tx() as c:
-            c.execute("UPDATE cache SET hits=hits+1, last_used=? WHERE key=?", (time.time(), key))
+    def cache_get_many(self, keys: list[str]) -> dict[str, dict]:
+        """Cache rows by key for many keys (one query per 500)."""
+        out: dict[str, dict] = {}
+        keys = list(dict.fromkeys(keys))
+        for i in range(0, len(keys), 500):
+            part = keys[i:i + 500]
+            marks = ",".join("?" * len(part))
+            out.update((r["key"], r) for r in self.q(
+                f"SELECT * FROM cache WHERE key IN ({marks})", tuple(part)))
+        return out
 
     def cache_evict(self, keys: list[str]) -> list[dict]:
         """Delete cache rows (in one transaction) and return them; the caller unlinks files."""

@@ -228,9 +228,16 @@ def _copy_atomic(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
 
 
-def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make the links and renames made in ``folder`` durable (one call for many)."""
+    _fsync_dir(Path(folder))
+
+
+def link_or_copy(src: Path, dst: Path, *, link: bool = True, sync_dir: bool = True) -> None:
     """Put a cached WAV at ``dst``: a hard link, else (other device, no link support,
     too many links) an atomic, size-verified copy. Never overwrites ``dst``.
+    ``sync_dir=False``: the caller fsyncs the folder of a hard link itself (once for a
+    whole batch) before recording the line as done.
 
     Raises FileExistsError if ``dst`` exists, FileNotFoundError if ``src`` is gone,
     ValueError if ``src`` is not a regular file (a symlink is never followed).
@@ -249,7 +256,8 @@ def link_or_copy(src: Path, dst: Path, *, link: bool = True) -> None:
         except OSError as exc:
             log.debug("writer.link_failed", src=str(src), dst=str(dst), error=str(exc))
         else:
-            _fsync_dir(dst.parent)
+            if sync_dir:
+                _fsync_dir(dst.parent)
             return
     _copy_atomic(src, dst)
 
