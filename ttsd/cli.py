@@ -126,7 +126,8 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
     cfg = _override(cfg, ns)
     e = cfg.engine
     # One line: compiling (tens of seconds) would cost more than it saves.
-    engine = build_engine(cfg, compile="off" if e.compile == "auto" else e.compile)
+    engine = build_engine(cfg, compile="off" if e.compile == "auto" else e.compile,
+                          phonemizers=0)
     lv = engine.voice(e.voice)
     info = lv.info
     inf = info.inference

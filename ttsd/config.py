@@ -102,6 +102,10 @@ class EngineConfig:
     variable batch shapes the search itself dominated (batch latency p95 1.6-5 s on an H100)."""
     warmup: bool = True
     """Run the model over typical shapes at load so the first batch is fast."""
+    phonemizer_processes: int = 0
+    """Processes running espeak-ng for the daemon; 0 = auto (a quarter of the cores, 1 to
+    4). Each is replaced after 500 chunks of 16 lines: Piper's espeak-ng bridge keeps
+    ≈ 2 KB per distinct line, so one process forever would grow without bound."""
     compile: str = "auto"
     """torch.compile the audio half (flows + decoder) with dynamic shapes: "auto" (on a
     GPU), "on" or "off". Fuses the decoder's masks and activations into its convolutions
@@ -349,6 +353,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     need(e.max_audio_s_per_char > 0, "engine.max_audio_s_per_char", "must be > 0")
     need(0 < e.memory_fraction <= 1, "engine.memory_fraction", "must be in (0, 1]")
     need(e.compile in ("auto", "on", "off"), "engine.compile", "must be auto, on or off")
+    need(0 <= e.phonemizer_processes <= 64, "engine.phonemizer_processes",
+         "must be between 0 (auto) and 64")
     need(b.max_batch_size >= 0, "batching.max_batch_size", "must be >= 0 (0 = auto)")
     need(b.max_wait_ms >= 0, "batching.max_wait_ms", "must be >= 0")
     need(b.max_phonemes > 0, "batching.max_phonemes", "must be > 0")

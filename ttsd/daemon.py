@@ -51,15 +51,18 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
 
 
-def build_engine(cfg: Config, device: str | None = None, *,
-                 compile: str | None = None) -> Engine:
+def build_engine(cfg: Config, device: str | None = None, *, compile: str | None = None,
+                 phonemizers: int | None = None) -> Engine:
+    """The daemon's engine; ``phonemizers=0`` phonemizes in this process (``say``)."""
     e = cfg.engine
     return Engine(discover(e.voices_dir), device=device or e.device, dtype=e.dtype,
                   memory_fraction=e.memory_fraction, cudnn_benchmark=e.cudnn_benchmark,
                   max_audio_s_per_char=e.max_audio_s_per_char,
                   sentence_silence_s=e.sentence_silence_s, cache_dir=cfg.paths.voices_cache,
                   max_batch=cfg.batching.max_batch_size, token_budget=cfg.batching.max_phonemes,
-                  compile=compile or e.compile)
+                  compile=compile or e.compile,
+                  phonemizer_processes=phonemizers if phonemizers is not None else
+                  (e.phonemizer_processes or max(1, min(4, (os.cpu_count() or 1) // 4))))
 
 
 def voice_facts(engine: Engine, name: str) -> VoiceFacts:
@@ -366,6 +369,7 @@ class Daemon:
         if leftovers:
             store.release(leftovers)
         self._heartbeat(store, state="stopped")
+        self.engine.close()
         log.info("daemon.stopped", requeued=len(leftovers), queue=store.pending_count())
         store.close()
 

@@ -75,6 +75,17 @@ def _wait_started(log: Path, proc: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.05)
 
 
+def _tree_rss(ps: psutil.Process) -> int:
+    """RSS of the daemon plus its children (the phonemizer processes)."""
+    total = ps.memory_info().rss
+    for child in ps.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:   # a recycled process exiting
+            pass
+    return total
+
+
 def run_load(lines: int = 10_000, files: int = 0, *, batch: int = 32, root: Path | None = None,
              sample_s: float = 0.05, status_every_s: float = 0.5, timeout_s: float = 1800,
              keep: bool = False) -> dict[str, Any]:
@@ -104,7 +115,7 @@ def _run(root: Path, lines: int, files: int, batch: int, sample_s: float,
     try:
         _wait_started(log, proc, 120)
         ps = psutil.Process(proc.pid)
-        rss_idle = ps.memory_info().rss
+        rss_idle = _tree_rss(ps)
         samples: list[tuple[float, int]] = []
         status_ms: list[float] = []
         status_fail = 0
@@ -132,7 +143,7 @@ def _run(root: Path, lines: int, files: int, batch: int, sample_s: float,
         last_check = 0.0
         while time.time() < deadline:
             now = time.perf_counter()
-            samples.append((now - t_drop, ps.memory_info().rss))
+            samples.append((now - t_drop, _tree_rss(ps)))
             if first_wav is None and any((root / "outbox").rglob("*.wav")):
                 first_wav = now - t_drop
                 still_parsing = _query(db, "SELECT COUNT(*) FROM files WHERE state='parsing'")

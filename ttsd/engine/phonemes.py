@@ -8,6 +8,7 @@ daemon runs phonemizers in worker processes, each with its own espeak-ng.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -43,3 +44,112 @@ class Phonemizer:
     def sentences(self, text: str) -> list[list[int]]:
         """Phoneme ids per sentence: BOS, PAD between phonemes, EOS (Piper's rules)."""
         return [self.ids(p) for p in self.phonemes(text)]
+
+
+# --------------------------------------------------------------------------- processes
+
+_WORKER_PHONEMIZERS: dict[str, Phonemizer] = {}
+CRASH_TOKEN = "{{fault:phonemizer-crash}}"
+"""With TTSD_FAULTS set, a phonemizer process given exactly this text dies (tests)."""
+
+
+def _phonemize_chunk(key: str, voice_config: dict[str, Any], texts: list[str]
+                     ) -> list[list[list[int]] | str]:
+    """In a worker process: sentences of ids per text, or the error text."""
+    ph = _WORKER_PHONEMIZERS.get(key)
+    if ph is None:
+        ph = _WORKER_PHONEMIZERS[key] = Phonemizer(voice_config)
+    out: list[list[list[int]] | str] = []
+    for text in texts:
+        if text == CRASH_TOKEN and os.environ.get("TTSD_FAULTS"):
+            os._exit(139)   # test seam: a phonemizer process dying on one text
+        try:
+            out.append(ph.sentences(text))
+        except Exception as exc:  # noqa: BLE001 - reported per line, the others go on
+            out.append(f"phonemizer error: {exc}")
+    return out
+
+
+class ProcessesUnavailable(RuntimeError):
+    """Phonemizer processes cannot be started here."""
+
+
+class PhonemizerProcesses:
+    """espeak-ng in worker processes: phonemizing runs beside the GIL-bound threads of
+    the daemon, several texts at once, and each process is replaced after
+    ``recycle_tasks`` chunks — Piper's espeak-ng bridge keeps ≈ 2 KB per distinct line
+    (RSS grew 410 → 717 MB over 100,000 lines in one process), so a long-running
+    daemon must not keep one espeak-ng forever. A process that crashes on a text (a
+    segfault in espeak-ng) fails that line alone instead of the daemon."""
+
+    CHUNK = 16
+
+    def __init__(self, processes: int, recycle_tasks: int = 500) -> None:
+        self.processes = max(1, processes)
+        self.recycle_tasks = recycle_tasks
+        self._pool = None
+        self._lock = threading.Lock()
+
+    def _executor(self):
+        with self._lock:
+            if self._pool is None:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor
+
+                self._pool = ProcessPoolExecutor(
+                    self.processes, mp_context=multiprocessing.get_context("spawn"),
+                    max_tasks_per_child=self.recycle_tasks)
+            return self._pool
+
+    def _reset(self, broken) -> None:
+        with self._lock:
+            if self._pool is broken:
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+    def sentences_many(self, key: str, voice_config: Mapping[str, Any], texts: list[str]
+                       ) -> list[list[list[int]] | str]:
+        """Sentences of ids for each text (in order), or an error text for that text."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        cfg = dict(voice_config)
+        chunks = [texts[i:i + self.CHUNK] for i in range(0, len(texts), self.CHUNK)]
+        pool = self._executor()
+        futures = [pool.submit(_phonemize_chunk, key, cfg, c) for c in chunks]
+        out: list[list[list[int]] | str] = []
+        for chunk, fut in zip(chunks, futures):
+            try:
+                out.extend(fut.result())
+            except BrokenProcessPool:
+                self._reset(pool)
+                out.extend(self._one_by_one(key, cfg, chunk))
+                pool = self._executor()
+        return out
+
+    def _one_by_one(self, key: str, cfg: dict, texts: list[str]) -> list[list[list[int]] | str]:
+        """After a crash: each text alone, so the one that kills espeak-ng fails alone.
+        If even a trivial text cannot be phonemized, the processes cannot run here at
+        all: ``ProcessesUnavailable`` (the engine then phonemizes in its own process)."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        out: list[list[list[int]] | str] = []
+        for text in texts:
+            pool = self._executor()
+            try:
+                out.extend(pool.submit(_phonemize_chunk, key, cfg, [text]).result())
+            except BrokenProcessPool:
+                self._reset(pool)
+                probe = self._executor()
+                try:
+                    probe.submit(_phonemize_chunk, key, cfg, ["a"]).result()
+                except BrokenProcessPool:
+                    self._reset(probe)
+                    raise ProcessesUnavailable("phonemizer processes die at start") from None
+                out.append("the phonemizer (espeak-ng) crashed on this text")
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None

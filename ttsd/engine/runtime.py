@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ttsd.engine import faults
-from ttsd.engine.phonemes import Phonemizer
+from ttsd.engine.phonemes import Phonemizer, PhonemizerProcesses, ProcessesUnavailable
 from ttsd.engine.vits import Generator, Vits
 from ttsd.engine.voice import VoiceInfo, load_model
 from ttsd.errors import DeviceLostError, VoiceError
@@ -198,7 +198,8 @@ class Engine:
                  cudnn_benchmark: bool = False, max_audio_s_per_char: float = 0.5,
                  sentence_silence_s: float = 0.2, normalize: bool = True,
                  cache_dir=None, max_batch: int = 0, frame_budget: int = 0,
-                 token_budget: int = 40000, compile: str = "auto") -> None:
+                 token_budget: int = 40000, compile: str = "auto",
+                 phonemizer_processes: int = 0) -> None:
         self.voices = voices
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -211,6 +212,8 @@ class Engine:
         self.frame_budget = frame_budget or self._default_frame_budget()
         self.faults = faults.from_env()
         self.compile = compile == "on" or (compile == "auto" and self.device.type == "cuda")
+        self.phonemizers = (PhonemizerProcesses(phonemizer_processes)
+                            if phonemizer_processes > 0 else None)
         self._loaded: dict[str, LoadedVoice] = {}
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -267,16 +270,46 @@ class Engine:
     # ------------------------------------------------------------------ prepare
 
     def prepare(self, requests: Sequence[Request]) -> list[Prepared]:
-        out = []
-        for r in requests:
+        """Phoneme ids per sentence for each request (in this process, or in the
+        phonemizer processes when the engine has them)."""
+        texts, faults_of, errors = [], [], {}
+        for i, r in enumerate(requests):
             text, fault = self.faults.strip(r.text) if self.faults else (r.text, None)
+            texts.append(text)
+            faults_of.append(fault)
             try:
-                lv = self.voice(r.voice)
-                sentences = [s for s in lv.phonemizer.sentences(text) if len(s) > 2]
-                error = None if sentences else "nothing to speak (no phonemes in the text)"
+                self.voice(r.voice)
             except VoiceError as exc:
-                sentences, error = [], str(exc)
-            out.append(Prepared(r, sentences, error, fault))
+                errors[i] = str(exc)
+        ids: list[list[list[int]] | str | None] = [None] * len(requests)
+        by_voice: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):
+            if i not in errors:
+                by_voice.setdefault(r.voice, []).append(i)
+        for name, idxs in by_voice.items():
+            lv = self._loaded[name]
+            got = None
+            if self.phonemizers is not None:
+                try:
+                    got = self.phonemizers.sentences_many(lv.digest, lv.info.config,
+                                                          [texts[i] for i in idxs])
+                except ProcessesUnavailable as exc:
+                    log.warning("engine.phonemizer_processes_unavailable", error=str(exc))
+                    self.phonemizers.close()
+                    self.phonemizers = None
+            if got is None:
+                got = [lv.phonemizer.sentences(texts[i]) for i in idxs]
+            for i, g in zip(idxs, got):
+                ids[i] = g
+        out = []
+        for i, r in enumerate(requests):
+            got = errors.get(i, ids[i])
+            if isinstance(got, str):
+                out.append(Prepared(r, [], got, faults_of[i]))
+                continue
+            sentences = [s for s in got if len(s) > 2]
+            error = None if sentences else "nothing to speak (no phonemes in the text)"
+            out.append(Prepared(r, sentences, error, faults_of[i]))
         return out
 
     # ------------------------------------------------------------------ run
@@ -507,6 +540,11 @@ class Engine:
 
     def synthesize(self, requests: Sequence[Request]) -> list[Result]:
         return self.run(self.prepare(requests))[0]
+
+    def close(self) -> None:
+        """Stop the phonemizer processes (the model needs no closing)."""
+        if self.phonemizers is not None:
+            self.phonemizers.close()
 
     def release_memory(self) -> int:
         """Empty the allocator's cache; returns the bytes given back to the driver."""
