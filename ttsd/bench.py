@@ -219,6 +219,64 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str) -> dict[str, Any
         shutil.rmtree(root, ignore_errors=True)
 
 
+# ---------------------------------------------------------------------- roofline
+
+H100_SXM = {"name": "H100 SXM", "bf16_tflops": 989.0, "fp16_tflops": 989.0,
+            "tf32_tflops": 494.0, "fp32_tflops": 67.0, "hbm_tb_s": 3.35}
+"""Dense peak numbers from NVIDIA's H100 SXM datasheet (no sparsity)."""
+
+
+def roofline(model, sample_rate: int, tokens_per_audio_s: float, dtype: str,
+             peak: dict[str, float] = H100_SXM) -> dict[str, Any]:
+    """FLOPs and activation bytes per second of audio, counted from the layer shapes,
+    and the x-realtime limit they imply on ``peak``. Bytes are the floor of a fully
+    fused model: each convolution reads its input and writes its output once."""
+    a = model.args
+    frames_s = sample_rate / a.hop
+    act = 2 if dtype in ("float16", "bfloat16") else 4
+
+    def conv(cin, cout, k, t_in, t_out):   # (flops, bytes) per second of audio
+        return 2 * cin * cout * k * t_out, (cin * t_in + cout * t_out)
+
+    dec_f = dec_b = 0.0
+    ch, rate = a.upsample_initial, frames_s
+    f, b = conv(a.inter, ch, 7, rate, rate)
+    dec_f, dec_b = dec_f + f, dec_b + b
+    for i, (k, st, _p) in enumerate(a.ups):
+        cin, cout = ch // 2 ** i, ch // 2 ** (i + 1)
+        f, b = conv(cin, cout, k / st, rate, rate * st)   # transposed: k/s taps per output
+        dec_f, dec_b = dec_f + f, dec_b + b
+        rate *= st
+        for rk, rd in zip(a.rb_kernels, a.rb_dilations):
+            n = len(rd) * (2 if a.resblock == "1" else 1)
+            f, b = conv(cout, cout, rk, rate, rate)
+            dec_f, dec_b = dec_f + n * f, dec_b + n * b
+    f, b = conv(ch // 2 ** len(a.ups), 1, 7, rate, rate)
+    dec_f, dec_b = dec_f + f, dec_b + b
+    h, half = a.hidden, a.inter // 2
+    per_layer = 2 * half * h + sum(2 * h * 2 * h * a.wn_kernel + 2 * h * 2 * h
+                                   for _ in a.wn_dilations) + 2 * h * half
+    flow_f = a.n_flows * per_layer * frames_s
+    flow_b = a.n_flows * (len(a.wn_dilations) * 6 * h + 2 * a.inter) * frames_s * 4
+    enc_tok = a.n_layers * 2 * (4 * h * h + 2 * a.ffn_kernel * h * a.filter)
+    text_f = enc_tok * tokens_per_audio_s
+    flops = dec_f + flow_f + text_f
+    bytes_ = dec_b * act + flow_b + a.n_layers * 10 * h * 4 * tokens_per_audio_s
+    peak_dec = peak["bf16_tflops" if act == 2 else "tf32_tflops"] * 1e12
+    t_compute = dec_f / peak_dec + flow_f / (peak["tf32_tflops"] * 1e12) + \
+        text_f / (peak["fp32_tflops"] * 1e12)
+    t_memory = bytes_ / (peak["hbm_tb_s"] * 1e12)
+    return {"gflop_per_audio_s": {"decoder": round(dec_f / 1e9, 3),
+                                  "flows": round(flow_f / 1e9, 3),
+                                  "text": round(text_f / 1e9, 3),
+                                  "total": round(flops / 1e9, 3)},
+            "activation_mb_per_audio_s": round(bytes_ / 1e6, 2),
+            "peak": peak,
+            "x_realtime_limit_compute": round(1 / t_compute),
+            "x_realtime_limit_memory": round(1 / t_memory),
+            "x_realtime_limit": round(1 / max(t_compute, t_memory))}
+
+
 # ---------------------------------------------------------------------- driver
 
 
@@ -284,9 +342,20 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
         report["piper"] = [bench_piper_one_session(onnx, sentences[:max(8, len(sentences) // 8)],
                                                    os.cpu_count() or 1),
                            bench_piper(onnx, sentences, procs)]
-    if ns.end_to_end:
-        report["end_to_end"] = bench_end_to_end(cfg, lines, "auto")
     best = max(report["batched"], key=lambda r: r["x_realtime"])
+    if ns.end_to_end:   # the whole daemon with the dtype that was fastest above
+        report["end_to_end"] = bench_end_to_end(cfg, lines, best["dtype"])
+        report["end_to_end"]["dtype"] = best["dtype"]
+    tokens = sum(len(s) for p in prepared for s in p.sentences)
+    audio = next(r["audio_s"] for r in report["batched"])
+    lv = base.voice(cfg.engine.voice)
+    report["roofline"] = roofline(lv.model, lv.info.sample_rate, tokens / audio, best["dtype"])
+    report["roofline"]["fraction_reached_model_only"] = round(
+        best["x_realtime"] / report["roofline"]["x_realtime_limit"], 4)
+    if "end_to_end" in report:
+        e2e = report["end_to_end"]["synthesize"].get("x_realtime_claim_to_last_wav") or 0
+        report["roofline"]["fraction_reached_end_to_end"] = round(
+            e2e / report["roofline"]["x_realtime_limit"], 4)
     one_same = next(r for r in report["one_at_a_time"] if r["dtype"] == best["dtype"])
     report["summary"] = {"best_batched": best,
                          "batched_vs_one_at_a_time": round(best["x_realtime"] / one_same["x_realtime"], 2)}
@@ -320,5 +389,12 @@ def render(r: dict[str, Any]) -> str:
         e = r["end_to_end"]
         out.append(f"end to end: {e['synthesize']}")
         out.append(f"cache hits: {e['cache_hits']} (hit cost ratio {e.get('cache_hit_cost_ratio')})")
+    if "roofline" in r:
+        rf = r["roofline"]
+        out.append(f"roofline ({rf['peak']['name']}): {rf['gflop_per_audio_s']['total']} GFLOP "
+                   f"and {rf['activation_mb_per_audio_s']} MB of activations per audio second "
+                   f"→ limit {rf['x_realtime_limit']}× (compute {rf['x_realtime_limit_compute']}×,"
+                   f" memory {rf['x_realtime_limit_memory']}×); reached "
+                   f"{rf.get('fraction_reached_model_only')} model-only")
     out.append(f"summary: {r['summary']}")
     return "\n".join(out)
