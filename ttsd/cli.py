@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--end-to-end", action="store_true",
                        help="also run the whole daemon over the lines (inbox → WAVs)")
     bench.add_argument("--json", action="store_true")
+    bench.add_argument("--out", default="", metavar="PATH",
+                       help="also write the JSON report here, updated after every step")
     bench.add_argument("--load", type=int, default=0, metavar="LINES",
                        help="load-test the whole daemon with the fast stand-in model: "
                             "LINES lines in one file (or per file with --load-files)")
