@@ -29,7 +29,7 @@ from typing import Any
 
 from ttsd import __version__, workers
 from ttsd.config import Config
-from ttsd.engine.runtime import Engine
+from ttsd.engine.runtime import GPU_BATCH, Engine
 from ttsd.engine.voice import discover
 from ttsd.errors import ConfigError, DeviceLostError
 from ttsd.ingest import Ingest, VoiceFacts
@@ -249,7 +249,7 @@ class Daemon:
         else:   # workers phonemize; a retried line runs alone
             gpu = any("cuda" in s.device or "gpu" in s.device for s in self.pool.slots)
             feeder = Feeder(self.cfg, self.engine, rates, prepare=False,
-                            size=64 if gpu else 1, isolate_retries=True)
+                            size=GPU_BATCH if gpu else 1, isolate_retries=True)
         try:
             while not self.stop.is_set():
                 # A line that was in flight when the process died runs alone, with

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ttsd import crash
 from ttsd.config import Config
-from ttsd.engine.runtime import Engine, Prepared, Request, Result, RunStats
+from ttsd.engine.runtime import GPU_BATCH, Engine, Prepared, Request, Result, RunStats
 from ttsd.errors import DeviceLostError
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
@@ -79,7 +79,7 @@ class Feeder:
         self.prepare = prepare
         self.isolate_retries = isolate_retries
         b = cfg.batching.max_batch_size
-        self.size = b or size or (64 if engine.device.type == "cuda" else 1)
+        self.size = b or size or (GPU_BATCH if engine.device.type == "cuda" else 1)
         self.take_size = self.size
         """Rows taken at once: grows while lines are answered without the model (cache
         hits, WAVs already written), so a re-run of known lines costs one lookup, one

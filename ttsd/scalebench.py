@@ -38,13 +38,13 @@ def devices_for(spec: str) -> list[str]:
 
 def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0) -> dict[str, Any]:
     from ttsd.bench import bench_lines
-    from ttsd.engine.runtime import Engine, Request
+    from ttsd.engine.runtime import GPU_BATCH, Engine, Request
     from ttsd.engine.voice import discover
 
     devs = devices_for(devices)
     gpu = any(d.startswith("cuda") for d in devs)
     n_lines = lines or (512 if gpu else 24)
-    size = batch or cfg.batching.max_batch_size or (64 if gpu else 1)
+    size = batch or cfg.batching.max_batch_size or (GPU_BATCH if gpu else 1)
     texts = bench_lines(n_lines)
     e = cfg.engine
     facts = Engine(discover(e.voices_dir), device="cpu", cache_dir=cfg.paths.voices_cache)

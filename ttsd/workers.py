@@ -89,11 +89,12 @@ class WorkerSpec:
     max_audio_s_per_char: float = 0.5
     sentence_silence_s: float = 0.2
     max_batch: int = 0
-    token_budget: int = 40000
+    token_budget: int = 80000
     warmup: bool = True
     threads: int = 0
     pcm16: bool = True
     free_memory_every_s: float = 0.0
+    compile: str = "auto"
 
 
 def spec_for(cfg: Config, device: str, threads: int = 0) -> WorkerSpec:
@@ -106,7 +107,8 @@ def spec_for(cfg: Config, device: str, threads: int = 0) -> WorkerSpec:
                       max_batch=cfg.batching.max_batch_size,
                       token_budget=cfg.batching.max_phonemes, warmup=e.warmup,
                       threads=threads, pcm16=cfg.output.subtype == "PCM_16",
-                      free_memory_every_s=cfg.memory.free_memory_every_s)
+                      free_memory_every_s=cfg.memory.free_memory_every_s,
+                      compile=e.compile)
 
 
 class WorkerCore:
@@ -128,7 +130,7 @@ class WorkerCore:
                              max_audio_s_per_char=spec.max_audio_s_per_char,
                              sentence_silence_s=spec.sentence_silence_s,
                              cache_dir=spec.cache_dir, max_batch=spec.max_batch,
-                             token_budget=spec.token_budget)
+                             token_budget=spec.token_budget, compile=spec.compile)
         self.engine.voice(spec.voice)
         self.load_s = time.perf_counter() - t0
         self.warmup_s = 0.0

@@ -34,6 +34,9 @@ from ttsd.log import get_logger
 
 log = get_logger(__name__)
 
+GPU_BATCH = 128
+"""Lines per batch on a GPU when not configured (H100: 3,160x at 128, 2,661x at 64)."""
+
 ENGINE_VERSION = "ttsd-vits-1"
 """Part of every cache key: bump when the audio for the same inputs would change."""
 
@@ -198,7 +201,7 @@ class Engine:
                  cudnn_benchmark: bool = False, max_audio_s_per_char: float = 0.5,
                  sentence_silence_s: float = 0.2, normalize: bool = True,
                  cache_dir=None, max_batch: int = 0, frame_budget: int = 0,
-                 token_budget: int = 40000, compile: str = "auto",
+                 token_budget: int = 80000, compile: str = "auto",
                  phonemizer_processes: int = 0) -> None:
         self.voices = voices
         self.device = pick_device(device)
@@ -207,7 +210,7 @@ class Engine:
         self.max_audio_s_per_char = max_audio_s_per_char
         self.sentence_silence_s = sentence_silence_s
         self.normalize = normalize
-        self.max_batch = max_batch or (64 if self.device.type == "cuda" else 1)
+        self.max_batch = max_batch or (GPU_BATCH if self.device.type == "cuda" else 1)
         self.token_budget = token_budget
         self.frame_budget = frame_budget or self._default_frame_budget()
         self.faults = faults.from_env()
