@@ -235,6 +235,41 @@ def test_wav_ok_detects_damage(tmp_path: Path) -> None:
         wav_info(gone)
 
 
+def test_wav_ok_reads_headers_like_libsndfile(tmp_path: Path) -> None:
+    """Row 27: the cache check parses the RIFF header itself (no libsndfile open); it
+    must agree with libsndfile on every format ttsd writes, on chunks before the data
+    (also past the first 4 KiB) and on headers that lie about their data."""
+    import struct
+
+    for subtype in ("PCM_16", "PCM_24", "PCM_32", "FLOAT"):
+        p = tmp_path / f"{subtype}.wav"
+        write_wav(p, tone(0.3), SR, subtype)
+        assert wav_ok(p, sample_rate=SR) and not wav_ok(p, sample_rate=SR // 2), subtype
+        assert sf.info(str(p)).samplerate == SR
+
+    good = (tmp_path / "PCM_16.wav").read_bytes()
+    fmt_end = 12 + 8 + struct.unpack("<I", good[16:20])[0]
+    for junk_len in (10, 6000):   # a LIST chunk before the data; past 4 KiB → libsndfile
+        junk = b"LIST" + struct.pack("<I", junk_len) + b"\0" * junk_len
+        body = good[12:fmt_end] + junk + good[fmt_end:]
+        p = tmp_path / f"junk{junk_len}.wav"
+        p.write_bytes(b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WAVE" + body)
+        assert sf.info(str(p)).frames > 0
+        assert wav_ok(p, sample_rate=SR), junk_len
+        assert not wav_ok(p, sample_rate=16000), junk_len
+
+    lying = bytearray(good)   # data chunk claims more bytes than the file has
+    data_at = good.index(b"data")
+    lying[data_at + 4:data_at + 8] = struct.pack("<I", len(good))
+    p = tmp_path / "lying.wav"
+    p.write_bytes(bytes(lying))
+    assert not wav_ok(p)
+    no_fmt = good[:12] + good[fmt_end:]   # no fmt chunk at all
+    p = tmp_path / "nofmt.wav"
+    p.write_bytes(no_fmt[:4] + struct.pack("<I", len(no_fmt) - 8) + no_fmt[8:])
+    assert not wav_ok(p)
+
+
 # -- cache hits ------------------------------------------------------------------------
 
 

@@ -142,7 +142,7 @@ class Feeder:
             if self.cfg.cache.enabled and row.cache_key:
                 entry = cached.get(row.cache_key)
                 if entry is not None:
-                    if wav_ok(Path(entry["path"]), sample_rate=sr):
+                    if wav_ok(Path(entry["path"]), sample_rate=sr, size=entry["bytes"]):
                         batch.hits.append((row, entry))
                         continue
                     store.cache_evict([row.cache_key])  # damaged or missing: a miss
