@@ -193,3 +193,46 @@ def test_cpu_memory_and_device_info(engine):
     info = engine.device_info()
     assert info["device"] == "cpu"
     assert info["dtype"] == "float32"
+
+
+def test_optimized_decoder_matches_plain(model):
+    """The decoder the engine runs (polyphase upsampling, channels-last layout) gives the
+    plain decoder's audio (and so Piper's, by the parity test above) on the real voice,
+    for lines of different lengths in one padded batch."""
+    import copy
+
+    plain = model.dec
+    fast = copy.deepcopy(plain)
+    fast.optimize()
+    frames = torch.tensor([61, 40, 7])
+    z = torch.randn(3, model.args.inter, 61, generator=torch.Generator().manual_seed(0))
+    z = z * (torch.arange(61) < frames[:, None]).unsqueeze(1)
+    with torch.no_grad():
+        a, b = plain(z, frames, None), fast(z, frames, None)
+    assert a.shape == b.shape == (3, 61 * model.args.hop)
+    for i, n in enumerate(frames.tolist()):   # each line's own samples
+        s = n * model.args.hop
+        assert _rel(b[i, :s].numpy(), a[i, :s].numpy()) < 1e-5, (i, n)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    """engine.compile: if Inductor cannot compile here (no compiler, no Triton), the
+    engine logs it once and runs the eager audio half; the audio is the same."""
+    import torch._dynamo.exc as dexc
+
+    from ttsd.engine.runtime import Engine
+
+    eng = Engine(discover(None), device="cpu", dtype="float32", max_batch=4, compile="off")
+    ref = eng.synthesize(_requests(["Hello there.", "A second line."]))
+    lv = eng.voice(DEFAULT_VOICE)
+    calls = []
+
+    def broken(*args):
+        calls.append(1)
+        raise dexc.TorchDynamoException("simulated: no C compiler")
+
+    lv.audio_half = broken   # what a failed torch.compile raises on its first call
+    got = eng.synthesize(_requests(["Hello there.", "A second line."]))
+    assert calls == [1] and lv.audio_half == lv.model.audio_half
+    for r, g in zip(ref, got):
+        assert g.error is None and np.array_equal(r.audio, g.audio)
