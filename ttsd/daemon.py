@@ -69,9 +69,8 @@ def voice_facts(engine: Engine, name: str) -> VoiceFacts:
     lv = engine.voice(name)
     info = lv.info
     inf = info.inference
-    return VoiceFacts(name, lv.digest, info.sample_rate, info.speakers, info.num_speakers,
-                      info.speaker_id(None), inf["noise_scale"], inf["noise_w"],
-                      inf["length_scale"])
+    return VoiceFacts(name, lv.digest, info.sample_rate, info.speaker_id, inf["noise_scale"],
+                      inf["noise_w"], inf["length_scale"])
 
 
 class Daemon:

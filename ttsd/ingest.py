@@ -38,9 +38,9 @@ class VoiceFacts:
     name: str
     digest: str
     sample_rate: int
-    speakers: dict[str, int]
-    num_speakers: int
-    default_speaker: int
+    speaker_id: Callable[[str | None], int]
+    """The voice's own resolver (VoiceInfo.speaker_id): name or id → id, VoiceError if
+    unknown; empty → the voice's default speaker."""
     noise_scale: float
     noise_w: float
     length_scale: float
@@ -179,7 +179,7 @@ class Ingest:
             return NewLine(item.number, item.text, item.id,
                            error=f"unknown voice {vname!r} (known: {known})")
         try:
-            sid = self._speaker(voice, item.speaker if item.speaker is not None else e.speaker)
+            sid = voice.speaker_id(item.speaker if item.speaker is not None else e.speaker)
         except VoiceError as exc:
             return NewLine(item.number, item.text, item.id, error=str(exc))
         speed = item.speed if item.speed is not None else e.speed
@@ -190,21 +190,6 @@ class Ingest:
                           self.fmt)
         return NewLine(item.number, item.text, item.id, out_name, key, vname, sid, length_scale,
                        noise_scale, noise_w, e.seed, key_c)
-
-    @staticmethod
-    def _speaker(voice: VoiceFacts, speaker: str | None) -> int:
-        if speaker is None or speaker == "":
-            return voice.default_speaker
-        if speaker in voice.speakers:
-            return voice.speakers[speaker]
-        try:
-            sid = int(speaker)
-        except ValueError:
-            raise VoiceError(f"voice {voice.name} has no speaker {speaker!r}") from None
-        if not 0 <= sid < max(1, voice.num_speakers):
-            raise VoiceError(f"voice {voice.name} has speakers 0..{voice.num_speakers - 1}, "
-                             f"not {sid}")
-        return sid
 
     # ------------------------------------------------------------------ finishing
 
