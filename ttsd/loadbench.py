@@ -101,6 +101,7 @@ def run_load(lines: int = 10_000, files: int = 0, *, batch: int = 32, root: Path
 
 def _run(root: Path, lines: int, files: int, batch: int, sample_s: float,
          status_every_s: float, timeout_s: float) -> dict[str, Any]:
+    root.mkdir(parents=True, exist_ok=True)
     cfg = root / "config.toml"
     cfg.write_text(CONFIG.format(batch=batch), encoding="utf-8")
     (root / "inbox").mkdir(parents=True, exist_ok=True)
