@@ -533,9 +533,10 @@ class Engine:
                 continue
             if len(audios) == 1:   # already normalized and clipped on the device
                 audio = audios[0]
+            elif audios:            # sentences joined by sentence_silence_s of silence
+                audio = np.concatenate([x for a in audios for x in (silence, a)][1:])
             else:
-                audio = np.concatenate([x for a in audios for x in (silence, a)][1:]) \
-                    if audios else np.zeros(0, np.float32)
+                audio = np.zeros(0, np.float32)
             out.append(Result(p.request.key, audio, sr, None, p.phonemes))
         return out
 
