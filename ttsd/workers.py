@@ -434,9 +434,14 @@ class WorkerPool:
             while any(t.is_alive() for t in self.threads):
                 ping()
                 if all(s.state == "out" for s in self.slots):
-                    raise DeviceLostError("every device is out of rotation: " + "; ".join(
-                        f"{s.device} #{s.index}: {s.last_error}" for s in self.slots))
+                    break
                 time.sleep(0.2)
+            # A driver ends on a stop or when its device goes out of rotation, the last
+            # one a moment after its state changes: decide here, after the loop, or the
+            # daemon goes on with no worker at all instead of exiting 75.
+            if all(s.state == "out" for s in self.slots) or not self.stop.is_set():
+                raise DeviceLostError("every device is out of rotation: " + "; ".join(
+                    f"{s.device} #{s.index} {s.state}: {s.last_error}" for s in self.slots))
         finally:
             if self.on_close is not None:
                 self.on_close()
