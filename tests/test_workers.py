@@ -295,3 +295,40 @@ def test_every_device_out_exits_75_and_loses_nothing(tmp_path: Path) -> None:
     assert all(r[1] == "done" and r[3] == 1 for i, r in enumerate(rows) if i != 2), rows
     _assert_no_worker_left(site)
     assert_invariant(site)
+
+
+def test_sigterm_with_batches_queued_on_workers(tmp_path: Path) -> None:
+    """SIGTERM while each worker runs a batch and has another queued behind it: only the
+    running batches finish; the queued ones (and those waiting in the daemon) go back to
+    pending with their attempt undone; exit 0, no worker left. After a restart every line
+    is done, and nothing done before the stop is done again."""
+    site = Site(tmp_path, extra_config=POOL, env={"TTSD_FAULTS": "1"})
+    lines = [f"Queued line {i}. {{{{fault:slow:1500}}}}" for i in range(16)]
+    site.start()
+    site.wait_ready()
+    (site.inbox / "q.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # After a worker's first batch, it runs its second with a third queued behind it.
+    _wait(lambda: site.query("SELECT COUNT(*) FROM batches")[0][0] >= 2, 90, site,
+          "the first batches")
+    batches = site.query("SELECT COUNT(*) FROM batches")[0][0]
+    assert site.stop() == 0, site.logs()
+    after = site.query("SELECT COUNT(*) FROM batches")[0][0]
+    # At most the two running batches finished (one more if one ended as we signalled).
+    assert after <= batches + 3, (batches, after, site.logs())
+    rows = site.query("SELECT state, attempts, synth_count FROM lines")
+    assert len(rows) == 16
+    assert all(r[0] in ("done", "pending") for r in rows), rows
+    assert all(r == ("done", 1, 1) for r in rows if r[0] == "done"), rows
+    pending = [r for r in rows if r[0] == "pending"]
+    assert len(pending) >= 4, rows                   # the queued batches went back ...
+    assert all(r[1] == 0 for r in pending), rows     # ... with their attempt undone
+    assert '"daemon.stopped"' in site.log.read_text()
+    _assert_no_worker_left(site)
+    before = snapshot(site)
+    site.start()
+    site.wait_files_finished(1, timeout=120)
+    assert site.stop() == 0, site.logs()
+    assert_no_redo(before, snapshot(site))
+    rows = site.query("SELECT state, attempts, synth_count FROM lines")
+    assert rows == [("done", 1, 1)] * 16, rows
+    assert_invariant(site)
