@@ -253,6 +253,36 @@ def _assert_no_worker_left(site: Site, timeout: float = 10) -> None:
         f"{[p for p in pids if not _gone(p)]}"
 
 
+def test_hung_batch_is_killed_and_the_line_fails_alone(tmp_path: Path) -> None:
+    """A batch running past cluster.batch_timeout_s ({{fault:hang}}) gets its worker
+    killed and restarted; the hanging line is retried alone and fails after
+    daemon.max_attempts; every other line is done, synthesized once."""
+    site = Site(tmp_path, extra_config=POOL + "[daemon]\nmax_attempts = 2\n[cluster]\n"
+                "batch_timeout_s = 4\nrestart_backoff_s = 0.1\n", env={"TTSD_FAULTS": "1"})
+    lines = ["First good line.", "Second good line.", "It hangs here {{fault:hang}}",
+             "Fourth good line.", "Fifth good line.", "Sixth good line."]
+    site.start()
+    site.wait_ready()
+    (site.inbox / "h.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    site.wait_files_finished(1, timeout=120)
+    _wait(lambda: [w["state"] for w in _workers(site)] == ["ready", "ready"], 60, site,
+          "both workers ready after the kills")
+    workers = _workers(site)
+    assert site.stop() == 0
+    rows = site.query("SELECT number, state, attempts, synth_count, error FROM lines "
+                      "ORDER BY number")
+    hung = rows[2]
+    assert hung[1] == "failed" and hung[2] == 2 and "never finished" in hung[4], hung
+    assert all(r[1] == "done" and r[3] == 1 for i, r in enumerate(rows) if i != 2), rows
+    died = [ln for ln in site.log.read_text().splitlines() if '"worker.died"' in ln]
+    assert len(died) == 2 and all("hung, killed" in ln for ln in died), died
+    # Each kill was one failure and one restart; no device went out of rotation.
+    assert sum(w["restarts"] for w in workers) == 2, workers
+    assert sum(w["failures"] for w in workers) == 2, workers
+    _assert_no_worker_left(site)
+    assert_invariant(site)
+
+
 def test_every_device_out_exits_75_and_loses_nothing(tmp_path: Path) -> None:
     """A line that kills every worker it touches, with max_failures = 1: both devices go
     out of rotation, the daemon exits 75 (DeviceLostError) with every line's state in the
