@@ -21,6 +21,11 @@ batches queued behind it go back with their attempt undone, and the worker resta
 after an exponential back-off. ``cluster.max_failures`` failures within
 ``cluster.failure_window_s`` take the device out of rotation; when every device is out,
 the daemon exits with DeviceLostError (status 75) for systemd to restart it.
+
+On a warm stop (SIGTERM) each worker may finish the batch it runs (within
+``daemon.stop_timeout_s``, else that batch goes back with its attempt counted); the
+batches queued behind it go back to pending at once with their attempt undone, and the
+worker is killed rather than left to run them.
 """
 
 from __future__ import annotations
