@@ -4,6 +4,7 @@ voice, real files, real SQLite. Each end-to-end test ends by checking the invari
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from harness import ROOT, Site, assert_invariant
+from harness import ROOT, Site, assert_invariant, assert_no_redo, snapshot
 
 POOL = '[engine]\ndevices = ["cpu", "cpu"]\n[batching]\nmax_batch_size = 2\n'
 
@@ -216,3 +217,148 @@ def test_config_errors_name_the_key(tmp_path: Path, table: str, needle: str) -> 
     path.write_text(table + "\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         Config.load(path)
+
+
+# ---------------------------------------------------------------------- faults, stop
+
+
+def _worker_pids(site: Site) -> set[int]:
+    """Every worker process the daemon started (its log names each one when ready)."""
+    pids = set()
+    for ln in site.log.read_text().splitlines():
+        if '"worker.ready"' in ln:
+            pids.add(json.loads(ln)["pid"])
+    return pids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie is gone too (its parent, the test's daemon, has exited: init reaps it).
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def _assert_no_worker_left(site: Site, timeout: float = 10) -> None:
+    pids = _worker_pids(site)
+    assert pids, "no worker.ready in the log"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not all(_gone(p) for p in pids):
+        time.sleep(0.1)
+    assert all(_gone(p) for p in pids), f"worker processes left behind: " \
+        f"{[p for p in pids if not _gone(p)]}"
+
+
+def test_hung_batch_is_killed_and_the_line_fails_alone(tmp_path: Path) -> None:
+    """A batch running past cluster.batch_timeout_s ({{fault:hang}}) gets its worker
+    killed and restarted; the hanging line is retried alone and fails after
+    daemon.max_attempts; every other line is done, synthesized once."""
+    site = Site(tmp_path, extra_config=POOL + "[daemon]\nmax_attempts = 2\n[cluster]\n"
+                "batch_timeout_s = 4\nrestart_backoff_s = 0.1\n", env={"TTSD_FAULTS": "1"})
+    lines = ["First good line.", "Second good line.", "It hangs here {{fault:hang}}",
+             "Fourth good line.", "Fifth good line.", "Sixth good line."]
+    site.start()
+    site.wait_ready()
+    (site.inbox / "h.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    site.wait_files_finished(1, timeout=120)
+    _wait(lambda: [w["state"] for w in _workers(site)] == ["ready", "ready"], 60, site,
+          "both workers ready after the kills")
+    workers = _workers(site)
+    assert site.stop() == 0
+    rows = site.query("SELECT number, state, attempts, synth_count, error FROM lines "
+                      "ORDER BY number")
+    hung = rows[2]
+    assert hung[1] == "failed" and hung[2] == 2 and "never finished" in hung[4], hung
+    assert all(r[1] == "done" and r[3] == 1 for i, r in enumerate(rows) if i != 2), rows
+    died = [ln for ln in site.log.read_text().splitlines() if '"worker.died"' in ln]
+    assert len(died) == 2 and all("hung, killed" in ln for ln in died), died
+    # Each kill was one failure and one restart; no device went out of rotation.
+    assert sum(w["restarts"] for w in workers) == 2, workers
+    assert sum(w["failures"] for w in workers) == 2, workers
+    _assert_no_worker_left(site)
+    assert_invariant(site)
+
+
+def test_every_device_out_exits_75_and_loses_nothing(tmp_path: Path) -> None:
+    """A line that kills every worker it touches, with max_failures = 1: both devices go
+    out of rotation, the daemon exits 75 (DeviceLostError) with every line's state in the
+    store and no worker left running. Started again, the poison line fails after
+    daemon.max_attempts and the rest finish, each synthesized once."""
+    site = Site(tmp_path, extra_config=POOL + "[daemon]\nmax_attempts = 3\n[cluster]\n"
+                "restart_backoff_s = 0.1\nmax_failures = 1\n", env={"TTSD_FAULTS": "1"})
+    lines = ["First good line.", "Second good line.", "Poison {{fault:exit}}",
+             "Fourth good line.", "Fifth good line.", "Sixth good line."]
+    site.start()
+    site.wait_ready()
+    (site.inbox / "p.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    try:
+        rc = site.proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        site.proc.kill()
+        raise AssertionError(f"the daemon did not exit with every device out:\n"
+                             f"{site.logs()}") from None
+    assert rc == 75, (rc, site.logs())
+    log = site.log.read_text()
+    assert "every device is out of rotation" in log, site.logs()
+    assert log.count('"worker.out_of_rotation"') == 2, site.logs()
+    _assert_no_worker_left(site)
+    rows = site.query("SELECT number, state, attempts, synth_count FROM lines ORDER BY number")
+    assert [r[0] for r in rows] == list(range(1, 7)), rows      # nothing lost
+    assert all(r[1] in ("pending", "done") for r in rows), rows  # nothing left running
+    assert rows[2][1:3] == ("pending", 2), rows                  # it killed both workers
+    assert all(r[3] == (1 if r[1] == "done" else 0) for r in rows), rows
+    before = snapshot(site)
+    site.start()
+    site.wait_files_finished(1, timeout=120)
+    _wait(lambda: sorted(w["state"] for w in _workers(site)) == ["out", "ready"], 60, site,
+          "the poison's third victim out, the other worker ready")
+    assert site.stop() == 0, site.logs()
+    assert_no_redo(before, snapshot(site))
+    rows = site.query("SELECT number, state, attempts, synth_count, error FROM lines "
+                      "ORDER BY number")
+    poison = rows[2]
+    assert poison[1] == "failed" and poison[2] == 3 and "never finished" in poison[4], poison
+    assert all(r[1] == "done" and r[3] == 1 for i, r in enumerate(rows) if i != 2), rows
+    _assert_no_worker_left(site)
+    assert_invariant(site)
+
+
+def test_sigterm_with_batches_queued_on_workers(tmp_path: Path) -> None:
+    """SIGTERM while each worker runs a batch and has another queued behind it: only the
+    running batches finish; the queued ones (and those waiting in the daemon) go back to
+    pending with their attempt undone; exit 0, no worker left. After a restart every line
+    is done, and nothing done before the stop is done again."""
+    site = Site(tmp_path, extra_config=POOL, env={"TTSD_FAULTS": "1"})
+    lines = [f"Queued line {i}. {{{{fault:slow:1500}}}}" for i in range(16)]
+    site.start()
+    site.wait_ready()
+    (site.inbox / "q.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    # After a worker's first batch, it runs its second with a third queued behind it.
+    _wait(lambda: site.query("SELECT COUNT(*) FROM batches")[0][0] >= 2, 90, site,
+          "the first batches")
+    batches = site.query("SELECT COUNT(*) FROM batches")[0][0]
+    assert site.stop() == 0, site.logs()
+    after = site.query("SELECT COUNT(*) FROM batches")[0][0]
+    # At most the two running batches finished (one more if one ended as we signalled).
+    assert after <= batches + 3, (batches, after, site.logs())
+    rows = site.query("SELECT state, attempts, synth_count FROM lines")
+    assert len(rows) == 16
+    assert all(r[0] in ("done", "pending") for r in rows), rows
+    assert all(r == ("done", 1, 1) for r in rows if r[0] == "done"), rows
+    pending = [r for r in rows if r[0] == "pending"]
+    assert len(pending) >= 4, rows                   # the queued batches went back ...
+    assert all(r[1] == 0 for r in pending), rows     # ... with their attempt undone
+    assert '"daemon.stopped"' in site.log.read_text()
+    _assert_no_worker_left(site)
+    before = snapshot(site)
+    site.start()
+    site.wait_files_finished(1, timeout=120)
+    assert site.stop() == 0, site.logs()
+    assert_no_redo(before, snapshot(site))
+    rows = site.query("SELECT state, attempts, synth_count FROM lines")
+    assert rows == [("done", 1, 1)] * 16, rows
+    assert_invariant(site)

@@ -220,6 +220,8 @@ class RayHandle:
         if self.owner.actor is not None and not self.lost:
             ray.kill(self.owner.actor, no_restart=False)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Kill the actor for good (its queued tasks with it): the driver has read every
+        answer it wants by now."""
         self.refs.clear()
         self.owner.retire()

@@ -185,7 +185,8 @@ class Daemon:
                 log.warning("daemon.force_stop", signal=signum)
                 os._exit(1)
             log.info("daemon.stopping", signal=signal.Signals(signum).name)
-            if self.busy:   # the batch in the model may finish: ask systemd for the time
+            busy = self.pool.busy() if self.pool is not None else self.busy
+            if busy:   # the batch in the model may finish: ask systemd for the time
                 self.notifier.extend_timeout(self.cfg.daemon.stop_timeout_s)
             self.stop.set()
         if threading.current_thread() is threading.main_thread():

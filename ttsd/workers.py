@@ -21,6 +21,11 @@ batches queued behind it go back with their attempt undone, and the worker resta
 after an exponential back-off. ``cluster.max_failures`` failures within
 ``cluster.failure_window_s`` take the device out of rotation; when every device is out,
 the daemon exits with DeviceLostError (status 75) for systemd to restart it.
+
+On a warm stop (SIGTERM) each worker may finish the batch it runs (within
+``daemon.stop_timeout_s``, else that batch goes back with its attempt counted); the
+batches queued behind it go back to pending at once with their attempt undone, and the
+worker is killed rather than left to run them.
 """
 
 from __future__ import annotations
@@ -252,7 +257,7 @@ class Handle(Protocol):
     def poll(self, timeout: float) -> dict[str, Any] | None: ...
     def release(self, timeout: float) -> tuple[int, dict]: ...
     def kill(self) -> None: ...
-    def close(self) -> None: ...
+    def close(self, wait: bool = True) -> None: ...
 
 
 class ProcessHandle:
@@ -276,11 +281,16 @@ class ProcessHandle:
     def start(self, timeout: float) -> dict[str, Any]:
         self.proc.start()
         self._child.close()
-        msg = self._recv(timeout, "start")
+        try:
+            msg = self._recv(timeout, "start")
+        except WorkerDied:
+            self.kill()   # reap it and close our end of the pipe
+            raise
         if msg is None:
             self.kill()
             raise WorkerDied(f"not ready within {timeout:.0f} s")
         if msg[0] != "ready":
+            self.kill()
             raise WorkerDied(msg[1])
         return msg[1]
 
@@ -336,7 +346,11 @@ class ProcessHandle:
         self.proc.join(10.0)
         self.conn.close()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the worker once what it has queued is done; ``wait=False``: kill it."""
+        if not wait:
+            self.kill()
+            return
         try:
             self.conn.send(("stop",))
         except (OSError, EOFError):
@@ -379,6 +393,9 @@ class Slot:
     started_once: threading.Event = field(default_factory=threading.Event)
     last_work: float = field(default_factory=time.monotonic)
     released_since_work: bool = True
+    discard: bool = False
+    """Stopping with batches taken back from the worker's queue: close it without
+    letting it run them."""
 
 
 class WorkerPool:
@@ -434,9 +451,14 @@ class WorkerPool:
             while any(t.is_alive() for t in self.threads):
                 ping()
                 if all(s.state == "out" for s in self.slots):
-                    raise DeviceLostError("every device is out of rotation: " + "; ".join(
-                        f"{s.device} #{s.index}: {s.last_error}" for s in self.slots))
+                    break
                 time.sleep(0.2)
+            # A driver ends on a stop or when its device goes out of rotation, the last
+            # one a moment after its state changes: decide here, after the loop, or the
+            # daemon goes on with no worker at all instead of exiting 75.
+            if all(s.state == "out" for s in self.slots) or not self.stop.is_set():
+                raise DeviceLostError("every device is out of rotation: " + "; ".join(
+                    f"{s.device} #{s.index} {s.state}: {s.last_error}" for s in self.slots))
         finally:
             if self.on_close is not None:
                 self.on_close()
@@ -459,13 +481,18 @@ class WorkerPool:
         except BaseException as exc:  # noqa: BLE001 - a driver bug must not lose batches
             log.error("worker.driver_crashed", worker=slot.index, error=str(exc),
                       traceback=traceback.format_exc())
-            self._lost(slot, store, f"driver crashed: {exc}")
+            slot.last_error = f"driver crashed: {exc}"[:500]
+            try:
+                self._kill(slot)
+            finally:
+                self._lost(slot, store)
             slot.state = "out"
             store.worker_set(slot.index, state="out", last_error=slot.last_error)
         finally:
             slot.started_once.set()
             if slot.handle is not None:
-                slot.handle.close()
+                # Batches taken back from its queue: kill it rather than let it run them.
+                slot.handle.close(wait=not slot.discard)
                 slot.handle = None
             if slot.retire is not None:
                 slot.retire()
@@ -477,37 +504,56 @@ class WorkerPool:
     def _drive(self, slot: Slot, store) -> None:
         c = self.cfg.cluster
         head_since = 0.0
+        stop_by: float | None = None
         while True:
             if slot.handle is None:
                 if self.stop.is_set() or slot.state == "out":
                     return
                 self._start(slot, store)
                 continue
-            # Keep the worker fed: the batch it runs plus queue_ahead more.
-            while not self.stop.is_set() and len(slot.outstanding) <= c.queue_ahead:
-                try:
-                    batch = (self.batch_q.get_nowait() if slot.outstanding
-                             else self.batch_q.get(timeout=0.05))
-                except queue.Empty:
-                    break
-                if not batch.requests:        # cache hits / failed lines only: no model
-                    self.write_q.put(batch)
+            if self.stop.is_set():
+                # Warm stop: the batch the worker runs may finish (within the daemon's
+                # stop time); those queued behind it never started: back to pending now,
+                # their attempt undone, and the worker is killed rather than left to run
+                # them.
+                if stop_by is None:
+                    stop_by = time.monotonic() + self._stop_grace()
+                    self._take_back_queued(slot, store)
+                if not slot.outstanding:
+                    return
+                if time.monotonic() >= stop_by:
+                    log.warning("worker.stop_timeout", worker=slot.index, device=slot.device,
+                                pid=slot.pid, batches_requeued=len(slot.outstanding))
+                    self._kill(slot)
+                    self._lost(slot, store)
+                    return
+            else:
+                # Keep the worker fed: the batch it runs plus queue_ahead more.
+                while not self.stop.is_set() and len(slot.outstanding) <= c.queue_ahead:
+                    try:
+                        batch = (self.batch_q.get_nowait() if slot.outstanding
+                                 else self.batch_q.get(timeout=0.05))
+                    except queue.Empty:
+                        break
+                    if not batch.requests:        # cache hits / failed lines only: no model
+                        self.write_q.put(batch)
+                        continue
+                    try:
+                        slot.handle.submit(batch.requests)
+                    except WorkerDied as exc:
+                        # It never reached the worker: not this batch's attempt.
+                        self._requeue(store, batch, counted=False)
+                        self._died(slot, store, str(exc))
+                        break
+                    if not slot.outstanding:
+                        head_since = time.monotonic()
+                    slot.outstanding.append(batch)
+                if slot.handle is None:
                     continue
                 if not slot.outstanding:
-                    head_since = time.monotonic()
-                slot.outstanding.append(batch)
-                try:
-                    slot.handle.submit(batch.requests)
-                except WorkerDied as exc:
-                    self._died(slot, store, str(exc))
-                    break
-            if slot.handle is None:
-                continue
-            if not slot.outstanding:
-                if self.stop.is_set():
-                    return
-                self._maybe_idle_release(slot, store)
-                continue
+                    if not self.stop.is_set():
+                        self._maybe_idle_release(slot, store)
+                    continue
             try:
                 reply = slot.handle.poll(0.1)
             except WorkerDied as exc:
@@ -515,12 +561,28 @@ class WorkerPool:
                 continue
             if reply is None:
                 if time.monotonic() - head_since > c.batch_timeout_s:
-                    slot.handle.kill()
                     self._died(slot, store, f"batch ran longer than cluster.batch_timeout_s "
                                             f"({c.batch_timeout_s:g} s): hung, killed")
                 continue
             head_since = time.monotonic()
             self._finished(slot, store, slot.outstanding.popleft(), reply)
+
+    def _stop_grace(self) -> float:
+        """How long a stopping driver waits for the running batch: within the daemon's
+        stop_timeout_s, leaving it time to write the batch and requeue what is left."""
+        t = self.cfg.daemon.stop_timeout_s
+        return max(0.0, t - min(5.0, t / 4))
+
+    def _take_back_queued(self, slot: Slot, store) -> None:
+        queued = list(slot.outstanding)[1:]
+        if not queued:
+            return
+        for batch in queued:
+            self._requeue(store, batch, counted=False)
+            slot.outstanding.pop()
+        slot.discard = True
+        log.info("worker.queued_requeued", worker=slot.index, device=slot.device,
+                 batches=len(queued), lines=sum(len(b.rows) for b in queued))
 
     def _start(self, slot: Slot, store) -> None:
         c = self.cfg.cluster
@@ -585,28 +647,36 @@ class WorkerPool:
     def _died(self, slot: Slot, store, reason: str) -> None:
         log.error("worker.died", worker=slot.index, device=slot.device, pid=slot.pid,
                   host=slot.host, error=reason, batches_requeued=len(slot.outstanding))
-        self._lost(slot, store, reason)
+        self._kill(slot)   # first: no answer of the dead worker is read after this
+        self._lost(slot, store)
+        self._failure(slot, store, reason)
+
+    def _kill(self, slot: Slot) -> None:
+        """Once per handle (a second ray.kill would hit the actor Ray just restarted)."""
         if slot.handle is not None:
             slot.handle.kill()
             slot.handle = None
-        self._failure(slot, store, reason)
 
-    def _lost(self, slot: Slot, store, reason: str) -> None:
+    def _lost(self, slot: Slot, store) -> None:
         """The worker's batches go back to pending. The one it was running keeps the
         attempt of its synthesized lines (it may be what killed the worker); the ones
         queued behind it never started and get their attempt back."""
         for i, batch in enumerate(slot.outstanding):
-            model = {r.id for g in batch.groups for r in g}
-            counted = [r.id for r in batch.rows if i == 0 and r.id in model]
-            undone = [r.id for r in batch.rows if r.id not in counted]
-            if counted:
-                store.release(counted, undo_attempt=False)
-            if undone:
-                store.release(undone, undo_attempt=True)
-            if batch.dead:   # lines the feeder already failed: the Sink must still see them
-                self.write_q.put(type(batch)([], "", dead=batch.dead))
-            self.forget([r.id for r in batch.rows])
+            self._requeue(store, batch, counted=i == 0)
         slot.outstanding.clear()
+
+    def _requeue(self, store, batch, counted: bool) -> None:
+        """One batch back to pending; ``counted``: its model lines keep their attempt."""
+        model = {r.id for g in batch.groups for r in g} if counted else set()
+        kept = [r.id for r in batch.rows if r.id in model]
+        undone = [r.id for r in batch.rows if r.id not in model]
+        if kept:
+            store.release(kept, undo_attempt=False)
+        if undone:
+            store.release(undone, undo_attempt=True)
+        if batch.dead:   # lines the feeder already failed: the Sink must still see them
+            self.write_q.put(type(batch)([], "", dead=batch.dead))
+        self.forget([r.id for r in batch.rows])
 
     def _failure(self, slot: Slot, store, reason: str) -> None:
         c = self.cfg.cluster
