@@ -221,7 +221,8 @@ def cmd_bench(cfg: Config, ns: argparse.Namespace) -> int:
     if ns.devices:
         from ttsd import scalebench
         report = scalebench.run(cfg, ns.devices, lines=ns.lines,
-                                batch=int(ns.batch_sizes.split(",")[0]) if ns.batch_sizes else 0)
+                                batch=int(ns.batch_sizes.split(",")[0]) if ns.batch_sizes else 0,
+                                end_to_end=ns.end_to_end)
         print(json.dumps(report, indent=2, default=str) if ns.json
               else scalebench.render(report))
         return 0

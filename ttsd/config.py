@@ -127,6 +127,12 @@ class BatchingConfig:
     """Threads encoding, writing and fsyncing WAV files; 0 = auto (one per core, at
     most 8: each WAV is fsynced before its line is marked done)."""
 
+    @property
+    def writers(self) -> int:
+        """``writer_threads`` resolved (0 = one per core, at most 8)."""
+        import os
+        return self.writer_threads or min(8, os.cpu_count() or 1)
+
 
 @dataclass(frozen=True)
 class OutputConfig:

@@ -330,7 +330,7 @@ class Daemon:
     def _sink_loop(self) -> None:
         store = Store(self.cfg.paths.db)
         sink = Sink(self.cfg, self.engine,
-                    self.cfg.batching.writer_threads or min(8, os.cpu_count() or 1))
+                    self.cfg.batching.writers)
         try:
             while True:
                 batch = self.write_q.get()

@@ -36,7 +36,8 @@ def devices_for(spec: str) -> list[str]:
     return [d.strip() for d in spec.split(",") if d.strip()]
 
 
-def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0) -> dict[str, Any]:
+def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0,
+        end_to_end: bool = False) -> dict[str, Any]:
     from ttsd.bench import bench_lines
     from ttsd.engine.runtime import GPU_BATCH, Engine, Request
     from ttsd.engine.voice import discover
@@ -64,8 +65,31 @@ def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0) -> di
         r["speedup"] = r["x_realtime"] / base if base else None
         r["efficiency"] = r["speedup"] / r["devices"] if base else None
     host = _host_limits(cfg, facts, reqs, audio_by_key, texts)
-    return {"devices": devs, "lines": n_lines, "batch": size, "rows": rows, "host": host,
-            "audio_s": sum(len(a) / info.sample_rate for a in audio_by_key.values())}
+    report = {"devices": devs, "lines": n_lines, "batch": size, "rows": rows, "host": host,
+              "audio_s": sum(len(a) / info.sample_rate for a in audio_by_key.values())}
+    if end_to_end:
+        report["end_to_end"] = end_to_end_rows(cfg, devs, texts)
+    return report
+
+
+def end_to_end_rows(cfg: Config, devs: list[str], texts: list[str]) -> list[dict[str, Any]]:
+    """The whole daemon (`ttsd run --once`: inbox → WAVs fsynced → rows committed) with
+    engine.devices = the first k devices, k = 1..N; x-realtime from the file's claim to
+    its last WAV. k = 1 runs the model inside the daemon, as a one-GPU install does."""
+    from ttsd.bench import bench_end_to_end
+
+    rows: list[dict[str, Any]] = []
+    for k in range(1, len(devs) + 1):
+        r = bench_end_to_end(cfg, texts, cfg.engine.dtype, devices=devs[:k], cache_run=False)
+        syn = r["synthesize"]
+        x = syn.get("x_realtime_claim_to_last_wav") or 0.0
+        base = rows[0]["x_realtime"] if rows else x
+        rows.append({"devices": k, "names": devs[:k], "x_realtime": x,
+                     "wavs": syn["wavs"], "lines": syn["lines"], "rc": syn["rc"],
+                     "speedup": x / base if base else None,
+                     "efficiency": x / base / k if base else None,
+                     "stderr_tail": syn.get("stderr_tail", "")})
+    return rows
 
 
 def _scale_row(cfg: Config, devs: list[str], batches: list[list], audio_by_key: dict) -> dict:
@@ -142,7 +166,7 @@ def _host_limits(cfg: Config, engine: Any, reqs: list, audio_by_key: dict,
     t0 = time.perf_counter()
     engine.prepare(reqs)
     phon = time.perf_counter() - t0
-    threads = cfg.batching.writer_threads
+    threads = cfg.batching.writers
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(threads) as pool:
         t0 = time.perf_counter()
         list(pool.map(lambda kv: write_wav(Path(tmp) / f"{kv[0]}.wav", kv[1], 22050,
@@ -166,6 +190,14 @@ def render(report: dict[str, Any]) -> str:
         per = " / ".join(f"{x:.1f}" for x in r["per_worker_x"] if x)
         out.append(f"| {r['devices']} | {r['x_realtime']:.1f} | {r['speedup']:.2f}× | "
                    f"{100 * r['efficiency']:.0f}% | {per} |")
+    if report.get("end_to_end"):
+        out += ["", "end to end (the daemon: inbox → WAVs on disk):", "",
+                "| devices | x-realtime | speed-up | efficiency | WAVs |", "|---|---|---|---|---|"]
+        for r in report["end_to_end"]:
+            sp = f"{r['speedup']:.2f}×" if r["speedup"] else "-"
+            ef = f"{100 * r['efficiency']:.0f}%" if r["efficiency"] else "-"
+            out.append(f"| {r['devices']} | {r['x_realtime']:.1f} | {sp} | {ef} | "
+                       f"{r['wavs']}/{r['lines']} |")
     h = report["host"]
     out += ["", f"host: phonemizing {h['phonemize_ms_per_line']:.2f} ms/line = "
                 f"{h['phonemize_x_per_core']:,.0f}× realtime per core (workers phonemize: "

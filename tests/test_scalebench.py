@@ -1,0 +1,25 @@
+"""`ttsd bench --devices … --end-to-end`: the scaling table the multi-GPU run needs
+(issue 6), exercised on two CPU workers with the fast stand-in model. Slow: it starts
+three worker processes and two daemons."""
+
+from __future__ import annotations
+
+import pytest
+
+from ttsd import scalebench
+from ttsd.config import Config
+
+
+@pytest.mark.slow
+def test_scaling_table_model_and_end_to_end(monkeypatch):
+    monkeypatch.setenv("TTSD_FAULTS", "fast")
+    report = scalebench.run(Config(), "cpu,cpu", lines=12, end_to_end=True)
+    assert [r["devices"] for r in report["rows"]] == [1, 2]
+    assert all(r["x_realtime"] > 0 and sum(r["batches"]) == 12 for r in report["rows"])
+    e2e = report["end_to_end"]
+    assert [r["devices"] for r in e2e] == [1, 2]
+    for r in e2e:   # every line became a WAV through the daemon, which exited cleanly
+        assert r["rc"] == 0 and r["wavs"] == r["lines"] == 12, r
+        assert r["x_realtime"] > 0
+    assert e2e[0]["efficiency"] == pytest.approx(1.0)
+    assert "end to end" in scalebench.render(report)
