@@ -26,7 +26,6 @@ import numpy as np
 
 from ttsd.config import Config
 from ttsd.engine.runtime import Engine, Prepared, Request
-from ttsd.engine.voice import discover
 
 _SUBJECTS = ["The committee", "My neighbour", "A small robot", "The old lighthouse keeper",
              "Our train", "The quarterly report", "Doctor Alvarez", "The red fox"]
@@ -59,13 +58,11 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _engine(cfg: Config, dtype: str, max_batch: int, compile: str | None = None) -> Engine:
-    e = cfg.engine
-    return Engine(discover(e.voices_dir), device=e.device, dtype=dtype,
-                  memory_fraction=e.memory_fraction, cudnn_benchmark=e.cudnn_benchmark,
-                  cache_dir=cfg.paths.voices_cache, max_batch=max_batch,
-                  max_audio_s_per_char=e.max_audio_s_per_char,
-                  sentence_silence_s=e.sentence_silence_s, token_budget=10**9,
-                  compile=compile or e.compile)
+    """The configured engine with no phoneme budget (the bench sizes batches itself)."""
+    from ttsd.daemon import build_engine
+
+    return build_engine(cfg, dtype=dtype, max_batch=max_batch, token_budget=10**9,
+                        compile=compile, phonemizers=0)
 
 
 def _requests(cfg: Config, engine: Engine, lines: list[str]) -> list[Request]:

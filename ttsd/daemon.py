@@ -51,15 +51,19 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
 
 
-def build_engine(cfg: Config, device: str | None = None, *, compile: str | None = None,
-                 phonemizers: int | None = None) -> Engine:
-    """The daemon's engine; ``phonemizers=0`` phonemizes in this process (``say``)."""
+def build_engine(cfg: Config, device: str | None = None, *, dtype: str | None = None,
+                 max_batch: int | None = None, token_budget: int | None = None,
+                 compile: str | None = None, phonemizers: int | None = None) -> Engine:
+    """The engine the config describes; the one constructor for the daemon, its worker
+    processes, ``say`` and ``bench``. Keyword arguments override the config;
+    ``phonemizers=0`` phonemizes in this process."""
     e = cfg.engine
-    return Engine(discover(e.voices_dir), device=device or e.device, dtype=e.dtype,
+    return Engine(discover(e.voices_dir), device=device or e.device, dtype=dtype or e.dtype,
                   memory_fraction=e.memory_fraction, cudnn_benchmark=e.cudnn_benchmark,
                   max_audio_s_per_char=e.max_audio_s_per_char,
                   sentence_silence_s=e.sentence_silence_s, cache_dir=cfg.paths.voices_cache,
-                  max_batch=cfg.batching.max_batch_size, token_budget=cfg.batching.max_phonemes,
+                  max_batch=cfg.batching.max_batch_size if max_batch is None else max_batch,
+                  token_budget=token_budget or cfg.batching.max_phonemes,
                   compile=compile or e.compile,
                   phonemizer_processes=phonemizers if phonemizers is not None else
                   (e.phonemizer_processes or max(1, min(4, (os.cpu_count() or 1) // 4))))
@@ -122,8 +126,7 @@ class Daemon:
         if pooled:
             self._start_pool(store)
         elif cfg.engine.warmup:
-            warm_s = self.engine.warmup(default, sizes=(1, 8, 32) if
-                                        self.engine.device.type == "cuda" else (1,))
+            warm_s = self.engine.warmup(default)
         log.info("engine.ready", voice=default, device=str(self.engine.device),
                  dtype=str(self.engine.dtype).split(".")[-1], load_s=round(time.perf_counter() - t0, 2),
                  warmup_s=round(warm_s, 2))

@@ -39,7 +39,6 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -81,39 +80,20 @@ def cpu_threads(cfg: Config, n_cpu_workers: int) -> int:
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """Everything a worker needs to build its engine (picklable: sent to a process or
-    a Ray actor)."""
+    """What a worker needs to build its engine: the daemon's own (frozen, picklable)
+    config, its device and its torch threads. Sent to a process or a Ray actor."""
 
+    cfg: Config
     device: str
-    voice: str
-    voices_dir: Path | None
-    cache_dir: Path | None
-    dtype: str = "auto"
-    memory_fraction: float = 0.9
-    cudnn_benchmark: bool = False
-    max_audio_s_per_char: float = 0.5
-    sentence_silence_s: float = 0.2
-    max_batch: int = 0
-    token_budget: int = 80000
-    warmup: bool = True
     threads: int = 0
-    pcm16: bool = True
-    free_memory_every_s: float = 0.0
-    compile: str = "auto"
+
+    @property
+    def pcm16(self) -> bool:
+        return self.cfg.output.subtype == "PCM_16"
 
 
 def spec_for(cfg: Config, device: str, threads: int = 0) -> WorkerSpec:
-    e = cfg.engine
-    return WorkerSpec(device=device, voice=e.voice, voices_dir=e.voices_dir,
-                      cache_dir=cfg.paths.voices_cache, dtype=e.dtype,
-                      memory_fraction=e.memory_fraction, cudnn_benchmark=e.cudnn_benchmark,
-                      max_audio_s_per_char=e.max_audio_s_per_char,
-                      sentence_silence_s=e.sentence_silence_s,
-                      max_batch=cfg.batching.max_batch_size,
-                      token_budget=cfg.batching.max_phonemes, warmup=e.warmup,
-                      threads=threads, pcm16=cfg.output.subtype == "PCM_16",
-                      free_memory_every_s=cfg.memory.free_memory_every_s,
-                      compile=e.compile)
+    return WorkerSpec(cfg, device, threads)
 
 
 class WorkerCore:
@@ -122,26 +102,20 @@ class WorkerCore:
     def __init__(self, spec: WorkerSpec) -> None:
         import torch
 
-        from ttsd.engine.runtime import Engine
-        from ttsd.engine.voice import discover
+        from ttsd.daemon import build_engine   # here: the daemon module imports this one
 
         t0 = time.perf_counter()
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec
-        self.engine = Engine(discover(spec.voices_dir), device=spec.device, dtype=spec.dtype,
-                             memory_fraction=spec.memory_fraction,
-                             cudnn_benchmark=spec.cudnn_benchmark,
-                             max_audio_s_per_char=spec.max_audio_s_per_char,
-                             sentence_silence_s=spec.sentence_silence_s,
-                             cache_dir=spec.cache_dir, max_batch=spec.max_batch,
-                             token_budget=spec.token_budget, compile=spec.compile)
-        self.engine.voice(spec.voice)
+        voice = spec.cfg.engine.voice
+        # Each worker phonemizes its own batches in its own process (phonemizers=0).
+        self.engine = build_engine(spec.cfg, spec.device, phonemizers=0)
+        self.engine.voice(voice)
         self.load_s = time.perf_counter() - t0
         self.warmup_s = 0.0
-        if spec.warmup:
-            cuda = self.engine.device.type == "cuda"
-            self.warmup_s = self.engine.warmup(spec.voice, sizes=(1, 8, 32) if cuda else (1,))
+        if spec.cfg.engine.warmup:
+            self.warmup_s = self.engine.warmup(voice)
         self.last_release = time.monotonic()
 
     def info(self) -> dict[str, Any]:
@@ -164,7 +138,7 @@ class WorkerCore:
                             r.phonemes) for r in results],
                "stats": stats, "prepare_ms": prepare_ms, "model_ms": model_ms,
                "memory": self.engine.memory(), "released": None}
-        every = self.spec.free_memory_every_s
+        every = self.spec.cfg.memory.free_memory_every_s
         if every > 0 and time.monotonic() - self.last_release >= every:
             out["released"] = self.release()
         return out

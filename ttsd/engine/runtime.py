@@ -258,8 +258,11 @@ class Engine:
         self._loaded[name] = lv
         return lv
 
-    def warmup(self, name: str, sizes: Sequence[int] = (1, 8, 32)) -> float:
-        """Run typical shapes once so kernels are chosen and memory is reserved."""
+    def warmup(self, name: str, sizes: Sequence[int] | None = None) -> float:
+        """Run typical shapes once so kernels are chosen (and compiled) and memory is
+        reserved; by default batches of 1, 8 and 32 on a GPU, one line on the CPU."""
+        if sizes is None:
+            sizes = (1, 8, 32) if self.device.type == "cuda" else (1,)
         lv = self.voice(name)
         t0 = time.perf_counter()
         text = "This is a warm-up sentence for the voice, with a comma and a number: 42."
