@@ -114,6 +114,29 @@ def test_seed_alone_vs_in_batch(engine):
     assert len(other_seed.audio) != len(alone.audio) or _rel(other_seed.audio, alone.audio) > 1e-2
 
 
+def test_plan_overlapping_finish_gives_the_same_audio(engine):
+    """The daemon plans batch B (text half, feeder thread) while batch A finishes (audio
+    half, model thread): the audio is what one ``run`` per batch gives."""
+    import threading
+
+    a = engine.prepare(_requests(LINES[:4], seed=5))
+    b = engine.prepare(_requests(LINES[8:12], seed=6, key0=50))
+    want_a, want_b = engine.run(a)[0], engine.run(b)[0]
+    plan_a = engine.plan(a)
+    got: dict = {}
+    planner = threading.Thread(target=lambda: got.setdefault("b", engine.plan(b)))
+    planner.start()
+    res_a, stats_a = engine.finish(plan_a)
+    planner.join()
+    res_b, stats_b = engine.finish(got["b"])
+    assert stats_a.text_calls >= 1 and stats_a.audio_calls >= 1 and stats_b.audio_calls >= 1
+    for want, res in ((want_a, res_a), (want_b, res_b)):
+        assert [r.key for r in res] == [r.key for r in want]
+        for w, r in zip(want, res):
+            assert r.error is None and len(r.audio) == len(w.audio) > 0
+            assert _rel(r.audio, w.audio) < 1e-5, (r.key, _rel(r.audio, w.audio))
+
+
 def test_empty_text_is_an_error_result(engine):
     results = engine.synthesize(_requests(["...", "", "Fine."]))
     assert len(results) == 3
