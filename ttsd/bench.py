@@ -75,10 +75,11 @@ def _requests(cfg: Config, engine: Engine, lines: list[str]) -> list[Request]:
 
 
 def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
-                   repeat_until_s: float = 0.0) -> dict[str, Any]:
+                   overlap: bool = True) -> dict[str, Any]:
     """Run ``prepared`` in batches of ``size`` (sorted by length, as the daemon does), the
     way the daemon runs them: batch i+1's text half (``Engine.plan``, another thread)
-    overlaps batch i's audio half (``Engine.finish``). Latency = plan + finish of a batch."""
+    overlaps batch i's audio half (``Engine.finish``); ``overlap=False``: one after the
+    other in this thread. Latency = plan + finish of a batch."""
     order = sorted(prepared, key=lambda p: -p.phonemes) if size > 1 else prepared
     batches = [order[i:i + size] for i in range(0, len(order), size)]
     for b in {id(batches[0]): batches[0], id(batches[-1]): batches[-1]}.values():
@@ -96,6 +97,8 @@ def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
             planned, plan_ms = ahead.result()
             if i + 1 < len(batches):
                 ahead = pool.submit(plan, batches[i + 1])
+                if not overlap:
+                    ahead.result()
             t = time.perf_counter()
             results, stats = engine.finish(planned)
             lat.append(plan_ms + (time.perf_counter() - t) * 1000)
@@ -108,7 +111,7 @@ def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
             "latency_ms_p50": round(_pct(lat, 50), 1), "latency_ms_p95": round(_pct(lat, 95), 1),
             "padding_efficiency": round(frames / slots, 3) if slots else 1.0,
             "text_half_ms": round(text_ms, 1), "audio_half_ms": round(audio_ms, 1),
-            "compiled": engine.compile}
+            "compiled": engine.compile, "overlap": overlap}
 
 
 def _stft_mag(a: np.ndarray, n_fft: int = 1024, hop: int = 256) -> np.ndarray:
@@ -355,6 +358,9 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
             eng.frame_budget = 10**9
             row = _timed_batches(eng, prepared, size)
             row["dtype"] = dtype
+            if size == max(sizes) and size > 1:   # what the overlap of the halves buys
+                row["x_realtime_no_overlap"] = _timed_batches(
+                    eng, prepared, size, overlap=False)["x_realtime"]
             if gpu:
                 row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 torch.cuda.reset_peak_memory_stats()
@@ -417,6 +423,9 @@ def render(r: dict[str, Any]) -> str:
         out.append(f"{'batched':22} {row['dtype']:9} {row['batch']:>5} {row['x_realtime']:>11} "
                    f"{row['latency_ms_p50']:>8} {row['latency_ms_p95']:>8} "
                    f"{row['padding_efficiency']:>8} {row.get('peak_gpu_gib', ''):>9}")
+        if "x_realtime_no_overlap" in row:
+            out.append(f"{'  halves not overlapped':22} {row['dtype']:9} {row['batch']:>5} "
+                       f"{row['x_realtime_no_overlap']:>11}")
     for row in r.get("piper", []):
         out.append(f"{'piper onnxruntime':22} {'float32':9} {'1':>5} {row['x_realtime']:>11} "
                    f"   ({row['processes']} proc × {row['threads_each']} threads)")
