@@ -600,3 +600,38 @@ def test_other_subtypes_still_use_libsndfile() -> None:
         assert writer.encode_wav(x, SR, subtype) == buf.getvalue()
     with pytest.raises(TypeError):   # soundfile still judges a rate that is not an int
         writer.encode_wav(x, 22050.0)   # type: ignore[arg-type]
+
+
+def test_write_wav_without_folder_sync_is_complete(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sync_dir=False`` skips only the folder fsync (the caller does it once per
+    batch): the file's data is fsynced, the file is complete, readable by soundfile
+    and the same bytes as with the folder fsync."""
+    folder_syncs: list[Path] = []
+    real = writer._fsync_dir
+    monkeypatch.setattr(writer, "_fsync_dir", lambda p: (folder_syncs.append(p), real(p))[1])
+    file_syncs: list[str] = []
+    real_fsync = writer.os.fsync
+
+    def fsync(fd: int) -> None:
+        file_syncs.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(writer.os, "fsync", fsync)
+    x = tone(1.0)
+    x[:5] = [1.0, -1.0, 0.0, -1e-10, 2.0]
+    for subtype in ("PCM_16", "PCM_24"):
+        fast, slow = tmp_path / f"nosync-{subtype}.wav", tmp_path / f"sync-{subtype}.wav"
+        folder_syncs.clear()
+        file_syncs.clear()
+        n = write_wav(fast, x, SR, subtype, sync_dir=False)
+        assert folder_syncs == [] and len(file_syncs) == 1 and file_syncs[0].endswith(".tmp")
+        write_wav(slow, x, SR, subtype)
+        assert folder_syncs == [tmp_path]
+        assert n == fast.stat().st_size and fast.read_bytes() == slow.read_bytes()
+        assert wav_ok(fast, sample_rate=SR)
+        data, rate = sf.read(str(fast), dtype="float32")
+        assert rate == SR and len(data) == len(x)
+        assert np.abs(data - np.clip(x, -1, 1)).max() <= 2.0 / 32768
+        writer.fsync_dir(tmp_path)
+    assert temps(tmp_path) == []

@@ -3,7 +3,8 @@
 A file appears under its final name only when complete: the bytes go to a temp file
 ``.<name>.<8 hex>.tmp`` in the same folder (``O_EXCL``), then ``fsync(tmp)``, a rename
 that never replaces an existing file (``renameat2(RENAME_NOREPLACE)``, else link +
-unlink), and ``fsync(folder)``. On any error the temp file is removed before the error
+unlink), and ``fsync(folder)`` (for a batch of WAVs, once per folder by the caller:
+``sync_dir=False``). On any error the temp file is removed before the error
 propagates, so a crash or a full disk leaves no partial file behind; temps left by a
 ``kill -9`` are removed by ``remove_stale_temps`` at start. Only this module imports
 soundfile.
@@ -127,13 +128,15 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def write_atomic(path: Path, data: bytes, *, overwrite: bool = False,
-                 crash_at: str | None = None) -> int:
+                 crash_at: str | None = None, sync_dir: bool = True) -> int:
     """Write ``data`` to ``path`` atomically and durably; returns the byte count.
 
     FileExistsError if ``path`` exists and not ``overwrite``. No temp file survives an
     error (ENOSPC and EIO propagate as OSError after cleanup). ``crash_at`` names the
     crash point (ttsd.crash) reached once the temp file is written and synced, before
-    the rename.
+    the rename. ``sync_dir=False``: the data is still fsynced before the rename, but
+    the rename itself is durable only once the caller fsyncs the folder (``fsync_dir``,
+    once for a whole batch), which it must do before it relies on the file.
     """
     path = Path(path)
     if not overwrite and os.path.lexists(path):
@@ -155,7 +158,8 @@ def write_atomic(path: Path, data: bytes, *, overwrite: bool = False,
     except BaseException:
         _remove_quietly(tmp)
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
     return len(data)
 
 
@@ -228,17 +232,20 @@ def _pcm16_wav(clipped: np.ndarray, sample_rate: int) -> bytes | None:
 
 
 def write_wav(path: Path, samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16", *,
-              overwrite: bool = False) -> int:
+              overwrite: bool = False, sync_dir: bool = True) -> int:
     """Encode and write one WAV atomically; returns the bytes written.
 
     Raises FileExistsError rather than overwrite (unless ``overwrite``), ValueError for
     NaN/Inf samples, OSError (ENOSPC, EIO…) after removing the temp file.
+    ``sync_dir=False``: the caller fsyncs the folder itself (once for a whole batch)
+    before recording the line as done; the file's own data is synced here either way.
     """
     path = Path(path)
     if not overwrite and os.path.lexists(path):
         raise _exists_error(path)
     data = encode_wav(samples, sample_rate, subtype)
-    written = write_atomic(path, data, overwrite=overwrite, crash_at="after_tmp")
+    written = write_atomic(path, data, overwrite=overwrite, crash_at="after_tmp",
+                           sync_dir=sync_dir)
     log.debug("writer.wav", path=str(path), bytes=written)
     return written
 
