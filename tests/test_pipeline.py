@@ -115,3 +115,15 @@ def test_a_folder_that_cannot_be_synced_keeps_its_lines_pending(
     retry.existing = rows
     assert sink.write(store, retry)["done"] == 3
     assert set(_states(store).values()) == {"done"}
+
+
+@pytest.mark.parametrize("cores, threads", [(1, 2), (2, 4), (8, 16), (16, 32), (32, 32),
+                                            (128, 32), (None, 2)])
+def test_auto_writer_threads(cores: int | None, threads: int,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """batching.writer_threads = 0: two I/O-bound writers per core, at most 32; a set
+    value is used as it is."""
+    from ttsd.config import BatchingConfig
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert BatchingConfig().writers == threads
+    assert BatchingConfig(writer_threads=3).writers == 3
