@@ -200,6 +200,22 @@ def test_int16_wire_gives_the_same_wav_bytes() -> None:
     assert _wire(audio, pcm16=False) is audio   # PCM_24/32/FLOAT outputs get float32
 
 
+def test_int16_wire_is_exact_for_values_near_zero() -> None:
+    """The wire uses libsndfile's rounding, not floor(x × 32768): tiny negatives become
+    0 and values just under a step round up, exactly as the written WAV has them."""
+    from ttsd.workers import _wire, unwire
+    from ttsd.writer import encode_wav
+
+    audio = np.array([-1e-10, -(2.0**-33), (65536 - 0.5) / 2**31, -(65536 * 3 + 0.25) / 2**31,
+                      -0.0, 0.0, 1.0, -1.0, 2.0**-40], dtype=np.float32)
+    wire = _wire(audio, pcm16=True)
+    assert wire.tolist() == [0, 0, 1, -3, 0, 0, 32767, -32768, 0]
+    assert encode_wav(unwire(wire), 22050) == encode_wav(audio, 22050)
+    rng = np.random.default_rng(11)
+    small = (rng.standard_normal(200_000) * 2.0**-10).astype(np.float32)
+    assert encode_wav(unwire(_wire(small, pcm16=True)), 22050) == encode_wav(small, 22050)
+
+
 @pytest.mark.parametrize("table, needle", [
     ('[engine]\ndevices = ["gpu0"]', "engine.devices"),
     ('[engine]\ndevices = 3', "engine.devices"),

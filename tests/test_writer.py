@@ -147,13 +147,26 @@ def test_concurrent_reader_never_sees_partial_wav(tmp_path: Path) -> None:
 def test_crash_inside_soundfile_leaves_nothing(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Row 23: an exception raised inside soundfile's write (after it wrote some bytes)
-    leaves no partial WAV and no tmp."""
+    leaves no partial WAV and no tmp. (PCM_24: PCM_16 no longer goes through soundfile;
+    its own encoder is covered by the next test.)"""
     def exploding(file: object, data: object, *args: object, **kw: object) -> None:
         file.write(b"RIFF\x00\x00")  # type: ignore[attr-defined]
         raise RuntimeError("simulated crash inside libsndfile")
 
     monkeypatch.setattr(sf, "write", exploding)
     with pytest.raises(RuntimeError, match="simulated"):
+        write_wav(tmp_path / "x.wav", tone(0.1), SR, "PCM_24")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_crash_inside_pcm16_encoder_leaves_nothing(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Row 23: the same for the PCM_16 encoder (numpy, no soundfile)."""
+    def exploding(clipped: object) -> None:
+        raise MemoryError("simulated crash inside the PCM_16 encoder")
+
+    monkeypatch.setattr(writer, "pcm16", exploding)
+    with pytest.raises(MemoryError, match="simulated"):
         write_wav(tmp_path / "x.wav", tone(0.1), SR)
     assert list(tmp_path.iterdir()) == []
 
@@ -484,3 +497,141 @@ def test_encode_is_pure_bytes() -> None:
     t0 = time.monotonic()
     writer.encode_wav(tone(10.0), SR)
     assert time.monotonic() - t0 < 1.0
+
+
+# -- PCM_16 without libsndfile ------------------------------------------------------------
+
+
+def _libsndfile_wav(samples: np.ndarray, rate: int) -> bytes:
+    """What soundfile/libsndfile writes for these float32 samples (clipped to [-1, 1])."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0), rate,
+             subtype="PCM_16", format="WAV")
+    return buf.getvalue()
+
+
+def _edge_samples() -> np.ndarray:
+    """Values where a float → int16 rule can go wrong: ±1, ±0, every k/32768 and
+    k/32767 step, half and quarter steps, the neighbours of each (nextafter), values
+    where x·2³¹ has a fraction (|x| < 2⁻⁸: the rounding before the shift), tiny
+    negatives, subnormals, and values past ±1 (clipped)."""
+    k = np.arange(-32768, 32769, dtype=np.float64)
+    steps = np.concatenate([k / 32768, k / 32767, (k + 0.5) / 32768, (k + 0.25) / 32768,
+                            (k + 0.75) / 32768]).astype(np.float32)
+    near = np.concatenate([np.nextafter(steps, np.float32(2)), np.nextafter(steps, np.float32(-2))])
+    m = np.arange(-130, 131, dtype=np.float64) * 65536   # multiples of 2¹⁶ in x·2³¹ units
+    frac = np.concatenate([m + d for d in (-0.75, -0.5, -0.25, 0.25, 0.5, 0.75, 1.5, -1.5)])
+    tiny = np.array([0.0, -0.0, 1e-45, -1e-45, 1e-38, -1e-38, 1e-30, -1e-30, 1e-10, -1e-10,
+                     2.0**-32, -(2.0**-32), 2.0**-33, -(2.0**-33), 3 * 2.0**-33,
+                     -3 * 2.0**-33, 1.0, -1.0, 1.5, -1.5, 3.0, -3.0, 1e30, -1e30,
+                     np.float32(1) - np.float32(2.0**-24), -1 + 2.0**-24], dtype=np.float32)
+    return np.concatenate([steps, near, (frac / 2.0**31).astype(np.float32), tiny])
+
+
+@pytest.mark.parametrize("rate", [SR, 8000, 16000, 44100, 48000, 1, 2**31 - 1])
+def test_pcm16_encoder_is_byte_identical_to_libsndfile(
+        rate: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PCM_16 WAVs are built without libsndfile, and are byte for byte what it writes:
+    the 44-byte header and every sample, over edge values, seeded random signals of
+    several lengths (empty, 1, odd), and float64 input."""
+    rng = np.random.default_rng(20240611)
+    edges = _edge_samples()
+    signals = [edges, edges[::-1].copy(), np.zeros(0, np.float32),
+               np.array([-0.0], np.float32), np.array([1.0], np.float32),
+               np.array([-1.0], np.float32), np.array([-1e-10], np.float32)]
+    for n in (1, 2, 3, 1001, 4096, 22_050, 140_001):
+        signals.append((rng.standard_normal(n) * 0.3).astype(np.float32))
+        signals.append(rng.uniform(-1.2, 1.2, n).astype(np.float32))
+    signals.append(rng.standard_normal(7777) * 0.5)   # float64: cast to float32 first
+    signals.append(rng.standard_normal(33).astype(np.float32)[::3])   # not contiguous
+    expected = [_libsndfile_wav(x, rate) for x in signals]
+
+    def no_soundfile(*args: object, **kw: object) -> None:
+        raise AssertionError("PCM_16 must not go through soundfile")
+
+    monkeypatch.setattr(sf, "write", no_soundfile)
+    for x, want in zip(signals, expected):
+        got = writer.encode_wav(x, rate)
+        assert got[:44] == want[:44], (rate, len(x))
+        if got != want:
+            a, b = np.frombuffer(got[44:], "<i2"), np.frombuffer(want[44:], "<i2")
+            i = int(np.nonzero(a != b)[0][0]) if len(a) == len(b) else -1
+            raise AssertionError(f"rate {rate}, {len(x)} samples: first difference at "
+                                 f"sample {i}: {x[i]!r} → {a[i]} (libsndfile {b[i]})")
+    assert len(expected[2]) == 44   # an empty WAV is a bare header
+
+
+def _check_bit_patterns(start: int, stop: int, step: int = 1) -> None:
+    """encode_wav == libsndfile for the float32 bit patterns start, start+step… < stop,
+    and their negatives."""
+    chunk = (1 << 23) * step
+    for sign in (0, 0x80000000):
+        for lo in range(start, stop, chunk):
+            bits = np.arange(lo, min(lo + chunk, stop), step, dtype=np.uint32) | np.uint32(sign)
+            x = bits.view(np.float32)
+            assert writer.encode_wav(x, SR) == _libsndfile_wav(x, SR), hex(lo | sign)
+
+
+def _bits(x: float) -> int:
+    return int(np.float32(x).view(np.uint32))
+
+
+def test_pcm16_encoder_matches_libsndfile_where_rounding_matters() -> None:
+    """Every float32 in the binades where libsndfile's lrintf(x·2³¹) >> 16 differs from
+    floor(x·32768) — [2⁻³⁴, 2⁻³¹) (tiny negatives round to 0) and [2⁻¹⁶, 2⁻¹⁴) (a
+    round up carries into the next step) — both signs, plus every 101st float32 of
+    [0, 1]: ~10⁸ values."""
+    _check_bit_patterns(_bits(2.0**-34), _bits(2.0**-31))
+    _check_bit_patterns(_bits(2.0**-16), _bits(2.0**-14))
+    _check_bit_patterns(0, _bits(1.0) + 1, 101)
+
+
+@pytest.mark.slow
+def test_pcm16_encoder_matches_libsndfile_for_every_float32() -> None:
+    """All 2,130,706,434 float32 values in [-1, 1] (anything else is clipped to ±1)."""
+    _check_bit_patterns(0, _bits(1.0) + 1)
+
+
+def test_other_subtypes_still_use_libsndfile() -> None:
+    x = tone(0.05)
+    for subtype in ("PCM_24", "PCM_32", "FLOAT"):
+        buf = io.BytesIO()
+        sf.write(buf, x, SR, subtype=subtype, format="WAV")
+        assert writer.encode_wav(x, SR, subtype) == buf.getvalue()
+    with pytest.raises(TypeError):   # soundfile still judges a rate that is not an int
+        writer.encode_wav(x, 22050.0)   # type: ignore[arg-type]
+
+
+def test_write_wav_without_folder_sync_is_complete(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """``sync_dir=False`` skips only the folder fsync (the caller does it once per
+    batch): the file's data is fsynced, the file is complete, readable by soundfile
+    and the same bytes as with the folder fsync."""
+    folder_syncs: list[Path] = []
+    real = writer._fsync_dir
+    monkeypatch.setattr(writer, "_fsync_dir", lambda p: (folder_syncs.append(p), real(p))[1])
+    file_syncs: list[str] = []
+    real_fsync = writer.os.fsync
+
+    def fsync(fd: int) -> None:
+        file_syncs.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(writer.os, "fsync", fsync)
+    x = tone(1.0)
+    x[:5] = [1.0, -1.0, 0.0, -1e-10, 2.0]
+    for subtype in ("PCM_16", "PCM_24"):
+        fast, slow = tmp_path / f"nosync-{subtype}.wav", tmp_path / f"sync-{subtype}.wav"
+        folder_syncs.clear()
+        file_syncs.clear()
+        n = write_wav(fast, x, SR, subtype, sync_dir=False)
+        assert folder_syncs == [] and len(file_syncs) == 1 and file_syncs[0].endswith(".tmp")
+        write_wav(slow, x, SR, subtype)
+        assert folder_syncs == [tmp_path]
+        assert n == fast.stat().st_size and fast.read_bytes() == slow.read_bytes()
+        assert wav_ok(fast, sample_rate=SR)
+        data, rate = sf.read(str(fast), dtype="float32")
+        assert rate == SR and len(data) == len(x)
+        assert np.abs(data - np.clip(x, -1, 1)).max() <= 2.0 / 32768
+        writer.fsync_dir(tmp_path)
+    assert temps(tmp_path) == []

@@ -112,6 +112,10 @@ class EngineConfig:
     (≈ 2× on an H100); costs ≈ 20-40 s at start-up (cached on disk by PyTorch after)."""
 
 
+WRITERS_MAX = 32
+"""The most writer threads ``batching.writer_threads = 0`` (auto) resolves to."""
+
+
 @dataclass(frozen=True)
 class BatchingConfig:
     max_batch_size: int = 0
@@ -124,14 +128,21 @@ class BatchingConfig:
     prefetch: int = 2
     """Batches prepared ahead of the GPU."""
     writer_threads: int = 0
-    """Threads encoding, writing and fsyncing WAV files; 0 = auto (one per core, at
-    most 8: each WAV is fsynced before its line is marked done)."""
+    """Threads encoding, writing and fsyncing WAV files; 0 = auto (two per core, at
+    most 32: see ``writers``)."""
 
     @property
     def writers(self) -> int:
-        """``writer_threads`` resolved (0 = one per core, at most 8)."""
+        """``writer_threads`` resolved; auto = ``min(32, 2 × cores)``.
+
+        A writer thread is I/O-bound: the PCM_16 encoder is numpy (~0.2 ms per 6 s line,
+        GIL released in the array loops) and the rest is write + fsync of the file, which
+        release the GIL and mostly wait on the disk. Two threads per core keep the cores
+        busy while the others wait (on a 2-core VM: 4 threads 0.77 ms/line, 2 threads
+        0.91, 8 threads 0.83, 32 threads 1.04); the cap bounds the WAVs in flight (~2 MB
+        of buffers each) and the fsyncs queued on one disk."""
         import os
-        return self.writer_threads or min(8, os.cpu_count() or 1)
+        return self.writer_threads or min(WRITERS_MAX, 2 * (os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ so phonemizing and writing overlap with the model:
   text half (``Engine.plan``: durations, on a side stream), so that it overlaps the
   previous batch's audio half;
 - ``Synth.run``: the audio half (``Engine.finish``), on the device;
-- ``Sink.write``: atomic WAVs, cache links, then one store transaction per batch.
+- ``Sink.write``: atomic WAVs, cache links, one fsync per touched folder, then one
+  store transaction per batch.
 """
 
 from __future__ import annotations
@@ -236,6 +237,7 @@ class Sink:
                 continue
             done.append((row.id, str(wav_path(row)), res.seconds, False))
             crash.point("after_rename")
+        done = self._sync_wav_folders(done, requeue)
         if self.cfg.cache.enabled:
             cache_rows = self._cache(batch, done)
         stats = None
@@ -264,11 +266,37 @@ class Sink:
             log.warning("lines.failed", count=len(failed), first=failed[0][1])
         return {"done": len(done), "failed": len(failed), "requeued": len(requeue)}
 
+    @staticmethod
+    def _sync_wav_folders(done: list[tuple[int, str, float, bool]],
+                          requeue: list[int]) -> list[tuple[int, str, float, bool]]:
+        """One fsync per folder holding a WAV of this batch (written now, or before a
+        crash and never committed), so every rename is durable before its line is done.
+        Lines in a folder that cannot be synced go back to pending (``requeue``).
+        The WAV writers skip their own folder fsync (``sync_dir=False``): one per batch
+        instead of one per line."""
+        folders = {Path(d[1]).parent for d in done if not d[3]}
+        failed: set[Path] = set()
+        for folder in folders:
+            try:
+                fsync_dir(folder)
+            except OSError as exc:
+                log.error("wav.folder_sync_failed", folder=str(folder), error=str(exc))
+                failed.add(folder)
+        if not failed:
+            return done
+        keep = []
+        for d in done:
+            if not d[3] and Path(d[1]).parent in failed:
+                requeue.append(d[0])
+            else:
+                keep.append(d)
+        return keep
+
     def _write_one(self, row: LineRow, res: Result) -> None:
         path = wav_path(row)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            write_wav(path, res.audio, res.sample_rate, self.subtype)
+            write_wav(path, res.audio, res.sample_rate, self.subtype, sync_dir=False)
         except FileExistsError:
             if not wav_ok(path, sample_rate=res.sample_rate):
                 raise OSError(f"{path} exists and is not a valid WAV; not overwriting") from None

@@ -159,7 +159,7 @@ def _scale_row(cfg: Config, devs: list[str], batches: list[list], audio_by_key: 
 
 def _host_limits(cfg: Config, engine: Any, reqs: list, audio_by_key: dict,
                  texts: list[str]) -> dict[str, Any]:
-    from ttsd.writer import write_wav
+    from ttsd.writer import fsync_dir, write_wav
 
     audio_s = sum(len(a) for a in audio_by_key.values()) / 22050 if audio_by_key else 0.0
     per_line = audio_s / max(1, len(audio_by_key))
@@ -170,7 +170,9 @@ def _host_limits(cfg: Config, engine: Any, reqs: list, audio_by_key: dict,
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(threads) as pool:
         t0 = time.perf_counter()
         list(pool.map(lambda kv: write_wav(Path(tmp) / f"{kv[0]}.wav", kv[1], 22050,
-                                           cfg.output.subtype), audio_by_key.items()))
+                                           cfg.output.subtype, sync_dir=False),
+                      audio_by_key.items()))
+        fsync_dir(Path(tmp))   # as the daemon's Sink: one folder fsync per batch
         wav = time.perf_counter() - t0
     cores = os.cpu_count() or 1
     return {"cores": cores, "audio_s_per_line": per_line,

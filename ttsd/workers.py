@@ -50,8 +50,10 @@ from ttsd.log import get_logger
 log = get_logger(__name__)
 
 PCM16_SCALE = 32768.0
-"""int16 = floor(float × 32768), clipped: exactly what libsndfile writes for PCM_16, so
-the WAV bytes equal those of the in-process path."""
+"""int16 k on the wire stands for the float k / 32768; the writer turns that back into
+exactly k. The float → int16 rule itself is ``ttsd.writer.pcm16`` (libsndfile's:
+lrintf(x × 2³¹) >> 16, which is floor(x × 32768) except for some |x| < 2⁻⁸), so the
+WAV bytes equal those of the in-process path."""
 
 
 # ---------------------------------------------------------------------- devices
@@ -159,8 +161,9 @@ class WorkerCore:
 def _wire(audio: np.ndarray | None, pcm16: bool) -> np.ndarray | None:
     if audio is None or not pcm16:
         return audio
-    q = np.floor(np.clip(audio, -1.0, 1.0) * PCM16_SCALE)
-    return np.clip(q, -32768, 32767).astype(np.int16)
+    from ttsd.writer import pcm16 as to_pcm16
+    clipped = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
+    return to_pcm16(clipped).astype(np.int16, copy=False)
 
 
 def unwire(audio: np.ndarray | None) -> np.ndarray | None:

@@ -3,7 +3,8 @@
 A file appears under its final name only when complete: the bytes go to a temp file
 ``.<name>.<8 hex>.tmp`` in the same folder (``O_EXCL``), then ``fsync(tmp)``, a rename
 that never replaces an existing file (``renameat2(RENAME_NOREPLACE)``, else link +
-unlink), and ``fsync(folder)``. On any error the temp file is removed before the error
+unlink), and ``fsync(folder)`` (for a batch of WAVs, once per folder by the caller:
+``sync_dir=False``). On any error the temp file is removed before the error
 propagates, so a crash or a full disk leaves no partial file behind; temps left by a
 ``kill -9`` are removed by ``remove_stale_temps`` at start. Only this module imports
 soundfile.
@@ -17,6 +18,7 @@ import ctypes
 import errno
 import functools
 import io
+import operator
 import os
 import secrets
 import stat
@@ -126,13 +128,15 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def write_atomic(path: Path, data: bytes, *, overwrite: bool = False,
-                 crash_at: str | None = None) -> int:
+                 crash_at: str | None = None, sync_dir: bool = True) -> int:
     """Write ``data`` to ``path`` atomically and durably; returns the byte count.
 
     FileExistsError if ``path`` exists and not ``overwrite``. No temp file survives an
     error (ENOSPC and EIO propagate as OSError after cleanup). ``crash_at`` names the
     crash point (ttsd.crash) reached once the temp file is written and synced, before
-    the rename.
+    the rename. ``sync_dir=False``: the data is still fsynced before the rename, but
+    the rename itself is durable only once the caller fsyncs the folder (``fsync_dir``,
+    once for a whole batch), which it must do before it relies on the file.
     """
     path = Path(path)
     if not overwrite and os.path.lexists(path):
@@ -154,7 +158,8 @@ def write_atomic(path: Path, data: bytes, *, overwrite: bool = False,
     except BaseException:
         _remove_quietly(tmp)
         raise
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
     return len(data)
 
 
@@ -176,23 +181,71 @@ def encode_wav(samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -
         raise ValueError("samples contain NaN or Inf; refusing to write them")
     if sample_rate <= 0:
         raise ValueError(f"sample rate must be positive, got {sample_rate}")
+    clipped = np.clip(audio, -1.0, 1.0)
+    if subtype == "PCM_16":
+        data = _pcm16_wav(clipped, sample_rate)
+        if data is not None:
+            return data
     buf = io.BytesIO()
-    sf.write(buf, np.clip(audio, -1.0, 1.0), sample_rate, subtype=subtype, format="WAV")
+    sf.write(buf, clipped, sample_rate, subtype=subtype, format="WAV")
     return buf.getvalue()
 
 
+_WAV_PCM16_HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
+"""RIFF/WAVE with one 16-byte ``fmt `` chunk (PCM, mono, 16-bit) then ``data``: the
+44 bytes libsndfile writes for a mono PCM_16 WAV (no PEAK, fact or LIST chunk)."""
+_RATE_MAX = 2**31 - 1
+"""Past this soundfile refuses the rate (a C int); the fast path leaves it to it."""
+
+
+def pcm16(clipped: np.ndarray) -> np.ndarray:
+    """Little-endian int16 samples of float32 ``clipped`` (already in [-1, 1]), exactly as
+    libsndfile converts them for PCM_16 with clipping on (soundfile turns it on):
+    ``lrintf(x × 2³¹) >> 16``, with 1.0 saturating at 32767.
+
+    That is floor(x × 32768) except for |x| < 2⁻⁸, where x × 2³¹ still has a fraction
+    and the round-to-nearest-even before the shift can carry into the next step (e.g.
+    -1e-10 → 0, not -1; (65536 - 0.5) / 2³¹ → 1, not 0). Every step below is exact in
+    float32: a power-of-two scale, rint of a float32, floor of a float32.
+    """
+    y = np.multiply(clipped, np.float32(2.0**31), dtype=np.float32)
+    np.rint(y, out=y)                       # lrintf, round half to even
+    np.multiply(y, np.float32(2.0**-16), out=y)
+    np.floor(y, out=y)                      # the arithmetic shift right by 16
+    np.minimum(y, np.float32(32767.0), out=y)   # +1.0: 2³¹ → 32768 saturates
+    return y.astype("<i2")
+
+
+def _pcm16_wav(clipped: np.ndarray, sample_rate: int) -> bytes | None:
+    """The mono PCM_16 WAV libsndfile would write, byte for byte, without libsndfile;
+    None where libsndfile must decide (a rate that is not a C int, over 4 GiB)."""
+    try:
+        rate = operator.index(sample_rate)
+    except TypeError:
+        return None
+    size = 2 * clipped.size
+    if not 0 < rate <= _RATE_MAX or size + 36 > 0xFFFFFFFF:
+        return None
+    header = _WAV_PCM16_HEADER.pack(b"RIFF", 36 + size, b"WAVE", b"fmt ", 16, 1, 1, rate,
+                                    2 * rate, 2, 16, b"data", size)
+    return header + pcm16(clipped).tobytes()
+
+
 def write_wav(path: Path, samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16", *,
-              overwrite: bool = False) -> int:
+              overwrite: bool = False, sync_dir: bool = True) -> int:
     """Encode and write one WAV atomically; returns the bytes written.
 
     Raises FileExistsError rather than overwrite (unless ``overwrite``), ValueError for
     NaN/Inf samples, OSError (ENOSPC, EIO…) after removing the temp file.
+    ``sync_dir=False``: the caller fsyncs the folder itself (once for a whole batch)
+    before recording the line as done; the file's own data is synced here either way.
     """
     path = Path(path)
     if not overwrite and os.path.lexists(path):
         raise _exists_error(path)
     data = encode_wav(samples, sample_rate, subtype)
-    written = write_atomic(path, data, overwrite=overwrite, crash_at="after_tmp")
+    written = write_atomic(path, data, overwrite=overwrite, crash_at="after_tmp",
+                           sync_dir=sync_dir)
     log.debug("writer.wav", path=str(path), bytes=written)
     return written
 
