@@ -183,12 +183,15 @@ class Precision:
     launched, so each stage takes a lock, sets its flags and launches its kernels, and
     waits for them outside the lock. cuDNN stays deterministic throughout."""
 
+    _lock = threading.Lock()   # one for the process, like the flags
+
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
-        self._lock = threading.Lock()
-        if self.cuda:
-            torch.backends.cudnn.deterministic = True
-        self._audio = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        with self._lock:   # never read inside another engine's strict section
+            if self.cuda:
+                torch.backends.cudnn.deterministic = True
+            self._audio = (torch.backends.cuda.matmul.allow_tf32,
+                           torch.backends.cudnn.allow_tf32)
 
     @contextlib.contextmanager
     def strict(self) -> Iterator[None]:
