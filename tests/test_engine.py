@@ -259,3 +259,55 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     assert calls == [1] and lv.audio_half == lv.model.audio_half
     for r, g in zip(ref, got):
         assert g.error is None and np.array_equal(r.audio, g.audio)
+
+
+def test_precision_flags_per_stage_under_one_lock():
+    """The text half launches with TF32 off, the audio half with the process's flags, and
+    one stage's flags never leak into the other's launches (the flags are global)."""
+    import threading
+
+    from ttsd.engine.runtime import Precision
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.backends.cudnn.deterministic)
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
+        p = Precision(torch.device("cuda"))   # flags only: no GPU needed
+        assert torch.backends.cudnn.deterministic
+        inside = threading.Event()
+        release = threading.Event()
+        seen: list = []
+
+        def text():
+            with p.strict():
+                seen.append(("text", torch.backends.cuda.matmul.allow_tf32,
+                             torch.backends.cudnn.allow_tf32))
+                inside.set()
+                release.wait(5)
+
+        t = threading.Thread(target=text)
+        t.start()
+        inside.wait(5)
+        entered = threading.Event()
+
+        def audio():
+            with p.audio():
+                seen.append(("audio", torch.backends.cuda.matmul.allow_tf32,
+                             torch.backends.cudnn.allow_tf32))
+                entered.set()
+
+        a = threading.Thread(target=audio)
+        a.start()
+        assert not entered.wait(0.3)   # waits while the text half is launching
+        release.set()
+        t.join(5)
+        a.join(5)
+        assert seen == [("text", False, False), ("audio", True, True)]
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == \
+            (True, True)
+        cpu = Precision(torch.device("cpu"))
+        with cpu.strict():   # a no-op off the GPU
+            assert torch.backends.cudnn.allow_tf32
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.deterministic) = saved
