@@ -15,6 +15,7 @@ so phonemizing and writing overlap with the model:
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ log = get_logger(__name__)
 class Batch:
     rows: list[LineRow]
     voice: str
+    sample_rate: int | None = None
+    """The voice's rate, as the feeder checked WAVs against it."""
     existing: list[LineRow] = field(default_factory=list)
     hits: list[tuple[LineRow, dict]] = field(default_factory=list)
     groups: list[list[LineRow]] = field(default_factory=list)
@@ -143,22 +146,38 @@ class Feeder:
         return batch
 
     def _answer_without_model(self, store: Store, batch: Batch) -> None:
-        sr = self.sample_rates.get(batch.voice)
+        """Sorts the batch's rows: a WAV already in the outbox, a cache hit, or work for
+        the model. Only a line taken before (attempts > 1: the process died or stopped
+        while it was in flight) can have a WAV of its own in the outbox; a first take
+        (attempts == 1) cannot, so its outbox path is not looked at (``Sink.write``
+        still refuses to overwrite, and adopts a valid WAV it finds there)."""
+        sr = batch.sample_rate = self.sample_rates.get(batch.voice)
         by_key: dict[str, list[LineRow]] = {}
+        use_cache = self.cfg.cache.enabled
         cached = store.cache_get_many([r.cache_key for r in batch.rows if r.cache_key]) \
-            if self.cfg.cache.enabled else {}
+            if use_cache else {}
+        checked: dict[str, bool] = {}   # one file check per key per batch
+        evict: list[str] = []
         for row in batch.rows:
-            if wav_ok(wav_path(row), sample_rate=sr):
+            if row.attempts > 1 and wav_ok(wav_path(row), sample_rate=sr):
                 batch.existing.append(row)   # written before a crash, never committed
                 continue
-            if self.cfg.cache.enabled and row.cache_key:
-                entry = cached.get(row.cache_key)
+            key = row.cache_key
+            if use_cache and key:
+                entry = cached.get(key)
                 if entry is not None:
-                    if wav_ok(Path(entry["path"]), sample_rate=sr, size=entry["bytes"]):
+                    ok = checked.get(key)
+                    if ok is None:
+                        ok = checked[key] = wav_ok(entry["path"], sample_rate=sr,
+                                                   size=entry["bytes"])
+                        if not ok:
+                            evict.append(key)   # damaged or missing: a miss
+                    if ok:
                         batch.hits.append((row, entry))
                         continue
-                    store.cache_evict([row.cache_key])  # damaged or missing: a miss
-            by_key.setdefault(row.cache_key or f"line-{row.id}", []).append(row)
+            by_key.setdefault(key or f"line-{row.id}", []).append(row)
+        if evict:
+            store.cache_evict(evict)
         batch.groups = list(by_key.values())
 
 
@@ -203,21 +222,30 @@ class Sink:
             _sr, _frames, seconds = wav_info(wav_path(row))
             done.append((row.id, str(wav_path(row)), seconds, False))
         hit_keys: list[str] = []
-        folders: set[Path] = set()
+        adopted = 0
+        folders: set[str] = set()
+        link = self.cfg.cache.link
         for row, entry in batch.hits:
-            dst = wav_path(row)
+            folder = row.out_dir
+            dst = os.path.join(folder, f"{row.out_name}.wav")   # == str(wav_path(row))
             try:
-                if dst.parent not in folders:
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                link_or_copy(Path(entry["path"]), dst, link=self.cfg.cache.link, sync_dir=False)
-                folders.add(dst.parent)
-                done.append((row.id, str(dst), float(entry["seconds"]), True))
+                if folder not in folders:
+                    os.makedirs(folder, exist_ok=True)
+                    folders.add(folder)
+                link_or_copy(entry["path"], dst, link=link, sync_dir=False)
+                done.append((row.id, dst, float(entry["seconds"]), True))
                 hit_keys.append(entry["key"])
             except FileNotFoundError:   # purged in the meantime: synthesize it after all
                 store.cache_evict([entry["key"]])
                 requeue.append(row.id)
+            except FileExistsError:   # a WAV of an earlier attempt: adopt it if it is whole
+                if not wav_ok(dst, sample_rate=batch.sample_rate):
+                    raise
+                _sr, _frames, seconds = wav_info(Path(dst))
+                done.append((row.id, dst, seconds, False))
+                adopted += 1
         for folder in folders:   # the links are durable before their lines are done
-            fsync_dir(folder)
+            fsync_dir(Path(folder))
         results = {r.key: r for r in batch.results}
         jobs = []
         for gi, group in enumerate(batch.groups):
@@ -255,7 +283,7 @@ class Sink:
                 used_frames=s.frames if s else 0,
                 extra={} if batch.worker is None else {"worker": batch.worker,
                                                        "memory": batch.memory})
-        counters = {"cache_hits": len(batch.hits), "cache_misses": len(batch.groups),
+        counters = {"cache_hits": len(batch.hits) - adopted, "cache_misses": len(batch.groups),
                     "lines_synthesized": sum(len(g) for g in batch.groups)}
         crash.point("before_commit")
         store.complete(done, failed, cache_rows, stats, counters, hit_keys)

@@ -1,0 +1,132 @@
+"""The lines stage without a model: how the feeder sorts a take (a WAV of an earlier
+attempt, a cache hit, work for the model) and how the sink commits cache hits
+(RELIABILITY rows 24 and 27). A stub engine stands in: all-hit batches never reach it."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from ttsd.config import CacheConfig, Config, PathsConfig
+from ttsd.pipeline import Feeder, Sink, cache_path, wav_path
+from ttsd.store import NewLine, Store
+from ttsd.writer import write_wav
+
+SR = 22050
+VOICE = "v"
+
+
+def _engine() -> SimpleNamespace:
+    return SimpleNamespace(device=SimpleNamespace(type="cpu"), dtype="float32",
+                           prepare=lambda requests: [], plan=None)
+
+
+def _tone(seconds: float, rate: int = SR) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+
+
+def _key(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _site(tmp_path: Path, texts: list[str], *, cached: list[str]) -> tuple[Config, Store]:
+    """A store with one queued file of ``texts``, and cache entries (with valid WAVs)
+    for the texts in ``cached``."""
+    paths = PathsConfig(inbox=tmp_path / "inbox", outbox=tmp_path / "outbox",
+                        done=tmp_path / "done", failed=tmp_path / "failed",
+                        state=tmp_path / "state")
+    cfg = dataclasses.replace(Config(), paths=paths, cache=CacheConfig())
+    store = Store(paths.db)
+    out_dir = paths.outbox / "a"
+    fid = store.add_file("a.txt", paths.work / "a.txt", 1, "0" * 64, out_dir)
+    store.add_lines(fid, [NewLine(i, t, out_name=f"{i:04d}", voice=VOICE, cache_key=_key(t))
+                          for i, t in enumerate(texts, 1)])
+    store.file_parsed(fid, "txt", len(texts), None)
+    rows = []
+    for t in dict.fromkeys(cached):
+        path = cache_path(paths.cache, _key(t))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = write_wav(path, _tone(0.2), SR)
+        rows.append({"key": _key(t), "path": str(path), "bytes": size, "seconds": 0.2,
+                     "voice": VOICE})
+    store.complete([], [], rows, None, {})
+    return cfg, store
+
+
+def _lines(store: Store) -> dict[str, tuple]:
+    return {r[0]: r[1:] for r in store.conn.execute(
+        "SELECT text, state, cached, synth_count, attempts, wav FROM lines")}
+
+
+def test_damaged_cache_files_in_a_big_take_are_misses_and_evicted(tmp_path: Path) -> None:
+    """Row 27 inside one big take of hits: a deleted, a truncated (44 B) and a replaced
+    (other sample rate) cache file each make their lines misses for the model and lose
+    their cache rows; every other line, repeats included, is a hit checked once."""
+    texts = [f"Line {i}." for i in range(40)] + ["Line 3.", "Line 5.", "Line 7."]
+    cfg, store = _site(tmp_path, texts, cached=texts)
+    cache = cfg.paths.cache
+    cache_path(cache, _key("Line 3.")).unlink()
+    with open(cache_path(cache, _key("Line 5.")), "r+b") as f:
+        f.truncate(44)
+    os.unlink(cache_path(cache, _key("Line 7.")))
+    write_wav(cache_path(cache, _key("Line 7.")), _tone(0.2, 16000), 16000)
+    feeder = Feeder(cfg, _engine(), {VOICE: SR}, size=4)
+    feeder.take_size = 64
+    batch = feeder.next_batch(store, threading.Event())
+    assert len(batch.rows) == len(texts) and not batch.existing
+    assert sorted(g[0].text for g in batch.groups) == ["Line 3.", "Line 5.", "Line 7."]
+    assert [len(g) for g in batch.groups] == [2, 2, 2]
+    assert len(batch.hits) == len(texts) - 6
+    left = {r[0] for r in store.conn.execute("SELECT key FROM cache")}
+    assert left == {_key(t) for t in texts} - {_key(f"Line {i}.") for i in (3, 5, 7)}
+
+
+def test_sink_commits_hits_after_linking_and_adopts_a_valid_wav(tmp_path: Path) -> None:
+    """Row 24/27: hits are hard links, committed done (cached) in one transaction. A
+    first take does not look at its outbox path; a valid WAV found there when linking
+    (left by an earlier attempt) is adopted as it is, never replaced."""
+    texts = ["One.", "Two.", "Three.", "One."]
+    cfg, store = _site(tmp_path, texts, cached=texts)
+    feeder = Feeder(cfg, _engine(), {VOICE: SR}, size=8)
+    batch = feeder.next_batch(store, threading.Event())
+    assert len(batch.hits) == 4 and not batch.groups and not batch.existing
+    two = next(r for r, _e in batch.hits if r.text == "Two.")
+    wav_path(two).parent.mkdir(parents=True)
+    write_wav(wav_path(two), _tone(0.5), SR)
+    inode = wav_path(two).stat().st_ino
+    counts = Sink(cfg, _engine(), 1).write(store, batch)
+    assert counts == {"done": 4, "failed": 0, "requeued": 0}
+    lines = _lines(store)
+    assert lines["Two."][:3] == ("done", 0, 1)   # adopted like the feeder does: not a hit
+    assert wav_path(two).stat().st_ino == inode
+    assert abs(store.one("SELECT seconds FROM lines WHERE text='Two.'") - 0.5) < 0.01
+    for row, entry in batch.hits:
+        if row is not two:
+            assert os.path.samefile(wav_path(row), entry["path"])
+            assert store.one("SELECT state || cached FROM lines WHERE id=?", (row.id,)) == "done1"
+            assert store.one("SELECT wav FROM lines WHERE id=?", (row.id,)) == str(wav_path(row))
+    assert store.counters()["cache_hits"] == 3
+    assert store.one("SELECT hits FROM cache WHERE key=?", (_key("One."),)) == 2
+    assert store.one("SELECT hits FROM cache WHERE key=?", (_key("Two."),)) == 0
+
+
+def test_a_retried_line_adopts_its_wav_in_the_feeder(tmp_path: Path) -> None:
+    """Row 24: a line taken again after a crash (attempts > 1) whose WAV was renamed
+    into place before the crash is answered from the outbox, not the cache."""
+    cfg, store = _site(tmp_path, ["Hello."], cached=["Hello."])
+    feeder = Feeder(cfg, _engine(), {VOICE: SR}, size=8)
+    first = feeder.next_batch(store, threading.Event())
+    row = first.rows[0]
+    wav_path(row).parent.mkdir(parents=True)
+    write_wav(wav_path(row), _tone(0.3), SR)
+    store.recover(cfg.daemon.max_attempts)          # the process died; restart
+    again = feeder.next_batch(store, threading.Event())
+    assert [r.id for r in again.existing] == [row.id] and not again.hits
+    assert again.rows[0].attempts == 2
