@@ -23,3 +23,22 @@ def test_scaling_table_model_and_end_to_end(monkeypatch):
         assert r["x_realtime"] > 0
     assert e2e[0]["efficiency"] == pytest.approx(1.0)
     assert "end to end" in scalebench.render(report)
+
+
+def test_devices_bench_writes_out_file(monkeypatch, tmp_path, capsys):
+    """`--out PATH` keeps the report also for `--devices` (it was printed only, and a run
+    whose output went elsewhere lost it)."""
+    import json
+    import sys
+
+    from ttsd import cli
+
+    monkeypatch.setenv("TTSD_FAULTS", "fast")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "scale.json"
+    monkeypatch.setattr(sys, "argv", ["ttsd", "bench", "--devices", "cpu", "--lines", "2",
+                                      "--out", str(out)])
+    assert cli.main() == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["devices"] == ["cpu"] and report["rows"][0]["batches"] == [2]
+    assert "x-realtime" in capsys.readouterr().out

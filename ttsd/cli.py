@@ -211,11 +211,19 @@ def cmd_init(cfg: Config, ns: argparse.Namespace) -> int:
     return 0
 
 
+def _write_report(ns: argparse.Namespace, report: dict) -> None:
+    """``--out PATH``: the JSON report also goes to a file (the plain bench writes it
+    after every step itself)."""
+    if getattr(ns, "out", ""):
+        Path(ns.out).write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+
+
 def cmd_bench(cfg: Config, ns: argparse.Namespace) -> int:
     cfg = _override(cfg, ns)
     if ns.load:
         from ttsd import loadbench
         report = loadbench.run_load(ns.load, files=ns.load_files)
+        _write_report(ns, report)
         print(json.dumps(report, indent=2) if ns.json else loadbench.render(report))
         return 0
     if ns.devices:
@@ -223,6 +231,7 @@ def cmd_bench(cfg: Config, ns: argparse.Namespace) -> int:
         report = scalebench.run(cfg, ns.devices, lines=ns.lines,
                                 batch=int(ns.batch_sizes.split(",")[0]) if ns.batch_sizes else 0,
                                 end_to_end=ns.end_to_end)
+        _write_report(ns, report)
         print(json.dumps(report, indent=2, default=str) if ns.json
               else scalebench.render(report))
         return 0

@@ -3,8 +3,8 @@
 Threads (data flows one way, through bounded queues):
 
     files   ─ Ingest: inbox → claim → parse → store; finished files → manifest, done/
-    feeder  ─ Feeder: store → batch (+ cache hits) → phonemes → text half ─┐ queue (prefetch)
-    model   ─ Synth: the audio half on the device; pings the systemd watchdog ─┐ queue
+    feeder  ─ Feeder: store → batch (+ cache hits) → phonemes        ─┐ queue (prefetch)
+    model   ─ Synth: the engine on the device; pings the systemd watchdog  ─┐ queue
               (several devices or Ray: a WorkerPool, one driver thread per worker
                process/actor; see ttsd/workers.py)
     sink    ─ Sink: WAVs (a small pool) → one store transaction per batch
@@ -95,7 +95,6 @@ class Daemon:
         self.last_work = time.monotonic()
         self.last_release = time.monotonic()
         self.busy = False
-        self.feeder: Feeder | None = None
         self.pool: Any = None
         self._ray_started = False
 
@@ -249,7 +248,7 @@ class Daemon:
         rates = {n: v.sample_rate for n, v in self.engine.voices.items()}
         max_attempts = self.cfg.daemon.max_attempts
         if self.pool is None:
-            feeder = self.feeder = Feeder(self.cfg, self.engine, rates)
+            feeder = Feeder(self.cfg, self.engine, rates)
         else:   # workers phonemize; a retried line runs alone
             gpu = any("cuda" in s.device or "gpu" in s.device for s in self.pool.slots)
             feeder = Feeder(self.cfg, self.engine, rates, prepare=False,
@@ -296,8 +295,7 @@ class Daemon:
         mem = self.cfg.memory
         try:
             while True:
-                if not self._planning_stuck():
-                    self.notifier.watchdog()
+                self.notifier.watchdog()
                 try:
                     batch = self.batch_q.get(timeout=0.2)
                 except queue.Empty:
@@ -321,14 +319,6 @@ class Daemon:
         finally:
             self.write_q.put(None)
             store.close()
-
-    def _planning_stuck(self) -> bool:
-        """The feeder's text half (on the device too) has run past the watchdog interval:
-        stop pinging, so that systemd restarts a daemon whose GPU hangs there."""
-        since = self.feeder.planning_since if self.feeder is not None else None
-        interval = self.notifier.watchdog_interval_s
-        return since is not None and interval is not None and \
-            time.monotonic() - since > interval
 
     def _maybe_release(self, store: Store, every: float, reason: str, idle: bool = False) -> None:
         now = time.monotonic()

@@ -5,10 +5,10 @@ so phonemizing and writing overlap with the model:
 
 - ``Feeder.next_batch``: takes pending lines (marking them running, attempts + 1),
   answers what it can without the model (a WAV already on disk from an interrupted
-  attempt, a cache hit), dedupes identical lines, phonemizes the rest and runs their
-  text half (``Engine.plan``: durations, on a side stream), so that it overlaps the
-  previous batch's audio half;
-- ``Synth.run``: the audio half (``Engine.finish``), on the device;
+  attempt, a cache hit), dedupes identical lines, and phonemizes the rest;
+- ``Synth.run``: the model, on the device (both halves, one after the other: running
+  the next batch's text half beside this one's audio half measured 11 % slower on an
+  H100, see ttsd/engine/PERFORMANCE.md);
 - ``Sink.write``: atomic WAVs, cache links, one fsync per touched folder, then one
   store transaction per batch.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ttsd import crash
 from ttsd.config import Config
-from ttsd.engine.runtime import GPU_BATCH, Engine, Plan, Prepared, Request, Result, RunStats
+from ttsd.engine.runtime import GPU_BATCH, Engine, Prepared, Request, Result, RunStats
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
 from ttsd.store import LineRow, Store
@@ -45,8 +45,6 @@ class Batch:
     prepared: list[Prepared] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
     """The model's work; with worker processes they phonemize it themselves."""
-    plan: Plan | None = None
-    """In-process: the text half done by the feeder, waiting for ``Synth``."""
     results: list[Result] = field(default_factory=list)
     stats: RunStats | None = None
     prepare_ms: float = 0.0
@@ -80,8 +78,6 @@ class Feeder:
 
     def __init__(self, cfg: Config, engine: Engine, sample_rates: dict[str, int], *,
                  prepare: bool = True, size: int = 0, isolate_retries: bool = False) -> None:
-        self.planning_since: float | None = None
-        """monotonic() when the text half in progress started (None: not planning)."""
         self.cfg = cfg
         self.engine = engine
         self.sample_rates = sample_rates
@@ -137,12 +133,6 @@ class Feeder:
             batch.prepared = self.engine.prepare(requests)
         batch.prepare_ms = (time.perf_counter() - t0) * 1000
         crash.point("mid_batch")
-        if batch.prepared:
-            self.planning_since = time.monotonic()
-            try:
-                batch.plan = self.engine.plan(batch.prepared)
-            finally:
-                self.planning_since = None
         return batch
 
     def _answer_without_model(self, store: Store, batch: Batch) -> None:
@@ -188,15 +178,13 @@ class Synth:
         self.engine = engine
 
     def run(self, batch: Batch) -> Batch:
-        """The audio half of a planned batch; ``model_ms`` counts both halves."""
-        if batch.plan is not None:
+        if batch.prepared:
             t0 = time.perf_counter()
-            batch.results, batch.stats = self.engine.finish(batch.plan)
-            batch.plan = None   # frees the text half's tensors
+            batch.results, batch.stats = self.engine.run(batch.prepared)
             if self.engine.device.type == "cuda":
                 import torch
                 torch.cuda.synchronize(self.engine.device)
-            batch.model_ms = (time.perf_counter() - t0) * 1000 + batch.stats.text_ms
+            batch.model_ms = (time.perf_counter() - t0) * 1000
         return batch
 
 

@@ -125,22 +125,17 @@ class WorkerCore:
                 "memory": self.engine.memory(), "load_s": round(self.load_s, 2),
                 "warmup_s": round(self.warmup_s, 2)}
 
-    def prepare(self, requests: list) -> tuple[Any, float]:
-        """Phonemes and the text half (``Engine.plan``) of a batch → (plan, prepare ms)."""
+    def prepare(self, requests: list) -> tuple[list, float]:
         t0 = time.perf_counter()
-        prepared = self.engine.prepare(requests)
-        prepare_ms = (time.perf_counter() - t0) * 1000
-        return self.engine.plan(prepared), prepare_ms
+        return self.engine.prepare(requests), (time.perf_counter() - t0) * 1000
 
-    def run_prepared(self, plan: Any, prepare_ms: float) -> dict[str, Any]:
-        """The audio half of a planned batch; ``model_ms`` counts both halves."""
+    def run_prepared(self, prepared: list, prepare_ms: float) -> dict[str, Any]:
         t0 = time.perf_counter()
-        results, stats = self.engine.finish(plan)
-        del plan
+        results, stats = self.engine.run(prepared)
         if self.engine.device.type == "cuda":
             import torch
             torch.cuda.synchronize(self.engine.device)
-        model_ms = (time.perf_counter() - t0) * 1000 + stats.text_ms
+        model_ms = (time.perf_counter() - t0) * 1000
         out = {"results": [(r.key, _wire(r.audio, self.spec.pcm16), r.sample_rate, r.error,
                             r.phonemes) for r in results],
                "stats": stats, "prepare_ms": prepare_ms, "model_ms": model_ms,
@@ -174,10 +169,10 @@ def unwire(audio: np.ndarray | None) -> np.ndarray | None:
 
 
 def worker_main(conn: Any, spec: WorkerSpec) -> None:
-    """A local worker process: a reader thread prepares requests as they arrive
-    (phonemes and text half, so they overlap the previous batch's audio half), the main
-    thread finishes them in order and answers. EOF from the daemon (it died) ends the
-    process; an error in either thread is answered and ends it (75: device lost)."""
+    """A local worker process: a reader thread prepares requests as they arrive (so
+    phonemizing overlaps the model), the main thread runs them in order and answers.
+    EOF from the daemon (it died) ends the process; an error in either thread is
+    answered and ends it (75: device lost)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the daemon decides when we stop
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:

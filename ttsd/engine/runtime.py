@@ -2,8 +2,10 @@
 
 ``Engine.prepare`` turns requests into phoneme ids (CPU, thread-safe);
 ``Engine.run`` synthesizes prepared requests in padded batches on the device, in two
-stages that callers may run in two threads so that one batch's text half overlaps the
-previous batch's audio half (``plan`` on a side CUDA stream, then ``finish``):
+stages, ``plan`` (on a high-priority side stream on a GPU) then ``finish``. A caller may
+run them in two threads, one batch's text half beside the previous batch's audio half;
+the daemon does not: on an H100 that measured 11 % slower than one after the other
+(ttsd/engine/PERFORMANCE.md):
 
 1. every sentence of every request becomes one item, sorted by phoneme count;
 2. text half (encoder + duration predictor) in strict float32 → durations;
