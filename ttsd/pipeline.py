@@ -26,7 +26,7 @@ from ttsd.engine.runtime import GPU_BATCH, Engine, Plan, Prepared, Request, Resu
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
 from ttsd.store import LineRow, Store
-from ttsd.writer import fsync_dir, link_or_copy, wav_info, wav_ok, write_wav
+from ttsd.writer import fsync_dir, link_or_copy, replace_with_link, wav_info, wav_ok, write_wav
 
 log = get_logger(__name__)
 
@@ -313,8 +313,11 @@ class Sink:
             dst = cache_path(self.cfg.paths.cache, first.cache_key)
             try:
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                if not dst.exists():   # no folder fsync: a lost link is a miss later
+                try:   # no folder fsync: a lost link is a miss later
                     link_or_copy(src, dst, link=self.cfg.cache.link, sync_dir=False)
+                except FileExistsError:   # the file of an evicted (damaged) entry, or
+                    if not os.path.samefile(src, dst):   # one never committed: replace it
+                        replace_with_link(src, dst, link=self.cfg.cache.link)
                 rows.append({"key": first.cache_key, "path": str(dst),
                              "bytes": dst.stat().st_size, "seconds": by_id[first.id][2],
                              "voice": first.voice})
