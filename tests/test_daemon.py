@@ -14,6 +14,7 @@ import numpy as np
 import soundfile as sf
 
 from harness import Site, assert_invariant
+from ttsd.pipeline import PEEK_TAKE
 
 
 def _check_wav(path: Path, text: str) -> None:
@@ -171,8 +172,8 @@ def test_cache_hit_then_purge_while_running(tmp_path: Path) -> None:
 
 
 def test_damaged_cache_files_among_many_hits(tmp_path: Path) -> None:
-    """Row 27 at volume (fast stand-in model): 300 known lines come back as cache
-    hits; a deleted, a truncated (44 B) and a replaced cache file (another
+    """Row 27 at volume (fast stand-in model): 300 known lines come back in big takes
+    of cache hits; a deleted, a truncated (44 B) and a replaced cache file (another
     line's valid WAV) among them are evicted and synthesized again, the others are
     hard links of their cached WAVs. A third run is all hits again, each with its own
     line's audio: the cache holds the fresh WAVs, not the damaged files."""
@@ -199,12 +200,15 @@ def test_damaged_cache_files_among_many_hits(tmp_path: Path) -> None:
     Path(path[150]).write_bytes(head)
     os.unlink(path[290])
     Path(path[290]).write_bytes(Path(path[291]).read_bytes())
+    last_batch = site.query("SELECT MAX(id) FROM batches")[0][0]
     b = run("b.txt")
     rows = {n: (state, cached, synth) for n, state, cached, synth in site.query(
         "SELECT number, state, cached, synth_count FROM lines WHERE file_id=?", (b,))}
     damaged = {10, 150, 290}
     assert {n for n, r in rows.items() if r == ("done", 0, 1)} == damaged
     assert all(r == ("done", 1, 0) for n, r in rows.items() if n not in damaged)
+    sizes = [n for (n,) in site.query("SELECT size FROM batches WHERE id > ?", (last_batch,))]
+    assert max(sizes) >= PEEK_TAKE, sizes   # the hits came in big takes, damage included
     for n in (1, 11, 289, 300):
         assert os.path.samefile(site.outbox / "b" / f"{n:04d}.wav", path[n])
     c = run("c.txt")

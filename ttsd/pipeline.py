@@ -60,6 +60,14 @@ class Batch:
 
 ANSWER_TAKE = 1024
 """The most rows one batch takes while they are answered without the model."""
+PEEK = 64
+PEEK_TAKE = 256
+"""Before a take smaller than this, the next ``PEEK`` pending lines are looked up in the
+cache; when most are there, the take starts at ``PEEK_TAKE`` (then grows to
+``ANSWER_TAKE``) instead of growing from the model's batch size (1 on the CPU). Measured
+on 2,000 hits: a first take of 256 beat 64, 128, 512 and 1,024 (a big first take
+delays the first WAV and overlaps the feeder with the sink less); a cap of 1,024 beat
+512, 2,048 and 4,096."""
 
 
 def wav_path(row: LineRow) -> Path:
@@ -95,6 +103,10 @@ class Feeder:
 
     def next_batch(self, store: Store, stop) -> Batch | None:
         """Up to ``size`` lines of one voice; waits ``max_wait_ms`` for a fuller batch."""
+        if self.take_size < PEEK_TAKE and self.cfg.cache.enabled:
+            looked, hits = store.cached_ahead(PEEK)
+            if looked and hits * 2 >= looked:   # mostly known lines ahead: a bigger take
+                self.take_size = PEEK_TAKE
         rows, dead = store.take(self.take_size, self.cfg.daemon.max_attempts)
         if rows and len(rows) < self.size and self.cfg.batching.max_wait_ms > 0 \
                 and rows[0].attempts == 1 and not stop.is_set():  # a suspect stays alone
