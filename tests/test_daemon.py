@@ -14,6 +14,7 @@ import numpy as np
 import soundfile as sf
 
 from harness import Site, assert_invariant
+from ttsd.pipeline import PEEK_TAKE
 
 
 def _check_wav(path: Path, text: str) -> None:
@@ -167,6 +168,55 @@ def test_cache_hit_then_purge_while_running(tmp_path: Path) -> None:
     site.wait_files_finished(3)
     assert site.query("SELECT cached, synth_count FROM lines ORDER BY id")[-1] == (0, 1)
     assert site.stop() == 0
+    assert_invariant(site)
+
+
+def test_damaged_cache_files_among_many_hits(tmp_path: Path) -> None:
+    """Row 27 at volume (fast stand-in model): 300 known lines come back in big takes
+    of cache hits; a deleted, a truncated (44 B) and a replaced cache file (another
+    line's valid WAV) among them are evicted and synthesized again, the others are
+    hard links of their cached WAVs. A third run is all hits again, each with its own
+    line's audio: the cache holds the fresh WAVs, not the damaged files."""
+    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site.write_config()
+    site.inbox.mkdir(parents=True)
+    text = "".join(f"Known line number {i}, said {'again ' * (i % 7)}once.\n"
+                   for i in range(1, 301))
+
+    def run(name: str) -> int:
+        (site.inbox / name).write_text(text, encoding="utf-8")
+        out = site.cli("run", "--once", "--no-progress", timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return site.query("SELECT id FROM files WHERE name=?", (name,))[0][0]
+
+    run("a.txt")
+    path = dict(site.query("SELECT l.number, c.path FROM lines l JOIN cache c "
+                           "ON c.key = l.cache_key WHERE l.file_id = 1"))
+    assert len(path) == 300
+    # Damage the cache's names, not its inodes (those are the outbox WAVs of a.txt too).
+    Path(path[10]).unlink()
+    head = Path(path[150]).read_bytes()[:44]
+    os.unlink(path[150])
+    Path(path[150]).write_bytes(head)
+    os.unlink(path[290])
+    Path(path[290]).write_bytes(Path(path[291]).read_bytes())
+    last_batch = site.query("SELECT MAX(id) FROM batches")[0][0]
+    b = run("b.txt")
+    rows = {n: (state, cached, synth) for n, state, cached, synth in site.query(
+        "SELECT number, state, cached, synth_count FROM lines WHERE file_id=?", (b,))}
+    damaged = {10, 150, 290}
+    assert {n for n, r in rows.items() if r == ("done", 0, 1)} == damaged
+    assert all(r == ("done", 1, 0) for n, r in rows.items() if n not in damaged)
+    sizes = [n for (n,) in site.query("SELECT size FROM batches WHERE id > ?", (last_batch,))]
+    assert max(sizes) >= PEEK_TAKE, sizes   # the hits came in big takes, damage included
+    for n in (1, 11, 289, 300):
+        assert os.path.samefile(site.outbox / "b" / f"{n:04d}.wav", path[n])
+    c = run("c.txt")
+    assert site.query("SELECT COUNT(*), SUM(cached) FROM lines WHERE file_id=?", (c,)) \
+        == [(300, 300)]
+    for n in (10, 150, 290, 291):
+        a_wav = (site.outbox / "a" / f"{n:04d}.wav").read_bytes()
+        assert (site.outbox / "c" / f"{n:04d}.wav").read_bytes() == a_wav, n
     assert_invariant(site)
 
 

@@ -22,6 +22,7 @@ from ttsd.writer import (
     link_or_copy,
     remove_stale_temps,
     rename_noreplace,
+    replace_with_link,
     wav_info,
     wav_ok,
     write_manifest,
@@ -319,6 +320,33 @@ def test_link_or_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError):
         link_or_copy(sym, out / "e.wav")
     assert sorted(os.listdir(out)) == ["a.wav", "b.wav", "c.wav"]
+
+
+def test_replace_with_link_repairs_a_cache_file(tmp_path: Path) -> None:
+    """Row 27: the cache file of an evicted entry (truncated, or a symlink planted in
+    its place) is replaced by the fresh WAV in one rename; a symlink's target and other
+    links to the old inode are left alone; no temp file stays."""
+    fresh = tmp_path / "out" / "0001.wav"
+    fresh.parent.mkdir()
+    write_wav(fresh, tone(0.2), SR)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    old = cache / "k1.wav"
+    write_wav(old, tone(0.3), SR)
+    other = tmp_path / "out" / "old-link.wav"
+    os.link(old, other)
+    os.truncate(old, 44)
+    replace_with_link(fresh, old)
+    assert old.stat().st_ino == fresh.stat().st_ino and wav_ok(old, sample_rate=SR)
+    assert other.stat().st_size == 44
+    target = tmp_path / "target.wav"
+    target.write_bytes(b"keep")
+    sym = cache / "k2.wav"
+    sym.symlink_to(target)
+    replace_with_link(fresh, sym, link=False)
+    assert not sym.is_symlink() and sym.read_bytes() == fresh.read_bytes()
+    assert target.read_bytes() == b"keep"
+    assert sorted(os.listdir(cache)) == ["k1.wav", "k2.wav"]
 
 
 def test_copy_disk_full_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ from ttsd.engine.runtime import GPU_BATCH, Engine, Prepared, Request, Result, Ru
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
 from ttsd.store import LineRow, Store
-from ttsd.writer import fsync_dir, link_or_copy, wav_info, wav_ok, write_wav
+from ttsd.writer import fsync_dir, link_or_copy, replace_with_link, wav_info, wav_ok, write_wav
 
 log = get_logger(__name__)
 
@@ -59,6 +59,14 @@ class Batch:
 
 ANSWER_TAKE = 1024
 """The most rows one batch takes while they are answered without the model."""
+PEEK = 64
+PEEK_TAKE = 256
+"""Before a take smaller than this, the next ``PEEK`` pending lines are looked up in the
+cache; when most are there, the take starts at ``PEEK_TAKE`` (then grows to
+``ANSWER_TAKE``) instead of growing from the model's batch size (1 on the CPU). Measured
+on 2,000 hits: a first take of 256 beat 64, 128, 512 and 1,024 (a big first take
+delays the first WAV and overlaps the feeder with the sink less); a cap of 1,024 beat
+512, 2,048 and 4,096."""
 
 
 def wav_path(row: LineRow) -> Path:
@@ -92,6 +100,10 @@ class Feeder:
 
     def next_batch(self, store: Store, stop) -> Batch | None:
         """Up to ``size`` lines of one voice; waits ``max_wait_ms`` for a fuller batch."""
+        if self.take_size < PEEK_TAKE and self.cfg.cache.enabled:
+            looked, hits = store.cached_ahead(PEEK)
+            if looked and hits * 2 >= looked:   # mostly known lines ahead: a bigger take
+                self.take_size = PEEK_TAKE
         rows, dead = store.take(self.take_size, self.cfg.daemon.max_attempts)
         if rows and len(rows) < self.size and self.cfg.batching.max_wait_ms > 0 \
                 and rows[0].attempts == 1 and not stop.is_set():  # a suspect stays alone
@@ -329,8 +341,11 @@ class Sink:
             dst = cache_path(self.cfg.paths.cache, first.cache_key)
             try:
                 dst.parent.mkdir(parents=True, exist_ok=True)
-                if not dst.exists():   # no folder fsync: a lost link is a miss later
+                try:   # no folder fsync: a lost link is a miss later
                     link_or_copy(src, dst, link=self.cfg.cache.link, sync_dir=False)
+                except FileExistsError:   # the file of an evicted (damaged) entry, or
+                    if not os.path.samefile(src, dst):   # one never committed: replace it
+                        replace_with_link(src, dst, link=self.cfg.cache.link)
                 rows.append({"key": first.cache_key, "path": str(dst),
                              "bytes": dst.stat().st_size, "seconds": by_id[first.id][2],
                              "voice": first.voice})

@@ -307,6 +307,15 @@ class Store:
                               [(r[0],) for r in take])
         return [LineRow(*r[:13], attempts=r[13] + 1) for r in take], [r[0] for r in dead]
 
+    def cached_ahead(self, n: int) -> tuple[int, int]:
+        """(lines looked at, lines with a cache row) among the next ``n`` pending lines,
+        in the order ``take`` hands them out. One indexed read, no lock."""
+        looked, hits = self.conn.execute(
+            "SELECT COUNT(*), COUNT(c.key) FROM (SELECT cache_key FROM lines "
+            "WHERE state='pending' ORDER BY id LIMIT ?) l "
+            "LEFT JOIN cache c ON c.key = l.cache_key", (n,)).fetchone()
+        return int(looked), int(hits)
+
     def suspect_next(self, max_attempts: int) -> bool:
         """The oldest pending line was in flight when the process died (see ``take``)."""
         n = self.one("SELECT attempts FROM lines WHERE state='pending' ORDER BY id LIMIT 1")

@@ -327,6 +327,22 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike, *, link: bool =
     _copy_atomic(src, dst)
 
 
+def replace_with_link(src: str | os.PathLike, dst: str | os.PathLike, *,
+                      link: bool = True) -> None:
+    """Make ``dst`` (a file of ttsd's own cache, never an output) ``src``'s bytes: a hard
+    link (else a verified copy) made under a temp name beside it, renamed over whatever
+    ``dst`` was (a damaged, stale or foreign file, or a symlink, which is replaced, not
+    followed). No folder fsync: a lost cache link is a miss later."""
+    dst = Path(dst)
+    tmp = _tmp_path(dst)
+    link_or_copy(src, tmp, link=link, sync_dir=False)
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
 def _riff_header(head: bytes, size: int) -> tuple[int, int] | None:
     """(sample rate, data bytes) from the first bytes ``head`` of a RIFF/WAVE file of
     ``size`` bytes, when its header's own length fits in the file (catches truncation);
