@@ -29,16 +29,19 @@ def test_devices_bench_writes_out_file(monkeypatch, tmp_path, capsys):
     """`--out PATH` keeps the report also for `--devices` (it was printed only, and a run
     whose output went elsewhere lost it)."""
     import json
-    import sys
+
+    import structlog
 
     from ttsd import cli
 
     monkeypatch.setenv("TTSD_FAULTS", "fast")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "scale.json"
-    monkeypatch.setattr(sys, "argv", ["ttsd", "bench", "--devices", "cpu", "--lines", "2",
-                                      "--out", str(out)])
-    assert cli.main() == 0
+    saved = structlog.get_config()   # cli.main points the logger at this test's stderr
+    try:
+        assert cli.main(["bench", "--devices", "cpu", "--lines", "2", "--out", str(out)]) == 0
+    finally:
+        structlog.configure(**saved)
     report = json.loads(out.read_text(encoding="utf-8"))
     assert report["devices"] == ["cpu"] and report["rows"][0]["batches"] == [2]
     assert "x-realtime" in capsys.readouterr().out
