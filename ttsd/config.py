@@ -125,11 +125,6 @@ class BatchingConfig:
     """A partial batch is sent after waiting this long for more lines."""
     max_phonemes: int = 80000
     """Phoneme budget of one batch (padded length × lines)."""
-    sort_window: int = 1024
-    """Pending lines a batch is chosen from (0 = file order): the oldest pending line
-    and the lines nearest to it in length among the next ``sort_window``, so a batch
-    pads little (the model pays for its longest line) while the oldest line always
-    goes next."""
     prefetch: int = 2
     """Batches prepared ahead of the GPU."""
     writer_threads: int = 0
@@ -381,7 +376,6 @@ def validate(cfg: Config, where: str = "config") -> None:
     need(b.max_batch_size >= 0, "batching.max_batch_size", "must be >= 0 (0 = auto)")
     need(b.max_wait_ms >= 0, "batching.max_wait_ms", "must be >= 0")
     need(b.max_phonemes > 0, "batching.max_phonemes", "must be > 0")
-    need(b.sort_window >= 0, "batching.sort_window", "must be >= 0 (0 = file order)")
     need(b.prefetch >= 1, "batching.prefetch", "must be >= 1")
     need(b.writer_threads >= 0, "batching.writer_threads", "must be >= 0 (0 = auto)")
     need(cfg.output.subtype in _SUBTYPES, "output.subtype", f"must be one of {', '.join(_SUBTYPES)}")

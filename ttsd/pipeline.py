@@ -99,14 +99,12 @@ class Feeder:
         folder fsync and one transaction per up to ``ANSWER_TAKE`` lines."""
 
     def next_batch(self, store: Store, stop) -> Batch | None:
-        """Up to ``size`` lines of one voice, of similar lengths (``sort_window``); waits
-        ``max_wait_ms`` for a fuller batch."""
+        """Up to ``size`` lines of one voice; waits ``max_wait_ms`` for a fuller batch."""
         if self.take_size < PEEK_TAKE and self.cfg.cache.enabled:
             looked, hits = store.cached_ahead(PEEK)
             if looked and hits * 2 >= looked:   # mostly known lines ahead: a bigger take
                 self.take_size = PEEK_TAKE
-        window = self.cfg.batching.sort_window if 1 < self.take_size == self.size else 0
-        rows, dead = store.take(self.take_size, self.cfg.daemon.max_attempts, window=window)
+        rows, dead = store.take(self.take_size, self.cfg.daemon.max_attempts)
         if rows and len(rows) < self.size and self.cfg.batching.max_wait_ms > 0 \
                 and rows[0].attempts == 1 and not stop.is_set():  # a suspect stays alone
             time.sleep(self.cfg.batching.max_wait_ms / 1000)

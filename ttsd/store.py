@@ -126,29 +126,6 @@ class NewLine:
     error: str | None = None
 
 
-def similar_lengths(rows: list, limit: int) -> list:
-    """``limit`` of ``rows`` (pending lines in id order, as ``take`` reads them): the
-    first row and the rows of its voice nearest to it in cost (characters × length
-    scale, a proxy for the audio it makes), as the contiguous run of that order which
-    contains the first row and pads least (the model pays for the longest line of a
-    batch). Returned in id order. The first row always comes, so no line waits for
-    ever however its length compares with the lines arriving after it."""
-    head = rows[0]
-    same = [r for r in rows if r[4] == head[4]]        # one voice per batch
-    if len(same) <= limit:
-        return same
-    order = sorted(same, key=lambda r: (len(r[3]) * r[6], r[0]))
-    cost = [len(r[3]) * r[6] for r in order]
-    prefix = list(itertools.accumulate(cost, initial=0))
-    p = order.index(head)
-    best, start = None, 0
-    for s in range(max(0, p - limit + 1), min(p, len(order) - limit) + 1):
-        waste = limit * cost[s + limit - 1] - (prefix[s + limit] - prefix[s])
-        if best is None or waste < best:
-            best, start = waste, s
-    return sorted(order[start:start + limit], key=lambda r: r[0])
-
-
 class Store:
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
@@ -296,8 +273,8 @@ class Store:
             n = c.execute("UPDATE lines SET state='pending' WHERE state='running'").rowcount
         return n
 
-    def take(self, limit: int, max_attempts: int, *, fresh_only: bool = False,
-             window: int = 0) -> tuple[list[LineRow], list[int]]:
+    def take(self, limit: int, max_attempts: int, *, fresh_only: bool = False
+             ) -> tuple[list[LineRow], list[int]]:
         """Oldest pending lines → running (attempts + 1, committed before synthesis).
 
         Lines already started ``max_attempts`` times fail instead (they killed the
@@ -306,25 +283,19 @@ class Store:
         comes alone, in a batch of its own, so that a line that kills the process
         every time cannot take its batch-mates down with it; the lines after it wait
         for it. With ``fresh_only`` (topping up a batch) no suspect is taken.
-
-        ``window`` > ``limit``: the batch is the oldest pending line and the lines of
-        its voice nearest to it in length among the next ``window`` (see
-        ``similar_lengths``), instead of the next ``limit`` in file order.
         """
         with self.tx() as c:
             rows = c.execute(
                 "SELECT l.id, l.file_id, l.number, l.text, l.voice, l.speaker_id, "
                 "l.length_scale, l.noise_scale, l.noise_w, l.seed, l.cache_key, l.out_name, "
                 "f.out_dir, l.attempts FROM lines l JOIN files f ON f.id = l.file_id "
-                "WHERE l.state='pending' ORDER BY l.id LIMIT ?",
-                (max(limit, window),)).fetchall()
+                "WHERE l.state='pending' ORDER BY l.id LIMIT ?", (limit,)).fetchall()
             dead = [r for r in rows if r[13] >= max_attempts]
             live = [r for r in rows if r[13] < max_attempts]
             if live and live[0][13] > 0 and not fresh_only:
                 take = live[:1]
             else:
                 take = list(itertools.takewhile(lambda r: r[13] == 0, live))
-                take = similar_lengths(take, limit) if len(take) > limit else take
             now = time.time()
             if dead:
                 c.executemany(
