@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ttsd.config import Config
+from ttsd.engine.graphs import MAX_ROWS
 from ttsd.engine.runtime import Engine, Prepared, Request
 
 _SUBJECTS = ["The committee", "My neighbour", "A small robot", "The old lighthouse keeper",
@@ -42,13 +43,23 @@ _TAILS = ["", " Nobody was surprised.", " Was it worth it?", " What a day!",
 
 
 def bench_lines(n: int) -> list[str]:
-    """A fixed, varied set of English lines: short to long, punctuation, numbers."""
+    """A fixed, varied set of distinct English lines: short to long, one to three
+    sentences, punctuation, numbers, in a shuffled (but fixed) order. Every line is
+    different, so the daemon's de-duplication and cache do not flatter it (before
+    2026-11-26 the set repeated 903 distinct lines)."""
+    import random
+
+    combos = [(s, v, o, t) for s in _SUBJECTS for v in _VERBS for o in _OBJECTS
+              for t in _TAILS]
+    random.Random(2026).shuffle(combos)
     out = []
     for i in range(n):
-        s, v = _SUBJECTS[i % len(_SUBJECTS)], _VERBS[(i // 3) % len(_VERBS)]
-        o, t = _OBJECTS[(i // 5) % len(_OBJECTS)], _TAILS[(i // 2) % len(_TAILS)]
-        out.append(["Yes.", "Hello there!", f"Line {i}."][i % 3] if i % 11 == 0
-                   else f"{s} {v} {o}.{t}")
+        if i % 11 == 0:
+            out.append(["Yes, {}.", "Hello there, number {}!", "Line {}."][i % 3].format(i))
+            continue
+        s, v, o, t = combos[i % len(combos)]
+        again = f" That was take {i // len(combos) + 1}." if i >= len(combos) else ""
+        out.append(f"{s} {v} {o}.{t}{again}")
     return out
 
 
@@ -84,7 +95,7 @@ def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
     batches = [order[i:i + size] for i in range(0, len(order), size)]
     for b in {id(batches[0]): batches[0], id(batches[-1]): batches[-1]}.values():
         engine.run(b)  # warm (and compile) the largest and the smallest shapes
-    lat, audio, frames, slots, text_ms, audio_ms = [], 0.0, 0, 0, 0.0, 0.0
+    lat, audio, frames, slots, text_ms, audio_ms, graphed = [], 0.0, 0, 0, 0.0, 0.0, 0
 
     def plan(b: list[Prepared]) -> tuple[Any, float]:
         t = time.perf_counter()
@@ -105,13 +116,14 @@ def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
             audio += sum(r.seconds for r in results)
             frames, slots = frames + stats.frames, slots + stats.frame_slots
             text_ms, audio_ms = text_ms + stats.text_ms, audio_ms + stats.audio_ms
+            graphed += stats.text_graphed
     wall = time.perf_counter() - t0
     return {"batch": size, "lines": len(prepared), "audio_s": round(audio, 2),
             "wall_s": round(wall, 3), "x_realtime": round(audio / wall, 1),
             "latency_ms_p50": round(_pct(lat, 50), 1), "latency_ms_p95": round(_pct(lat, 95), 1),
             "padding_efficiency": round(frames / slots, 3) if slots else 1.0,
             "text_half_ms": round(text_ms, 1), "audio_half_ms": round(audio_ms, 1),
-            "compiled": engine.compile, "overlap": overlap}
+            "compiled": engine.compile, "text_calls_graphed": graphed, "overlap": overlap}
 
 
 def _stft_mag(a: np.ndarray, n_fft: int = 1024, hop: int = 256) -> np.ndarray:
@@ -186,11 +198,34 @@ def bench_piper_one_session(onnx: Path, sentences: list[list[int]], threads: int
 # ---------------------------------------------------------------------- end to end
 
 
+def _toml(pairs: str) -> str:
+    """"a.b=1,a.c=x" → TOML sections (values as written; quote strings)."""
+    sections: dict[str, list[str]] = {}
+    for pair in filter(None, (p.strip() for p in pairs.split(","))):
+        key, _, value = pair.partition("=")
+        section, _, name = key.strip().partition(".")
+        if not name or not value:
+            raise ValueError(f"--e2e-compare: expected SECTION.KEY=VALUE, got {pair!r}")
+        sections.setdefault(section, []).append(f"{name} = {value.strip()}")
+    return "".join(f"[{s}]\n" + "".join(f"{kv}\n" for kv in kvs) for s, kvs in sections.items())
+
+
+def _eager_text(engine: Engine, prepared: list[Prepared], size: int) -> float:
+    """x-realtime of ``_timed_batches`` with the text half eager (graphs off)."""
+    engine.cuda_graphs = False
+    try:
+        return _timed_batches(engine, prepared, size)["x_realtime"]
+    finally:
+        engine.cuda_graphs = True
+
+
 def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
-                     devices: list[str] | None = None, cache_run: bool = True) -> dict[str, Any]:
+                     devices: list[str] | None = None, cache_run: bool = True,
+                     extra_config: str = "") -> dict[str, Any]:
     """The real daemon (`ttsd run --once`) on a temp folder; then (``cache_run``) the same
     file again, every line a cache hit. ``devices``: engine.devices for the daemon (one
-    worker process per device; one device runs in the daemon as by default)."""
+    worker process per device; one device runs in the daemon as by default);
+    ``extra_config``: TOML sections appended to its config."""
     root = Path(tempfile.mkdtemp(prefix="ttsd-bench-"))
     try:
         conf = root / "config.toml"
@@ -198,7 +233,7 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
             "devices = [" + ", ".join(f'"{d}"' for d in devices) + "]\n"
         conf.write_text(f'[engine]\ndevice = "{cfg.engine.device}"\ndtype = "{dtype}"\n'
                         f'voices_dir = "{cfg.engine.voices_dir}"\n{devs}'
-                        f'[input]\nsettle_s = 0.0\n', encoding="utf-8")
+                        f'[input]\nsettle_s = 0.0\n{extra_config}', encoding="utf-8")
         out = {}
         runs = ("synthesize", "cache_hits") if cache_run else ("synthesize",)
         for run in runs:
@@ -218,7 +253,8 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
         from ttsd.store import Store
         store = Store(root / "state" / "ttsd.db")
         rows = store.q("SELECT SUM(model_ms) m, SUM(prepare_ms) p, SUM(write_ms) w, "
-                       "SUM(audio_s) a, COUNT(*) n FROM batches")
+                       "SUM(audio_s) a, COUNT(*) n, SUM(used_frames) used, "
+                       "SUM(padded_frames) padded FROM batches")
         spans = {}
         for run in runs:   # claim of the file → its last WAV done
             spans[run] = store.q(
@@ -231,6 +267,8 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
             round(out["synthesize"]["audio_s"] / synth["span"], 1) if synth["span"] else None)
         out["synthesize"]["claim_to_last_wav_s"] = round(synth["span"], 3)
         out["batches"] = rows[0]
+        if rows[0]["padded"]:
+            out["padding_efficiency"] = round(rows[0]["used"] / rows[0]["padded"], 3)
         if not cache_run:
             return out
         hits = spans["cache_hits"]
@@ -340,6 +378,9 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
     report["quality_vs_float32"] = {}
     for dtype in dtypes:
         eng = _engine(cfg, dtype, max(sizes))
+        graphs, capture_s = eng.capture_graphs(cfg.engine.voice)
+        report.setdefault("text_graphs", {})[dtype] = {"graphs": graphs,
+                                                       "capture_s": round(capture_s, 2)}
         t0 = time.perf_counter()
         eng.max_batch = max(sizes)
         mine = eng.run(prepared[:64])[0]   # also compiles (engine.compile) the big shapes
@@ -352,12 +393,16 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()
         one = _timed_batches(eng, prepared[:single_n], 1)
         one["dtype"] = dtype
+        if graphs:   # the same without the text half's CUDA graphs
+            one["x_realtime_text_eager"] = _eager_text(eng, prepared[:single_n], 1)
         report["one_at_a_time"].append(one)
         for size in sizes:
             eng.max_batch = size
             eng.frame_budget = 10**9
             row = _timed_batches(eng, prepared, size)
             row["dtype"] = dtype
+            if graphs and size <= MAX_ROWS:   # graphed sizes: the same without graphs
+                row["x_realtime_text_eager"] = _eager_text(eng, prepared, size)
             if size == max(sizes) and size > 1:   # what overlapping the halves would buy
                 row["x_realtime_halves_overlapped"] = _timed_batches(
                     eng, prepared, size, overlap=True)["x_realtime"]
@@ -386,11 +431,24 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
         report["piper"].append(bench_piper(onnx, sentences, procs))
         save()
     if ns.end_to_end:   # the whole daemon with the dtype that was fastest above
+        # One short run first, unmeasured: PyTorch's compile cache is then on disk, as it
+        # is for any daemon after its first start, so no measured run pays for compiling
+        # (H200: the first start took 62 s, the next ones 34-38 s).
+        t0 = time.perf_counter()
+        bench_end_to_end(cfg, lines[:64], best["dtype"], cache_run=False)
+        report["end_to_end_warm_up_s"] = round(time.perf_counter() - t0, 1)
         report["end_to_end"] = bench_end_to_end(cfg, lines, best["dtype"])
         report["end_to_end"]["dtype"] = best["dtype"]
         e2e = report["end_to_end"]["synthesize"].get("x_realtime_claim_to_last_wav") or 0
         report["roofline"]["fraction_reached_end_to_end"] = round(
             e2e / report["roofline"]["x_realtime_limit"], 4)
+        save()
+        for compare in getattr(ns, "e2e_compare", None) or []:   # A/B: other config values
+            row = bench_end_to_end(cfg, lines, best["dtype"], cache_run=False,
+                                   extra_config=_toml(compare))
+            row["config"] = compare
+            report.setdefault("end_to_end_compare", []).append(row)
+            save()
     one_same = next(r for r in report["one_at_a_time"] if r["dtype"] == best["dtype"])
     summary = {"best_batched": best,
                "batched_vs_one_at_a_time": round(best["x_realtime"] / one_same["x_realtime"], 2)}
@@ -419,6 +477,9 @@ def render(r: dict[str, Any]) -> str:
     for row in r["one_at_a_time"]:
         out.append(f"{'one line at a time':22} {row['dtype']:9} {1:>5} {row['x_realtime']:>11} "
                    f"{row['latency_ms_p50']:>8} {row['latency_ms_p95']:>8} {'':>8} {'':>9}")
+        if "x_realtime_text_eager" in row:
+            out.append(f"{'  text half eager':22} {row['dtype']:9} {1:>5} "
+                       f"{row['x_realtime_text_eager']:>11}")
     for row in r["batched"]:
         out.append(f"{'batched':22} {row['dtype']:9} {row['batch']:>5} {row['x_realtime']:>11} "
                    f"{row['latency_ms_p50']:>8} {row['latency_ms_p95']:>8} "
@@ -426,6 +487,9 @@ def render(r: dict[str, Any]) -> str:
         if "x_realtime_halves_overlapped" in row:
             out.append(f"{'  halves overlapped':22} {row['dtype']:9} {row['batch']:>5} "
                        f"{row['x_realtime_halves_overlapped']:>11}")
+        if "x_realtime_text_eager" in row:
+            out.append(f"{'  text half eager':22} {row['dtype']:9} {row['batch']:>5} "
+                       f"{row['x_realtime_text_eager']:>11}")
     for row in r.get("piper", []):
         out.append(f"{'piper onnxruntime':22} {'float32':9} {'1':>5} {row['x_realtime']:>11} "
                    f"   ({row['processes']} proc × {row['threads_each']} threads)")
@@ -434,7 +498,11 @@ def render(r: dict[str, Any]) -> str:
                    f"error mean {q['stft_rel_error_mean']} max {q['stft_rel_error_max']}")
     if "end_to_end" in r:
         e = r["end_to_end"]
-        out.append(f"end to end: {e['synthesize']}")
+        out.append(f"end to end: {e['synthesize']} (padding efficiency "
+                   f"{e.get('padding_efficiency')})")
+        for f in r.get("end_to_end_compare", []):
+            out.append(f"end to end, {f['config']}: {f['synthesize']} (padding efficiency "
+                       f"{f.get('padding_efficiency')})")
         out.append(f"cache hits: {e['cache_hits']} (hit cost ratio {e.get('cache_hit_cost_ratio')})")
     if "roofline" in r:
         rf = r["roofline"]

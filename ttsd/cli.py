@@ -83,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-piper", action="store_true")
     bench.add_argument("--end-to-end", action="store_true",
                        help="also run the whole daemon over the lines (inbox → WAVs)")
+    bench.add_argument("--e2e-compare", action="append", default=[],
+                       metavar="SECTION.KEY=VALUE,...",
+                       help="with --end-to-end: once more with these config values (A/B), "
+                            "e.g. batching.lines_per_batch=128; may be repeated")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--out", default="", metavar="PATH",
                        help="also write the JSON report here, updated after every step")

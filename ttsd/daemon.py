@@ -30,7 +30,7 @@ from typing import Any
 
 from ttsd import __version__, workers
 from ttsd.config import Config
-from ttsd.engine.runtime import GPU_BATCH, Engine
+from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover
 from ttsd.errors import ConfigError, DeviceLostError
 from ttsd.ingest import Ingest, VoiceFacts
@@ -52,6 +52,10 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
 
 
+GIL_SWITCH_GPU_MS = 0.5
+"""``daemon.gil_switch_ms = 0`` with the model on a GPU in the daemon (see the config)."""
+
+
 def build_engine(cfg: Config, device: str | None = None, *, dtype: str | None = None,
                  max_batch: int | None = None, token_budget: int | None = None,
                  compile: str | None = None, phonemizers: int | None = None) -> Engine:
@@ -66,6 +70,7 @@ def build_engine(cfg: Config, device: str | None = None, *, dtype: str | None = 
                   max_batch=cfg.batching.max_batch_size if max_batch is None else max_batch,
                   token_budget=token_budget or cfg.batching.max_phonemes,
                   compile=compile or e.compile,
+                  cuda_graphs=e.cuda_graphs,
                   phonemizer_processes=phonemizers if phonemizers is not None else
                   (e.phonemizer_processes or max(1, min(4, (os.cpu_count() or 1) // 4))))
 
@@ -119,6 +124,10 @@ class Daemon:
         devices = workers.local_devices(cfg)
         # With a worker pool the daemon's own engine only answers voice facts (CPU).
         self.engine = build_engine(cfg, "cpu" if pooled else devices[0])
+        switch_ms = cfg.daemon.gil_switch_ms or (
+            GIL_SWITCH_GPU_MS if self.engine.device.type == "cuda" else 0)
+        if switch_ms:
+            sys.setswitchinterval(switch_ms / 1000)
         default = cfg.engine.voice
         facts = {default: voice_facts(self.engine, default)}  # other voices load on first use
         self.ingest = Ingest(cfg, _LazyVoices(self.engine, facts), self.stop,
@@ -258,8 +267,8 @@ class Daemon:
             feeder = Feeder(self.cfg, self.engine, rates)
         else:   # workers phonemize; a retried line runs alone
             gpu = any("cuda" in s.device or "gpu" in s.device for s in self.pool.slots)
-            feeder = Feeder(self.cfg, self.engine, rates, prepare=False,
-                            size=GPU_BATCH if gpu else 1, isolate_retries=True)
+            feeder = Feeder(self.cfg, self.engine, rates, prepare=False, gpu=gpu,
+                            isolate_retries=True)
         try:
             while not self.stop.is_set():
                 # A line that was in flight when the process died runs alone, with

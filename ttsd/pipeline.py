@@ -85,14 +85,18 @@ class Feeder:
     without taking its batch neighbours' attempts with it."""
 
     def __init__(self, cfg: Config, engine: Engine, sample_rates: dict[str, int], *,
-                 prepare: bool = True, size: int = 0, isolate_retries: bool = False) -> None:
+                 prepare: bool = True, size: int = 0, gpu: bool | None = None,
+                 isolate_retries: bool = False) -> None:
         self.cfg = cfg
         self.engine = engine
         self.sample_rates = sample_rates
         self.prepare = prepare
         self.isolate_retries = isolate_retries
-        b = cfg.batching.max_batch_size
-        self.size = b or size or (GPU_BATCH if engine.device.type == "cuda" else 1)
+        gpu = engine.device.type == "cuda" if gpu is None else gpu
+        model_batch = cfg.batching.max_batch_size or size or (GPU_BATCH if gpu else 1)
+        self.size = cfg.batching.lines(model_batch, gpu)
+        """Lines per batch (``batching.lines_per_batch``); the engine runs their
+        sentences ``model_batch`` at a time, sorted by length."""
         self.take_size = self.size
         """Rows taken at once: grows while lines are answered without the model (cache
         hits, WAVs already written), so a re-run of known lines costs one lookup, one

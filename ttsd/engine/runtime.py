@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ttsd.engine import faults
+from ttsd.engine.graphs import TextGraphs
 from ttsd.engine.phonemes import Phonemizer, PhonemizerProcesses, ProcessesUnavailable
 from ttsd.engine.vits import Generator, Vits
 from ttsd.engine.voice import VoiceInfo, load_model
@@ -93,6 +94,8 @@ class Result:
 class RunStats:
     items: int = 0
     text_calls: int = 0
+    text_graphed: int = 0
+    """Text-half calls replayed from a CUDA graph."""
     audio_calls: int = 0
     token_slots: int = 0
     tokens: int = 0
@@ -131,6 +134,8 @@ class LoadedVoice:
     """A float32 copy of the decoder, kept when the decoder runs in half precision."""
     audio_half: Any = None
     """``model.audio_half``, compiled when the engine compiles; eager otherwise."""
+    graphs: TextGraphs | None = None
+    """The text half's CUDA graphs (``Engine.cuda_graphs``)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -245,7 +250,7 @@ class Engine:
                  sentence_silence_s: float = 0.2, normalize: bool = True,
                  cache_dir=None, max_batch: int = 0, frame_budget: int = 0,
                  token_budget: int = 80000, compile: str = "auto",
-                 phonemizer_processes: int = 0) -> None:
+                 cuda_graphs: str = "auto", phonemizer_processes: int = 0) -> None:
         self.voices = voices
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -258,6 +263,8 @@ class Engine:
         self.frame_budget = frame_budget or self._default_frame_budget()
         self.faults = faults.from_env()
         self.compile = compile == "on" or (compile == "auto" and self.device.type == "cuda")
+        self.cuda_graphs = self.device.type == "cuda" and cuda_graphs != "off"
+        """Replay the text half from CUDA graphs (``graphs.TextGraphs``); GPU only."""
         self.phonemizers = (PhonemizerProcesses(phonemizer_processes)
                             if phonemizer_processes > 0 else None)
         self._loaded: dict[str, LoadedVoice] = {}
@@ -310,6 +317,8 @@ class Engine:
             # masks, activations and noise around cuDNN's convolutions.
             audio_half = torch.compile(model.audio_half, dynamic=True)
         lv = LoadedVoice(info, model, digest, Phonemizer(info.config), dec32, audio_half)
+        if self.device.type == "cuda":
+            lv.graphs = TextGraphs(_text_fn(model), self.device, self.max_batch)
         self._loaded[name] = lv
         return lv
 
@@ -323,10 +332,28 @@ class Engine:
         text = "This is a warm-up sentence for the voice, with a comma and a number: 42."
         ids = lv.phonemizer.sentences(text)
         sizes = [s for s in sizes if s <= self.max_batch] or [1]
+        self.capture_graphs(name)
         for size in sizes:
             prepared = [Prepared(Request(-i - 1, text, name, seed=i), ids) for i in range(size)]
             self.run(prepared)
         return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def capture_graphs(self, name: str) -> tuple[int, float]:
+        """Capture the text half's CUDA graph for every bucket shape of a voice (else
+        each shape is captured when first used); returns (graphs, seconds)."""
+        lv = self.voice(name)
+        if lv.graphs is None or not self.cuda_graphs:
+            return 0, 0.0
+        t0 = time.perf_counter()
+        with self._on_device(), torch.cuda.stream(self._text_stream), self.precision.strict():
+            for shape in lv.graphs.shapes():
+                if not lv.graphs.capture(*shape):
+                    break
+        seconds = time.perf_counter() - t0
+        log.info("engine.text_graphs", voice=name, graphs=len(lv.graphs.graphs),
+                 seconds=round(seconds, 2), off=lv.graphs.off)
+        return len(lv.graphs.graphs), seconds
 
     # ------------------------------------------------------------------ prepare
 
@@ -516,10 +543,14 @@ class Engine:
         seeds = torch.tensor([it.seed for it in chunk])
         noise_w = torch.tensor([r.noise_w for r in reqs], dtype=torch.float32)
         scale = torch.tensor([r.length_scale for r in reqs], dtype=torch.float32)
+        inputs = (ids, lengths, sid, seeds, noise_w, scale)
         with self.precision.strict():
-            m, logs, dur = lv.model.text_half(ids.to(dev), lengths.to(dev), sid.to(dev),
-                                              seeds.to(dev), noise_w.to(dev), scale.to(dev))
-            frames = dur.sum(1).clamp_min(1)
+            out = lv.graphs.run(inputs) if lv.graphs is not None and self.cuda_graphs else None
+            if out is None:
+                out = _text_fn(lv.model)(*(x.to(dev) for x in inputs))
+            else:
+                stats.text_graphed += 1
+        m, logs, dur, frames = out
         frames = frames.cpu()
         for i, it in enumerate(chunk):
             n = len(it.ids)
@@ -670,6 +701,15 @@ class Engine:
             info.update(name=platform.processor() or platform.machine(),
                         threads=torch.get_num_threads())
         return info
+
+
+def _text_fn(model: Vits):
+    """The text half as the graphs capture it: inputs → (m_p, logs_p, durations,
+    frames per row)."""
+    def text(ids, lengths, sid, seeds, noise_w, length_scale):
+        m, logs, dur = model.text_half(ids, lengths, sid, seeds, noise_w, length_scale)
+        return m, logs, dur, dur.sum(1).clamp_min(1)
+    return text
 
 
 def frames_to_seconds(frames: int, hop: int, sr: int) -> float:
