@@ -200,11 +200,11 @@ class DaemonConfig:
     stop_timeout_s: float = 60.0
     """On SIGTERM the batch in flight may finish within this time, else it is requeued."""
     gil_switch_ms: float = 0.0
-    """Python's thread switch interval (``sys.setswitchinterval``); 0 = auto: 0.5 ms
-    when the model runs on a GPU in the daemon, else Python's default (5 ms). The model
-    thread launches GPU kernels while the feeder and writer threads run Python too; a
-    shorter interval hands it the interpreter back sooner (H200, 2,000 lines: the
-    model's time in the daemon 5.1-5.9 s at 5 ms, 4.0 s at 0.5 ms)."""
+    """Python's thread switch interval (``sys.setswitchinterval``); 0 = Python's default
+    (5 ms). The model thread launches GPU kernels while the feeder and writer threads
+    run Python too; a shorter interval hands it the interpreter back sooner. Not a
+    clear win yet: on an H200 (2,000 lines) 0.5 ms measured 4.0 s of model time against
+    4.2-5.9 s at 5 ms in one run, and 5.3 s against 4.7 s in the next."""
 
 
 @dataclass(frozen=True)

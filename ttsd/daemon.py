@@ -52,9 +52,6 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
 
 
-GIL_SWITCH_GPU_MS = 0.5
-"""``daemon.gil_switch_ms = 0`` with the model on a GPU in the daemon (see the config)."""
-
 
 def build_engine(cfg: Config, device: str | None = None, *, dtype: str | None = None,
                  max_batch: int | None = None, token_budget: int | None = None,
@@ -124,10 +121,8 @@ class Daemon:
         devices = workers.local_devices(cfg)
         # With a worker pool the daemon's own engine only answers voice facts (CPU).
         self.engine = build_engine(cfg, "cpu" if pooled else devices[0])
-        switch_ms = cfg.daemon.gil_switch_ms or (
-            GIL_SWITCH_GPU_MS if self.engine.device.type == "cuda" else 0)
-        if switch_ms:
-            sys.setswitchinterval(switch_ms / 1000)
+        if cfg.daemon.gil_switch_ms:
+            sys.setswitchinterval(cfg.daemon.gil_switch_ms / 1000)
         default = cfg.engine.voice
         facts = {default: voice_facts(self.engine, default)}  # other voices load on first use
         self.ingest = Ingest(cfg, _LazyVoices(self.engine, facts), self.stop,
