@@ -52,7 +52,6 @@ class Progress:
     started: float = field(default_factory=time.monotonic)
 
 
-
 def build_engine(cfg: Config, device: str | None = None, *, dtype: str | None = None,
                  max_batch: int | None = None, token_budget: int | None = None,
                  compile: str | None = None, phonemizers: int | None = None) -> Engine:
