@@ -130,3 +130,28 @@ def test_a_retried_line_adopts_its_wav_in_the_feeder(tmp_path: Path) -> None:
     again = feeder.next_batch(store, threading.Event())
     assert [r.id for r in again.existing] == [row.id] and not again.hits
     assert again.rows[0].attempts == 2
+
+
+def test_a_partial_take_after_answered_batches_does_not_wait_for_more_lines(
+        tmp_path: Path, monkeypatch) -> None:
+    """A partial batch waits ``max_wait_ms`` for more lines to fill a model call; once
+    the feeder is answering lines without the model (its take grew past a batch), the
+    tail of a re-run must not wait: there is no model call to fill."""
+    texts = [f"Line {i}." for i in range(300)]
+    cfg, store = _site(tmp_path, texts, cached=texts)
+    cfg = dataclasses.replace(cfg, batching=dataclasses.replace(cfg.batching, max_wait_ms=500))
+    slept: list[float] = []
+    monkeypatch.setattr("ttsd.pipeline.time.sleep", slept.append)
+    feeder = Feeder(cfg, _engine(), {VOICE: SR}, size=256)
+    first = feeder.next_batch(store, threading.Event())
+    assert len(first.hits) == 256 and not slept    # a full batch of hits: no wait
+    assert feeder.take_size > feeder.size          # answered: the next take is bigger
+    tail = feeder.next_batch(store, threading.Event())
+    assert len(tail.hits) == 44 and not slept, "the tail of a re-run waited for more lines"
+    # A partial first take of new lines still waits for more (trickling input).
+    fid = store.add_file("b.txt", cfg.paths.work / "b.txt", 1, "1" * 64, cfg.paths.outbox / "b")
+    store.add_lines(fid, [NewLine(1, "Brand new.", out_name="0001", voice=VOICE,
+                                  cache_key=_key("Brand new."))])
+    feeder.take_size = feeder.size
+    fresh = feeder.next_batch(store, threading.Event())
+    assert [g[0].text for g in fresh.groups] == ["Brand new."] and slept == [0.5]

@@ -86,6 +86,9 @@ class Daemon:
         self.show_progress = progress
         self.stop = threading.Event()
         self.force = threading.Event()
+        self.new_lines = threading.Event()
+        """Set by ingest when lines reach the store: the idle feeder takes them at once
+        instead of at its next poll."""
         self.fatal: BaseException | None = None
         self.notifier = Notifier()
         self.started_at = time.time()
@@ -126,6 +129,7 @@ class Daemon:
         facts = {default: voice_facts(self.engine, default)}  # other voices load on first use
         self.ingest = Ingest(cfg, _LazyVoices(self.engine, facts), self.stop,
                              fmt=f"wav/{cfg.output.subtype}")
+        self.ingest.on_lines = self.new_lines.set
         warm_s = 0.0
         if pooled:
             self._start_pool(store)
@@ -273,7 +277,8 @@ class Daemon:
                     continue
                 batch = feeder.next_batch(store, self.stop)
                 if batch is None:
-                    self.stop.wait(0.05)
+                    self.new_lines.wait(0.05)   # a stop is seen within 50 ms, as before
+                    self.new_lines.clear()
                     continue
                 with self._lock:
                     self.in_flight.update(r.id for r in batch.rows)

@@ -67,6 +67,8 @@ class Ingest:
         self.failed_files = 0
         self.finished_files = 0
         self.on_file_done: Callable[[dict], None] | None = None
+        self.on_lines: Callable[[], None] | None = None
+        """Called after each chunk of new lines is in the store (wakes the feeder)."""
 
     # ------------------------------------------------------------------ loop
 
@@ -144,16 +146,21 @@ class Ingest:
                 chunk.append(self._new_line(item, width, seen))
                 count += 1
                 if len(chunk) >= CHUNK:
-                    store.add_lines(file_id, chunk)
+                    self._add(store, file_id, chunk)
                     chunk = []
             if chunk:
-                store.add_lines(file_id, chunk)
+                self._add(store, file_id, chunk)
             store.file_parsed(file_id, parsed.kind, parsed.total_lines, parsed.note)
             log.info("file.parsed", name=claimed.name, lines=count, kind=parsed.kind,
                      note=parsed.note, ms=round((time.perf_counter() - t0) * 1000, 1))
         except InputError as exc:
             self._fail(store, file_id, claimed, exc.describe() if exc.file else
                        f"{claimed.name}: {exc.describe()}")
+
+    def _add(self, store: Store, file_id: int, chunk: list[NewLine]) -> None:
+        store.add_lines(file_id, chunk)
+        if self.on_lines is not None:
+            self.on_lines()
 
     def _fail(self, store: Store, file_id: int, claimed: Claimed, error: str) -> None:
         dest = dispose(claimed.path, self.cfg.paths.failed, claimed.name, error=error)

@@ -109,7 +109,10 @@ class Feeder:
             if looked and hits * 2 >= looked:   # mostly known lines ahead: a bigger take
                 self.take_size = PEEK_TAKE
         rows, dead = store.take(self.take_size, self.cfg.daemon.max_attempts)
+        # A partial batch waits max_wait_ms for more lines — unless the last batch was
+        # answered without the model (a bigger take): then waiting fills no model call.
         if rows and len(rows) < self.size and self.cfg.batching.max_wait_ms > 0 \
+                and self.take_size <= self.size \
                 and rows[0].attempts == 1 and not stop.is_set():  # a suspect stays alone
             time.sleep(self.cfg.batching.max_wait_ms / 1000)
             more, dead2 = store.take(self.size - len(rows), self.cfg.daemon.max_attempts,
