@@ -212,11 +212,11 @@ def _toml(pairs: str) -> str:
 
 def _eager_text(engine: Engine, prepared: list[Prepared], size: int) -> float:
     """x-realtime of ``_timed_batches`` with the text half eager (graphs off)."""
-    engine.cuda_graphs = False
+    graphs, engine.cuda_graphs = engine.cuda_graphs, False
     try:
         return _timed_batches(engine, prepared, size)["x_realtime"]
     finally:
-        engine.cuda_graphs = True
+        engine.cuda_graphs = graphs
 
 
 def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
