@@ -116,6 +116,11 @@ class EngineConfig:
     "auto"/"on" (on a GPU) or "off". There the text half is launch-bound (hundreds of
     small kernels; a graph is one launch): one line at a time went 247x → 603x on an
     H200."""
+    overlap_halves: bool = False
+    """Run the text half (encoder + durations) of the next batch in the feeder thread,
+    on a side stream, beside the audio half of the batch in the model (GPU, one device
+    in the daemon). Off by default: measured model-only, it lost 11 % on an H100 and
+    won 23 % on an H200 (ttsd/engine/PERFORMANCE.md)."""
 
 
 LINES_PER_MODEL_BATCH = 4

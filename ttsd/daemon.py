@@ -4,6 +4,7 @@ Threads (data flows one way, through bounded queues):
 
     files   ─ Ingest: inbox → claim → parse → store; finished files → manifest, done/
     feeder  ─ Feeder: store → batch (+ cache hits) → phonemes        ─┐ queue (prefetch)
+              (engine.overlap_halves: → the text half too, on a side stream)
     model   ─ Synth: the engine on the device; pings the systemd watchdog  ─┐ queue
               (several devices or Ray: a WorkerPool, one driver thread per worker
                process/actor; see ttsd/workers.py)
@@ -100,6 +101,7 @@ class Daemon:
         self.last_work = time.monotonic()
         self.last_release = time.monotonic()
         self.busy = False
+        self.feeder: Feeder | None = None
         self.pool: Any = None
         self._ray_started = False
 
@@ -262,7 +264,7 @@ class Daemon:
         rates = {n: v.sample_rate for n, v in self.engine.voices.items()}
         max_attempts = self.cfg.daemon.max_attempts
         if self.pool is None:
-            feeder = Feeder(self.cfg, self.engine, rates)
+            feeder = self.feeder = Feeder(self.cfg, self.engine, rates)
         else:   # workers phonemize; a retried line runs alone
             gpu = any("cuda" in s.device or "gpu" in s.device for s in self.pool.slots)
             feeder = Feeder(self.cfg, self.engine, rates, prepare=False, gpu=gpu,
@@ -310,7 +312,8 @@ class Daemon:
         mem = self.cfg.memory
         try:
             while True:
-                self.notifier.watchdog()
+                if not self._planning_stuck():
+                    self.notifier.watchdog()
                 try:
                     batch = self.batch_q.get(timeout=0.2)
                 except queue.Empty:
@@ -334,6 +337,15 @@ class Daemon:
         finally:
             self.write_q.put(None)
             store.close()
+
+    def _planning_stuck(self) -> bool:
+        """The feeder's text half (``engine.overlap_halves``: on the device too) has run
+        past the watchdog interval: stop pinging, so that systemd restarts a daemon whose
+        GPU hangs there."""
+        since = self.feeder.planning_since if self.feeder is not None else None
+        interval = self.notifier.watchdog_interval_s
+        return since is not None and interval is not None and \
+            time.monotonic() - since > interval
 
     def _maybe_release(self, store: Store, every: float, reason: str, idle: bool = False) -> None:
         now = time.monotonic()

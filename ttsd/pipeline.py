@@ -6,9 +6,11 @@ so phonemizing and writing overlap with the model:
 - ``Feeder.next_batch``: takes pending lines (marking them running, attempts + 1),
   answers what it can without the model (a WAV already on disk from an interrupted
   attempt, a cache hit), dedupes identical lines, and phonemizes the rest;
-- ``Synth.run``: the model, on the device (both halves, one after the other: running
-  the next batch's text half beside this one's audio half measured 11 % slower on an
-  H100, see ttsd/engine/PERFORMANCE.md);
+- ``Synth.run``: the model, on the device: both halves one after the other, or
+  (``engine.overlap_halves``) only the audio half, the feeder having run the text half
+  (``Engine.plan``, on a side stream) beside the previous batch's audio half — that
+  measured 11 % slower on an H100 and 23 % faster on an H200 model-only, see
+  ttsd/engine/PERFORMANCE.md;
 - ``Sink.write``: atomic WAVs, cache links, one fsync per touched folder, then one
   store transaction per batch.
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from ttsd import crash
 from ttsd.config import Config
-from ttsd.engine.runtime import GPU_BATCH, Engine, Prepared, Request, Result, RunStats
+from ttsd.engine.runtime import GPU_BATCH, Engine, Plan, Prepared, Request, Result, RunStats
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
 from ttsd.store import LineRow, Store
@@ -45,6 +47,8 @@ class Batch:
     prepared: list[Prepared] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list)
     """The model's work; with worker processes they phonemize it themselves."""
+    plan: Plan | None = None
+    """``engine.overlap_halves``: the text half done by the feeder, waiting for ``Synth``."""
     results: list[Result] = field(default_factory=list)
     stats: RunStats | None = None
     prepare_ms: float = 0.0
@@ -92,6 +96,9 @@ class Feeder:
         self.sample_rates = sample_rates
         self.prepare = prepare
         self.isolate_retries = isolate_retries
+        self.plan = prepare and cfg.engine.overlap_halves
+        self.planning_since: float | None = None
+        """monotonic() when the text half in progress started (None: not planning)."""
         gpu = engine.device.type == "cuda" if gpu is None else gpu
         model_batch = cfg.batching.max_batch_size or size or (GPU_BATCH if gpu else 1)
         self.size = cfg.batching.lines(model_batch, gpu)
@@ -152,6 +159,12 @@ class Feeder:
             batch.prepared = self.engine.prepare(requests)
         batch.prepare_ms = (time.perf_counter() - t0) * 1000
         crash.point("mid_batch")
+        if self.plan and batch.prepared:
+            self.planning_since = time.monotonic()
+            try:
+                batch.plan = self.engine.plan(batch.prepared)
+            finally:
+                self.planning_since = None
         return batch
 
     def _answer_without_model(self, store: Store, batch: Batch) -> None:
@@ -197,13 +210,21 @@ class Synth:
         self.engine = engine
 
     def run(self, batch: Batch) -> Batch:
+        """Both halves, or the audio half of a batch the feeder planned; ``model_ms``
+        counts both halves either way."""
         if batch.prepared:
             t0 = time.perf_counter()
-            batch.results, batch.stats = self.engine.run(batch.prepared)
+            if batch.plan is not None:
+                batch.results, batch.stats = self.engine.finish(batch.plan)
+                batch.plan = None   # frees the text half's tensors
+                text_ms = batch.stats.text_ms
+            else:
+                batch.results, batch.stats = self.engine.run(batch.prepared)
+                text_ms = 0.0
             if self.engine.device.type == "cuda":
                 import torch
                 torch.cuda.synchronize(self.engine.device)
-            batch.model_ms = (time.perf_counter() - t0) * 1000
+            batch.model_ms = (time.perf_counter() - t0) * 1000 + text_ms
         return batch
 
 
