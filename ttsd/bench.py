@@ -198,16 +198,20 @@ def bench_piper_one_session(onnx: Path, sentences: list[list[int]], threads: int
 # ---------------------------------------------------------------------- end to end
 
 
-def _toml(pairs: str) -> str:
-    """"a.b=1,a.c=x" → TOML sections (values as written; quote strings)."""
-    sections: dict[str, list[str]] = {}
+def _toml(pairs: str, base: dict[str, dict[str, str]] | None = None) -> str:
+    """"a.b=1,a.c=x" over ``base`` ({section: {key: TOML value}}) → TOML text (values as
+    written; quote strings). A pair overrides the same key of ``base``: a section appears
+    once (TOML refuses a second ``[engine]``, which made every --e2e-compare of an
+    engine key fail before)."""
+    sections = {k: dict(v) for k, v in (base or {}).items()}
     for pair in filter(None, (p.strip() for p in pairs.split(","))):
         key, _, value = pair.partition("=")
         section, _, name = key.strip().partition(".")
         if not name or not value:
             raise ValueError(f"--e2e-compare: expected SECTION.KEY=VALUE, got {pair!r}")
-        sections.setdefault(section, []).append(f"{name} = {value.strip()}")
-    return "".join(f"[{s}]\n" + "".join(f"{kv}\n" for kv in kvs) for s, kvs in sections.items())
+        sections.setdefault(section, {})[name] = value.strip()
+    return "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in kvs.items())
+                   for s, kvs in sections.items())
 
 
 def _eager_text(engine: Engine, prepared: list[Prepared], size: int) -> float:
@@ -221,19 +225,20 @@ def _eager_text(engine: Engine, prepared: list[Prepared], size: int) -> float:
 
 def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
                      devices: list[str] | None = None, cache_run: bool = True,
-                     extra_config: str = "") -> dict[str, Any]:
+                     compare: str = "") -> dict[str, Any]:
     """The real daemon (`ttsd run --once`) on a temp folder; then (``cache_run``) the same
     file again, every line a cache hit. ``devices``: engine.devices for the daemon (one
     worker process per device; one device runs in the daemon as by default);
-    ``extra_config``: TOML sections appended to its config."""
+    ``compare``: "SECTION.KEY=VALUE,..." over the bench's config (``_toml``)."""
     root = Path(tempfile.mkdtemp(prefix="ttsd-bench-"))
     try:
         conf = root / "config.toml"
-        devs = "" if not devices else \
-            "devices = [" + ", ".join(f'"{d}"' for d in devices) + "]\n"
-        conf.write_text(f'[engine]\ndevice = "{cfg.engine.device}"\ndtype = "{dtype}"\n'
-                        f'voices_dir = "{cfg.engine.voices_dir}"\n{devs}'
-                        f'[input]\nsettle_s = 0.0\n{extra_config}', encoding="utf-8")
+        engine = {"device": f'"{cfg.engine.device}"', "dtype": f'"{dtype}"',
+                  "voices_dir": json.dumps(str(cfg.engine.voices_dir))}
+        if devices:
+            engine["devices"] = "[" + ", ".join(f'"{d}"' for d in devices) + "]"
+        conf.write_text(_toml(compare, {"engine": engine, "input": {"settle_s": "0.0"}}),
+                        encoding="utf-8")
         out = {}
         runs = ("synthesize", "cache_hits") if cache_run else ("synthesize",)
         for run in runs:
@@ -249,7 +254,7 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
             audio = sum(sf.info(str(w)).duration for w in wavs)
             out[run] = {"lines": len(lines), "wavs": len(wavs), "audio_s": round(audio, 2),
                         "wall_s_including_start": round(wall, 2), "rc": proc.returncode,
-                        "stderr_tail": proc.stderr[-400:] if proc.returncode else ""}
+                        "stderr_tail": proc.stderr[-2000:] if proc.returncode else ""}
         from ttsd.store import Store
         store = Store(root / "state" / "ttsd.db")
         rows = store.q("SELECT SUM(model_ms) m, SUM(prepare_ms) p, SUM(write_ms) w, "
@@ -257,15 +262,17 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
                        "SUM(padded_frames) padded FROM batches")
         spans = {}
         for run in runs:   # claim of the file → its last WAV done
-            spans[run] = store.q(
+            got = store.q(
                 "SELECT MAX(l.finished_at) - f.created_at AS span, COUNT(*) AS n, "
                 "SUM(l.cached) AS cached FROM lines l JOIN files f ON f.id = l.file_id "
-                "WHERE f.name = ? GROUP BY f.id", (f"{run}.txt",))[0]
+                "WHERE f.name = ? GROUP BY f.id", (f"{run}.txt",))
+            spans[run] = got[0] if got else {"span": None, "n": 0, "cached": 0}
         store.close()
         synth = spans["synthesize"]
         out["synthesize"]["x_realtime_claim_to_last_wav"] = (
             round(out["synthesize"]["audio_s"] / synth["span"], 1) if synth["span"] else None)
-        out["synthesize"]["claim_to_last_wav_s"] = round(synth["span"], 3)
+        out["synthesize"]["claim_to_last_wav_s"] = \
+            round(synth["span"], 3) if synth["span"] else None   # None: the daemon failed
         out["batches"] = rows[0]
         if rows[0]["padded"]:
             out["padding_efficiency"] = round(rows[0]["used"] / rows[0]["padded"], 3)
@@ -273,7 +280,7 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
             return out
         hits = spans["cache_hits"]
         out["cache_hits"]["lines_cached"] = hits["cached"]
-        out["cache_hits"]["claim_to_last_wav_s"] = round(hits["span"], 3)
+        out["cache_hits"]["claim_to_last_wav_s"] = round(hits["span"], 3) if hits["span"] else None
         if synth["span"] and hits["n"]:
             out["cache_hit_cost_ratio"] = round((hits["span"] / hits["n"]) /
                                                 (synth["span"] / synth["n"]), 4)
@@ -447,7 +454,7 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
         save()
         for compare in getattr(ns, "e2e_compare", None) or []:   # A/B: other config values
             row = bench_end_to_end(cfg, lines, best["dtype"], cache_run=False,
-                                   extra_config=_toml(compare))
+                                   compare=compare)
             row["config"] = compare
             report.setdefault("end_to_end_compare", []).append(row)
             save()
