@@ -20,7 +20,7 @@ TEXTS = ["Yes.", "The first long line goes on for a while, with a comma or two."
 
 def _run(root: Path, overlap: bool) -> Site:
     site = Site(root, extra_config=(
-        f"[engine]\noverlap_halves = {str(overlap).lower()}\n"
+        f"[engine]\noverlap_halves = \"{'on' if overlap else 'off'}\"\n"
         "[batching]\nmax_batch_size = 2\nlines_per_batch = 2\nprefetch = 2\n"))
     site.inbox.mkdir(parents=True)
     (site.inbox / "lines.txt").write_text("\n".join(TEXTS) + "\n", encoding="utf-8")

@@ -116,11 +116,13 @@ class EngineConfig:
     "auto"/"on" (on a GPU) or "off". There the text half is launch-bound (hundreds of
     small kernels; a graph is one launch): one line at a time went 247x → 603x on an
     H200."""
-    overlap_halves: bool = False
+    overlap_halves: str = "auto"
     """Run the text half (encoder + durations) of the next batch in the feeder thread,
-    on a side stream, beside the audio half of the batch in the model (GPU, one device
-    in the daemon). Off by default: measured model-only, it lost 11 % on an H100 and
-    won 23 % on an H200 (ttsd/engine/PERFORMANCE.md)."""
+    on a side stream, beside the audio half of the batch in the model thread (one
+    device in the daemon): "auto"/"on" (on a GPU) or "off". Model only, bf16, batch
+    128: +22 % on an H100 and +35-40 % on an H200 (2026-11-26); end to end on the H200
+    2,942x vs 2,393x (ttsd/engine/PERFORMANCE.md). On the CPU both halves would fight
+    over the same cores."""
 
 
 LINES_PER_MODEL_BATCH = 4
@@ -402,6 +404,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     need(e.max_audio_s_per_char > 0, "engine.max_audio_s_per_char", "must be > 0")
     need(0 < e.memory_fraction <= 1, "engine.memory_fraction", "must be in (0, 1]")
     need(e.compile in ("auto", "on", "off"), "engine.compile", "must be auto, on or off")
+    need(e.overlap_halves in ("auto", "on", "off"), "engine.overlap_halves",
+         f"{e.overlap_halves!r}: must be auto, on or off")
     need(e.cuda_graphs in ("auto", "on", "off"), "engine.cuda_graphs",
          "must be auto, on or off")
     need(0 <= e.phonemizer_processes <= 64, "engine.phonemizer_processes",
