@@ -311,3 +311,18 @@ def test_precision_flags_per_stage_under_one_lock():
     finally:
         (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
          torch.backends.cudnn.deterministic) = saved
+
+
+def test_pcm16_engine_gives_the_int16_of_its_floats(engine):
+    """``pcm16=True`` (the daemon with PCM_16 WAVs): the conversion happens on the
+    device, sample for sample the writer's own rule applied to the float result."""
+    from ttsd.engine.runtime import Engine
+    from ttsd.writer import pcm16
+
+    ints = Engine(discover(None), device="cpu", dtype="float32", max_batch=16, pcm16=True)
+    reqs = _requests(LINES[:4] + ["Two sentences here. And the second one."])
+    floats = engine.synthesize(reqs)
+    got = ints.synthesize(reqs)
+    for f, i in zip(floats, got):
+        assert i.audio.dtype == np.int16 and len(i.audio) == len(f.audio) > 2000
+        assert np.array_equal(i.audio, pcm16(f.audio)), f.key

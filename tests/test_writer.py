@@ -663,3 +663,31 @@ def test_write_wav_without_folder_sync_is_complete(tmp_path: Path,
         assert np.abs(data - np.clip(x, -1, 1)).max() <= 2.0 / 32768
         writer.fsync_dir(tmp_path)
     assert temps(tmp_path) == []
+
+
+def test_int16_pcm_writes_the_bytes_of_its_floats(tmp_path: Path) -> None:
+    """The engine's ``pcm16`` output (int16, converted on the device by torch) is
+    written as it is: the same WAV bytes as the float samples through the numpy encoder
+    (libsndfile's rule), edge values of the rounding included; other subtypes too."""
+    import torch
+
+    from ttsd.engine.runtime import pcm16 as torch_pcm16
+
+    rng = np.random.default_rng(5)
+    edges = np.array([1.0, -1.0, 0.0, -1e-10, 1e-10, (65536 - 0.5) / 2**31,
+                      -(65536 - 0.5) / 2**31, 0.5 / 32768, -0.5 / 32768, 2**-8, -2**-8],
+                     dtype=np.float32)
+    x = np.concatenate([rng.uniform(-1, 1, 50_000), edges,
+                        rng.uniform(-1, 1, 50_000) * 2**-8]).astype(np.float32)
+    pcm = torch_pcm16(torch.from_numpy(x)).numpy()
+    assert pcm.dtype == np.int16
+    assert np.array_equal(pcm, writer.pcm16(x))
+    assert writer.encode_wav(pcm, 22050) == writer.encode_wav(x, 22050)
+    for subtype in ("FLOAT", "PCM_24"):
+        floats = pcm / np.float32(32768.0)
+        assert writer.encode_wav(pcm, 22050, subtype) == writer.encode_wav(floats, 22050, subtype)
+    write_wav(tmp_path / "a.wav", pcm, 22050)
+    back, sr = sf.read(str(tmp_path / "a.wav"), dtype="int16")
+    assert sr == 22050 and np.array_equal(back, pcm)
+    with pytest.raises(ValueError, match="1-D"):
+        writer.encode_wav(pcm[:100_000].reshape(2, -1), 22050)

@@ -133,6 +133,11 @@ def _stft_mag(a: np.ndarray, n_fft: int = 1024, hop: int = 256) -> np.ndarray:
     return np.abs(np.fft.rfft(frames * np.hanning(n_fft), axis=-1))
 
 
+def _floats(audio: np.ndarray) -> np.ndarray:
+    """The engine's int16 PCM (``pcm16``) as the floats it stands for."""
+    return audio.astype(np.float32) / np.float32(32768.0) if audio.dtype == np.int16 else audio
+
+
 def _quality(ref: list, other: list) -> dict[str, Any]:
     same_len = sum(len(a.audio) == len(b.audio) for a, b in zip(ref, other)
                    if a.audio is not None and b.audio is not None)
@@ -140,7 +145,7 @@ def _quality(ref: list, other: list) -> dict[str, Any]:
     for a, b in zip(ref, other):
         if a.audio is None or b.audio is None or len(a.audio) != len(b.audio):
             continue
-        ma, mb = _stft_mag(a.audio), _stft_mag(b.audio)
+        ma, mb = _stft_mag(_floats(a.audio)), _stft_mag(_floats(b.audio))
         errs.append(float(np.linalg.norm(ma - mb) / max(np.linalg.norm(ma), 1e-9)))
     return {"lines": len(ref), "same_length": same_len,
             "stft_rel_error_mean": round(statistics.fmean(errs), 5) if errs else None,

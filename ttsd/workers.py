@@ -154,7 +154,7 @@ class WorkerCore:
 
 
 def _wire(audio: np.ndarray | None, pcm16: bool) -> np.ndarray | None:
-    if audio is None or not pcm16:
+    if audio is None or not pcm16 or audio.dtype == np.int16:   # the engine's pcm16
         return audio
     from ttsd.writer import pcm16 as to_pcm16
     clipped = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
@@ -596,7 +596,7 @@ class WorkerPool:
     def _finished(self, slot: Slot, store, batch, reply: dict[str, Any]) -> None:
         from ttsd.engine.runtime import Result
 
-        batch.results = [Result(k, unwire(a), sr, err, ph)
+        batch.results = [Result(k, a, sr, err, ph)   # int16 (PCM_16) goes to the WAV as it is
                          for k, a, sr, err, ph in reply["results"]]
         batch.stats = reply["stats"]
         batch.prepare_ms = reply["prepare_ms"]

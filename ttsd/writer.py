@@ -172,8 +172,11 @@ def _remove_quietly(path: Path) -> None:
 
 
 def encode_wav(samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> bytes:
-    """Mono WAV bytes of float samples, clipped to [-1, 1]; ValueError on NaN/Inf or
-    anything that is not 1-D."""
+    """Mono WAV bytes of float samples, clipped to [-1, 1], or of int16 PCM (k stands for
+    k / 32768: the engine's ``pcm16`` output); ValueError on NaN/Inf or anything that is
+    not 1-D."""
+    if isinstance(samples, np.ndarray) and samples.dtype == np.int16:
+        return _encode_int16(samples, sample_rate, subtype)
     audio = np.asarray(samples, dtype=np.float32)
     if audio.ndim != 1:
         raise ValueError(f"expected 1-D mono samples, got shape {audio.shape}")
@@ -216,19 +219,39 @@ def pcm16(clipped: np.ndarray) -> np.ndarray:
     return y.astype("<i2")
 
 
-def _pcm16_wav(clipped: np.ndarray, sample_rate: int) -> bytes | None:
-    """The mono PCM_16 WAV libsndfile would write, byte for byte, without libsndfile;
-    None where libsndfile must decide (a rate that is not a C int, over 4 GiB)."""
+def _encode_int16(samples: np.ndarray, sample_rate: int, subtype: str) -> bytes:
+    """int16 PCM as it is for PCM_16 (the same bytes as its float k / 32768 through
+    ``pcm16``); other subtypes through libsndfile from the exact floats."""
+    if samples.ndim != 1:
+        raise ValueError(f"expected 1-D mono samples, got shape {samples.shape}")
+    if sample_rate <= 0:
+        raise ValueError(f"sample rate must be positive, got {sample_rate}")
+    if subtype == "PCM_16":
+        header = _pcm16_header(samples.size, sample_rate)
+        if header is not None:
+            return header + samples.astype("<i2", copy=False).tobytes()
+    return encode_wav(samples.astype(np.float32) / np.float32(32768.0), sample_rate, subtype)
+
+
+def _pcm16_header(frames: int, sample_rate: int) -> bytes | None:
+    """The 44 bytes libsndfile writes before ``frames`` mono PCM_16 samples; None where
+    libsndfile must decide (a rate that is not a C int, over 4 GiB)."""
     try:
         rate = operator.index(sample_rate)
     except TypeError:
         return None
-    size = 2 * clipped.size
+    size = 2 * frames
     if not 0 < rate <= _RATE_MAX or size + 36 > 0xFFFFFFFF:
         return None
-    header = _WAV_PCM16_HEADER.pack(b"RIFF", 36 + size, b"WAVE", b"fmt ", 16, 1, 1, rate,
-                                    2 * rate, 2, 16, b"data", size)
-    return header + pcm16(clipped).tobytes()
+    return _WAV_PCM16_HEADER.pack(b"RIFF", 36 + size, b"WAVE", b"fmt ", 16, 1, 1, rate,
+                                  2 * rate, 2, 16, b"data", size)
+
+
+def _pcm16_wav(clipped: np.ndarray, sample_rate: int) -> bytes | None:
+    """The mono PCM_16 WAV libsndfile would write, byte for byte, without libsndfile;
+    None where libsndfile must decide (a rate that is not a C int, over 4 GiB)."""
+    header = _pcm16_header(clipped.size, sample_rate)
+    return None if header is None else header + pcm16(clipped).tobytes()
 
 
 def write_wav(path: Path, samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16", *,

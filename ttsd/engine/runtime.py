@@ -81,6 +81,8 @@ class Prepared:
 class Result:
     key: int
     audio: np.ndarray | None
+    """Mono samples: float32 in [-1, 1], or int16 PCM from an engine made with
+    ``pcm16=True`` (k stands for k / 32768; ``ttsd.writer`` writes it as it is)."""
     sample_rate: int
     error: str | None = None
     phonemes: int = 0
@@ -255,6 +257,14 @@ def _is_sticky(exc: BaseException) -> bool:
     return any(s in text for s in _STICKY)
 
 
+def pcm16(clipped: torch.Tensor) -> torch.Tensor:
+    """int16 of float32 samples already in [-1, 1], exactly as ``ttsd.writer.pcm16``
+    (libsndfile's lrintf(x × 2³¹) >> 16, 1.0 saturating at 32767): every step is exact
+    in float32 and ``torch.round`` rounds half to even like ``rint``."""
+    y = torch.round(clipped.float() * 2.0**31)
+    return torch.floor(y * 2.0**-16).clamp_(max=32767.0).to(torch.int16)
+
+
 class Engine:
     """Loaded voices on one device. Not thread-safe for ``run``; ``prepare`` is."""
 
@@ -264,7 +274,8 @@ class Engine:
                  sentence_silence_s: float = 0.2, normalize: bool = True,
                  cache_dir=None, max_batch: int = 0, frame_budget: int = 0,
                  token_budget: int = 80000, compile: str = "auto",
-                 cuda_graphs: str = "auto", phonemizer_processes: int = 0) -> None:
+                 cuda_graphs: str = "auto", phonemizer_processes: int = 0,
+                 pcm16: bool = False) -> None:
         self.voices = voices
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -272,6 +283,9 @@ class Engine:
         self.max_audio_s_per_char = max_audio_s_per_char
         self.sentence_silence_s = sentence_silence_s
         self.normalize = normalize
+        self.pcm16 = pcm16
+        """Results as int16 PCM, converted on the device (libsndfile's rule, exactly):
+        half the bytes to copy to the host, and the WAV writers only add a header."""
         self.max_batch = max_batch or (GPU_BATCH if self.device.type == "cuda" else 1)
         self.token_budget = token_budget
         self.frame_budget = frame_budget or self._default_frame_budget()
@@ -547,7 +561,7 @@ class Engine:
         for li, its in by_line.items():
             its.sort(key=lambda x: x.sentence)
             total = sum(it.frames for it in its) * hop + gap * (len(its) - 1)
-            buf = lines[li] = np.zeros(total, dtype=np.float32)
+            buf = lines[li] = np.zeros(total, dtype=np.int16 if self.pcm16 else np.float32)
             at = 0
             for it in its:
                 n = it.frames * hop
@@ -708,6 +722,8 @@ class Engine:
             peak = out.abs().amax(1, keepdim=True)
             out = torch.where(peak > 1e-8, out / peak, 0.0)
         out = out.clamp(-1.0, 1.0)
+        if self.pcm16:
+            out = pcm16(out)
         if out.device.type != "cuda":
             return out.numpy(), finite.numpy(), None
         if slot is None:
@@ -743,7 +759,7 @@ class Engine:
                 continue
             # Sentences already joined by sentence_silence_s of silence, normalized and
             # clipped on the device.
-            audio = lines.get(li, np.zeros(0, np.float32))
+            audio = lines.get(li, np.zeros(0, np.int16 if self.pcm16 else np.float32))
             out.append(Result(p.request.key, audio, sr, None, p.phonemes))
         return out
 
