@@ -206,12 +206,14 @@ class DaemonConfig:
     """A line whose synthesis was started this many times without finishing fails."""
     stop_timeout_s: float = 60.0
     """On SIGTERM the batch in flight may finish within this time, else it is requeued."""
-    gil_switch_ms: float = 0.0
+    gil_switch_ms: float = 1.0
     """Python's thread switch interval (``sys.setswitchinterval``); 0 = Python's default
-    (5 ms). The model thread launches GPU kernels while the feeder and writer threads
-    run Python too; a shorter interval hands it the interpreter back sooner. Not a
-    clear win yet: on an H200 (2,000 lines) 0.5 ms measured 4.0 s of model time against
-    4.2-5.9 s at 5 ms in one run, and 5.3 s against 4.7 s in the next."""
+    (5 ms). Two threads launch GPU kernels (the feeder the text half, the model thread
+    the audio half: ``engine.overlap_halves``) while writer threads run Python too; a
+    shorter interval hands a launching thread the interpreter back sooner. H200, 2,000
+    lines, halves overlapped: 1 ms 3,276x vs 2,942x at 5 ms, then 3,624x vs 3,487x
+    (the 5 ms row ran later, which favours it). With the halves one after the other
+    0.5 ms was no clear win (session 4)."""
 
 
 @dataclass(frozen=True)
