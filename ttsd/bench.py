@@ -88,9 +88,10 @@ def _requests(cfg: Config, engine: Engine, lines: list[str]) -> list[Request]:
 def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
                    overlap: bool = False) -> dict[str, Any]:
     """Run ``prepared`` in batches of ``size`` (sorted by length, as the daemon does),
-    both halves of a batch one after the other, as the daemon runs them; ``overlap``:
-    batch i+1's text half (``Engine.plan``, another thread) beside batch i's audio half
-    (``Engine.finish``). Latency = plan + finish of a batch."""
+    both halves of a batch one after the other; ``overlap``: batch i+1's text half
+    (``Engine.plan``, another thread) beside batch i's audio half (``Engine.finish``),
+    as the daemon runs them on a GPU (``engine.overlap_halves``). Latency = plan +
+    finish of a batch."""
     order = sorted(prepared, key=lambda p: -p.phonemes) if size > 1 else prepared
     batches = [order[i:i + size] for i in range(0, len(order), size)]
     for b in {id(batches[0]): batches[0], id(batches[-1]): batches[-1]}.values():
@@ -124,6 +125,10 @@ def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
             "padding_efficiency": round(frames / slots, 3) if slots else 1.0,
             "text_half_ms": round(text_ms, 1), "audio_half_ms": round(audio_ms, 1),
             "compiled": engine.compile, "text_calls_graphed": graphed, "overlap": overlap}
+
+
+_OTHER_WAY = {True: "x_realtime_halves_one_after_other", False: "x_realtime_halves_overlapped"}
+"""A row's A/B column: the halves run the other way than the row's own ``overlap``."""
 
 
 def _stft_mag(a: np.ndarray, n_fft: int = 1024, hop: int = 256) -> np.ndarray:
@@ -365,6 +370,7 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
     dtypes = [d for d in ns.dtypes.split(",") if d] or \
         (["float32", "float16", "bfloat16"] if gpu else ["float32"])
     lines = bench_lines(n)
+    overlap = cfg.engine.overlap_halves == "on" or cfg.engine.overlap_halves == "auto" and gpu
     report: dict[str, Any] = {"lines": n, "date": time.strftime("%Y-%m-%d"),
                               "torch": torch.__version__, "cpus": os.cpu_count()}
     out = getattr(ns, "out", "") or ""
@@ -403,21 +409,28 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
         report.setdefault("batched_vs_alone", {})[dtype] = _quality(alone, mine)
         if gpu:
             torch.cuda.reset_peak_memory_stats()
+        # One line at a time: both ways of running the halves, the better one is the
+        # baseline (an honest one: line i+1's text half may run beside line i's audio).
         one = _timed_batches(eng, prepared[:single_n], 1)
+        other = _timed_batches(eng, prepared[:single_n], 1, overlap=True)
+        if other["x_realtime"] > one["x_realtime"]:
+            one, other = other, one
         one["dtype"] = dtype
+        one[_OTHER_WAY[one["overlap"]]] = other["x_realtime"]
         if graphs:   # the same without the text half's CUDA graphs
             one["x_realtime_text_eager"] = _eager_text(eng, prepared[:single_n], 1)
         report["one_at_a_time"].append(one)
         for size in sizes:
             eng.max_batch = size
             eng.frame_budget = 10**9
-            row = _timed_batches(eng, prepared, size)
+            # The daemon's way (engine.overlap_halves), the other way as an A/B column.
+            row = _timed_batches(eng, prepared, size, overlap=overlap and size > 1)
             row["dtype"] = dtype
             if graphs and size <= MAX_ROWS:   # graphed sizes: the same without graphs
                 row["x_realtime_text_eager"] = _eager_text(eng, prepared, size)
-            if size == max(sizes) and size > 1:   # what overlapping the halves would buy
-                row["x_realtime_halves_overlapped"] = _timed_batches(
-                    eng, prepared, size, overlap=True)["x_realtime"]
+            if size == max(sizes) and size > 1:
+                row[_OTHER_WAY[row["overlap"]]] = _timed_batches(
+                    eng, prepared, size, overlap=not row["overlap"])["x_realtime"]
             if gpu:
                 row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 torch.cuda.reset_peak_memory_stats()
@@ -489,9 +502,13 @@ def render(r: dict[str, Any]) -> str:
            f"phonemize: {r['phonemize']['ms_per_line']} ms/line",
            "", f"{'mode':22} {'dtype':9} {'batch':>5} {'x-realtime':>11} {'p50 ms':>8} "
            f"{'p95 ms':>8} {'pad eff':>8} {'peak GiB':>9}"]
+    ab = (("x_realtime_halves_overlapped", "  halves overlapped"),
+          ("x_realtime_halves_one_after_other", "  halves one by one"))
     for row in r["one_at_a_time"]:
         out.append(f"{'one line at a time':22} {row['dtype']:9} {1:>5} {row['x_realtime']:>11} "
                    f"{row['latency_ms_p50']:>8} {row['latency_ms_p95']:>8} {'':>8} {'':>9}")
+        out.extend(f"{label:22} {row['dtype']:9} {1:>5} {row[key]:>11}"
+                   for key, label in ab if key in row)
         if "x_realtime_text_eager" in row:
             out.append(f"{'  text half eager':22} {row['dtype']:9} {1:>5} "
                        f"{row['x_realtime_text_eager']:>11}")
@@ -499,9 +516,8 @@ def render(r: dict[str, Any]) -> str:
         out.append(f"{'batched':22} {row['dtype']:9} {row['batch']:>5} {row['x_realtime']:>11} "
                    f"{row['latency_ms_p50']:>8} {row['latency_ms_p95']:>8} "
                    f"{row['padding_efficiency']:>8} {row.get('peak_gpu_gib', ''):>9}")
-        if "x_realtime_halves_overlapped" in row:
-            out.append(f"{'  halves overlapped':22} {row['dtype']:9} {row['batch']:>5} "
-                       f"{row['x_realtime_halves_overlapped']:>11}")
+        out.extend(f"{label:22} {row['dtype']:9} {row['batch']:>5} {row[key]:>11}"
+                   for key, label in ab if key in row)
         if "x_realtime_text_eager" in row:
             out.append(f"{'  text half eager':22} {row['dtype']:9} {row['batch']:>5} "
                        f"{row['x_realtime_text_eager']:>11}")
