@@ -242,3 +242,68 @@ def test_say_writes_a_wav(tmp_path: Path) -> None:
                    "--speed", "1.5", "--seed", "3")
     assert out.returncode == 0, out.stderr
     _check_wav(tmp_path / "x.wav", "Testing one, two, three.")
+
+
+def _foreign_file_at_an_output_path(tmp_path: Path, cached: bool) -> tuple[Site, bytes]:
+    """A file whose lines were claimed and taken when the process died (crash point
+    mid_batch), and, before the restart, a user's file that is not a WAV put at line 2's
+    output path. ``cached``: its lines are cache hits (an earlier file said them)."""
+    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site.write_config()
+    site.inbox.mkdir(parents=True)
+    text = "".join(f"Line {i} of the {'known' if cached else 'new'} file.\n" for i in (1, 2, 3))
+    if cached:
+        (site.inbox / "a.txt").write_text(text, encoding="utf-8")
+        out = site.cli("run", "--once", "--no-progress", timeout=180)
+        assert out.returncode == 0, out.stderr[-2000:]
+    (site.inbox / "b.txt").write_text(text, encoding="utf-8")
+    # Popen with its log in a file, not cli(): a phonemizer process the kill orphans
+    # would hold a captured stderr open.
+    site.start("--once", env={"TTSD_CRASH_AT": "mid_batch"})
+    assert site.proc.wait(timeout=180) == 137, site.logs()
+    taken = site.query("SELECT l.number, l.state FROM lines l JOIN files f ON f.id = "
+                       "l.file_id WHERE f.name = 'b.txt' AND f.out_dir = ?",
+                       (str(site.outbox / "b"),))
+    assert ("2", "running") in {(str(n), s) for n, s in taken}, taken
+    note = b"my own notes, not audio\n" * 10
+    (site.outbox / "b").mkdir(parents=True, exist_ok=True)
+    (site.outbox / "b" / "0002.wav").write_bytes(note)
+    return site, note
+
+
+def _check_foreign_file_kept_and_line_failed(site: Site, note: bytes, cached: bool) -> None:
+    out = site.cli("run", "--once", "--no-progress", timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    foreign = site.outbox / "b" / "0002.wav"
+    assert foreign.read_bytes() == note             # never overwritten
+    rows = {n: (state, cached_, error) for n, state, cached_, error in site.query(
+        "SELECT l.number, l.state, l.cached, l.error FROM lines l JOIN files f "
+        "ON f.id = l.file_id WHERE f.name = 'b.txt'")}
+    state, _c, error = rows[2]
+    assert state == "failed" and str(foreign) in error and "not a valid WAV" in error, rows[2]
+    for n in (1, 3):   # the rest of the batch completes
+        assert rows[n][:2] == ("done", int(cached)), rows[n]
+        _check_wav(site.outbox / "b" / f"{n:04d}.wav", "Line 1 of the new file.")
+    with open(site.outbox / "b" / "manifest.csv", newline="", encoding="utf-8") as f:
+        manifest = {r["line"]: r for r in csv.DictReader(f)}
+    assert manifest["2"]["wav"] == "" and str(foreign) in manifest["2"]["error"]
+    assert (site.root / "done" / "b.txt").exists()
+    foreign.unlink()   # the user's file aside, every line is one WAV or one reason
+    assert_invariant(site)
+
+
+def test_a_foreign_file_at_a_cache_hits_path_fails_that_line_only(tmp_path: Path) -> None:
+    """Row 20/27: a file that is not a WAV at a cache hit's output path is never
+    overwritten; that line fails with an error naming the path, the other hits of the
+    batch are done, and the daemon goes on (it used to stop: the sink re-raised)."""
+    site, note = _foreign_file_at_an_output_path(tmp_path, cached=True)
+    _check_foreign_file_kept_and_line_failed(site, note, cached=True)
+
+
+def test_a_foreign_file_at_a_synthesized_lines_path_fails_it_instead_of_looping(
+        tmp_path: Path) -> None:
+    """The same for a line the model synthesizes: it used to go back to pending with its
+    attempt undone, be synthesized and refused again, forever (`run --once` never
+    finished); it fails once, naming the path, and the file is kept."""
+    site, note = _foreign_file_at_an_output_path(tmp_path, cached=False)
+    _check_foreign_file_kept_and_line_failed(site, note, cached=False)

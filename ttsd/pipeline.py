@@ -81,6 +81,16 @@ def cache_path(cache_dir: Path, key: str) -> Path:
     return cache_dir / key[:2] / f"{key}.wav"
 
 
+def occupied(path: str | os.PathLike, sample_rate: int | None) -> str:
+    """The error of a line whose output path holds something that is not its WAV (a
+    user's file, a folder, a link, a WAV of another rate). ttsd never overwrites it,
+    and retrying cannot help, so the line fails with this instead of going back to
+    pending."""
+    rate = f" at {sample_rate} Hz" if sample_rate else ""
+    return (f"{os.fspath(path)} already exists and is not a valid WAV{rate}; ttsd does not "
+            "overwrite it: move it away and submit the line again")
+
+
 class Feeder:
     """``prepare=False`` (worker pools): the batch carries requests, and each worker
     phonemizes its own, so host-side text work scales with the workers.
@@ -271,10 +281,13 @@ class Sink:
         cache_rows: list[dict] = []
         requeue: list[int] = []
         for row in batch.existing:
-            _sr, _frames, seconds = wav_info(wav_path(row))
+            try:
+                _sr, _frames, seconds = wav_info(wav_path(row))
+            except (OSError, ValueError):   # gone or changed since the feeder looked
+                requeue.append(row.id)
+                continue
             done.append((row.id, str(wav_path(row)), seconds, False))
         hit_keys: list[str] = []
-        adopted = 0
         folders: set[str] = set()
         link = self.cfg.cache.link
         for row, entry in batch.hits:
@@ -287,15 +300,19 @@ class Sink:
                 link_or_copy(entry["path"], dst, link=link, sync_dir=False)
                 done.append((row.id, dst, float(entry["seconds"]), True))
                 hit_keys.append(entry["key"])
-            except FileNotFoundError:   # purged in the meantime: synthesize it after all
-                store.cache_evict([entry["key"]])
+            except (FileNotFoundError, ValueError):   # purged (or no longer a regular
+                store.cache_evict([entry["key"]])    # file) since the feeder looked:
+                requeue.append(row.id)               # synthesize it after all
+            except FileExistsError:   # a WAV of an earlier attempt: adopt it if it is whole;
+                if wav_ok(dst, sample_rate=batch.sample_rate):   # anything else stays, and
+                    _sr, _frames, seconds = wav_info(Path(dst))   # the line fails
+                    done.append((row.id, dst, seconds, False))
+                else:
+                    log.error("wav.path_taken", path=dst, line=row.id)
+                    failed.append((row.id, occupied(dst, batch.sample_rate)))
+            except OSError as exc:   # disk full, I/O error (a copy): the line stays pending
+                log.error("wav.link_failed", path=dst, error=str(exc))
                 requeue.append(row.id)
-            except FileExistsError:   # a WAV of an earlier attempt: adopt it if it is whole
-                if not wav_ok(dst, sample_rate=batch.sample_rate):
-                    raise
-                _sr, _frames, seconds = wav_info(Path(dst))
-                done.append((row.id, dst, seconds, False))
-                adopted += 1
         for folder in folders:   # the links are durable before their lines are done
             fsync_dir(Path(folder))
         results = {r.key: r for r in batch.results}
@@ -310,10 +327,14 @@ class Sink:
                 jobs.append((row, res, self.pool.submit(self._write_one, row, res)))
         for row, res, fut in jobs:
             try:
-                fut.result()
+                refused = fut.result()
             except OSError as exc:   # disk full, I/O error: the line stays pending
                 log.error("wav.write_failed", path=str(wav_path(row)), error=str(exc))
                 requeue.append(row.id)
+                continue
+            if refused:   # for good: pending again, it would be refused again, forever
+                log.error("wav.path_taken", path=str(wav_path(row)), line=row.id)
+                failed.append((row.id, refused))
                 continue
             done.append((row.id, str(wav_path(row)), res.seconds, False))
             crash.point("after_rename")
@@ -335,7 +356,7 @@ class Sink:
                 used_frames=s.frames if s else 0,
                 extra={} if batch.worker is None else {"worker": batch.worker,
                                                        "memory": batch.memory})
-        counters = {"cache_hits": len(batch.hits) - adopted, "cache_misses": len(batch.groups),
+        counters = {"cache_hits": len(hit_keys), "cache_misses": len(batch.groups),
                     "lines_synthesized": sum(len(g) for g in batch.groups)}
         crash.point("before_commit")
         store.complete(done, failed, cache_rows, stats, counters, hit_keys)
@@ -372,14 +393,18 @@ class Sink:
                 keep.append(d)
         return keep
 
-    def _write_one(self, row: LineRow, res: Result) -> None:
+    def _write_one(self, row: LineRow, res: Result) -> str | None:
+        """Writes the line's WAV; a valid one already there (an earlier attempt's) is
+        kept. Returns None, or why the line fails for good: another file holds its path
+        (OSError, raised for a transient failure like a full disk, requeues it)."""
         path = wav_path(row)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             write_wav(path, res.audio, res.sample_rate, self.subtype, sync_dir=False)
         except FileExistsError:
             if not wav_ok(path, sample_rate=res.sample_rate):
-                raise OSError(f"{path} exists and is not a valid WAV; not overwriting") from None
+                return occupied(path, res.sample_rate)
+        return None
 
     def _cache(self, batch: Batch, done: list[tuple[int, str, float, bool]]) -> list[dict]:
         """Link each freshly synthesized WAV into the cache (one entry per key)."""
