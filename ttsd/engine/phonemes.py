@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,6 +75,17 @@ class ProcessesUnavailable(RuntimeError):
     """Phonemizer processes cannot be started here."""
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A phonemizer process's initializer: exit when the daemon that started it is gone.
+    Its task queue's pipe stays open in the process itself (multiprocessing hands it
+    both ends), so a daemon killed with SIGKILL left it waiting forever, re-parented."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+    threading.Thread(target=watch, name="ttsd-parent-watch", daemon=True).start()
+
+
 class PhonemizerProcesses:
     """espeak-ng in worker processes: phonemizing runs beside the GIL-bound threads of
     the daemon, several texts at once, and each process is replaced after
@@ -98,7 +110,8 @@ class PhonemizerProcesses:
 
                 self._pool = ProcessPoolExecutor(
                     self.processes, mp_context=multiprocessing.get_context("spawn"),
-                    max_tasks_per_child=self.recycle_tasks)
+                    max_tasks_per_child=self.recycle_tasks,
+                    initializer=_exit_with_parent, initargs=(os.getpid(),))
             return self._pool
 
     def _reset(self, broken) -> None:
