@@ -43,7 +43,7 @@ def test_batches_of_more_lines_than_a_model_call_pad_less(tmp_path: Path) -> Non
     efficiency = {}
     for lines in (2, 8):   # one model call of two, or four calls sorted by length
         site = Site(tmp_path / str(lines), extra_config=(
-            f"[batching]\nmax_batch_size = 2\nlines_per_batch = {lines}\nramp = false\n"))
+            f"[batching]\nmax_batch_size = 2\nlines_per_batch = {lines}\n"))
         site.inbox.mkdir(parents=True)
         (site.inbox / "mixed.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
         site.start("--once")
@@ -62,22 +62,3 @@ def test_batches_of_more_lines_than_a_model_call_pad_less(tmp_path: Path) -> Non
         rows = list(csv.DictReader(f))
     assert [r["text"] for r in rows] == texts
     assert [int(r["line"]) for r in rows] == list(range(1, len(texts) + 1))
-
-
-@pytest.mark.parametrize(("ramp", "sizes"), [(True, [2, 8, 5, 3, 2]), (False, [8, 8, 4])])
-def test_batches_ramp_up_and_down_around_the_model(tmp_path: Path, ramp: bool,
-                                                   sizes: list[int]) -> None:
-    """``batching.ramp``: the first batch after idle is one model batch (2), then full
-    batches (8) while two or more wait, then half of what waits down to one model batch
-    (20 lines: 2, 8, then 10 waiting → 5, 3, 2). Off: full batches and the rest."""
-    texts = [f"Line number {i} of the ramp." for i in range(1, 21)]
-    site = Site(tmp_path, extra_config=(
-        f"[batching]\nmax_batch_size = 2\nlines_per_batch = 8\nramp = {str(ramp).lower()}\n"))
-    site.inbox.mkdir(parents=True)
-    (site.inbox / "ramp.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    site.start("--once")
-    assert site.proc.wait(timeout=300) == 0, site.logs()
-    assert_invariant(site)
-    assert [r[0] for r in site.query("SELECT size FROM batches ORDER BY id")] == sizes
-    out = site.outbox / "ramp"
-    assert sorted(p.name for p in out.glob("*.wav")) == [f"{i:04d}.wav" for i in range(1, 21)]

@@ -148,11 +148,6 @@ class BatchingConfig:
         """``lines_per_batch`` resolved for a model batch of ``model_batch``."""
         return self.lines_per_batch or (LINES_PER_MODEL_BATCH * model_batch if gpu
                                         else model_batch)
-    ramp: bool = True
-    """Smaller batches where the pipeline fills and drains (when lines_per_batch is
-    more than one model batch): the first batch after idle is one model batch, so the
-    GPU starts sooner, and the last lines go in halves down to one model batch, so less
-    is left to write after the model's last call."""
     max_wait_ms: int = 50
     """A partial batch is sent after waiting this long for more lines."""
     max_phonemes: int = 80000

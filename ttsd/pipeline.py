@@ -113,14 +113,11 @@ class Feeder:
         self.planning_since: float | None = None
         """monotonic() when the text half in progress started (None: not planning)."""
         gpu = engine.device.type == "cuda" if gpu is None else gpu
-        model_batch = self.model_batch = cfg.batching.max_batch_size or size or \
-            (GPU_BATCH if gpu else 1)
+        model_batch = cfg.batching.max_batch_size or size or (GPU_BATCH if gpu else 1)
         self.size = cfg.batching.lines(model_batch, gpu)
         """Lines per batch (``batching.lines_per_batch``); the engine runs their
         sentences ``model_batch`` at a time, sorted by length."""
         self.take_size = self.size
-        self.idle = True
-        """The last take found nothing: the next batch starts an empty pipeline."""
         """Rows taken at once: grows while lines are answered without the model (cache
         hits, WAVs already written), so a re-run of known lines costs one lookup, one
         folder fsync and one transaction per up to ``ANSWER_TAKE`` lines."""
@@ -131,19 +128,16 @@ class Feeder:
             looked, hits = store.cached_ahead(PEEK)
             if looked and hits * 2 >= looked:   # mostly known lines ahead: a bigger take
                 self.take_size = PEEK_TAKE
-        model_bound = self.take_size == self.size
-        want = self._ramped(store) if model_bound else self.take_size
-        rows, dead = store.take(want, self.cfg.daemon.max_attempts)
+        rows, dead = store.take(self.take_size, self.cfg.daemon.max_attempts)
         # A partial batch waits max_wait_ms for more lines — unless the last batch was
         # answered without the model (a bigger take): then waiting fills no model call.
-        if rows and len(rows) < want and self.cfg.batching.max_wait_ms > 0 \
+        if rows and len(rows) < self.size and self.cfg.batching.max_wait_ms > 0 \
                 and self.take_size <= self.size \
                 and rows[0].attempts == 1 and not stop.is_set():  # a suspect stays alone
             time.sleep(self.cfg.batching.max_wait_ms / 1000)
-            more, dead2 = store.take(want - len(rows), self.cfg.daemon.max_attempts,
+            more, dead2 = store.take(self.size - len(rows), self.cfg.daemon.max_attempts,
                                      fresh_only=True)
             rows, dead = rows + more, dead + dead2
-        self.idle = not rows
         if dead:
             log.warning("lines.gave_up", count=len(dead), ids=dead[:10])
         if not rows:
@@ -185,21 +179,6 @@ class Feeder:
             finally:
                 self.planning_since = None
         return batch
-
-    def _ramped(self, store: Store) -> int:
-        """Lines for a take headed for the model (``batching.ramp``): one model batch
-        first after idle (the GPU starts after phonemizing 128 lines, not 512), then
-        ``size``, and once fewer than two batches wait, half of what waits, down to one
-        model batch (the last batch's WAVs are what is left to write after the model's
-        last call)."""
-        if not self.cfg.batching.ramp or self.size <= self.model_batch:
-            return self.size
-        if self.idle:
-            return self.model_batch
-        waiting = store.waiting_count()
-        if waiting >= 2 * self.size:
-            return self.size
-        return max(self.model_batch, min(self.size, -(-waiting // 2)))
 
     def _answer_without_model(self, store: Store, batch: Batch) -> None:
         """Sorts the batch's rows: a WAV already in the outbox, a cache hit, or work for

@@ -264,10 +264,6 @@ class Store:
 
     # ------------------------------------------------------------------ lines
 
-    def waiting_count(self) -> int:
-        """Lines pending and not taken."""
-        return int(self.one("SELECT COUNT(*) FROM lines WHERE state = 'pending'") or 0)
-
     def pending_count(self) -> int:
         return int(self.one("SELECT COUNT(*) FROM lines WHERE state IN ('pending','running')") or 0)
 
