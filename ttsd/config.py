@@ -119,10 +119,10 @@ class EngineConfig:
     overlap_halves: str = "auto"
     """Run the text half (encoder + durations) of the next batch in the feeder thread,
     on a side stream, beside the audio half of the batch in the model thread (one
-    device in the daemon): "auto"/"on" (on a GPU) or "off". Model only, bf16, batch
-    128: +22 % on an H100 and +35-40 % on an H200 (2026-11-26); end to end on the H200
-    2,942x vs 2,393x (ttsd/engine/PERFORMANCE.md). On the CPU both halves would fight
-    over the same cores."""
+    device in the daemon): "auto"/"on" (on a GPU) or "off". End to end on an H200 it
+    won four runs out of four (+2 % to +23 %; ttsd/engine/PERFORMANCE.md); model only
+    the A/B is unsettled (the second timing of each pair won). On the CPU both halves
+    would fight over the same cores."""
 
 
 LINES_PER_MODEL_BATCH = 4

@@ -7,9 +7,9 @@ so phonemizing and writing overlap with the model:
   answers what it can without the model (a WAV already on disk from an interrupted
   attempt, a cache hit), dedupes identical lines, and phonemizes the rest;
 - ``Synth.run``: the model, on the device: both halves one after the other, or
-  (``engine.overlap_halves``) only the audio half, the feeder having run the text half
-  (``Engine.plan``, on a side stream) beside the previous batch's audio half — that
-  measured 11 % slower on an H100 and 23 % faster on an H200 model-only, see
+  (``engine.overlap_halves``, the default on a GPU) only the audio half, the feeder
+  having run the text half (``Engine.plan``, on a side stream) beside the previous
+  batch's audio half — ahead end to end in four H200 runs out of four, see
   ttsd/engine/PERFORMANCE.md;
 - ``Sink.write``: atomic WAVs, cache links, one fsync per touched folder, then one
   store transaction per batch.

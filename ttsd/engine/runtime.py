@@ -3,15 +3,16 @@
 ``Engine.prepare`` turns requests into phoneme ids (CPU, thread-safe);
 ``Engine.run`` synthesizes prepared requests in padded batches on the device, in two
 stages, ``plan`` (on a high-priority side stream on a GPU) then ``finish``. A caller may
-run them in two threads, one batch's text half beside the previous batch's audio half;
-the daemon does not: on an H100 that measured 11 % slower than one after the other
-(ttsd/engine/PERFORMANCE.md):
+run them in two threads, one batch's text half beside the previous batch's audio half,
+as the daemon does on a GPU (``engine.overlap_halves``, ttsd/engine/PERFORMANCE.md):
 
 1. every sentence of every request becomes one item, sorted by phoneme count;
 2. text half (encoder + duration predictor) in strict float32 → durations;
 3. lines whose predicted audio exceeds their cap fail alone (runaway guard);
 4. audio half (flows float32, decoder in the chosen dtype) on items re-sorted by
-   frame count, in sub-batches bounded by a frame budget;
+   frame count, in sub-batches bounded by a frame budget, each queued before the
+   previous one is collected; samples land in each line's final array (int16 PCM with
+   ``pcm16``);
 5. an out-of-memory error halves the sub-batch and retries, down to one item;
    non-finite audio from a half-precision decoder is retried once in float32.
 
