@@ -549,7 +549,8 @@ class Engine:
 
     def _line_buffers(self, lv: LoadedVoice, prepared: list[Prepared],
                       items: list[_Item]) -> dict[int, np.ndarray]:
-        """One zeroed float32 array per line, its final length known from the durations:
+        """One zeroed array per line (float32, or int16 with ``pcm16``), its final length
+        known from the durations:
         its sentences in order, ``sentence_silence_s`` of silence between them. Each item
         gets ``out``, its span in that array, so the audio half writes samples where they
         end up and no line is concatenated afterwards."""
@@ -668,7 +669,7 @@ class Engine:
         stats.audio_ms += (time.perf_counter() - job.t0) * 1000
 
     def _decode(self, lv: LoadedVoice, prepared: list[Prepared], chunk: list[_Item],
-                dec: Generator | None) -> tuple[np.ndarray, np.ndarray]:
+                dec: Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The audio half on ``chunk``: the engine's (maybe compiled) decoder when
         ``dec`` is None, else ``dec`` eagerly (the float32 retry). Returns the audio
         [B, S] and the samples of each item, on the device (``_to_host`` next)."""
