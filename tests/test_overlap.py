@@ -9,13 +9,23 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 from harness import Site, assert_invariant
+
+from ttsd.config import EngineConfig
 
 TEXTS = ["Yes.", "The first long line goes on for a while, with a comma or two.",
          "No.", "Another line, of middling length.", "Fine, thanks.",
          "A third line that is long enough to need several hundred frames of audio.",
          "Okay.", "The end."]
+
+
+@pytest.mark.parametrize(("value", "gpu", "want"), [
+    ("auto", True, True), ("auto", False, False), ("on", False, True), ("off", True, False)])
+def test_overlap_halves_resolves(value: str, gpu: bool, want: bool) -> None:
+    """One resolution for the daemon's feeder and the bench: auto = on with a GPU."""
+    assert EngineConfig(overlap_halves=value).overlaps(gpu) is want
 
 
 def _run(root: Path, overlap: bool) -> Site:

@@ -124,6 +124,10 @@ class EngineConfig:
     the A/B is unsettled (the second timing of each pair won). On the CPU both halves
     would fight over the same cores."""
 
+    def overlaps(self, gpu: bool) -> bool:
+        """``overlap_halves`` resolved for an engine on a GPU or not."""
+        return self.overlap_halves == "on" or self.overlap_halves == "auto" and gpu
+
 
 LINES_PER_MODEL_BATCH = 4
 """``batching.lines_per_batch = 0`` on a GPU: this many model batches of lines."""
