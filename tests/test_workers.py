@@ -186,34 +186,47 @@ def test_ray_is_never_imported_without_the_ray_backend() -> None:
     assert out.returncode == 0, out.stderr
 
 
+def _engine_pcm16(audio: np.ndarray) -> np.ndarray:
+    """What a worker's engine sends for a 16-bit output: its samples clipped and turned
+    into int16 on the device (``Engine._to_host``)."""
+    import torch
+
+    from ttsd.engine.runtime import pcm16
+
+    return pcm16(torch.from_numpy(audio).clamp(-1.0, 1.0)).numpy()
+
+
 def test_int16_wire_gives_the_same_wav_bytes() -> None:
-    """Workers send int16; the WAV written from it equals the one written from float32."""
-    from ttsd.workers import _wire, unwire
+    """Workers send int16; the WAV written from it equals the one written from float32,
+    and only a 16-bit output gets int16 (PCM_24/32/FLOAT outputs get float32)."""
+    from ttsd.config import Config, OutputConfig
+    from ttsd.daemon import build_engine
     from ttsd.writer import encode_wav
 
     rng = np.random.default_rng(7)
     audio = rng.uniform(-1.05, 1.05, 50_000).astype(np.float32)
     audio[:4] = [1.0, -1.0, 0.99999, -0.99999]
-    wire = _wire(audio, pcm16=True)
+    wire = _engine_pcm16(audio)
     assert wire.dtype == np.int16
-    assert encode_wav(unwire(wire), 22050) == encode_wav(audio, 22050)
-    assert _wire(audio, pcm16=False) is audio   # PCM_24/32/FLOAT outputs get float32
+    assert encode_wav(wire, 22050) == encode_wav(audio, 22050)
+    assert build_engine(Config(), "cpu", phonemizers=0).pcm16
+    assert not build_engine(Config(output=OutputConfig(subtype="PCM_24")), "cpu",
+                            phonemizers=0).pcm16
 
 
 def test_int16_wire_is_exact_for_values_near_zero() -> None:
     """The wire uses libsndfile's rounding, not floor(x × 32768): tiny negatives become
     0 and values just under a step round up, exactly as the written WAV has them."""
-    from ttsd.workers import _wire, unwire
     from ttsd.writer import encode_wav
 
     audio = np.array([-1e-10, -(2.0**-33), (65536 - 0.5) / 2**31, -(65536 * 3 + 0.25) / 2**31,
                       -0.0, 0.0, 1.0, -1.0, 2.0**-40], dtype=np.float32)
-    wire = _wire(audio, pcm16=True)
+    wire = _engine_pcm16(audio)
     assert wire.tolist() == [0, 0, 1, -3, 0, 0, 32767, -32768, 0]
-    assert encode_wav(unwire(wire), 22050) == encode_wav(audio, 22050)
+    assert encode_wav(wire, 22050) == encode_wav(audio, 22050)
     rng = np.random.default_rng(11)
     small = (rng.standard_normal(200_000) * 2.0**-10).astype(np.float32)
-    assert encode_wav(unwire(_wire(small, pcm16=True)), 22050) == encode_wav(small, 22050)
+    assert encode_wav(_engine_pcm16(small), 22050) == encode_wav(small, 22050)
 
 
 @pytest.mark.parametrize("table, needle", [
@@ -378,3 +391,19 @@ def test_sigterm_with_batches_queued_on_workers(tmp_path: Path) -> None:
     rows = site.query("SELECT state, attempts, synth_count FROM lines")
     assert rows == [("done", 1, 1)] * 16, rows
     assert_invariant(site)
+
+
+def test_the_stand_in_model_keeps_the_int16_contract(monkeypatch) -> None:
+    """``TTSD_FAULTS=fast`` (the pipeline tests' stand-in model) returns what the real
+    model would for a 16-bit output: int16, so workers and the writer see one kind."""
+    from ttsd.config import Config
+    from ttsd.daemon import build_engine
+    from ttsd.engine import faults
+    from ttsd.engine.runtime import Request
+
+    monkeypatch.setenv("TTSD_FAULTS", "fast")
+    engine = build_engine(Config(), "cpu", phonemizers=0)
+    voice = Config().engine.voice
+    got = engine.synthesize([Request(0, "Hello there.", voice)])[0]
+    assert got.audio.dtype == np.int16
+    assert np.array_equal(got.audio, _engine_pcm16(faults.stand_in_audio("Hello there.", 22050)))

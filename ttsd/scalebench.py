@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ttsd.config import Config
-from ttsd.workers import ProcessHandle, WorkerDied, cpu_threads, spec_for, unwire
+from ttsd.workers import ProcessHandle, WorkerDied, cpu_threads, spec_for
 
 
 def devices_for(spec: str) -> list[str]:
@@ -135,7 +135,7 @@ def _scale_row(cfg: Config, devs: list[str], batches: list[list], audio_by_key: 
                 for key, a, sr, _err, _ph in reply["results"]:
                     if a is not None:
                         audio_s[i] += len(a) / sr
-                        audio_by_key[key] = unwire(a)
+                        audio_by_key[key] = a
         except WorkerDied as exc:
             errors.append(f"{devs[i]} #{i}: {exc}")
 

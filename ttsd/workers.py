@@ -2,8 +2,9 @@
 
 The daemon stays the only process that touches the store, the inbox and the outbox.
 A worker holds an Engine on one device (its own warmed voices, its own memory
-fraction) and answers ``run(requests)`` with int16 audio (float32 when the output is
-not 16-bit); it phonemizes its own requests, so host-side text work scales with the
+fraction) and answers ``run(requests)`` with its engine's samples, int16 when the
+output is 16-bit (``Engine.pcm16``: converted on the device, written as they are, so
+the WAV bytes equal those of the in-process path); it phonemizes its own requests, so host-side text work scales with the
 workers.
 
     Feeder ─▶ batch_q ─▶ driver thread per slot ─▶ worker (process or Ray actor)
@@ -41,19 +42,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import numpy as np
-
 from ttsd.config import Config
 from ttsd.errors import DeviceLostError
 from ttsd.log import get_logger
 
 log = get_logger(__name__)
-
-PCM16_SCALE = 32768.0
-"""int16 k on the wire stands for the float k / 32768; the writer turns that back into
-exactly k. The float → int16 rule itself is ``ttsd.writer.pcm16`` (libsndfile's:
-lrintf(x × 2³¹) >> 16, which is floor(x × 32768) except for some |x| < 2⁻⁸), so the
-WAV bytes equal those of the in-process path."""
 
 
 # ---------------------------------------------------------------------- devices
@@ -88,10 +81,6 @@ class WorkerSpec:
     cfg: Config
     device: str
     threads: int = 0
-
-    @property
-    def pcm16(self) -> bool:
-        return self.cfg.output.subtype == "PCM_16"
 
 
 def spec_for(cfg: Config, device: str, threads: int = 0) -> WorkerSpec:
@@ -136,8 +125,8 @@ class WorkerCore:
             import torch
             torch.cuda.synchronize(self.engine.device)
         model_ms = (time.perf_counter() - t0) * 1000
-        out = {"results": [(r.key, _wire(r.audio, self.spec.pcm16), r.sample_rate, r.error,
-                            r.phonemes) for r in results],
+        out = {"results": [(r.key, r.audio, r.sample_rate, r.error, r.phonemes)
+                           for r in results],
                "stats": stats, "prepare_ms": prepare_ms, "model_ms": model_ms,
                "memory": self.engine.memory(), "released": None}
         every = self.spec.cfg.memory.free_memory_every_s
@@ -151,21 +140,6 @@ class WorkerCore:
     def release(self) -> int:
         self.last_release = time.monotonic()
         return self.engine.release_memory()
-
-
-def _wire(audio: np.ndarray | None, pcm16: bool) -> np.ndarray | None:
-    if audio is None or not pcm16 or audio.dtype == np.int16:   # the engine's pcm16
-        return audio
-    from ttsd.writer import pcm16 as to_pcm16
-    clipped = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
-    return to_pcm16(clipped).astype(np.int16, copy=False)
-
-
-def unwire(audio: np.ndarray | None) -> np.ndarray | None:
-    """Worker audio → float32 samples for the writer (exact for int16 → PCM_16)."""
-    if audio is None or audio.dtype != np.int16:
-        return audio
-    return audio.astype(np.float32) / PCM16_SCALE
 
 
 def worker_main(conn: Any, spec: WorkerSpec) -> None:
@@ -596,7 +570,7 @@ class WorkerPool:
     def _finished(self, slot: Slot, store, batch, reply: dict[str, Any]) -> None:
         from ttsd.engine.runtime import Result
 
-        batch.results = [Result(k, a, sr, err, ph)   # int16 (PCM_16) goes to the WAV as it is
+        batch.results = [Result(k, a, sr, err, ph)
                          for k, a, sr, err, ph in reply["results"]]
         batch.stats = reply["stats"]
         batch.prepare_ms = reply["prepare_ms"]

@@ -521,8 +521,8 @@ class Engine:
                       line_error: dict[int, str], stats: RunStats) -> list[Result]:
         sr = lv.info.sample_rate
         if self.faults and self.faults.fast:
-            return [Result(p.request.key, faults.stand_in_audio(p.request.text, sr), sr, None,
-                           p.phonemes) for p in prepared]
+            return [Result(p.request.key, self._samples(faults.stand_in_audio(p.request.text, sr)),
+                           sr, None, p.phonemes) for p in prepared]
         todo = [it for it in items if it.line not in line_error]
         lines = self._line_buffers(lv, prepared, todo)
         # 4-5: audio half by frame count. Each call is launched before the previous one is
@@ -740,6 +740,11 @@ class Engine:
         done = torch.cuda.Event()
         done.record()
         return host.numpy(), fin, done
+
+    def _samples(self, audio: np.ndarray) -> np.ndarray:
+        """Float samples from the host as the engine returns samples: int16 with
+        ``pcm16`` (the fast stand-in model's tone, so every path keeps that contract)."""
+        return pcm16(torch.from_numpy(audio).clamp(-1.0, 1.0)).numpy() if self.pcm16 else audio
 
     def _assemble(self, lv: LoadedVoice, prepared: list[Prepared], items: list[_Item],
                   line_error: dict[int, str], lines: dict[int, np.ndarray]) -> list[Result]:
