@@ -217,6 +217,13 @@ def test_damaged_cache_files_among_many_hits(tmp_path: Path) -> None:
     for n in (10, 150, 290, 291):
         a_wav = (site.outbox / "a" / f"{n:04d}.wav").read_bytes()
         assert (site.outbox / "c" / f"{n:04d}.wav").read_bytes() == a_wav, n
+    # Every entry, the three written again included, carries its file's stamp (the
+    # one-stat hit check): the very inode and mtime now on disk.
+    stamps = site.query("SELECT path, ino, mtime_ns FROM cache")
+    assert len(stamps) == 300
+    for p, ino, mtime in stamps:
+        st = os.lstat(p)
+        assert (ino, mtime) == (st.st_ino, st.st_mtime_ns), p
     assert_invariant(site)
 
 

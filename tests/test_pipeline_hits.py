@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ttsd import pipeline
 from ttsd.config import CacheConfig, Config, PathsConfig
 from ttsd.pipeline import Feeder, Sink, cache_path, wav_path
 from ttsd.store import NewLine, Store
@@ -115,6 +116,54 @@ def test_sink_commits_hits_after_linking_and_adopts_a_valid_wav(tmp_path: Path) 
     assert store.counters()["cache_hits"] == 3
     assert store.one("SELECT hits FROM cache WHERE key=?", (_key("One."),)) == 2
     assert store.one("SELECT hits FROM cache WHERE key=?", (_key("Two."),)) == 0
+
+
+def test_a_hit_on_an_unchanged_stamped_file_reads_no_header(tmp_path: Path,
+                                                           monkeypatch) -> None:
+    """The one-stat check: an entry without a stamp gets the full header check once
+    and is stamped (inode, mtime); after that its file takes one lstat. A stamped file
+    edited in place (same size, broken header, a later mtime) gets the full check
+    again and is a miss; a replaced file (another inode) that is still a good WAV is a
+    hit, stamped anew."""
+    texts = ["Kept.", "Edited.", "Replaced."]
+    cfg, store = _site(tmp_path, texts, cached=texts)
+    full: list[str] = []
+    real = pipeline.wav_ok
+    monkeypatch.setattr(pipeline, "wav_ok", lambda p, **kw: full.append(p) or real(p, **kw))
+    feeder = Feeder(cfg, _engine(), {VOICE: SR}, size=8)
+
+    def take() -> tuple:
+        batch = feeder.next_batch(store, threading.Event())
+        store.release([r.id for r in batch.rows])
+        return batch
+
+    def stamps() -> dict:
+        return {k: (ino, mtime) for k, ino, mtime in
+                store.conn.execute("SELECT key, ino, mtime_ns FROM cache")}
+
+    assert set(stamps().values()) == {(None, None)}
+    assert len(take().hits) == 3 and len(full) == 3
+    for key, (ino, mtime) in stamps().items():
+        st = os.lstat(cache_path(cfg.paths.cache, key))
+        assert (ino, mtime) == (st.st_ino, st.st_mtime_ns)
+    full.clear()
+    assert len(take().hits) == 3 and full == []     # stamped: no header read
+    edited = cache_path(cfg.paths.cache, _key("Edited."))
+    with open(edited, "r+b") as f:
+        f.write(b"JUNK")
+    st = os.stat(edited)
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))   # an edit a moment later
+    replaced = cache_path(cfg.paths.cache, _key("Replaced."))
+    data = replaced.read_bytes()
+    replaced.unlink()
+    replaced.write_bytes(data)
+    batch = take()
+    assert sorted(r.text for r, _e in batch.hits) == ["Kept.", "Replaced."]
+    assert [g[0].text for g in batch.groups] == ["Edited."]
+    assert sorted(full) == sorted([str(edited), str(replaced)])
+    after = stamps()
+    assert _key("Edited.") not in after                            # evicted
+    assert after[_key("Replaced.")][0] == replaced.stat().st_ino   # stamped anew
 
 
 def test_a_retried_line_adopts_its_wav_in_the_feeder(tmp_path: Path) -> None:

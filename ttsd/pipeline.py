@@ -18,6 +18,7 @@ so phonemizing and writing overlap with the model:
 from __future__ import annotations
 
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -191,6 +192,7 @@ class Feeder:
             if use_cache else {}
         checked: dict[str, bool] = {}   # one file check per key per batch
         evict: list[str] = []
+        stamps: list[tuple[str, int, int]] = []
         for row in batch.rows:
             if row.attempts > 1 and wav_ok(wav_path(row), sample_rate=sr):
                 batch.existing.append(row)   # written before a crash, never committed
@@ -201,8 +203,7 @@ class Feeder:
                 if entry is not None:
                     ok = checked.get(key)
                     if ok is None:
-                        ok = checked[key] = wav_ok(entry["path"], sample_rate=sr,
-                                                   size=entry["bytes"])
+                        ok = checked[key] = _cache_file_ok(entry, sr, stamps)
                         if not ok:
                             evict.append(key)   # damaged or missing: a miss
                     if ok:
@@ -211,7 +212,32 @@ class Feeder:
             by_key.setdefault(key or f"line-{row.id}", []).append(row)
         if evict:
             store.cache_evict(evict)
+        if stamps:
+            store.cache_stamp(stamps)
         batch.groups = list(by_key.values())
+
+
+def _cache_file_ok(entry: dict, sample_rate: int | None,
+                   stamps: list[tuple[str, int, int]]) -> bool:
+    """Whether a cache entry's file can answer a hit. The file the sink linked or
+    checked last, unchanged (same inode, mtime and size: an edit in place or a
+    replacement changes them), takes one lstat. Any other file (an entry from before
+    the stamp, a cache folder restored from a backup) gets the full check — regular,
+    the entry's size, a whole RIFF/WAVE header at the voice's rate — and, if it
+    passes, a new stamp in ``stamps`` (key, inode, mtime_ns)."""
+    path = entry["path"]
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != entry["bytes"]:
+        return False
+    if st.st_ino == entry.get("ino") and st.st_mtime_ns == entry.get("mtime_ns"):
+        return True
+    if not wav_ok(path, sample_rate=sample_rate, size=entry["bytes"]):
+        return False
+    stamps.append((entry["key"], st.st_ino, st.st_mtime_ns))
+    return True
 
 
 class Synth:
@@ -400,9 +426,10 @@ class Sink:
                 except FileExistsError:   # the file of an evicted (damaged) entry, or
                     if not os.path.samefile(src, dst):   # one never committed: replace it
                         replace_with_link(src, dst, link=self.cfg.cache.link)
-                rows.append({"key": first.cache_key, "path": str(dst),
-                             "bytes": dst.stat().st_size, "seconds": by_id[first.id][2],
-                             "voice": first.voice})
+                st = os.lstat(dst)   # the stamp of a file written just now
+                rows.append({"key": first.cache_key, "path": str(dst), "bytes": st.st_size,
+                             "seconds": by_id[first.id][2], "voice": first.voice,
+                             "ino": st.st_ino, "mtime_ns": st.st_mtime_ns})
             except OSError as exc:   # the cache is an optimization; the line is done anyway
                 log.warning("cache.store_failed", key=first.cache_key[:12], error=str(exc))
         return rows

@@ -83,7 +83,15 @@ def m002_workers(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE releases ADD COLUMN worker INTEGER")
 
 
-MIGRATIONS = [m001_initial, m002_workers]
+def m003_cache_stamp(db: sqlite_utils.Database) -> None:
+    """The cache file's inode and mtime as the daemon last verified it: a hit whose file
+    still has them (and its size) is checked with one lstat instead of reading its
+    header. NULL (entries from before): the header check, then the stamp."""
+    db.execute("ALTER TABLE cache ADD COLUMN ino INTEGER")
+    db.execute("ALTER TABLE cache ADD COLUMN mtime_ns INTEGER")
+
+
+MIGRATIONS = [m001_initial, m002_workers, m003_cache_stamp]
 
 WORKER_FIELDS = ("device", "backend", "host", "pid", "state", "restarts", "failures",
                  "last_error", "gpu_name", "gpu_allocated", "gpu_reserved", "gpu_peak",
@@ -386,9 +394,10 @@ class Store:
             c.executemany("UPDATE lines SET state='failed', error=?, finished_at=? WHERE id=?",
                           [(err, now, i) for i, err in failed])
             c.executemany("INSERT OR REPLACE INTO cache (key, path, bytes, seconds, voice, "
-                          "created_at, last_used, hits) VALUES (?,?,?,?,?,?,?,0)",
-                          [(r["key"], r["path"], r["bytes"], r["seconds"], r["voice"], now, now)
-                           for r in cache_rows])
+                          "created_at, last_used, hits, ino, mtime_ns) "
+                          "VALUES (?,?,?,?,?,?,?,0,?,?)",
+                          [(r["key"], r["path"], r["bytes"], r["seconds"], r["voice"], now, now,
+                            r.get("ino"), r.get("mtime_ns")) for r in cache_rows])
             if batch is not None:
                 worker = batch.extra.get("worker")
                 c.execute("INSERT INTO batches (at, size, phonemes, audio_s, prepare_ms, model_ms,"
@@ -425,6 +434,12 @@ class Store:
         cols = [c[0] for c in cur.description]
         k = cols.index("key")
         return {row[k]: dict(zip(cols, row)) for row in cur}
+
+    def cache_stamp(self, stamps: list[tuple[str, int, int]]) -> None:
+        """(key, inode, mtime_ns) of cache files whose header was just checked."""
+        with self.tx() as c:
+            c.executemany("UPDATE cache SET ino=?, mtime_ns=? WHERE key=?",
+                          [(ino, mtime, key) for key, ino, mtime in stamps])
 
     def cache_evict(self, keys: list[str]) -> list[dict]:
         """Delete cache rows (in one transaction) and return them; the caller unlinks files."""
