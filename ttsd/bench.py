@@ -277,6 +277,15 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
                 "SUM(l.cached) AS cached FROM lines l JOIN files f ON f.id = l.file_id "
                 "WHERE f.name = ? GROUP BY f.id", (f"{run}.txt",))
             spans[run] = got[0] if got else {"span": None, "n": 0, "cached": 0}
+        # Where the synthesis run's span went: per batch, when it was committed (s after
+        # the file's claim), its lines, and its prepare / model / write milliseconds.
+        # Fill is the first batch's commit less its model and write time; drain, the
+        # last commit less the model's end.
+        out["timeline"] = [list(r) for r in store.conn.execute(
+            "SELECT ROUND(b.at - f.created_at, 3), b.size, ROUND(b.prepare_ms), "
+            "ROUND(b.model_ms), ROUND(b.write_ms) FROM batches b JOIN files f "
+            "ON f.name = 'synthesize.txt' WHERE b.at >= f.created_at AND b.at <= "
+            "(SELECT MAX(finished_at) FROM lines WHERE file_id = f.id) ORDER BY b.id")]
         store.close()
         synth = spans["synthesize"]
         out["synthesize"]["x_realtime_claim_to_last_wav"] = (
@@ -531,6 +540,9 @@ def render(r: dict[str, Any]) -> str:
         e = r["end_to_end"]
         out.append(f"end to end: {e['synthesize']} (padding efficiency "
                    f"{e.get('padding_efficiency')})")
+        if e.get("timeline"):   # [s after the claim, lines, prepare, model, write ms]
+            out.append("  batches (committed s, lines, prepare/model/write ms): " + "; ".join(
+                f"{b[0]} {b[1]} {b[2]:.0f}/{b[3]:.0f}/{b[4]:.0f}" for b in e["timeline"]))
         for f in r.get("end_to_end_compare", []):
             out.append(f"end to end, {f['config']}: {f['synthesize']} (padding efficiency "
                        f"{f.get('padding_efficiency')})")
