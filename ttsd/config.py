@@ -157,7 +157,11 @@ class BatchingConfig:
     max_phonemes: int = 80000
     """Phoneme budget of one batch (padded length × lines)."""
     prefetch: int = 2
-    """Batches prepared ahead of the GPU."""
+    """Batches prepared ahead of the GPU (and finished batches waiting for the sink)."""
+    stream_writes: bool = True
+    """Write a batch's lines as each model call completes them, while the model runs
+    the batch's other calls, instead of after the whole batch: the last batch's WAVs
+    no longer all wait for its last call (the daemon's drain)."""
     writer_threads: int = 0
     """Threads encoding, writing and fsyncing WAV files; 0 = auto (two per core, at
     most 32: see ``writers``)."""

@@ -95,7 +95,12 @@ class Daemon:
         self.started_at = time.time()
         self.progress = Progress()
         self.batch_q: queue.Queue[Batch | None] = queue.Queue(maxsize=cfg.batching.prefetch)
-        self.write_q: queue.Queue[Batch | None] = queue.Queue(maxsize=cfg.batching.prefetch)
+        self.write_q: queue.Queue[Batch | None] = queue.Queue(
+            maxsize=0 if self._streams() else cfg.batching.prefetch)
+        self.write_slots = threading.Semaphore(cfg.batching.prefetch)
+        """With ``batching.stream_writes`` the write queue also holds the pieces of the
+        batch in the model, which must never block the model thread; whole batches
+        waiting for the sink are bounded by this instead (``prefetch``)."""
         self.in_flight: set[int] = set()
         self._lock = threading.Lock()
         self.last_work = time.monotonic()
@@ -309,6 +314,7 @@ class Daemon:
             return
         store = Store(self.cfg.paths.db)
         synth = Synth(self.engine)
+        streams = self._streams()
         mem = self.cfg.memory
         try:
             while True:
@@ -327,7 +333,12 @@ class Daemon:
                         self.in_flight.difference_update(r.id for r in batch.rows)
                     break
                 self.busy = True
-                self.write_q.put(synth.run(batch))
+                done = synth.run(batch, self.write_q.put if streams else None)
+                if streams:   # the sink is at most `prefetch` whole batches behind
+                    while not self.write_slots.acquire(timeout=0.2):
+                        if self.fatal is not None:
+                            break
+                self.write_q.put(done)
                 self.last_work = time.monotonic()
                 self.busy = False
                 if mem.free_memory_every_s > 0:
@@ -357,7 +368,13 @@ class Daemon:
         store.record_release(freed, reason, str(self.engine.device))
         log.info("gpu.memory_released", bytes=freed, reason=reason)
 
+    def _streams(self) -> bool:
+        """The model thread sends pieces of batches (``batching.stream_writes``; not
+        with a worker pool, whose processes return whole batches)."""
+        return self.cfg.batching.stream_writes and not workers.pool_wanted(self.cfg)
+
     def _sink_loop(self) -> None:
+        streams = self._streams()
         store = Store(self.cfg.paths.db)
         sink = Sink(self.cfg, self.engine,
                     self.cfg.batching.writers)
@@ -371,12 +388,19 @@ class Daemon:
                     self.in_flight.difference_update(r.id for r in batch.rows)
                 self.progress.lines_done += counts["done"]
                 self.progress.lines_failed += counts["failed"] + len(batch.dead)
+                if batch.part_of is not None:   # a piece; its batch is logged whole
+                    continue
+                if streams:
+                    self.write_slots.release()
                 if batch.rows:
                     where = {} if batch.worker is None else {"worker": batch.worker,
                                                               "device": batch.device}
-                    log.info("batch.done", lines=len(batch.rows), hits=len(batch.hits), **where,
+                    t = batch.tally
+                    log.info("batch.done", lines=len(batch.rows),
+                             hits=len(batch.hits) + int(t.get("hits", 0)), **where,
                              model_ms=round(batch.model_ms, 1),
-                             prepare_ms=round(batch.prepare_ms, 1), **counts)
+                             prepare_ms=round(batch.prepare_ms, 1),
+                             **{k: v + int(t.get(k, 0)) for k, v in counts.items()})
         finally:
             sink.close()
             store.close()

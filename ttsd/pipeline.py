@@ -17,9 +17,11 @@ so phonemizing and writing overlap with the model:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,27 @@ class Batch:
     dtype: str = ""
     worker: int | None = None
     memory: dict = field(default_factory=dict)
+    part_of: Batch | None = None
+    """Set on a piece: lines of ``part_of`` whose audio was complete while the rest of
+    it was still in the model (``Engine.finish``'s stream); the batch itself comes
+    last, with the lines not streamed and the stats of the whole."""
+    streamed: set[int] = field(default_factory=set)
+    """Group indices sent in pieces (the sink skips them in the batch itself)."""
+    tally: dict[str, float] = field(default_factory=dict)
+    """The sink's counts of this batch's pieces (done, failed, requeued, hits, audio_s,
+    write_ms), folded into the batch's stats and log line."""
+
+    def piece(self, results: list[Result]) -> Batch:
+        """The lines of ``results`` (keys: group indices) as a batch of their own; the
+        first piece also takes the lines answered without the model."""
+        groups = [self.groups[r.key] for r in results]
+        self.streamed.update(r.key for r in results)
+        p = Batch([row for g in groups for row in g], self.voice, self.sample_rate,
+                  existing=self.existing, hits=self.hits, groups=groups,
+                  results=[dataclasses.replace(r, key=i) for i, r in enumerate(results)],
+                  device=self.device, dtype=self.dtype, worker=self.worker, part_of=self)
+        self.existing, self.hits = [], []
+        return p
 
 
 ANSWER_TAKE = 1024
@@ -246,18 +269,32 @@ class Synth:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def run(self, batch: Batch) -> Batch:
+    def run(self, batch: Batch, emit: Callable[[Batch], None] | None = None) -> Batch:
         """Both halves, or the audio half of a batch the feeder planned; ``model_ms``
-        counts both halves either way."""
+        counts both halves either way. ``emit``: called with each piece of the batch
+        (``Batch.piece``) whose lines are complete before the batch is, so that the sink
+        writes them while the model runs the rest; the returned batch holds the rest.
+        A piece is sent when the next one is ready, so the last call's lines come with
+        the batch itself (one transaction, not an extra one for the stats alone)."""
         if batch.prepared:
             t0 = time.perf_counter()
+            held: list[Result] = []
+
+            def stream(results: list[Result]) -> None:
+                nonlocal held
+                if held:
+                    emit(batch.piece(held))
+                held = results
+
+            use = stream if emit is not None else None
             if batch.plan is not None:
-                batch.results, batch.stats = self.engine.finish(batch.plan)
+                results, batch.stats = self.engine.finish(batch.plan, use)
                 batch.plan = None   # frees the text half's tensors
                 text_ms = batch.stats.text_ms
             else:
-                batch.results, batch.stats = self.engine.run(batch.prepared)
+                results, batch.stats = self.engine.run(batch.prepared, use)
                 text_ms = 0.0
+            batch.results = held + results
             if self.engine.device.type == "cuda":
                 import torch
                 torch.cuda.synchronize(self.engine.device)
@@ -319,8 +356,9 @@ class Sink:
         for folder in folders:   # the links are durable before their lines are done
             fsync_dir(Path(folder))
         results = {r.key: r for r in batch.results}
+        groups = [(gi, g) for gi, g in enumerate(batch.groups) if gi not in batch.streamed]
         jobs = []
-        for gi, group in enumerate(batch.groups):
+        for gi, group in groups:
             res = results.get(gi)
             if res is None or res.audio is None:
                 err = res.error if res is not None else "no result from the engine"
@@ -343,24 +381,31 @@ class Sink:
             crash.point("after_rename")
         done = self._sync_wav_folders(done, requeue)
         if self.cfg.cache.enabled:
-            cache_rows = self._cache(batch, done)
+            cache_rows = self._cache(groups, done)
         stats = None
-        if batch.rows:
+        audio_s = sum(d[2] for d in done)
+        if batch.part_of is not None:   # a piece: its batch's stats come with the batch
+            tally = batch.part_of.tally
+            for k, v in (("audio_s", audio_s), ("write_ms", (time.perf_counter() - t0) * 1000),
+                         ("hits", len(batch.hits))):
+                tally[k] = tally.get(k, 0) + v
+        elif batch.rows:
             s = batch.stats
             phonemes = (sum(p.phonemes for p in batch.prepared) if batch.prepared
                         else sum(r.phonemes for r in batch.results))
             stats = BatchStats(
                 size=len(batch.rows), phonemes=phonemes,
-                audio_s=sum(d[2] for d in done), prepare_ms=batch.prepare_ms,
-                model_ms=batch.model_ms, write_ms=(time.perf_counter() - t0) * 1000,
+                audio_s=audio_s + batch.tally.get("audio_s", 0), prepare_ms=batch.prepare_ms,
+                model_ms=batch.model_ms,
+                write_ms=(time.perf_counter() - t0) * 1000 + batch.tally.get("write_ms", 0),
                 device=batch.device or str(self.engine.device),
                 dtype=batch.dtype or str(self.engine.dtype).split(".")[-1],
                 voice=batch.voice, padded_frames=s.frame_slots if s else 0,
                 used_frames=s.frames if s else 0,
                 extra={} if batch.worker is None else {"worker": batch.worker,
                                                        "memory": batch.memory})
-        counters = {"cache_hits": len(hit_keys), "cache_misses": len(batch.groups),
-                    "lines_synthesized": sum(len(g) for g in batch.groups)}
+        counters = {"cache_hits": len(hit_keys), "cache_misses": len(groups),
+                    "lines_synthesized": sum(len(g) for _gi, g in groups)}
         crash.point("before_commit")
         store.complete(done, failed, cache_rows, stats, counters, hit_keys)
         crash.point("after_commit")
@@ -368,7 +413,11 @@ class Sink:
             store.release(requeue, undo_attempt=True)
         if failed:
             log.warning("lines.failed", count=len(failed), first=failed[0][1])
-        return {"done": len(done), "failed": len(failed), "requeued": len(requeue)}
+        counts = {"done": len(done), "failed": len(failed), "requeued": len(requeue)}
+        if batch.part_of is not None:
+            for k, v in counts.items():
+                batch.part_of.tally[k] = batch.part_of.tally.get(k, 0) + v
+        return counts
 
     @staticmethod
     def _sync_wav_folders(done: list[tuple[int, str, float, bool]],
@@ -409,11 +458,12 @@ class Sink:
                 return occupied(path, res.sample_rate)
         return None
 
-    def _cache(self, batch: Batch, done: list[tuple[int, str, float, bool]]) -> list[dict]:
+    def _cache(self, groups: list[tuple[int, list[LineRow]]],
+               done: list[tuple[int, str, float, bool]]) -> list[dict]:
         """Link each freshly synthesized WAV into the cache (one entry per key)."""
         rows = []
         by_id = {d[0]: d for d in done if not d[3]}
-        for group in batch.groups:
+        for _gi, group in groups:
             first = next((r for r in group if r.id in by_id), None)
             if first is None or not first.cache_key:
                 continue

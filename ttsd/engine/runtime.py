@@ -22,12 +22,13 @@ and one finishes at a time.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,6 +165,10 @@ class Plan:
     results: list[Result | None]
     voices: list[tuple[LoadedVoice, list[int], list[_Item], dict[int, str]]]
     """Per voice: the loaded voice, indices into ``prepared``, its items, line errors."""
+
+
+Stream = Callable[[list[Result]], None]
+"""``Engine.finish``'s ``stream``: the results of lines complete before the batch is."""
 
 
 def pick_device(device: str) -> torch.device:
@@ -434,9 +439,10 @@ class Engine:
 
     # ------------------------------------------------------------------ run
 
-    def run(self, prepared: Sequence[Prepared]) -> tuple[list[Result], RunStats]:
-        """Synthesize ``prepared``: ``finish(plan(prepared))``."""
-        return self.finish(self.plan(prepared))
+    def run(self, prepared: Sequence[Prepared], stream: Stream | None = None
+            ) -> tuple[list[Result], RunStats]:
+        """Synthesize ``prepared``: ``finish(plan(prepared), stream)``."""
+        return self.finish(self.plan(prepared), stream)
 
     @torch.inference_mode()
     def plan(self, prepared: Sequence[Prepared]) -> Plan:
@@ -459,18 +465,30 @@ class Engine:
         return plan
 
     @torch.inference_mode()
-    def finish(self, plan: Plan) -> tuple[list[Result], RunStats]:
-        """Steps 4-5: the audio half of a planned batch, then one result per line."""
+    def finish(self, plan: Plan, stream: Stream | None = None
+               ) -> tuple[list[Result], RunStats]:
+        """Steps 4-5: the audio half of a planned batch, then one result per line.
+
+        ``stream``: called (on this thread) with the results of the lines whose last
+        sentence the audio call just finished, as soon as it has, so that they can be
+        written while the batch's other calls run; those lines are not in the returned
+        list, which holds the rest (failures included)."""
         results = plan.results
+        sent: set[int] = set()
         with self._on_device():
             if self.faults and not self.faults.fast:
                 self.faults.before_run(plan.prepared)   # exit / hang / slow / sticky
             for lv, idxs, items, line_error in plan.voices:
                 sub = [plan.prepared[i] for i in idxs]
-                done = self._finish_voice(lv, sub, items, line_error, plan.stats)
+                emit = None
+                if stream is not None:
+                    def emit(done: list[tuple[int, Result]], idxs: list[int] = idxs) -> None:
+                        sent.update(idxs[li] for li, _r in done)
+                        stream([r for _li, r in done])
+                done = self._finish_voice(lv, sub, items, line_error, plan.stats, emit)
                 for i, res in zip(idxs, done):
                     results[i] = res
-        return [r for r in results if r is not None], plan.stats
+        return [r for i, r in enumerate(results) if r is not None and i not in sent], plan.stats
 
     @contextlib.contextmanager
     def _on_device(self) -> Iterator[None]:
@@ -518,13 +536,38 @@ class Engine:
         return items, line_error
 
     def _finish_voice(self, lv: LoadedVoice, prepared: list[Prepared], items: list[_Item],
-                      line_error: dict[int, str], stats: RunStats) -> list[Result]:
+                      line_error: dict[int, str], stats: RunStats,
+                      emit: Callable[[list[tuple[int, Result]]], None] | None = None
+                      ) -> list[Result]:
+        """The audio half of one voice's lines; ``emit`` (see ``finish``) gets (line,
+        result) pairs as lines complete."""
         sr = lv.info.sample_rate
         if self.faults and self.faults.fast:
-            return [Result(p.request.key, self._samples(faults.stand_in_audio(p.request.text, sr)),
-                           sr, None, p.phonemes) for p in prepared]
+            out = [Result(p.request.key, self._samples(faults.stand_in_audio(p.request.text, sr)),
+                          sr, None, p.phonemes) for p in prepared]
+            if emit is not None:   # like the real audio half: a call's worth at a time
+                step = max(64, self.max_batch)
+                for at in range(0, len(out) - 1, step):
+                    emit(list(enumerate(out))[at:min(at + step, len(out) - 1)])
+            return out
         todo = [it for it in items if it.line not in line_error]
         lines = self._line_buffers(lv, prepared, todo)
+        parts = self._parts(prepared, items)
+        left = collections.Counter(it.line for it in todo)   # items not collected yet
+
+        def collect(job: _Launched) -> None:
+            self._collect_audio(lv, prepared, job, stats)
+            if emit is None:
+                return
+            ready = []
+            for it in job.chunk:
+                left[it.line] -= 1
+                if left[it.line] == 0:
+                    ready.append(it.line)
+            if ready:
+                emit([(li, self._line_result(lv, prepared[li], parts[li], lines.get(li)))
+                      for li in ready])
+
         # 4-5: audio half by frame count. Each call is launched before the previous one is
         # collected, so the GPU works on call k+1 while the host copies call k's samples
         # into the lines' buffers (no pinned allocation and no concatenation per call).
@@ -537,15 +580,17 @@ class Engine:
                 if _is_sticky(exc) or not _is_oom(exc):
                     raise
                 while pending:
-                    self._collect_audio(lv, prepared, pending.pop(0), stats)
-                self._split_on_oom(lambda c: self._collect_audio(
-                    lv, prepared, self._launch_audio(lv, prepared, c, 0), stats), chunk, stats)
+                    collect(pending.pop(0))
+                self._split_on_oom(lambda c: collect(self._launch_audio(lv, prepared, c, 0)),
+                                   chunk, stats)
                 continue
             if len(pending) == 2:
-                self._collect_audio(lv, prepared, pending.pop(0), stats)
+                collect(pending.pop(0))
         while pending:
-            self._collect_audio(lv, prepared, pending.pop(0), stats)
-        return self._assemble(lv, prepared, items, line_error, lines)
+            collect(pending.pop(0))
+        return [self._fail(p, line_error[li], sr) if li in line_error else
+                self._line_result(lv, p, parts[li], lines.get(li))
+                for li, p in enumerate(prepared)]
 
     def _line_buffers(self, lv: LoadedVoice, prepared: list[Prepared],
                       items: list[_Item]) -> dict[int, np.ndarray]:
@@ -746,29 +791,27 @@ class Engine:
         ``pcm16`` (the fast stand-in model's tone, so every path keeps that contract)."""
         return pcm16(torch.from_numpy(audio).clamp(-1.0, 1.0)).numpy() if self.pcm16 else audio
 
-    def _assemble(self, lv: LoadedVoice, prepared: list[Prepared], items: list[_Item],
-                  line_error: dict[int, str], lines: dict[int, np.ndarray]) -> list[Result]:
-        sr = lv.info.sample_rate
+    @staticmethod
+    def _parts(prepared: list[Prepared], items: list[_Item]) -> list[list[_Item]]:
         parts: list[list[_Item]] = [[] for _ in prepared]
         for it in items:
             parts[it.line].append(it)
-        out = []
-        for li, p in enumerate(prepared):
-            if li in line_error:
-                out.append(self._fail(p, line_error[li], sr))
-                continue
-            failed = next((it.error for it in parts[li] if it.error), None)
-            if failed:   # the audio half failed for it (out of memory even alone)
-                out.append(self._fail(p, failed, sr))
-                continue
-            if not all(it.ok for it in parts[li]):
-                out.append(self._fail(p, "the model produced non-finite audio (NaN/Inf)", sr))
-                continue
-            # Sentences already joined by sentence_silence_s of silence, normalized and
-            # clipped on the device.
-            audio = lines.get(li, np.zeros(0, np.int16 if self.pcm16 else np.float32))
-            out.append(Result(p.request.key, audio, sr, None, p.phonemes))
-        return out
+        return parts
+
+    def _line_result(self, lv: LoadedVoice, p: Prepared, parts: list[_Item],
+                     audio: np.ndarray | None) -> Result:
+        """A line whose sentences have all been through the audio half: its audio
+        (sentences already joined by ``sentence_silence_s`` of silence, normalized and
+        clipped on the device), or why it failed."""
+        sr = lv.info.sample_rate
+        failed = next((it.error for it in parts if it.error), None)
+        if failed:   # the audio half failed for it (out of memory even alone)
+            return self._fail(p, failed, sr)
+        if not all(it.ok for it in parts):
+            return self._fail(p, "the model produced non-finite audio (NaN/Inf)", sr)
+        if audio is None:
+            audio = np.zeros(0, np.int16 if self.pcm16 else np.float32)
+        return Result(p.request.key, audio, sr, None, p.phonemes)
 
     # ------------------------------------------------------------------ memory
 
