@@ -33,6 +33,21 @@ def test_processes_give_the_same_ids_as_in_process(voice):
     assert len(got[1]) == 2          # two sentences stay two
 
 
+def test_start_warms_every_process_before_the_first_batch(voice):
+    """The daemon's warm-up starts all the processes, each with the voice's front end
+    loaded; the first real batch then runs on those same processes (no spawn on it)."""
+    procs = PhonemizerProcesses(3)
+    try:
+        assert procs.start("k", voice.config) == 3
+        started = _children()
+        assert len(started) >= 3
+        got = procs.sentences_many("k", voice.config, TEXTS * 8)
+        assert _children() == started
+    finally:
+        procs.close()
+    assert got == [Phonemizer(voice.config).sentences(t) for t in TEXTS * 8]
+
+
 def test_processes_are_replaced_and_stay_correct(voice):
     """Row 41/42 (memory): espeak-ng grows per distinct line, so each process is
     replaced after ``recycle_tasks`` chunks; results do not change across replacements."""

@@ -366,6 +366,13 @@ class Engine:
             sizes = (1, 8, 32) if self.device.type == "cuda" else (1,)
         lv = self.voice(name)
         t0 = time.perf_counter()
+        if self.phonemizers is not None:
+            try:
+                self.phonemizers.start(lv.digest, lv.info.config)
+            except ProcessesUnavailable as exc:
+                log.warning("engine.phonemizer_processes_unavailable", error=str(exc))
+                self.phonemizers.close()
+                self.phonemizers = None
         text = "This is a warm-up sentence for the voice, with a comma and a number: 42."
         ids = lv.phonemizer.sentences(text)
         sizes = [s for s in sizes if s <= self.max_batch] or [1]
