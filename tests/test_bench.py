@@ -28,7 +28,7 @@ def test_end_to_end_compare_row_of_an_engine_key(monkeypatch) -> None:
     assert run["rc"] == 0 and run["wavs"] == run["lines"] == 6, run
     assert run["x_realtime_claim_to_last_wav"] > 0
     # The timeline accounts for every synthesized line, batch by batch, in order.
-    timeline = row["timeline"]
+    timeline = run["timeline"]
     assert sum(b[1] for b in timeline) == 6, timeline
     assert all(0 < b[0] <= run["claim_to_last_wav_s"] + 0.01 for b in timeline), timeline
     assert [b[0] for b in timeline] == sorted(b[0] for b in timeline)

@@ -281,11 +281,13 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
         # the file's claim), its lines, and its prepare / model / write milliseconds.
         # Fill is the first batch's commit less its model and write time; drain, the
         # last commit less the model's end.
-        out["timeline"] = [list(r) for r in store.conn.execute(
-            "SELECT ROUND(b.at - f.created_at, 3), b.size, ROUND(b.prepare_ms), "
-            "ROUND(b.model_ms), ROUND(b.write_ms) FROM batches b JOIN files f "
-            "ON f.name = 'synthesize.txt' WHERE b.at >= f.created_at AND b.at <= "
-            "(SELECT MAX(finished_at) FROM lines WHERE file_id = f.id) ORDER BY b.id")]
+        for run in runs:
+            out[run]["timeline"] = [list(r) for r in store.conn.execute(
+                "SELECT ROUND(b.at - f.created_at, 3), b.size, ROUND(b.prepare_ms), "
+                "ROUND(b.model_ms), ROUND(b.write_ms) FROM batches b JOIN files f "
+                "ON f.name = ? WHERE b.at >= f.created_at AND b.at <= "
+                "(SELECT MAX(finished_at) FROM lines WHERE file_id = f.id) ORDER BY b.id",
+                (f"{run}.txt",))]
         store.close()
         synth = spans["synthesize"]
         out["synthesize"]["x_realtime_claim_to_last_wav"] = (
@@ -504,6 +506,16 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
+def _brief(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if k != "timeline"}
+
+
+def _timeline(run: dict[str, Any]) -> str:
+    """A run's batches: [s after the claim, lines, prepare, model, write ms] each."""
+    return "  batches (committed s, lines, prepare/model/write ms): " + "; ".join(
+        f"{b[0]} {b[1]} {b[2]:.0f}/{b[3]:.0f}/{b[4]:.0f}" for b in run.get("timeline", []))
+
+
 def render(r: dict[str, Any]) -> str:
     dev = r["device"]
     out = [f"ttsd bench — {r['lines']} lines on {dev.get('name')} ({dev.get('device')}), "
@@ -538,15 +550,15 @@ def render(r: dict[str, Any]) -> str:
                    f"error mean {q['stft_rel_error_mean']} max {q['stft_rel_error_max']}")
     if "end_to_end" in r:
         e = r["end_to_end"]
-        out.append(f"end to end: {e['synthesize']} (padding efficiency "
+        out.append(f"end to end: {_brief(e['synthesize'])} (padding efficiency "
                    f"{e.get('padding_efficiency')})")
-        if e.get("timeline"):   # [s after the claim, lines, prepare, model, write ms]
-            out.append("  batches (committed s, lines, prepare/model/write ms): " + "; ".join(
-                f"{b[0]} {b[1]} {b[2]:.0f}/{b[3]:.0f}/{b[4]:.0f}" for b in e["timeline"]))
+        out.append(_timeline(e["synthesize"]))
         for f in r.get("end_to_end_compare", []):
-            out.append(f"end to end, {f['config']}: {f['synthesize']} (padding efficiency "
+            out.append(f"end to end, {f['config']}: {_brief(f['synthesize'])} (padding efficiency "
                        f"{f.get('padding_efficiency')})")
-        out.append(f"cache hits: {e['cache_hits']} (hit cost ratio {e.get('cache_hit_cost_ratio')})")
+            out.append(_timeline(f["synthesize"]))
+        out.append(f"cache hits: {_brief(e['cache_hits'])} (hit cost ratio {e.get('cache_hit_cost_ratio')})")
+        out.append(_timeline(e["cache_hits"]))
     if "roofline" in r:
         rf = r["roofline"]
         out.append(f"roofline ({rf['peak']['name']}): {rf['gflop_per_audio_s']['total']} GFLOP "
