@@ -57,7 +57,7 @@ def _json(line: str) -> dict:
 
 def _run(root, stream: bool) -> Site:
     site = Site(root, extra_config=(
-        f"[batching]\nmax_batch_size = 2\nlines_per_batch = 4\nprefetch = 1\n"
+        f"[batching]\nmax_batch_size = 2\nlines_per_batch = 4\nprefetch = 1\nidle_batch = 1.0\n"
         f"stream_writes = {'true' if stream else 'false'}\n"))
     site.inbox.mkdir(parents=True)
     (site.inbox / "lines.txt").write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
@@ -103,3 +103,21 @@ def test_a_failed_line_comes_back_with_the_batch(monkeypatch) -> None:
                          stream=lambda results: got.extend(r.key for r in results))
     assert [(r.key, "runaway" in (r.error or "")) for r in rest] == [(3, True)]
     assert sorted(got) == [i for i in range(len(texts)) if i != 3]
+
+
+def test_the_first_batch_of_a_burst_is_smaller(tmp_path) -> None:
+    """While the model is idle, the feeder's batch is all waiting for the GPU (its
+    phonemes and text half), so it takes ``idle_batch`` of a batch; the next batch,
+    taken while the model works, is whole. Every line is written, as with whole
+    batches."""
+    site = Site(tmp_path, extra_config=(
+        "[batching]\nmax_batch_size = 4\nlines_per_batch = 4\nidle_batch = 0.5\n"
+        "max_wait_ms = 0\n"))
+    site.inbox.mkdir(parents=True)
+    (site.inbox / "lines.txt").write_text("\n".join(TEXTS[:6]) + "\n", encoding="utf-8")
+    site.start("--once")
+    assert site.proc.wait(timeout=300) == 0, site.logs()
+    assert [n for (n,) in site.query("SELECT size FROM batches ORDER BY id")] == [2, 4]
+    assert len(list((site.outbox / "lines").glob("*.wav"))) == 6
+    assert_invariant(site)
+

@@ -158,6 +158,10 @@ class BatchingConfig:
     """Phoneme budget of one batch (padded length × lines)."""
     prefetch: int = 2
     """Batches prepared ahead of the GPU (and finished batches waiting for the sink)."""
+    idle_batch: float = 0.5
+    """The share of ``lines_per_batch`` taken when the model is idle (the first batch
+    of a burst): its phonemes and its text half are time the GPU only waits, so it is
+    smaller; the batches taken while the model works are whole (1.0: always whole)."""
     stream_writes: bool = True
     """Write a batch's lines as each model call completes them, while the model runs
     the batch's other calls, instead of after the whole batch: the last batch's WAVs
@@ -426,6 +430,7 @@ def validate(cfg: Config, where: str = "config") -> None:
     need(b.max_wait_ms >= 0, "batching.max_wait_ms", "must be >= 0")
     need(b.max_phonemes > 0, "batching.max_phonemes", "must be > 0")
     need(b.prefetch >= 1, "batching.prefetch", "must be >= 1")
+    need(0 < b.idle_batch <= 1, "batching.idle_batch", "must be > 0 and <= 1")
     need(b.writer_threads >= 0, "batching.writer_threads", "must be >= 0 (0 = auto)")
     need(cfg.output.subtype in _SUBTYPES, "output.subtype", f"must be one of {', '.join(_SUBTYPES)}")
     need(m.free_memory_every_s >= 0, "memory.free_memory_every_s", "must be >= 0")

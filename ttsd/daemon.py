@@ -106,6 +106,9 @@ class Daemon:
         self.last_work = time.monotonic()
         self.last_release = time.monotonic()
         self.busy = False
+        self.model_batches = 0
+        """Batches handed to the model thread and not finished by it (the feeder's
+        ``idle``: 0 means the GPU waits for the next batch)."""
         self.feeder: Feeder | None = None
         self.pool: Any = None
         self._ray_started = False
@@ -282,13 +285,16 @@ class Daemon:
                 if self.in_flight and store.suspect_next(max_attempts):
                     self.stop.wait(0.02)
                     continue
-                batch = feeder.next_batch(store, self.stop)
+                with self._lock:   # the model has no batch queued or running
+                    idle = self.pool is None and self.model_batches == 0
+                batch = feeder.next_batch(store, self.stop, idle=idle)
                 if batch is None:
                     self.new_lines.wait(0.05)   # a stop is seen within 50 ms, as before
                     self.new_lines.clear()
                     continue
                 with self._lock:
                     self.in_flight.update(r.id for r in batch.rows)
+                    self.model_batches += 1
                 while not self.stop.is_set():
                     try:
                         self.batch_q.put(batch, timeout=0.2)
@@ -299,6 +305,7 @@ class Daemon:
                     store.release([r.id for r in batch.rows])
                     with self._lock:
                         self.in_flight.difference_update(r.id for r in batch.rows)
+                        self.model_batches -= 1
                 if any(r.attempts > 1 for r in batch.rows):
                     while self.in_flight and not self.stop.is_set():
                         self.stop.wait(0.02)
@@ -341,6 +348,8 @@ class Daemon:
                 self.write_q.put(done)
                 self.last_work = time.monotonic()
                 self.busy = False
+                with self._lock:
+                    self.model_batches -= 1
                 if mem.free_memory_every_s > 0:
                     self._maybe_release(store, mem.free_memory_every_s, "periodic")
                 if self.stop.is_set():   # the batch in flight is done; no new one starts

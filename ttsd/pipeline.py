@@ -144,20 +144,25 @@ class Feeder:
         hits, WAVs already written), so a re-run of known lines costs one lookup, one
         folder fsync and one transaction per up to ``ANSWER_TAKE`` lines."""
 
-    def next_batch(self, store: Store, stop) -> Batch | None:
-        """Up to ``size`` lines of one voice; waits ``max_wait_ms`` for a fuller batch."""
+    def next_batch(self, store: Store, stop, idle: bool = False) -> Batch | None:
+        """Up to ``size`` lines of one voice; waits ``max_wait_ms`` for a fuller batch.
+        ``idle``: the model has nothing to run, so all of this batch's host work and
+        text half is time the GPU waits: take ``batching.idle_batch`` of a batch."""
         if self.take_size < PEEK_TAKE and self.cfg.cache.enabled:
             looked, hits = store.cached_ahead(PEEK)
             if looked and hits * 2 >= looked:   # mostly known lines ahead: a bigger take
                 self.take_size = PEEK_TAKE
-        rows, dead = store.take(self.take_size, self.cfg.daemon.max_attempts)
+        limit = self.take_size
+        if idle and limit == self.size:
+            limit = max(1, round(self.size * self.cfg.batching.idle_batch))
+        rows, dead = store.take(limit, self.cfg.daemon.max_attempts)
         # A partial batch waits max_wait_ms for more lines — unless the last batch was
         # answered without the model (a bigger take): then waiting fills no model call.
-        if rows and len(rows) < self.size and self.cfg.batching.max_wait_ms > 0 \
+        if rows and len(rows) < limit and self.cfg.batching.max_wait_ms > 0 \
                 and self.take_size <= self.size \
                 and rows[0].attempts == 1 and not stop.is_set():  # a suspect stays alone
             time.sleep(self.cfg.batching.max_wait_ms / 1000)
-            more, dead2 = store.take(self.size - len(rows), self.cfg.daemon.max_attempts,
+            more, dead2 = store.take(limit - len(rows), self.cfg.daemon.max_attempts,
                                      fresh_only=True)
             rows, dead = rows + more, dead + dead2
         if dead:
