@@ -8,7 +8,8 @@ Threads (data flows one way, through bounded queues):
     model   ─ Synth: the engine on the device; pings the systemd watchdog  ─┐ queue
               (several devices or Ray: a WorkerPool, one driver thread per worker
                process/actor; see ttsd/workers.py)
-    sink    ─ Sink: WAVs (a small pool) → one store transaction per batch
+    sink    ─ Sink: WAVs (a small pool) → one store transaction per batch (or piece:
+              lines complete before their batch, batching.stream_writes)
     main    ─ signals, heartbeat, sd_notify STATUS, --once completion
 
 The first SIGTERM/SIGINT asks for a warm stop: no new claims or batches, the batch in

@@ -12,7 +12,8 @@ so phonemizing and writing overlap with the model:
   batch's audio half — ahead end to end in four H200 runs out of four, see
   ttsd/engine/PERFORMANCE.md;
 - ``Sink.write``: atomic WAVs, cache links, one fsync per touched folder, then one
-  store transaction per batch.
+  store transaction per batch — or per piece of one: with ``batching.stream_writes``
+  the model thread sends each audio call's complete lines ahead (``Batch.piece``).
 """
 
 from __future__ import annotations
