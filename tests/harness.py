@@ -161,6 +161,19 @@ def assert_invariant(site: Site) -> None:
     assert not work.exists() or not any(work.iterdir()), f"work folder not empty: {list(work.iterdir())}"
 
 
+def run_once(root: Path, texts: list[str], extra_config: str,
+             name: str = "lines.txt") -> Site:
+    """The real daemon (``run --once``) on one file of ``texts`` with a config
+    fragment; it must exit 0 with every line accounted for."""
+    site = Site(root, extra_config=extra_config)
+    site.inbox.mkdir(parents=True)
+    (site.inbox / name).write_text("\n".join(texts) + "\n", encoding="utf-8")
+    site.start("--once")
+    assert site.proc.wait(timeout=300) == 0, site.logs()
+    assert_invariant(site)
+    return site
+
+
 # ------------------------------------------------------------------ crash recovery
 
 

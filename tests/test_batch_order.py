@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from harness import Site, assert_invariant
+from harness import run_once
 
 from ttsd.config import BatchingConfig
 
@@ -42,13 +42,9 @@ def test_batches_of_more_lines_than_a_model_call_pad_less(tmp_path: Path) -> Non
     texts = [t for pair in zip(short, long) for t in pair] + short[len(long):]
     efficiency = {}
     for lines in (2, 8):   # one model call of two, or four calls sorted by length
-        site = Site(tmp_path / str(lines), extra_config=(
-            f"[batching]\nmax_batch_size = 2\nlines_per_batch = {lines}\n"))
-        site.inbox.mkdir(parents=True)
-        (site.inbox / "mixed.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-        site.start("--once")
-        assert site.proc.wait(timeout=300) == 0, site.logs()
-        assert_invariant(site)
+        site = run_once(tmp_path / str(lines), texts,
+                        f"[batching]\nmax_batch_size = 2\nlines_per_batch = {lines}\n",
+                        name="mixed.txt")
         used, padded = site.query("SELECT SUM(used_frames), SUM(padded_frames) FROM batches")[0]
         efficiency[lines] = used / padded
     # Two lines a batch, in file order: a short line beside a long one in every call

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from harness import Site, assert_invariant
+from harness import Site, run_once
 
 from ttsd.config import EngineConfig
 
@@ -29,15 +29,9 @@ def test_overlap_halves_resolves(value: str, gpu: bool, want: bool) -> None:
 
 
 def _run(root: Path, overlap: bool) -> Site:
-    site = Site(root, extra_config=(
+    return run_once(root, TEXTS, (
         f"[engine]\noverlap_halves = \"{'on' if overlap else 'off'}\"\n"
         "[batching]\nmax_batch_size = 2\nlines_per_batch = 2\nprefetch = 2\n"))
-    site.inbox.mkdir(parents=True)
-    (site.inbox / "lines.txt").write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
-    site.start("--once")
-    assert site.proc.wait(timeout=300) == 0, site.logs()
-    assert_invariant(site)
-    return site
 
 
 def test_overlapped_halves_write_the_same_wavs(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from harness import Site, assert_invariant
+from harness import Site, run_once
 
 from ttsd.engine.runtime import Engine, Request
 from ttsd.engine.voice import DEFAULT_VOICE, discover, package_voice
@@ -56,15 +56,9 @@ def _json(line: str) -> dict:
 
 
 def _run(root, stream: bool) -> Site:
-    site = Site(root, extra_config=(
+    return run_once(root, TEXTS, (
         f"[batching]\nmax_batch_size = 2\nlines_per_batch = 4\nprefetch = 1\nidle_batch = 1.0\n"
         f"stream_writes = {'true' if stream else 'false'}\n"))
-    site.inbox.mkdir(parents=True)
-    (site.inbox / "lines.txt").write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
-    site.start("--once")
-    assert site.proc.wait(timeout=300) == 0, site.logs()
-    assert_invariant(site)
-    return site
 
 
 def test_streamed_writes_give_the_same_wavs_and_whole_batch_stats(tmp_path) -> None:
@@ -110,14 +104,9 @@ def test_the_first_batch_of_a_burst_is_smaller(tmp_path) -> None:
     phonemes and text half), so it takes ``idle_batch`` of a batch; the next batch,
     taken while the model works, is whole. Every line is written, as with whole
     batches."""
-    site = Site(tmp_path, extra_config=(
+    site = run_once(tmp_path, TEXTS[:6], (
         "[batching]\nmax_batch_size = 4\nlines_per_batch = 4\nidle_batch = 0.5\n"
         "max_wait_ms = 0\n"))
-    site.inbox.mkdir(parents=True)
-    (site.inbox / "lines.txt").write_text("\n".join(TEXTS[:6]) + "\n", encoding="utf-8")
-    site.start("--once")
-    assert site.proc.wait(timeout=300) == 0, site.logs()
     assert [n for (n,) in site.query("SELECT size FROM batches ORDER BY id")] == [2, 4]
     assert len(list((site.outbox / "lines").glob("*.wav"))) == 6
-    assert_invariant(site)
 
