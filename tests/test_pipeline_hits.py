@@ -166,6 +166,40 @@ def test_a_hit_on_an_unchanged_stamped_file_reads_no_header(tmp_path: Path,
     assert after[_key("Replaced.")][0] == replaced.stat().st_ino   # stamped anew
 
 
+def test_a_piece_carries_the_batch_s_answered_lines_in_its_rows(tmp_path: Path) -> None:
+    """The first piece of a streamed batch takes the lines answered without the model
+    (the sink writes them with it), and has them in its rows: the daemon takes a
+    piece's rows out of its in-flight set, and a hit requeued by the piece must not
+    stay there (a suspect would wait on it, or run beside it). Later pieces and the
+    batch itself do not write them again."""
+    from ttsd.engine.runtime import Result
+    texts = ["Known one.", "Known two.", "New line.", "Another new line."]
+    cfg, store = _site(tmp_path, texts, cached=texts[:2])
+    batch = Feeder(cfg, _engine(), {VOICE: SR}, size=8).next_batch(store, threading.Event())
+    assert len(batch.hits) == 2 and len(batch.groups) == 2
+    first = batch.piece([Result(1, _tone(0.2), SR, None, 10)])
+    assert sorted(r.text for r in first.rows) == ["Another new line.", "Known one.",
+                                                  "Known two."]
+    assert len(first.hits) == 2 and [r.key for r in first.results] == [0]
+    second = batch.piece([Result(0, _tone(0.2), SR, None, 10)])
+    assert [r.text for r in second.rows] == ["New line."] and not second.hits
+    assert batch.streamed == {0, 1} and not batch.hits
+
+
+def test_inode_numbers_past_2_63_fit_the_store(tmp_path: Path) -> None:
+    """NFS, CIFS, FUSE and overlay file systems hand out inode numbers of 2**63 and
+    above, which SQLite's signed INTEGER cannot hold (the commit raised OverflowError,
+    killing the sink on every batch). They are stored two's-complement, one to one."""
+    assert [pipeline.sqlite_ino(i) for i in (0, 2**63 - 1, 2**63, 2**64 - 1)] == \
+        [0, 2**63 - 1, -2**63, -1]
+    store = Store(tmp_path / "db.sqlite")
+    store.complete([], [], [{"key": "k", "path": "/c/k.wav", "bytes": 100, "seconds": 1.0,
+                             "voice": VOICE, "ino": pipeline.sqlite_ino(2**64 - 5),
+                             "mtime_ns": 2**62}], None, {})
+    store.cache_stamp([("k", pipeline.sqlite_ino(2**63 + 7), 2**62 + 1)])
+    assert store.cache_get_many(["k"])["k"]["ino"] == pipeline.sqlite_ino(2**63 + 7)
+
+
 def test_a_retried_line_adopts_its_wav_in_the_feeder(tmp_path: Path) -> None:
     """Row 24: a line taken again after a crash (attempts > 1) whose WAV was renamed
     into place before the crash is answered from the outbox, not the cache."""

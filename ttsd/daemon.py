@@ -1,6 +1,6 @@
 """The daemon: wires the stages into threads, handles signals, heartbeat and systemd.
 
-Threads (data flows one way, through bounded queues):
+Threads (data flows one way, through queues bounded in whole batches):
 
     files   ─ Ingest: inbox → claim → parse → store; finished files → manifest, done/
     feeder  ─ Feeder: store → batch (+ cache hits) → phonemes        ─┐ queue (prefetch)
@@ -20,6 +20,7 @@ to pending. A second signal exits at once; the store still holds every line's st
 from __future__ import annotations
 
 import gc
+import math
 import os
 import queue
 import signal
@@ -44,6 +45,9 @@ from ttsd.writer import remove_stale_temps
 
 log = get_logger(__name__)
 EXIT_DEVICE_LOST = 75
+IDLE_S = 1.0
+"""The model counts as idle (the feeder takes ``batching.idle_batch`` of a batch) after
+this long with no batch queued or running: the first batch of a burst."""
 
 
 @dataclass
@@ -104,7 +108,9 @@ class Daemon:
         waiting for the sink are bounded by this instead (``prefetch``)."""
         self.in_flight: set[int] = set()
         self._lock = threading.Lock()
-        self.last_work = time.monotonic()
+        self.last_work = -math.inf
+        """monotonic() when the model last finished a batch (never, at first: the
+        first batch is a burst's first)."""
         self.last_release = time.monotonic()
         self.busy = False
         self.model_batches = 0
@@ -286,8 +292,11 @@ class Daemon:
                 if self.in_flight and store.suspect_next(max_attempts):
                     self.stop.wait(0.02)
                     continue
-                with self._lock:   # the model has no batch queued or running
-                    idle = self.pool is None and self.model_batches == 0
+                with self._lock:   # no batch queued or running, for a while: a burst
+                    idle = self.pool is None and self.model_batches == 0 and \
+                        time.monotonic() - self.last_work > IDLE_S
+                # (a feeder slower than the model leaves it idle for moments, and
+                # gets whole batches: halving them would only pad more)
                 batch = feeder.next_batch(store, self.stop, idle=idle)
                 if batch is None:
                     self.new_lines.wait(0.05)   # a stop is seen within 50 ms, as before
@@ -295,7 +304,7 @@ class Daemon:
                     continue
                 with self._lock:
                     self.in_flight.update(r.id for r in batch.rows)
-                    self.model_batches += 1
+                    self.model_batches += self.pool is None
                 while not self.stop.is_set():
                     try:
                         self.batch_q.put(batch, timeout=0.2)
@@ -306,7 +315,7 @@ class Daemon:
                     store.release([r.id for r in batch.rows])
                     with self._lock:
                         self.in_flight.difference_update(r.id for r in batch.rows)
-                        self.model_batches -= 1
+                        self.model_batches -= self.pool is None
                 if any(r.attempts > 1 for r in batch.rows):
                     while self.in_flight and not self.stop.is_set():
                         self.stop.wait(0.02)

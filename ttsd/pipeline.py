@@ -1,7 +1,7 @@
 """Lines stage: store → batch (+ cache) → engine → WAVs → store.
 
-Three steps, each run by its own thread in the daemon and connected by bounded queues,
-so phonemizing and writing overlap with the model:
+Three steps, each run by its own thread in the daemon and connected by queues (bounded
+in whole batches), so phonemizing and writing overlap with the model:
 
 - ``Feeder.next_batch``: takes pending lines (marking them running, attempts + 1),
   answers what it can without the model (a WAV already on disk from an interrupted
@@ -66,7 +66,9 @@ class Batch:
     part_of: Batch | None = None
     """Set on a piece: lines of ``part_of`` whose audio was complete while the rest of
     it was still in the model (``Engine.finish``'s stream); the batch itself comes
-    last, with the lines not streamed and the stats of the whole."""
+    last, with the lines not streamed and the stats of the whole. A piece commits its
+    lines and counters but no batches row: if the process dies before its batch is
+    committed, those lines are done (and stay done) without a batches row."""
     streamed: set[int] = field(default_factory=set)
     """Group indices sent in pieces (the sink skips them in the batch itself)."""
     tally: dict[str, float] = field(default_factory=dict)
@@ -78,7 +80,9 @@ class Batch:
         first piece also takes the lines answered without the model."""
         groups = [self.groups[r.key] for r in results]
         self.streamed.update(r.key for r in results)
-        p = Batch([row for g in groups for row in g], self.voice, self.sample_rate,
+        answered = self.existing + [row for row, _e in self.hits]   # in its rows too, so
+        p = Batch([row for g in groups for row in g] + answered,   # they leave in_flight
+                  self.voice, self.sample_rate,
                   existing=self.existing, hits=self.hits, groups=groups,
                   results=[dataclasses.replace(r, key=i) for i, r in enumerate(results)],
                   device=self.device, dtype=self.dtype, worker=self.worker, part_of=self)
@@ -250,7 +254,9 @@ def _cache_file_ok(entry: dict, sample_rate: int | None,
                    stamps: list[tuple[str, int, int]]) -> bool:
     """Whether a cache entry's file can answer a hit. The file the sink linked or
     checked last, unchanged (same inode, mtime and size: an edit in place or a
-    replacement changes them), takes one lstat. Any other file (an entry from before
+    replacement changes them — unless it restores the old mtime, or lands within the
+    file system's timestamp granularity of the stamp, and keeps the size), takes one
+    lstat. Any other file (an entry from before
     the stamp, a cache folder restored from a backup) gets the full check — regular,
     the entry's size, a whole RIFF/WAVE header at the voice's rate — and, if it
     passes, a new stamp in ``stamps`` (key, inode, mtime_ns)."""
@@ -261,12 +267,18 @@ def _cache_file_ok(entry: dict, sample_rate: int | None,
         return False
     if not stat.S_ISREG(st.st_mode) or st.st_size != entry["bytes"]:
         return False
-    if st.st_ino == entry.get("ino") and st.st_mtime_ns == entry.get("mtime_ns"):
+    if sqlite_ino(st.st_ino) == entry.get("ino") and st.st_mtime_ns == entry.get("mtime_ns"):
         return True
     if not wav_ok(path, sample_rate=sample_rate, size=entry["bytes"]):
         return False
-    stamps.append((entry["key"], st.st_ino, st.st_mtime_ns))
+    stamps.append((entry["key"], sqlite_ino(st.st_ino), st.st_mtime_ns))
     return True
+
+
+def sqlite_ino(ino: int) -> int:
+    """An inode number as SQLite's signed 64-bit INTEGER can hold it (NFS, CIFS, FUSE
+    and overlay file systems hand out numbers of 2**63 and above)."""
+    return ino - 2**64 if ino >= 2**63 else ino
 
 
 class Synth:
@@ -309,7 +321,8 @@ class Synth:
 
 
 class Sink:
-    """Writes a finished batch: WAVs first (atomic), then one store transaction."""
+    """Writes a finished batch, or a piece of one: WAVs first (atomic), then one store
+    transaction."""
 
     def __init__(self, cfg: Config, engine: Engine, threads: int) -> None:
         self.cfg = cfg
@@ -485,7 +498,7 @@ class Sink:
                 st = os.lstat(dst)   # the stamp of a file written just now
                 rows.append({"key": first.cache_key, "path": str(dst), "bytes": st.st_size,
                              "seconds": by_id[first.id][2], "voice": first.voice,
-                             "ino": st.st_ino, "mtime_ns": st.st_mtime_ns})
+                             "ino": sqlite_ino(st.st_ino), "mtime_ns": st.st_mtime_ns})
             except OSError as exc:   # the cache is an optimization; the line is done anyway
                 log.warning("cache.store_failed", key=first.cache_key[:12], error=str(exc))
         return rows

@@ -71,6 +71,10 @@ def _phonemize_chunk(key: str, voice_config: dict[str, Any], texts: list[str]
     return out
 
 
+START_TIMEOUT_S = 60.0
+"""How long the warm-up waits for each phonemizer process to answer."""
+
+
 class ProcessesUnavailable(RuntimeError):
     """Phonemizer processes cannot be started here."""
 
@@ -133,16 +137,21 @@ class PhonemizerProcesses:
         """Start the processes and load a voice's front end in each now (the daemon's
         warm-up), not on the first batch: on an H200 the first 512 lines took 632 ms to
         phonemize, the next batches 90-127 ms. Returns how many processes answered."""
+        from concurrent.futures import TimeoutError as FuturesTimeout
         from concurrent.futures.process import BrokenProcessPool
 
         pool = self._executor()
         cfg = dict(voice_config)
+        futures = [pool.submit(_warm, key, cfg) for _ in range(self.processes)]
         try:
-            return len({f.result() for f in [pool.submit(_warm, key, cfg)
-                                             for _ in range(self.processes)]})
+            return len({f.result(timeout=START_TIMEOUT_S) for f in futures})
         except BrokenProcessPool:
             self._reset(pool)
             raise ProcessesUnavailable("phonemizer processes die at start") from None
+        except FuturesTimeout:
+            self._reset(pool)
+            raise ProcessesUnavailable(
+                f"phonemizer processes not ready in {START_TIMEOUT_S:.0f} s") from None
 
     def _reset(self, broken) -> None:
         with self._lock:
