@@ -14,8 +14,10 @@ from harness import Site, assert_invariant, restart_until_finished
 
 
 def _site(tmp_path: Path, batch: int = 8, extra: str = "") -> Site:
+    # Whole batches from the first one (idle_batch = 1.0): the tests count them.
     site = Site(tmp_path, env={"TTSD_FAULTS": "1"},
-                extra_config=f"[batching]\nmax_batch_size = {batch}\nmax_wait_ms = 200\n{extra}")
+                extra_config=f"[batching]\nmax_batch_size = {batch}\nmax_wait_ms = 200\n"
+                             f"idle_batch = 1.0\n{extra}")
     site.inbox.mkdir(parents=True)
     return site
 
