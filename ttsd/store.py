@@ -366,9 +366,9 @@ class Store:
                  failed: list[tuple[int, str]], cache_rows: list[dict],
                  batch: BatchStats | None, counters: dict[str, int],
                  cache_hits: list[str] = ()) -> None:
-        """Record one batch's (or one piece of a batch's) outcome atomically: done (id, wav, seconds, cached),
-        failed (id, error), new cache entries, the cache keys it used, the batch's stats
-        and counters.
+        """Record one batch's (or one piece of a batch's) outcome atomically: done (id,
+        wav, seconds, cached), failed (id, error), new cache entries, the cache keys it
+        used, the batch's stats and counters.
 
         The done lines and the cache keys go in as one JSON parameter each, one
         statement apiece: ``executemany`` steps SQLite once per row, and releases and
