@@ -4,8 +4,8 @@ The daemon stays the only process that touches the store, the inbox and the outb
 A worker holds an Engine on one device (its own warmed voices, its own memory
 fraction) and answers ``run(requests)`` with its engine's samples, int16 when the
 output is 16-bit (``Engine.pcm16``: converted on the device, written as they are, so
-the WAV bytes equal those of the in-process path); it phonemizes its own requests, so host-side text work scales with the
-workers.
+the WAV bytes equal those of the in-process path); it phonemizes its own requests, so
+host-side text work scales with the workers.
 
     Feeder ─▶ batch_q ─▶ driver thread per slot ─▶ worker (process or Ray actor)
                                  │ results                         (prepare + run)

@@ -370,9 +370,7 @@ class Engine:
             try:
                 self.phonemizers.start(lv.digest, lv.info.config)
             except ProcessesUnavailable as exc:
-                log.warning("engine.phonemizer_processes_unavailable", error=str(exc))
-                self.phonemizers.close()
-                self.phonemizers = None
+                self._phonemize_here(exc)
         text = "This is a warm-up sentence for the voice, with a comma and a number: 42."
         ids = lv.phonemizer.sentences(text)
         sizes = [s for s in sizes if s <= self.max_batch] or [1]
@@ -426,9 +424,7 @@ class Engine:
                     got = self.phonemizers.sentences_many(lv.digest, lv.info.config,
                                                           [texts[i] for i in idxs])
                 except ProcessesUnavailable as exc:
-                    log.warning("engine.phonemizer_processes_unavailable", error=str(exc))
-                    self.phonemizers.close()
-                    self.phonemizers = None
+                    self._phonemize_here(exc)
             if got is None:
                 got = [lv.phonemizer.sentences(texts[i]) for i in idxs]
             for i, g in zip(idxs, got):
@@ -443,6 +439,13 @@ class Engine:
             error = None if sentences else "nothing to speak (no phonemes in the text)"
             out.append(Prepared(r, sentences, error, faults_of[i]))
         return out
+
+    def _phonemize_here(self, exc: ProcessesUnavailable) -> None:
+        """The phonemizer processes cannot run here: phonemize in this process from
+        now on."""
+        log.warning("engine.phonemizer_processes_unavailable", error=str(exc))
+        self.phonemizers.close()
+        self.phonemizers = None
 
     # ------------------------------------------------------------------ run
 
