@@ -28,6 +28,7 @@ import numpy as np
 from ttsd.config import Config
 from ttsd.engine.graphs import MAX_ROWS
 from ttsd.engine.runtime import Engine, Prepared, Request
+from ttsd.writer import int16_floats
 
 _SUBJECTS = ["The committee", "My neighbour", "A small robot", "The old lighthouse keeper",
              "Our train", "The quarterly report", "Doctor Alvarez", "The red fox"]
@@ -140,7 +141,7 @@ def _stft_mag(a: np.ndarray, n_fft: int = 1024, hop: int = 256) -> np.ndarray:
 
 def _floats(audio: np.ndarray) -> np.ndarray:
     """The engine's int16 PCM (``pcm16``) as the floats it stands for."""
-    return audio.astype(np.float32) / np.float32(32768.0) if audio.dtype == np.int16 else audio
+    return int16_floats(audio) if audio.dtype == np.int16 else audio
 
 
 def _quality(ref: list, other: list) -> dict[str, Any]:
@@ -277,10 +278,9 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
                 "SUM(l.cached) AS cached FROM lines l JOIN files f ON f.id = l.file_id "
                 "WHERE f.name = ? GROUP BY f.id", (f"{run}.txt",))
             spans[run] = got[0] if got else {"span": None, "n": 0, "cached": 0}
-        # Where the synthesis run's span went: per batch, when it was committed (s after
-        # the file's claim), its lines, and its prepare / model / write milliseconds.
-        # Fill is the first batch's commit less its model and write time; drain, the
-        # last commit less the model's end.
+        # Where each run's span went: per batch, when it was committed (s after the
+        # file's claim), its lines, and its prepare / model / write milliseconds (write:
+        # its streamed pieces' too, which ran beside the model).
         for run in runs:
             out[run]["timeline"] = [list(r) for r in store.conn.execute(
                 "SELECT ROUND(b.at - f.created_at, 3), b.size, ROUND(b.prepare_ms), "

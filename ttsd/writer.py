@@ -230,7 +230,12 @@ def _encode_int16(samples: np.ndarray, sample_rate: int, subtype: str) -> bytes:
         header = _pcm16_header(samples.size, sample_rate)
         if header is not None:
             return header + samples.astype("<i2", copy=False).tobytes()
-    return encode_wav(samples.astype(np.float32) / np.float32(32768.0), sample_rate, subtype)
+    return encode_wav(int16_floats(samples), sample_rate, subtype)
+
+
+def int16_floats(samples: np.ndarray) -> np.ndarray:
+    """int16 PCM as the float32 samples it stands for (k → k / 32768, exact)."""
+    return samples.astype(np.float32) / np.float32(32768.0)
 
 
 def _pcm16_header(frames: int, sample_rate: int) -> bytes | None:
