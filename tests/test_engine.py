@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -99,6 +101,24 @@ def test_batched_equals_one_at_a_time(engine):
         assert b.key == s.key
         assert len(b.audio) == len(s.audio) > 0
         assert _rel(b.audio, s.audio) < 1e-4, (b.key, _rel(b.audio, s.audio))
+
+
+def test_packed_calls_give_the_same_audio(engine):
+    """engine.pack_calls cuts the audio half where padding costs least: other calls,
+    the same audio for every line, no more padded frames than fixed runs."""
+    texts = [LINES[i % 16] if i % 3 else f"Line {i}." for i in range(21)]
+    prepared = engine.prepare(_requests(texts, seed=4))
+    engine.pack_calls = False
+    try:
+        fixed, fixed_stats = engine.run(prepared)
+    finally:
+        engine.pack_calls = True
+    packed, packed_stats = engine.run(prepared)
+    assert packed_stats.audio_calls != fixed_stats.audio_calls
+    assert packed_stats.frame_slots <= fixed_stats.frame_slots
+    for a, b in zip(packed, fixed):
+        assert a.error is None and b.error is None and len(a.audio) == len(b.audio)
+        assert _rel(a.audio, b.audio) < 1e-4, (a.key, _rel(a.audio, b.audio))
 
 
 def test_seed_alone_vs_in_batch(engine):
@@ -259,6 +279,58 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     assert calls == [1] and lv.audio_half == lv.model.audio_half
     for r, g in zip(ref, got):
         assert g.error is None and np.array_equal(r.audio, g.audio)
+
+
+def test_text_compile_failure_falls_back_to_eager():
+    """engine.compile_text: calls over 32 sentences go to the compiled text half; if
+    it cannot compile here, the engine logs it and runs the eager one, same audio."""
+    import torch._dynamo.exc as dexc
+
+    from ttsd.engine.runtime import Engine
+
+    texts = [f"Line {i}." for i in range(34)]
+    eng = Engine(discover(None), device="cpu", dtype="float32", max_batch=64, compile="off")
+    ref = eng.synthesize(_requests(texts))
+    lv = eng.voice(DEFAULT_VOICE)
+    calls = []
+
+    def broken(*args):
+        calls.append(len(args[0]))
+        raise dexc.TorchDynamoException("simulated: no C compiler")
+
+    eng.compile_text, lv.text_frames = True, broken
+    got = eng.synthesize(_requests(texts))
+    assert calls == [34] and lv.text_frames == lv.model.text_frames
+    for r, g in zip(ref, got):
+        assert g.error is None and np.array_equal(r.audio, g.audio)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="Inductor on the CPU needs a C++ compiler")
+def test_compiled_text_half_keeps_every_duration():
+    """The compiled text half (what calls over 32 sentences run on a GPU) gives the
+    eager one's durations exactly and its means to float32 rounding, on a padded batch
+    of varied sentences, and the engine uses it for such calls."""
+    from ttsd.engine.runtime import Engine
+
+    eng = Engine(discover(None), device="cpu", dtype="float32", max_batch=64,
+                 compile="off", compile_text="on")
+    lv = eng.voice(DEFAULT_VOICE)
+    assert lv.text_frames != lv.model.text_frames
+    sents = [s for t in LINES + [f"Number {i}, again." for i in range(24)]
+             for s in lv.phonemizer.sentences(t)]
+    b, t = len(sents), max(len(s) for s in sents)
+    assert b > 32
+    ids = torch.zeros(b, t, dtype=torch.long)
+    for i, s in enumerate(sents):
+        ids[i, :len(s)] = torch.tensor(s)
+    args = (ids, torch.tensor([len(s) for s in sents]), torch.zeros(b, dtype=torch.long),
+            torch.arange(b) * 7919, torch.full((b,), 0.8), torch.ones(b))
+    with torch.inference_mode():
+        m0, logs0, dur0, frames0 = lv.model.text_frames(*args)
+        m1, logs1, dur1, frames1 = lv.text_frames(*args)
+    assert torch.equal(dur0, dur1) and torch.equal(frames0, frames1)
+    assert _rel(m1.numpy(), m0.numpy()) < 1e-5 and _rel(logs1.numpy(), logs0.numpy()) < 1e-5
 
 
 def test_precision_flags_per_stage_under_one_lock():

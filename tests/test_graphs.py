@@ -21,7 +21,7 @@ from ttsd.engine.graphs import (
     token_bucket,
 )
 from ttsd.engine.phonemes import Phonemizer
-from ttsd.engine.runtime import Engine, _text_fn
+from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover, load_model, package_voice
 
 TEXTS = ["Hello there.", "A somewhat longer sentence, with a comma in it.",
@@ -55,7 +55,7 @@ def test_padded_bucket_gives_the_eager_rows() -> None:
     inputs = (ids, torch.tensor([len(s) for s in seqs]), torch.zeros(len(seqs), dtype=torch.long),
               torch.tensor([11, 22, 33, 44]), torch.full((len(seqs),), 0.8),
               torch.tensor([1.0, 1.0, 1.3, 0.9]))
-    fn = _text_fn(model)
+    fn = model.text_frames
     with torch.inference_mode():
         m, logs, dur, frames = fn(*inputs)
         padded = pad_inputs(inputs, 8, token_bucket(t))

@@ -226,12 +226,14 @@ def _toml(pairs: str, base: dict[str, dict[str, str]] | None = None) -> str:
 
 
 def _eager_text(engine: Engine, prepared: list[Prepared], size: int) -> float:
-    """x-realtime of ``_timed_batches`` with the text half eager (graphs off)."""
-    graphs, engine.cuda_graphs = engine.cuda_graphs, False
+    """x-realtime of ``_timed_batches`` with the text half eager (no graphs, not
+    compiled)."""
+    saved = engine.cuda_graphs, engine.compile_text
+    engine.cuda_graphs = engine.compile_text = False
     try:
         return _timed_batches(engine, prepared, size)["x_realtime"]
     finally:
-        engine.cuda_graphs = graphs
+        engine.cuda_graphs, engine.compile_text = saved
 
 
 def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
@@ -437,7 +439,8 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
             # The daemon's way (engine.overlap_halves), the other way as an A/B column.
             row = _timed_batches(eng, prepared, size, overlap=overlap and size > 1)
             row["dtype"] = dtype
-            if graphs and size <= MAX_ROWS:   # graphed sizes: the same without graphs
+            if graphs and size <= MAX_ROWS or eng.compile_text and size > MAX_ROWS:
+                # graphed or compiled text halves: the same eagerly
                 row["x_realtime_text_eager"] = _eager_text(eng, prepared, size)
             if size == max(sizes) and size > 1:
                 row[_OTHER_WAY[row["overlap"]]] = _timed_batches(

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from ttsd.engine import faults
-from ttsd.engine.graphs import TextGraphs
+from ttsd.engine.graphs import MAX_ROWS, TextGraphs
+from ttsd.engine.packing import FRAME_STEP, bucket, pack
 from ttsd.engine.phonemes import Phonemizer, PhonemizerProcesses, ProcessesUnavailable
 from ttsd.engine.vits import Generator, Vits
 from ttsd.engine.voice import VoiceInfo, load_model
@@ -152,6 +153,9 @@ class LoadedVoice:
     """A float32 copy of the decoder, kept when the decoder runs in half precision."""
     audio_half: Any = None
     """``model.audio_half``, compiled when the engine compiles; eager otherwise."""
+    text_frames: Any = None
+    """``model.text_frames``, compiled when the engine compiles the text half (used
+    for calls bigger than its CUDA graphs take); eager otherwise."""
     graphs: TextGraphs | None = None
     """The text half's CUDA graphs (``Engine.cuda_graphs``)."""
     extra: dict = field(default_factory=dict)
@@ -188,14 +192,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16,
             "bfloat16": torch.bfloat16}[dtype]
-
-
-def bucket(n: int, step: int) -> int:
-    """Round a padded length up to a few fixed shapes (multiples of ``step`` up to
-    16 steps, then of 4 steps), so cuDNN's per-shape algorithm search runs once per
-    bucket instead of once per batch. Padding is masked: results do not change."""
-    unit = step if n <= 16 * step else 4 * step
-    return -(-n // unit) * unit
 
 
 def line_seed(seed: int, text: str, sentence: int) -> int:
@@ -280,7 +276,8 @@ class Engine:
                  sentence_silence_s: float = 0.2, normalize: bool = True,
                  cache_dir=None, max_batch: int = 0, frame_budget: int = 0,
                  token_budget: int = 80000, compile: str = "auto",
-                 cuda_graphs: str = "auto", phonemizer_processes: int = 0,
+                 compile_text: str = "auto", cuda_graphs: str = "auto",
+                 pack_calls: bool = True, phonemizer_processes: int = 0,
                  pcm16: bool = False) -> None:
         self.voices = voices
         self.device = pick_device(device)
@@ -297,7 +294,13 @@ class Engine:
         self.frame_budget = frame_budget or self._default_frame_budget()
         self.faults = faults.from_env()
         self.compile = compile == "on" or (compile == "auto" and self.device.type == "cuda")
+        self.compile_text = compile_text == "on" or (compile_text == "auto" and self.compile)
+        """Calls of more than ``graphs.MAX_ROWS`` sentences run the compiled text half
+        (strict float32 still: the flags are part of the compiled code's guards). Read at
+        each call, so the bench can switch it off for its eager rows."""
         self.cuda_graphs = self.device.type == "cuda" and cuda_graphs != "off"
+        self.pack_calls = pack_calls
+        """Audio-half calls cut by ``packing.pack`` (else every ``max_batch`` sentences)."""
         """Replay the text half from CUDA graphs (``graphs.TextGraphs``); GPU only."""
         self.phonemizers = (PhonemizerProcesses(phonemizer_processes)
                             if phonemizer_processes > 0 else None)
@@ -348,22 +351,30 @@ class Engine:
                 import copy
                 dec32 = copy.deepcopy(model.dec)
             model.dec.to(self.dtype)
-        audio_half = model.audio_half
+        audio_half, text_frames = model.audio_half, model.text_frames
         if self.compile:
             # One dynamic-shape graph for every (batch, frames) bucket; Inductor fuses the
             # masks, activations and noise around cuDNN's convolutions.
             audio_half = torch.compile(model.audio_half, dynamic=True)
-        lv = LoadedVoice(info, model, digest, Phonemizer(info.config), dec32, audio_half)
+        if self.compile_text:
+            # The same for the text half's LayerNorm transposes, attention pads and spline
+            # flows (on an H200 at batch 128: 21.6 → 15.6 ms a call, durations identical).
+            text_frames = torch.compile(model.text_frames, dynamic=True)
+        lv = LoadedVoice(info, model, digest, Phonemizer(info.config), dec32, audio_half,
+                         text_frames)
         if self.device.type == "cuda":
-            lv.graphs = TextGraphs(_text_fn(model), self.device, self.max_batch)
+            lv.graphs = TextGraphs(model.text_frames, self.device, self.max_batch)
         self._loaded[name] = lv
         return lv
 
     def warmup(self, name: str, sizes: Sequence[int] | None = None) -> float:
         """Run typical shapes once so kernels are chosen (and compiled) and memory is
-        reserved; by default batches of 1, 8 and 32 on a GPU, one line on the CPU."""
+        reserved; by default batches of 1, 8 and 32 on a GPU (and 64, which compiles the
+        text half of bigger calls), one line on the CPU."""
         if sizes is None:
             sizes = (1, 8, 32) if self.device.type == "cuda" else (1,)
+            if self.compile_text:
+                sizes += (2 * MAX_ROWS,)
         lv = self.voice(name)
         t0 = time.perf_counter()
         if self.phonemizers is not None:
@@ -583,7 +594,7 @@ class Engine:
         # into the lines' buffers (no pinned allocation and no concatenation per call).
         todo.sort(key=lambda it: -it.frames)
         pending: list[_Launched] = []
-        for k, chunk in enumerate(self._chunks(todo, lambda it: it.frames, self.frame_budget)):
+        for k, chunk in enumerate(self._audio_calls(todo)):
             try:   # staging buffer k % 2: the call before this one still fills the other
                 pending.append(self._launch_audio(lv, prepared, chunk, k % 2))
             except Exception as exc:  # noqa: BLE001 - out of memory: drain, then split
@@ -625,6 +636,15 @@ class Engine:
                 it.out = buf[at:at + n]
                 at += n + gap
         return lines
+
+    def _audio_calls(self, items: list[_Item]) -> Iterator[list[_Item]]:
+        """Sorted items (most frames first) → audio-half calls: cut where padding costs
+        least (``packing.pack``, ``engine.pack_calls``) or every ``max_batch`` items."""
+        if not self.pack_calls:
+            yield from self._chunks(items, lambda it: it.frames, self.frame_budget)
+            return
+        for i, j in pack([it.frames for it in items], self.max_batch, self.frame_budget):
+            yield items[i:j]
 
     def _chunks(self, items: list[_Item], cost, budget: int) -> Iterator[list[_Item]]:
         """Sorted items (longest first) → sub-batches within max_batch and a padded budget."""
@@ -675,7 +695,9 @@ class Engine:
         with self.precision.strict():
             out = lv.graphs.run(inputs) if lv.graphs is not None and self.cuda_graphs else None
             if out is None:
-                out = _text_fn(lv.model)(*(x.to(dev) for x in inputs))
+                args = [x.to(dev) for x in inputs]
+                out = (self._compiled(lv, "text_frames", args) if self.compile_text
+                       and b > MAX_ROWS else lv.model.text_frames(*args))
             else:
                 stats.text_graphed += 1
         m, logs, dur, frames = out
@@ -729,7 +751,7 @@ class Engine:
         ``dec`` is None, else ``dec`` eagerly (the float32 retry). Returns the audio
         [B, S] and the samples of each item, on the device (``_to_host`` next)."""
         dev, b = self.device, len(chunk)
-        fmax = bucket(max(it.frames for it in chunk), 64)
+        fmax = bucket(max(it.frames for it in chunk), FRAME_STEP)
         tmax = max(it.m.size(1) for it in chunk)
         inter = chunk[0].m.size(0)
         m = torch.zeros(b, inter, tmax, device=dev)
@@ -754,17 +776,23 @@ class Engine:
             with self.precision.audio():
                 out = lv.model.audio_half(*args, dec)
             return out, frames * lv.model.args.hop
-        try:
-            with self.precision.audio():
-                out = lv.audio_half(*args)
-        except Exception as exc:  # noqa: BLE001 - a compiler failure: run eagerly from now on
-            if lv.audio_half is lv.model.audio_half or not _is_compile_error(exc):
-                raise
-            log.warning("engine.compile_failed", error=str(exc).splitlines()[0][:300])
-            lv.audio_half = lv.model.audio_half
-            with self.precision.audio():
-                out = lv.audio_half(*args)
+        with self.precision.audio():
+            out = self._compiled(lv, "audio_half", args)
         return out, frames * lv.model.args.hop
+
+    def _compiled(self, lv: LoadedVoice, half: str, args: Sequence[Any]) -> Any:
+        """``lv.<half>(*args)``, where ``half`` (``audio_half`` or ``text_frames``) may be
+        compiled. A compiler failure (no C compiler, no Triton) is logged and that half
+        runs eagerly (``lv.model.<half>``) from then on."""
+        fn, eager = getattr(lv, half), getattr(lv.model, half)
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - a compiler failure: run eagerly from now on
+            if fn == eager or not _is_compile_error(exc):
+                raise
+            log.warning("engine.compile_failed", half=half, error=str(exc).splitlines()[0][:300])
+            setattr(lv, half, eager)
+            return eager(*args)
 
     def _to_host(self, out: torch.Tensor, samples: torch.Tensor, slot: int | None = None
                  ) -> tuple[np.ndarray, Any, Any]:
@@ -859,15 +887,6 @@ class Engine:
             info.update(name=platform.processor() or platform.machine(),
                         threads=torch.get_num_threads())
         return info
-
-
-def _text_fn(model: Vits):
-    """The text half as the graphs capture it: inputs → (m_p, logs_p, durations,
-    frames per row)."""
-    def text(ids, lengths, sid, seeds, noise_w, length_scale):
-        m, logs, dur = model.text_half(ids, lengths, sid, seeds, noise_w, length_scale)
-        return m, logs, dur, dur.sum(1).clamp_min(1)
-    return text
 
 
 def frames_to_seconds(frames: int, hop: int, sr: int) -> float:

@@ -637,6 +637,14 @@ class Vits(nn.Module):
         w = torch.exp(logw) * mask * length_scale.view(-1, 1, 1)
         return m_p, logs_p, torch.ceil(w)[:, 0].long()
 
+    def text_frames(self, ids: torch.Tensor, lengths: torch.Tensor, sid: torch.Tensor,
+                    seeds: torch.Tensor, noise_w: torch.Tensor, length_scale: torch.Tensor):
+        """``text_half`` plus each row's frame count [B] (what the caller reads between
+        the halves): the function the engine's CUDA graphs capture and its compiler
+        compiles."""
+        m, logs, dur = self.text_half(ids, lengths, sid, seeds, noise_w, length_scale)
+        return m, logs, dur, dur.sum(1).clamp_min(1)
+
     def audio_half(self, m_p: torch.Tensor, logs_p: torch.Tensor, durations: torch.Tensor,
                    frames: torch.Tensor, max_frames: int, sid: torch.Tensor,
                    seeds: torch.Tensor, noise_scale: torch.Tensor,

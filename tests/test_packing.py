@@ -1,0 +1,62 @@
+"""How a batch's sentences are cut into audio-half calls (``ttsd.engine.packing``)."""
+
+from __future__ import annotations
+
+import random
+
+from ttsd.engine.packing import CALL_COST, FRAME_STEP, bucket, pack
+
+
+def _cost(frames: list[int], calls: list[tuple[int, int]]) -> int:
+    return sum((j - i) * bucket(frames[i], FRAME_STEP) + CALL_COST for i, j in calls)
+
+
+def _frames(n: int, seed: int) -> list[int]:
+    """Sentence lengths like the bench's: short answers to long clauses, in frames."""
+    rng = random.Random(seed)
+    return sorted((max(20, int(rng.lognormvariate(5.6, 0.55))) for _ in range(n)), reverse=True)
+
+
+def _check(frames: list[int], calls: list[tuple[int, int]], max_rows: int, budget: int,
+           unit: int = 16) -> None:
+    assert calls[0][0] == 0 and calls[-1][1] == len(frames)
+    assert all(a[1] == b[0] for a, b in zip(calls, calls[1:])), "every sentence once, in order"
+    for k, (i, j) in enumerate(calls):
+        rows = j - i
+        assert 1 <= rows <= max_rows
+        assert rows == 1 or rows * frames[i] <= budget, (i, j)
+        assert rows == 1 or rows % unit == 0 or k == len(calls) - 1, (i, j)
+
+
+def test_pack_pads_less_than_fixed_runs_for_realistic_batches():
+    for seed in range(5):
+        frames = _frames(900, seed)
+        calls = pack(frames, 128, 120_000)
+        _check(frames, calls, 128, 120_000)
+        fixed = [(i, min(i + 128, len(frames))) for i in range(0, len(frames), 128)]
+        real = sum(frames)
+        assert _cost(frames, calls) < _cost(frames, fixed)
+        padded = sum((j - i) * bucket(frames[i], FRAME_STEP) for i, j in calls)
+        padded_fixed = sum((j - i) * bucket(frames[i], FRAME_STEP) for i, j in fixed)
+        assert real / padded > real / padded_fixed + 0.03, (real / padded, real / padded_fixed)
+
+
+def test_pack_respects_the_frame_budget_and_small_batches():
+    frames = _frames(300, 9)
+    calls = pack(frames, 128, 20_000)
+    _check(frames, calls, 128, 20_000)
+    assert max(j - i for i, j in calls) < 128   # the budget, not max_rows, bound them
+    # Fewer rows than the unit (the CPU's small batches): any size.
+    calls = pack(frames[:10], 4, 10**9)
+    _check(frames[:10], calls, 4, 10**9, unit=1)
+
+
+def test_pack_puts_an_oversized_sentence_alone_and_handles_edges():
+    assert pack([], 128, 1000) == []
+    assert pack([50], 128, 1000) == [(0, 1)]
+    frames = [5000, 300, 290, 280]
+    calls = pack(frames, 128, 1000)
+    assert calls[0] == (0, 1)     # over the budget on its own: a call of one
+    _check(frames, calls, 128, 1000)
+    # Equal lengths: one call, however the rows fall against the unit.
+    assert pack([100] * 40, 128, 10**9) == [(0, 40)]

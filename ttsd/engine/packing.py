@@ -1,0 +1,68 @@
+"""How a batch's sentences are cut into audio-half calls.
+
+The audio half runs padded: a call of ``rows`` sentences costs about ``rows ×
+bucket(longest)`` frames of GPU work plus a fixed cost per call. Cutting the sentences
+(sorted longest first) into fixed runs of ``max_rows`` pads every call to its first
+sentence, and the last frames bucket adds more: for the bench's 2,000 lines, batches of
+512, 0.78 of the padded frames were real. ``pack`` chooses the cuts by dynamic
+programming instead, minimising padded frames plus ``call_cost`` frames per call
+(0.85 with the same lines; measured on an H200 at 128 rows × 320 frames, a call costs
+≈ 3.6 ms plus 0.27 ms a row, so a call is worth ≈ 4,000 padded frames).
+
+Row counts stay multiples of ``unit`` (except a batch's last call and calls of one
+sentence), so the number of distinct (rows, frames) shapes stays small: the first call
+of a new shape costs 20-45 ms more (cuDNN builds its plans).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+FRAME_STEP = 64
+"""Frames are padded to multiples of this (of 4 × this past 16 steps): see ``bucket``."""
+
+CALL_COST = 4000
+"""Padded frames a call is worth (its fixed cost on the GPU)."""
+
+ROW_UNIT = 16
+
+
+def bucket(n: int, step: int) -> int:
+    """Round a padded length up to a few fixed shapes (multiples of ``step`` up to
+    16 steps, then of 4 steps), so cuDNN's per-shape algorithm search runs once per
+    bucket instead of once per batch. Padding is masked: results do not change."""
+    unit = step if n <= 16 * step else 4 * step
+    return -(-n // unit) * unit
+
+
+def pack(frames: Sequence[int], max_rows: int, budget: int, *, unit: int = ROW_UNIT,
+         call_cost: int = CALL_COST, step: int = FRAME_STEP) -> list[tuple[int, int]]:
+    """Cut ``frames`` (sorted longest first) into calls: (start, end) index pairs in
+    order, covering every index once. A call holds at most ``max_rows`` sentences and at
+    most ``budget`` frames (rows × its longest), unless it is one sentence alone."""
+    n = len(frames)
+    if n == 0:
+        return []
+    unit = unit if max_rows >= unit else 1
+    inf = float("inf")
+    best = [0.0] + [inf] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        sizes = set(range(unit, min(max_rows, j) + 1, unit))
+        sizes.add(1)
+        if j == n:
+            sizes.update(range(1, min(max_rows, j) + 1))
+        for rows in sizes:
+            i = j - rows
+            longest = frames[i]
+            if rows > 1 and rows * longest > budget:
+                continue
+            cost = best[i] + rows * bucket(longest, step) + call_cost
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    calls = []
+    j = n
+    while j > 0:
+        calls.append((cut[j], j))
+        j = cut[j]
+    return calls[::-1]
