@@ -108,17 +108,29 @@ def test_packed_calls_give_the_same_audio(engine):
     the same audio for every line, no more padded frames than fixed runs."""
     texts = [LINES[i % 16] if i % 3 else f"Line {i}." for i in range(21)]
     prepared = engine.prepare(_requests(texts, seed=4))
-    engine.pack_calls = False
+    saved = engine.pack_calls
     try:
+        engine.pack_calls = False
         fixed, fixed_stats = engine.run(prepared)
-    finally:
         engine.pack_calls = True
-    packed, packed_stats = engine.run(prepared)
+        packed, packed_stats = engine.run(prepared)
+    finally:
+        engine.pack_calls = saved
     assert packed_stats.audio_calls != fixed_stats.audio_calls
     assert packed_stats.frame_slots <= fixed_stats.frame_slots
     for a, b in zip(packed, fixed):
         assert a.error is None and b.error is None and len(a.audio) == len(b.audio)
         assert _rel(a.audio, b.audio) < 1e-4, (a.key, _rel(a.audio, b.audio))
+
+
+def test_warm_audio_shapes_runs_each_shape(engine):
+    """The GPU warm-up's audio-half shapes run on stand-in inputs (here on the CPU, two
+    small ones) and leave the engine's results as they were."""
+    before = engine.synthesize(_requests(["Warm me up."]))[0]
+    seconds = engine.warm_audio_shapes(DEFAULT_VOICE, [(2, 128), (1, 64)])
+    assert seconds > 0
+    after = engine.synthesize(_requests(["Warm me up."]))[0]
+    assert np.array_equal(before.audio, after.audio)
 
 
 def test_seed_alone_vs_in_batch(engine):

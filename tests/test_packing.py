@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
-from ttsd.engine.packing import CALL_COST, FRAME_STEP, bucket, pack
+from ttsd.engine.packing import CALL_COST, FRAME_STEP, bucket, full_call_shapes, pack
 
 
 def _cost(frames: list[int], calls: list[tuple[int, int]]) -> int:
@@ -20,7 +21,7 @@ def _frames(n: int, seed: int) -> list[int]:
 def _check(frames: list[int], calls: list[tuple[int, int]], max_rows: int, budget: int,
            unit: int = 16) -> None:
     assert calls[0][0] == 0 and calls[-1][1] == len(frames)
-    assert all(a[1] == b[0] for a, b in zip(calls, calls[1:])), "every sentence once, in order"
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(calls)), "every sentence once, in order"
     for k, (i, j) in enumerate(calls):
         rows = j - i
         assert 1 <= rows <= max_rows
@@ -60,3 +61,14 @@ def test_pack_puts_an_oversized_sentence_alone_and_handles_edges():
     _check(frames, calls, 128, 1000)
     # Equal lengths: one call, however the rows fall against the unit.
     assert pack([100] * 40, 128, 10**9) == [(0, 40)]
+
+
+def test_full_call_shapes_cover_every_bucket_within_the_budget():
+    shapes = full_call_shapes(128, 120_000, 2048)
+    frames = [f for _, f in shapes]
+    assert frames == sorted(frames, reverse=True) and frames[0] == 2048 and frames[-1] == 64
+    # every bucket a call of up to 2,048 frames can be padded to, once
+    assert sorted(frames) == sorted({bucket(n, FRAME_STEP) for n in range(1, 2049)})
+    for rows, f in shapes:
+        assert rows == min(128, 120_000 // f)
+    assert full_call_shapes(128, 120_000, 0) == []

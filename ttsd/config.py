@@ -115,11 +115,18 @@ class EngineConfig:
     for calls of more than 32 sentences, which the CUDA graphs do not take: "auto"
     (when ``compile`` is on), "on" or "off". On an H200 at batch 128: 21.6 → 15.6 ms a
     call, every duration the same; ≈ 30-50 s more at the first start."""
-    pack_calls: bool = True
+    pack_calls: bool = False
     """Cut each batch's sentences into audio-half calls where padding costs least
     (``ttsd.engine.packing``; row counts multiples of 16) instead of every
     ``max_batch_size`` sentences: on the bench's lines 0.86 of the padded frames are
-    real instead of 0.78, for 39 calls instead of 29."""
+    real instead of 0.78 (0.90 vs 0.78 in the bench's model-only row on an H200), for
+    39 calls instead of 29. Off by default until measured end to end: it makes more
+    distinct call shapes, and a fresh process pays 20-45 ms for each new one."""
+    warmup_frames: int = 2048
+    """GPU warm-up: run the audio half once at the full-call shape (``max_batch_size``
+    rows, or fewer within the frame budget) of every frames bucket up to this many
+    frames (2,048 ≈ 24 s of audio at 22,050 Hz), so that the first batches do not pay
+    for new shapes (20-45 ms each on an H200). 0 = off."""
     cuda_graphs: str = "auto"
     """Replay the text half (encoder + duration predictor) of calls of up to 32
     sentences from CUDA graphs, one per (batch, tokens) bucket, captured at warm-up:
@@ -434,6 +441,7 @@ def validate(cfg: Config, where: str = "config") -> None:
          f"{e.overlap_halves!r}: must be auto, on or off")
     need(e.cuda_graphs in ("auto", "on", "off"), "engine.cuda_graphs",
          "must be auto, on or off")
+    need(0 <= e.warmup_frames <= 100_000, "engine.warmup_frames", "must be 0 to 100000")
     need(0 <= e.phonemizer_processes <= 64, "engine.phonemizer_processes",
          "must be between 0 (auto) and 64")
     need(b.max_batch_size >= 0, "batching.max_batch_size", "must be >= 0 (0 = auto)")

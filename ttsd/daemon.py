@@ -72,7 +72,7 @@ def build_engine(cfg: Config, device: str | None = None, *, dtype: str | None = 
                   max_batch=cfg.batching.max_batch_size if max_batch is None else max_batch,
                   token_budget=token_budget or cfg.batching.max_phonemes,
                   compile=compile or e.compile, compile_text=e.compile_text,
-                  pack_calls=e.pack_calls,
+                  pack_calls=e.pack_calls, warmup_frames=e.warmup_frames,
                   cuda_graphs=e.cuda_graphs, pcm16=cfg.output.subtype == "PCM_16",
                   phonemizer_processes=phonemizers if phonemizers is not None else
                   (e.phonemizer_processes or max(1, min(4, (os.cpu_count() or 1) // 4))))

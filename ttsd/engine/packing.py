@@ -35,6 +35,20 @@ def bucket(n: int, step: int) -> int:
     return -(-n // unit) * unit
 
 
+def full_call_shapes(max_rows: int, budget: int, max_frames: int,
+                     step: int = FRAME_STEP) -> list[tuple[int, int]]:
+    """(rows, frames) of the full audio-half calls that fixed runs of ``max_rows``
+    sentences make: every frames bucket up to ``max_frames``, with as many rows as
+    ``max_rows`` and ``budget`` allow, longest first (the warm-up runs them once)."""
+    shapes, f = [], step
+    while f <= max_frames:
+        rows = min(max_rows, budget // f)
+        if rows >= 1:
+            shapes.append((rows, f))
+        f = bucket(f + 1, step)
+    return shapes[::-1]
+
+
 def pack(frames: Sequence[int], max_rows: int, budget: int, *, unit: int = ROW_UNIT,
          call_cost: int = CALL_COST, step: int = FRAME_STEP) -> list[tuple[int, int]]:
     """Cut ``frames`` (sorted longest first) into calls: (start, end) index pairs in

@@ -37,7 +37,7 @@ import torch
 
 from ttsd.engine import faults
 from ttsd.engine.graphs import MAX_ROWS, TextGraphs
-from ttsd.engine.packing import FRAME_STEP, bucket, pack
+from ttsd.engine.packing import FRAME_STEP, bucket, full_call_shapes, pack
 from ttsd.engine.phonemes import Phonemizer, PhonemizerProcesses, ProcessesUnavailable
 from ttsd.engine.vits import Generator, Vits
 from ttsd.engine.voice import VoiceInfo, load_model
@@ -277,7 +277,8 @@ class Engine:
                  cache_dir=None, max_batch: int = 0, frame_budget: int = 0,
                  token_budget: int = 80000, compile: str = "auto",
                  compile_text: str = "auto", cuda_graphs: str = "auto",
-                 pack_calls: bool = True, phonemizer_processes: int = 0,
+                 pack_calls: bool = False, warmup_frames: int = 2048,
+                 phonemizer_processes: int = 0,
                  pcm16: bool = False) -> None:
         self.voices = voices
         self.device = pick_device(device)
@@ -299,9 +300,12 @@ class Engine:
         (strict float32 still: the flags are part of the compiled code's guards). Read at
         each call, so the bench can switch it off for its eager rows."""
         self.cuda_graphs = self.device.type == "cuda" and cuda_graphs != "off"
+        """Replay the text half from CUDA graphs (``graphs.TextGraphs``); GPU only."""
         self.pack_calls = pack_calls
         """Audio-half calls cut by ``packing.pack`` (else every ``max_batch`` sentences)."""
-        """Replay the text half from CUDA graphs (``graphs.TextGraphs``); GPU only."""
+        self.warmup_frames = warmup_frames
+        """GPU warm-up: the audio half's full-call shape of every frames bucket up to
+        this (``warm_audio_shapes``)."""
         self.phonemizers = (PhonemizerProcesses(phonemizer_processes)
                             if phonemizer_processes > 0 else None)
         self._loaded: dict[str, LoadedVoice] = {}
@@ -370,7 +374,8 @@ class Engine:
     def warmup(self, name: str, sizes: Sequence[int] | None = None) -> float:
         """Run typical shapes once so kernels are chosen (and compiled) and memory is
         reserved; by default batches of 1, 8 and 32 on a GPU (and 64, which compiles the
-        text half of bigger calls), one line on the CPU."""
+        text half of bigger calls), then the audio half's full-call shapes
+        (``warmup_frames``); one line on the CPU."""
         if sizes is None:
             sizes = (1, 8, 32) if self.device.type == "cuda" else (1,)
             if self.compile_text:
@@ -389,7 +394,43 @@ class Engine:
         for size in sizes:
             prepared = [Prepared(Request(-i - 1, text, name, seed=i), ids) for i in range(size)]
             self.run(prepared)
+        if self.device.type == "cuda" and self.warmup_frames > 0:
+            self.warm_audio_shapes(name, full_call_shapes(
+                self.max_batch, self.frame_budget, self.warmup_frames))
         return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def warm_audio_shapes(self, name: str, shapes: Sequence[tuple[int, int]]) -> float:
+        """Run the audio half once at each (rows, frames) shape, on stand-in inputs.
+
+        The first call of a new shape costs 20-45 ms more than the next (measured on an
+        H200 at 128 × 320-448 frames: cuDNN builds its plans for each new shape), and a
+        fresh daemon's first batches are made of new shapes. Returns the seconds."""
+        lv, dev = self.voice(name), self.device
+        inter, t = lv.model.args.inter, 16
+        t0 = time.perf_counter()
+        with self._on_device():
+            for rows, frames in shapes:
+                dur = torch.full((rows, t), frames // t, dtype=torch.long, device=dev)
+                dur[:, 0] += frames - (frames // t) * t
+                zeros = torch.zeros(rows, inter, t, device=dev)
+                args = (zeros, zeros, dur, dur.sum(1), frames,
+                        torch.zeros(rows, dtype=torch.long, device=dev),
+                        torch.arange(rows, device=dev),
+                        torch.full((rows,), 0.667, device=dev))
+                try:
+                    with self.precision.audio():
+                        self._compiled(lv, "audio_half", args)
+                except Exception as exc:  # noqa: BLE001 - out of memory: the real calls split
+                    if _is_sticky(exc) or not _is_oom(exc):
+                        raise
+                    self.release_memory()
+                    log.warning("engine.audio_shapes_oom", rows=rows, frames=frames)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - t0
+        log.info("engine.audio_shapes", voice=name, shapes=len(shapes), seconds=round(seconds, 2))
+        return seconds
 
     @torch.inference_mode()
     def capture_graphs(self, name: str) -> tuple[int, float]:
