@@ -105,7 +105,7 @@ def test_batched_equals_one_at_a_time(engine):
 
 def test_packed_calls_give_the_same_audio(engine):
     """engine.pack_calls cuts the audio half where padding costs least: other calls,
-    the same audio for every line, no more padded frames than fixed runs."""
+    the same audio for every line."""
     texts = [LINES[i % 16] if i % 3 else f"Line {i}." for i in range(21)]
     prepared = engine.prepare(_requests(texts, seed=4))
     saved = engine.pack_calls
@@ -116,8 +116,9 @@ def test_packed_calls_give_the_same_audio(engine):
         packed, packed_stats = engine.run(prepared)
     finally:
         engine.pack_calls = saved
-    assert packed_stats.audio_calls != fixed_stats.audio_calls
-    assert packed_stats.frame_slots <= fixed_stats.frame_slots
+    # Other cuts (whether they pad less, in padded frames plus a cost per call, is
+    # test_packing's; here the audio must not change).
+    assert packed_stats.frame_slots != fixed_stats.frame_slots
     for a, b in zip(packed, fixed):
         assert a.error is None and b.error is None and len(a.audio) == len(b.audio)
         assert _rel(a.audio, b.audio) < 1e-4, (a.key, _rel(a.audio, b.audio))

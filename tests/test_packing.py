@@ -25,7 +25,7 @@ def _check(frames: list[int], calls: list[tuple[int, int]], max_rows: int, budge
     for k, (i, j) in enumerate(calls):
         rows = j - i
         assert 1 <= rows <= max_rows
-        assert rows == 1 or rows * frames[i] <= budget, (i, j)
+        assert rows == 1 or rows * bucket(frames[i], FRAME_STEP) <= budget, (i, j)
         assert rows == 1 or rows % unit == 0 or k == len(calls) - 1, (i, j)
 
 
@@ -44,12 +44,27 @@ def test_pack_pads_less_than_fixed_runs_for_realistic_batches():
 
 def test_pack_respects_the_frame_budget_and_small_batches():
     frames = _frames(300, 9)
-    calls = pack(frames, 128, 20_000)
-    _check(frames, calls, 128, 20_000)
-    assert max(j - i for i, j in calls) < 128   # the budget, not max_rows, bound them
+    assert 60_000 // bucket(frames[0], FRAME_STEP) >= 16
+    calls = pack(frames, 128, 60_000)
+    _check(frames, calls, 128, 60_000)
+    i, j = calls[0]
+    assert j - i < 128   # the budget, not max_rows, bounds the longest sentences' call
     # Fewer rows than the unit (the CPU's small batches): any size.
     calls = pack(frames[:10], 4, 10**9)
     _check(frames[:10], calls, 4, 10**9, unit=1)
+    # A budget that allows fewer than 16 rows: any size too, not calls of one.
+    frames = _frames(60, 3)
+    calls = pack(frames, 16, 4000)
+    _check(frames, calls, 16, 4000, unit=1)
+    fixed, start = [], 0
+    while start < len(frames):   # fixed runs within the same budget
+        end = start + 1
+        while (end < len(frames) and end - start < 16
+               and (end - start + 1) * bucket(frames[start], FRAME_STEP) <= 4000):
+            end += 1
+        fixed.append((start, end))
+        start = end
+    assert len(calls) <= len(fixed) + 2 and _cost(frames, calls) <= _cost(frames, fixed)
 
 
 def test_pack_puts_an_oversized_sentence_alone_and_handles_edges():

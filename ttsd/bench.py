@@ -99,8 +99,8 @@ def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
     for b in {id(batches[0]): batches[0], id(batches[-1]): batches[-1]}.values():
         engine.run(b)  # warm (and compile) the largest and the smallest shapes
     if engine.device.type == "cuda" and engine.warmup_frames:   # as the daemon's warm-up
-        engine.warm_audio_shapes(prepared[0].request.voice, full_call_shapes(
-            size, engine.frame_budget, engine.warmup_frames))
+        engine.warm_audio_shapes(prepared[0].request.voice, full_call_shapes(   # within
+            size, engine._default_frame_budget(), engine.warmup_frames))     # memory
     lat, audio, frames, slots, text_ms, audio_ms, graphed = [], 0.0, 0, 0, 0.0, 0.0, 0
 
     def plan(b: list[Prepared]) -> tuple[Any, float]:

@@ -53,25 +53,26 @@ def pack(frames: Sequence[int], max_rows: int, budget: int, *, unit: int = ROW_U
          call_cost: int = CALL_COST, step: int = FRAME_STEP) -> list[tuple[int, int]]:
     """Cut ``frames`` (sorted longest first) into calls: (start, end) index pairs in
     order, covering every index once. A call holds at most ``max_rows`` sentences and at
-    most ``budget`` frames (rows × its longest), unless it is one sentence alone."""
+    most ``budget`` padded frames (rows × its longest, bucketed), unless it is one
+    sentence alone."""
     n = len(frames)
     if n == 0:
         return []
-    unit = unit if max_rows >= unit else 1
+    if max_rows < unit or budget // bucket(frames[0], step) < unit:
+        unit = 1   # small batches, or a budget that allows fewer rows: any count
     inf = float("inf")
     best = [0.0] + [inf] * n
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        sizes = set(range(unit, min(max_rows, j) + 1, unit))
-        sizes.add(1)
+        sizes = [1, *range(unit, min(max_rows, j) + 1, unit)]
         if j == n:
-            sizes.update(range(1, min(max_rows, j) + 1))
-        for rows in sizes:
+            sizes = range(1, min(max_rows, j) + 1)
+        for rows in sorted(set(sizes)):
             i = j - rows
-            longest = frames[i]
-            if rows > 1 and rows * longest > budget:
-                continue
-            cost = best[i] + rows * bucket(longest, step) + call_cost
+            padded = bucket(frames[i], step)
+            if rows > 1 and rows * padded > budget:
+                break   # longer calls start at longer sentences: over the budget too
+            cost = best[i] + rows * padded + call_cost
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     calls = []

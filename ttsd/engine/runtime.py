@@ -296,9 +296,11 @@ class Engine:
         self.faults = faults.from_env()
         self.compile = compile == "on" or (compile == "auto" and self.device.type == "cuda")
         self.compile_text = compile_text == "on" or (compile_text == "auto" and self.compile)
-        """Calls of more than ``graphs.MAX_ROWS`` sentences run the compiled text half
-        (strict float32 still: the flags are part of the compiled code's guards). Read at
-        each call, so the bench can switch it off for its eager rows."""
+        """Calls of more than ``graphs.MAX_ROWS`` sentences run the compiled text half,
+        in strict float32 still: it is called inside ``Precision.strict`` like the eager
+        one (cuDNN reads its TF32 flag at each launch; the matmul flag is also in
+        Dynamo's guards). Read at each call, so the bench can switch it off for its
+        eager rows."""
         self.cuda_graphs = self.device.type == "cuda" and cuda_graphs != "off"
         """Replay the text half from CUDA graphs (``graphs.TextGraphs``); GPU only."""
         self.pack_calls = pack_calls
@@ -378,8 +380,8 @@ class Engine:
         (``warmup_frames``); one line on the CPU."""
         if sizes is None:
             sizes = (1, 8, 32) if self.device.type == "cuda" else (1,)
-            if self.compile_text:
-                sizes += (2 * MAX_ROWS,)
+            if self.compile_text and self.max_batch > MAX_ROWS:
+                sizes += (min(2 * MAX_ROWS, self.max_batch),)
         lv = self.voice(name)
         t0 = time.perf_counter()
         if self.phonemizers is not None:
@@ -413,8 +415,10 @@ class Engine:
             for rows, frames in shapes:
                 dur = torch.full((rows, t), frames // t, dtype=torch.long, device=dev)
                 dur[:, 0] += frames - (frames // t) * t
-                zeros = torch.zeros(rows, inter, t, device=dev)
-                args = (zeros, zeros, dur, dur.sum(1), frames,
+                # Two tensors, not one passed twice: Dynamo guards that inputs do not
+                # alias, and one that did would compile a second graph for the warm-up.
+                args = (torch.zeros(rows, inter, t, device=dev),
+                        torch.zeros(rows, inter, t, device=dev), dur, dur.sum(1), frames,
                         torch.zeros(rows, dtype=torch.long, device=dev),
                         torch.arange(rows, device=dev),
                         torch.full((rows,), 0.667, device=dev))
@@ -680,9 +684,12 @@ class Engine:
 
     def _audio_calls(self, items: list[_Item]) -> Iterator[list[_Item]]:
         """Sorted items (most frames first) → audio-half calls: cut where padding costs
-        least (``packing.pack``, ``engine.pack_calls``) or every ``max_batch`` items."""
+        least (``packing.pack``, ``engine.pack_calls``) or every ``max_batch`` items;
+        either way rows × padded frames stay within ``frame_budget``, so full calls have
+        the shapes ``packing.full_call_shapes`` warms."""
         if not self.pack_calls:
-            yield from self._chunks(items, lambda it: it.frames, self.frame_budget)
+            yield from self._chunks(items, lambda it: bucket(it.frames, FRAME_STEP),
+                                    self.frame_budget)
             return
         for i, j in pack([it.frames for it in items], self.max_batch, self.frame_budget):
             yield items[i:j]
