@@ -6,7 +6,7 @@ bucket(longest)`` frames of GPU work plus a fixed cost per call. Cutting the sen
 sentence, and the last frames bucket adds more: for the bench's 2,000 lines, batches of
 512, 0.78 of the padded frames were real. ``pack`` chooses the cuts by dynamic
 programming instead, minimising padded frames plus ``call_cost`` frames per call
-(0.85 with the same lines; measured on an H200 at 128 rows × 320 frames, a call costs
+(0.86 with the same lines; measured on an H200 at 128 rows × 320 frames, a call costs
 ≈ 3.6 ms plus 0.27 ms a row, so a call is worth ≈ 4,000 padded frames).
 
 Row counts stay multiples of ``unit`` (except a batch's last call and calls of one
