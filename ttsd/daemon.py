@@ -166,23 +166,30 @@ class Daemon:
         requeued = store.recover(cfg.daemon.max_attempts)
         self.ingest.recover(store)
         self.ingest.inbox.start()
-        self.ingest.step(store)   # the start-up scan: files dropped while we were down
-        log.info("daemon.started", pid=os.getpid(), version=__version__, requeued=requeued,
-                 stale_temps=removed, queue=store.pending_count())
-        self.notifier.ready(self._status_text(store))
+        # The lines stage starts before the start-up scan, so that the first lines of a
+        # big file dropped while we were down are taken as soon as their chunk is in the
+        # store (``ingest.FIRST_CHUNK``), not after the whole file is parsed.
         threads = [threading.Thread(target=self._guard(f), name=f"ttsd-{n}", daemon=True)
-                   for n, f in (("files", self._files_loop), ("feeder", self._feeder_loop),
-                                ("sink", self._sink_loop))]
-        for t in threads:
-            t.start()
+                   for n, f in (("feeder", self._feeder_loop), ("sink", self._sink_loop),
+                                ("model", self._model_loop))]
+        self._model_loop_thread = threads.pop()
+        files = threading.Thread(target=self._guard(self._files_loop), name="ttsd-files",
+                                 daemon=True)
         try:
-            self._model_loop_thread = threading.Thread(target=self._guard(self._model_loop),
-                                                       name="ttsd-model", daemon=True)
-            self._model_loop_thread.start()
+            for t in [*threads, self._model_loop_thread]:
+                t.start()
+            self.ingest.step(store)   # the start-up scan: files dropped while we were down
+            log.info("daemon.started", pid=os.getpid(), version=__version__,
+                     requeued=requeued, stale_temps=removed, queue=store.pending_count())
+            self.notifier.ready(self._status_text(store))
+            files.start()   # after the scan: one thread at a time runs ``Ingest.step``
+            threads.append(files)
             self._main_loop(store)
         finally:
             self.stop.set()
             self.notifier.stopping()
+            if files.ident is None:   # never started (its loop stops the inbox)
+                self.ingest.inbox.stop()
             self._shutdown(store, threads)
         if self.fatal is not None:
             return EXIT_DEVICE_LOST if isinstance(self.fatal, DeviceLostError) else 1
@@ -430,7 +437,8 @@ class Daemon:
     def _shutdown(self, store: Store, threads: list[threading.Thread]) -> None:
         deadline = time.monotonic() + self.cfg.daemon.stop_timeout_s
         for t in [*threads, self._model_loop_thread]:
-            t.join(timeout=max(0.1, deadline - time.monotonic()))
+            if t.ident is not None:   # started
+                t.join(timeout=max(0.1, deadline - time.monotonic()))
         # Batches prepared but never run go back to pending, their attempt undone.
         leftovers = []
         while True:

@@ -153,18 +153,21 @@ class Feeder:
         """Up to ``size`` lines of one voice; waits ``max_wait_ms`` for a fuller batch.
         ``idle``: the model has nothing to run, so all of this batch's host work and
         text half is time the GPU waits: take ``batching.idle_batch`` of a batch."""
+        answering = self.take_size != self.size
         if self.take_size < PEEK_TAKE and self.cfg.cache.enabled:
             looked, hits = store.cached_ahead(PEEK)
             if looked and hits * 2 >= looked:   # mostly known lines ahead: a bigger take
                 self.take_size = PEEK_TAKE
+                answering = True
         limit = self.take_size
-        if idle and limit == self.size:
+        if idle and not answering:
             limit = max(1, round(self.size * self.cfg.batching.idle_batch))
         rows, dead = store.take(limit, self.cfg.daemon.max_attempts)
-        # A partial batch waits max_wait_ms for more lines — unless the last batch was
-        # answered without the model (a bigger take): then waiting fills no model call.
+        # A partial batch waits max_wait_ms for more lines — unless its lines are mostly
+        # answered without the model (a bigger take, or cache rows ahead): then waiting
+        # fills no model call.
         if rows and len(rows) < limit and self.cfg.batching.max_wait_ms > 0 \
-                and self.take_size <= self.size \
+                and not answering \
                 and rows[0].attempts == 1 and not stop.is_set():  # a suspect stays alone
             time.sleep(self.cfg.batching.max_wait_ms / 1000)
             more, dead2 = store.take(limit - len(rows), self.cfg.daemon.max_attempts,
