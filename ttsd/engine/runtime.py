@@ -314,10 +314,10 @@ class Engine:
         self._voice_lock = threading.Lock()
         self._text_stream = None
         self._staging: list[torch.Tensor | None] = [None, None]
-        self._warmed: set[tuple[str, int, int]] = set()
-        """(voice, rows, frames) the audio half has run once (``warm_audio_shapes``)."""
         """Two pinned host buffers, reused: one audio-half call copies into one while the
         host copies the previous call's samples out of the other."""
+        self._warmed: set[tuple[str, int, int]] = set()
+        """(voice, rows, frames) the audio half has run once (``warm_audio_shapes``)."""
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = cudnn_benchmark
             torch.cuda.set_per_process_memory_fraction(memory_fraction, self.device)
@@ -401,7 +401,17 @@ class Engine:
         if self.device.type == "cuda" and self.warmup_frames > 0:
             self.warm_audio_shapes(name, full_call_shapes(
                 self.max_batch, self.frame_budget, self.warmup_frames))
+            self.reserve_staging(self.frame_budget * lv.model.args.hop)
         return time.perf_counter() - t0
+
+    def reserve_staging(self, samples: int) -> None:
+        """Allocate both pinned staging buffers (``_to_host``) for calls of up to
+        ``samples`` padded samples now, instead of at the first big calls: pinning host
+        memory is slow, and the warm-up's short calls leave the buffers small."""
+        dtype = torch.int16 if self.pcm16 else torch.float32
+        for slot, buf in enumerate(self._staging):
+            if buf is None or buf.numel() < samples or buf.dtype != dtype:
+                self._staging[slot] = torch.empty(samples, dtype=dtype, pin_memory=True)
 
     @torch.inference_mode()
     def warm_audio_shapes(self, name: str, shapes: Sequence[tuple[int, int]]) -> int:
@@ -587,10 +597,25 @@ class Engine:
         items = [_Item(li, si, ids, line_seed(p.request.seed, p.request.text, si))
                  for li, p in enumerate(prepared) for si, ids in enumerate(p.sentences)]
         stats.items += len(items)
-        # 1-2: text half, longest first.
+        # 1-2: text half, longest first: every call queued, then one copy of all their
+        # frame counts to the host (one wait for the device per batch, not one per call).
         items.sort(key=lambda it: -len(it.ids))
+        t0 = time.perf_counter()
+        launched: list[tuple[list[_Item], tuple[torch.Tensor, ...]]] = []
         for chunk in self._chunks(items, lambda it: len(it.ids), self.token_budget):
-            self._split_on_oom(lambda c: self._text_half(lv, prepared, c, stats), chunk, stats)
+            self._split_on_oom(
+                lambda c: launched.append((c, self._text_half(lv, prepared, c, stats))),
+                chunk, stats)
+        if launched:
+            frames = torch.cat([out[3] for _c, out in launched]).cpu()
+            at = 0
+            for chunk, (m, logs, dur, _f) in launched:
+                for i, it in enumerate(chunk):
+                    n = len(it.ids)
+                    it.m, it.logs, it.dur = m[i, :, :n], logs[i, :, :n], dur[i, :n]
+                    it.frames = int(frames[at + i])
+                at += len(chunk)
+        stats.text_ms += (time.perf_counter() - t0) * 1000
         # 3: runaway guard per line.
         frames_of_line = [0] * len(prepared)
         for it in items:
@@ -732,10 +757,11 @@ class Engine:
             self._split_on_oom(fn, chunk[half:], stats)
 
     def _text_half(self, lv: LoadedVoice, prepared: list[Prepared], chunk: list[_Item],
-                   stats: RunStats) -> None:
+                   stats: RunStats) -> tuple[torch.Tensor, ...]:
+        """Queue the text half of ``chunk``: (m_p, logs_p, durations, frames), on the
+        device, not waited for (``_plan_voice`` reads every call's frames at once)."""
         if self.faults:
             self.faults.check(prepared, chunk, "text")
-        t0 = time.perf_counter()
         dev, b = self.device, len(chunk)
         tmax = bucket(max(len(it.ids) for it in chunk), 16)
         ids = torch.zeros(b, tmax, dtype=torch.long)
@@ -756,16 +782,10 @@ class Engine:
                        and b > MAX_ROWS else lv.model.text_frames(*args))
             else:
                 stats.text_graphed += 1
-        m, logs, dur, frames = out
-        frames = frames.cpu()
-        for i, it in enumerate(chunk):
-            n = len(it.ids)
-            it.m, it.logs, it.dur = m[i, :, :n], logs[i, :, :n], dur[i, :n]
-            it.frames = int(frames[i])
         stats.text_calls += 1
         stats.token_slots += b * tmax
         stats.tokens += int(lengths.sum())
-        stats.text_ms += (time.perf_counter() - t0) * 1000
+        return out
 
     def _launch_audio(self, lv: LoadedVoice, prepared: list[Prepared], chunk: list[_Item],
                       slot: int) -> _Launched:
