@@ -14,6 +14,7 @@ a WAV renamed into place before the kill but not yet committed is adopted as it 
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import subprocess
@@ -95,6 +96,42 @@ def test_kill_at_crash_point_then_restart(tmp_path: Path, spec: str) -> None:
     assert len(after.lines) == len(LINES) + 1
     if point == "after_claim":
         assert len(list((tmp_path / "done").iterdir())) == 2
+
+
+def test_kill_after_hit_links_then_restart_records_each_hit_once(tmp_path: Path) -> None:
+    """Row 24 for lines answered from the cache as their file is parsed: kill -9 after
+    their WAVs are linked into the outbox and before the lines are in the store. The
+    restart parses the file again, finds those very links, and records every line
+    done once, as a cache hit, with the cached audio; no line reaches the model."""
+    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site.write_config()
+    site.inbox.mkdir(parents=True)
+    text = "\n".join(LINES) + "\n"
+    (site.inbox / "a.txt").write_text(text, encoding="utf-8")
+    out = site.cli("run", "--once", "--no-progress", timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    batches = site.query("SELECT COUNT(*) FROM batches")[0][0]
+    (site.inbox / "b.txt").write_text(text, encoding="utf-8")
+    _crashed_run(site, "after_hit_links")
+    before = snapshot(site)
+    b = site.outbox / "b"
+    assert site.query("SELECT COUNT(*) FROM lines l JOIN files f ON f.id = l.file_id "
+                      "WHERE f.name = 'b.txt'") == [(0,)]
+    assert len(list(b.glob("*.wav"))) == len(LINES)   # linked, not yet recorded
+    _restart_and_finish(site, 2)
+    after = snapshot(site)
+    assert_no_redo(before, after)
+    assert_invariant(site)
+    rows = site.query("SELECT l.number, l.state, l.cached, l.synth_count, c.path FROM lines l "
+                      "JOIN files f ON f.id = l.file_id JOIN cache c ON c.key = l.cache_key "
+                      "WHERE f.name = 'b.txt' ORDER BY l.number")
+    assert [r[:4] for r in rows] == [(n, "done", 1, 0) for n in range(1, len(LINES) + 1)]
+    for n, *_rest, cache_file in rows:
+        wav = b / f"{n:04d}.wav"
+        assert os.path.samefile(wav, cache_file)
+        assert wav.read_bytes() == (site.outbox / "a" / f"{n:04d}.wav").read_bytes()
+    assert site.query("SELECT COUNT(*) FROM batches")[0][0] == batches   # no model work
+    assert site.status()["cache"]["hits"] == len(LINES)
 
 
 def _wait_log(site: Site, event: str, timeout: float = 60) -> None:

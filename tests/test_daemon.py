@@ -14,7 +14,6 @@ import numpy as np
 import soundfile as sf
 
 from harness import Site, assert_invariant
-from ttsd.pipeline import PEEK_TAKE
 
 
 def _check_wav(path: Path, text: str) -> None:
@@ -172,10 +171,10 @@ def test_cache_hit_then_purge_while_running(tmp_path: Path) -> None:
 
 
 def test_damaged_cache_files_among_many_hits(tmp_path: Path) -> None:
-    """Row 27 at volume (fast stand-in model): 300 known lines come back in big takes
-    of cache hits; a deleted, a truncated (44 B) and a replaced cache file (another
-    line's valid WAV) among them are evicted and synthesized again, the others are
-    hard links of their cached WAVs. A third run is all hits again, each with its own
+    """Row 27 at volume (fast stand-in model): 300 known lines come back, answered from
+    the cache as their file is parsed; a deleted, a truncated (44 B) and a replaced
+    cache file (another line's valid WAV) among them are evicted and synthesized again
+    (only they reach the model), the others are hard links of their cached WAVs. A third run is all hits again, each with its own
     line's audio: the cache holds the fresh WAVs, not the damaged files."""
     site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
     site.write_config()
@@ -207,8 +206,9 @@ def test_damaged_cache_files_among_many_hits(tmp_path: Path) -> None:
     damaged = {10, 150, 290}
     assert {n for n, r in rows.items() if r == ("done", 0, 1)} == damaged
     assert all(r == ("done", 1, 0) for n, r in rows.items() if n not in damaged)
+    # The hits were answered as b.txt was parsed: only the damaged lines reached a batch.
     sizes = [n for (n,) in site.query("SELECT size FROM batches WHERE id > ?", (last_batch,))]
-    assert max(sizes) >= PEEK_TAKE, sizes   # the hits came in big takes, damage included
+    assert sum(sizes) == len(damaged), sizes
     for n in (1, 11, 289, 300):
         assert os.path.samefile(site.outbox / "b" / f"{n:04d}.wav", path[n])
     c = run("c.txt")
@@ -254,7 +254,10 @@ def test_say_writes_a_wav(tmp_path: Path) -> None:
 def _foreign_file_at_an_output_path(tmp_path: Path, cached: bool) -> tuple[Site, bytes]:
     """A file whose lines were claimed and taken when the process died (crash point
     mid_batch), and, before the restart, a user's file that is not a WAV put at line 2's
-    output path. ``cached``: its lines are cache hits (an earlier file said them)."""
+    output path. ``cached``: its lines are cache hits (an earlier file said them), so
+    they are answered as they are parsed: the process dies after linking their WAVs
+    and before inserting them (crash point after_hit_links), and the user's file
+    replaces line 2's link."""
     site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
     site.write_config()
     site.inbox.mkdir(parents=True)
@@ -266,12 +269,17 @@ def _foreign_file_at_an_output_path(tmp_path: Path, cached: bool) -> tuple[Site,
     (site.inbox / "b.txt").write_text(text, encoding="utf-8")
     # Popen with its log in a file, not cli(): a phonemizer process the kill orphans
     # would hold a captured stderr open.
-    site.start("--once", env={"TTSD_CRASH_AT": "mid_batch"})
+    site.start("--once", env={"TTSD_CRASH_AT": "after_hit_links" if cached else "mid_batch"})
     assert site.proc.wait(timeout=180) == 137, site.logs()
     taken = site.query("SELECT l.number, l.state FROM lines l JOIN files f ON f.id = "
                        "l.file_id WHERE f.name = 'b.txt' AND f.out_dir = ?",
                        (str(site.outbox / "b"),))
-    assert ("2", "running") in {(str(n), s) for n, s in taken}, taken
+    if cached:   # linked, not yet in the store
+        assert taken == [], taken
+        assert len(list((site.outbox / "b").glob("*.wav"))) == 3
+        (site.outbox / "b" / "0002.wav").unlink()   # the link, not the cache's file
+    else:
+        assert ("2", "running") in {(str(n), s) for n, s in taken}, taken
     note = b"my own notes, not audio\n" * 10
     (site.outbox / "b").mkdir(parents=True, exist_ok=True)
     (site.outbox / "b" / "0002.wav").write_bytes(note)

@@ -29,6 +29,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ttsd import __version__, workers
@@ -39,8 +40,8 @@ from ttsd.errors import ConfigError, DeviceLostError
 from ttsd.ingest import Ingest, VoiceFacts
 from ttsd.log import get_logger
 from ttsd.notify import Notifier
-from ttsd.pipeline import Batch, Feeder, Sink, Synth
-from ttsd.store import Store
+from ttsd.pipeline import Batch, Feeder, Sink, Synth, answer_new_lines
+from ttsd.store import NewLine, Store
 from ttsd.writer import remove_stale_temps
 
 log = get_logger(__name__)
@@ -148,6 +149,14 @@ class Daemon:
         self.ingest = Ingest(cfg, _LazyVoices(self.engine, facts), self.stop,
                              fmt=f"wav/{cfg.output.subtype}")
         self.ingest.on_lines = self.new_lines.set
+        if cfg.cache.enabled:   # known lines are answered as they are parsed
+            rates = {n: v.sample_rate for n, v in self.engine.voices.items()}
+
+            def answer(store: Store, lines: list[NewLine], out_dir: Path) -> list[str]:
+                keys = answer_new_lines(store, lines, out_dir, rates, cfg.cache.link)
+                self.progress.lines_done += sum(ln.wav is not None for ln in lines)
+                return keys
+            self.ingest.answer = answer
         warm_s = 0.0
         if pooled:
             self._start_pool(store)
@@ -423,10 +432,14 @@ class Daemon:
                     where = {} if batch.worker is None else {"worker": batch.worker,
                                                               "device": batch.device}
                     t = batch.tally
+                    st = batch.stats   # where the model's time went (None: no model work)
+                    calls = {} if st is None else {
+                        "text_ms": round(st.text_ms, 1), "audio_ms": round(st.audio_ms, 1),
+                        "text_calls": st.text_calls, "audio_calls": st.audio_calls}
                     log.info("batch.done", lines=len(batch.rows),
                              hits=len(batch.hits) + int(t.get("hits", 0)), **where,
                              model_ms=round(batch.model_ms, 1),
-                             prepare_ms=round(batch.prepare_ms, 1),
+                             prepare_ms=round(batch.prepare_ms, 1), **calls,
                              **{k: v + int(t.get(k, 0)) for k, v in counts.items()})
         finally:
             sink.close()

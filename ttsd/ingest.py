@@ -74,6 +74,9 @@ class Ingest:
         self.on_file_done: Callable[[dict], None] | None = None
         self.on_lines: Callable[[], None] | None = None
         """Called after each chunk of new lines is in the store (wakes the feeder)."""
+        self.answer: Callable[[Store, list[NewLine], Path], list[str]] | None = None
+        """Answers a chunk's cache hits before it is inserted (``pipeline.answer_new_lines``:
+        marks those lines done, returns the cache keys used); None: no cache."""
 
     # ------------------------------------------------------------------ loop
 
@@ -146,26 +149,32 @@ class Ingest:
             width = max(4, len(str(parsed.total_lines)))
             seen: dict[str, int] = {}
             chunk: list[NewLine] = []
-            count = 0
+            count = hits = 0
             for item in parsed:
                 chunk.append(self._new_line(item, width, seen))
                 count += 1
                 if len(chunk) >= (CHUNK if count > FIRST_CHUNK else FIRST_CHUNK):
-                    self._add(store, file_id, chunk)
+                    hits += self._add(store, file_id, chunk, out_dir)
                     chunk = []
             if chunk:
-                self._add(store, file_id, chunk)
+                hits += self._add(store, file_id, chunk, out_dir)
             store.file_parsed(file_id, parsed.kind, parsed.total_lines, parsed.note)
             log.info("file.parsed", name=claimed.name, lines=count, kind=parsed.kind,
-                     note=parsed.note, ms=round((time.perf_counter() - t0) * 1000, 1))
+                     note=parsed.note, answered_from_cache=hits,
+                     ms=round((time.perf_counter() - t0) * 1000, 1))
         except InputError as exc:
             self._fail(store, file_id, claimed, exc.describe() if exc.file else
                        f"{claimed.name}: {exc.describe()}")
 
-    def _add(self, store: Store, file_id: int, chunk: list[NewLine]) -> None:
-        store.add_lines(file_id, chunk)
-        if self.on_lines is not None:
-            self.on_lines()
+    def _add(self, store: Store, file_id: int, chunk: list[NewLine], out_dir: Path) -> int:
+        """Insert a chunk (its cache hits answered first, done); returns those answered."""
+        keys = self.answer(store, chunk, out_dir) if self.answer is not None else []
+        store.add_lines(file_id, chunk, keys)
+        answered = sum(ln.wav is not None for ln in chunk)
+        if self.on_lines is not None and any(ln.wav is None and ln.error is None
+                                             for ln in chunk):
+            self.on_lines()   # pending lines for the feeder
+        return answered
 
     def _fail(self, store: Store, file_id: int, claimed: Claimed, error: str) -> None:
         dest = dispose(claimed.path, self.cfg.paths.failed, claimed.name, error=error)

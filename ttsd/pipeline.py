@@ -32,7 +32,7 @@ from ttsd.config import Config
 from ttsd.engine.runtime import GPU_BATCH, Engine, Plan, Prepared, Request, Result, RunStats
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
-from ttsd.store import LineRow, Store
+from ttsd.store import LineRow, NewLine, Store
 from ttsd.writer import fsync_dir, link_or_copy, replace_with_link, wav_info, wav_ok, write_wav
 
 log = get_logger(__name__)
@@ -226,9 +226,7 @@ class Feeder:
         use_cache = self.cfg.cache.enabled
         cached = store.cache_get_many([r.cache_key for r in batch.rows if r.cache_key]) \
             if use_cache else {}
-        checked: dict[str, bool] = {}   # one file check per key per batch
-        evict: list[str] = []
-        stamps: list[tuple[str, int, int]] = []
+        check = _HitCheck()
         for row in batch.rows:
             if row.attempts > 1 and wav_ok(wav_path(row), sample_rate=sr):
                 batch.existing.append(row)   # written before a crash, never committed
@@ -236,21 +234,130 @@ class Feeder:
             key = row.cache_key
             if use_cache and key:
                 entry = cached.get(key)
-                if entry is not None:
-                    ok = checked.get(key)
-                    if ok is None:
-                        ok = checked[key] = _cache_file_ok(entry, sr, stamps)
-                        if not ok:
-                            evict.append(key)   # damaged or missing: a miss
-                    if ok:
-                        batch.hits.append((row, entry))
-                        continue
+                if entry is not None and check.ok(entry, sr):
+                    batch.hits.append((row, entry))
+                    continue
             by_key.setdefault(key or f"line-{row.id}", []).append(row)
-        if evict:
-            store.cache_evict(evict)
-        if stamps:
-            store.cache_stamp(stamps)
+        check.save(store)
         batch.groups = list(by_key.values())
+
+
+class _HitCheck:
+    """Cache entries checked for one batch or chunk: one file check per key
+    (``_cache_file_ok``); the damaged or missing are evicted and the newly checked
+    stamped by ``save``."""
+
+    def __init__(self) -> None:
+        self.checked: dict[str, bool] = {}
+        self.evict: list[str] = []
+        self.stamps: list[tuple[str, int, int]] = []
+
+    def ok(self, entry: dict, sample_rate: int | None) -> bool:
+        key = entry["key"]
+        ok = self.checked.get(key)
+        if ok is None:
+            ok = self.checked[key] = _cache_file_ok(entry, sample_rate, self.stamps)
+            if not ok:
+                self.evict.append(key)   # damaged or missing: a miss
+        return ok
+
+    def gone(self, key: str) -> None:
+        """The entry's file went away after its check (purged): a miss from now on."""
+        if self.checked.get(key) is not False:
+            self.checked[key] = False
+            self.evict.append(key)
+
+    def save(self, store: Store) -> None:
+        if self.evict:
+            store.cache_evict(self.evict)
+        if self.stamps:
+            store.cache_stamp(self.stamps)
+
+
+def link_hit(src: str, dst: str, sample_rate: int | None, link: bool
+             ) -> tuple[str, float | None]:
+    """Put a cache hit's file at its line's WAV path (no folder fsync: the caller's).
+    Returns ("linked", None), also when the path holds that very file already (linked
+    before a crash); ("adopted", seconds): another whole WAV of an earlier attempt was
+    there already and is kept; ("gone", None): the cache file was purged or is no
+    longer a regular file (a miss: synthesize the line); ("taken", None): something
+    that is not its WAV holds the path (never overwritten: the line fails,
+    ``occupied``); ("error", None): a copy failed (disk full, I/O error: the line stays
+    pending)."""
+    try:
+        link_or_copy(src, dst, link=link, sync_dir=False)
+        return "linked", None
+    except (FileNotFoundError, ValueError):
+        return "gone", None
+    except FileExistsError:
+        if _same_regular_file(src, dst):   # this very link, made before a crash
+            return "linked", None
+        if wav_ok(dst, sample_rate=sample_rate):
+            return "adopted", wav_info(Path(dst))[2]
+        return "taken", None
+    except OSError as exc:
+        log.error("wav.link_failed", path=dst, error=str(exc))
+        return "error", None
+
+
+def _same_regular_file(a: str, b: str) -> bool:
+    """Both paths name one regular file (no symlink followed)."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+    except OSError:
+        return False
+    return stat.S_ISREG(sb.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
+                     sample_rates: dict[str, int], link: bool = True) -> list[str]:
+    """Answer the cache hits among a file's lines as they are parsed, before they reach
+    the store: each hit's WAV linked into ``out_dir``, the folder fsynced once, and the
+    line marked done (``wav``) so that ``Store.add_lines`` inserts it done. Returns the
+    cache keys used (for ``add_lines``).
+
+    A known line then costs one insert instead of an insert, a take and a completion
+    (three transactions' worth of row writes). The lines not answered here (misses, a
+    cache file that went away, a path already taken) stay pending: the feeder and sink
+    meet them as they would have. A crash after the links and before the insert leaves
+    whole WAVs that the restart's re-parse adopts (``link_hit``)."""
+    todo = [ln for ln in lines if ln.cache_key and not ln.error and ln.out_name]
+    cached = store.cache_get_many([ln.cache_key for ln in todo]) if todo else {}
+    if not cached:
+        return []
+    check = _HitCheck()
+    keys: list[str] = []
+    answered: list[NewLine] = []
+    folder = os.fspath(out_dir)
+    for ln in todo:
+        entry = cached.get(ln.cache_key)
+        sr = sample_rates.get(ln.voice or "")
+        if entry is None or not check.ok(entry, sr):
+            continue
+        if not answered:
+            os.makedirs(folder, exist_ok=True)
+        dst = os.path.join(folder, f"{ln.out_name}.wav")
+        outcome, seconds = link_hit(entry["path"], dst, sr, link)
+        if outcome == "linked":
+            ln.wav, ln.seconds, ln.cached = dst, float(entry["seconds"]), True
+            keys.append(entry["key"])
+            answered.append(ln)
+        elif outcome == "adopted":
+            ln.wav, ln.seconds, ln.cached = dst, seconds, False
+            answered.append(ln)
+        elif outcome == "gone":
+            check.gone(entry["key"])
+    check.save(store)
+    if answered:
+        crash.point("after_hit_links")
+        try:   # the links are durable before their lines are done
+            fsync_dir(Path(folder))
+        except OSError as exc:
+            log.error("wav.folder_sync_failed", folder=folder, error=str(exc))
+            for ln in answered:   # pending: the feeder meets them again (and adopts)
+                ln.wav, ln.seconds, ln.cached = None, None, False
+            return []
+    return keys
 
 
 def _cache_file_ok(entry: dict, sample_rate: int | None,
@@ -359,21 +466,23 @@ class Sink:
                 if folder not in folders:
                     os.makedirs(folder, exist_ok=True)
                     folders.add(folder)
-                link_or_copy(entry["path"], dst, link=link, sync_dir=False)
+            except OSError as exc:
+                log.error("wav.link_failed", path=dst, error=str(exc))
+                requeue.append(row.id)
+                continue
+            outcome, seconds = link_hit(entry["path"], dst, batch.sample_rate, link)
+            if outcome == "linked":
                 done.append((row.id, dst, float(entry["seconds"]), True))
                 hit_keys.append(entry["key"])
-            except (FileNotFoundError, ValueError):   # purged (or no longer a regular
-                store.cache_evict([entry["key"]])    # file) since the feeder looked:
-                requeue.append(row.id)               # synthesize it after all
-            except FileExistsError:   # a WAV of an earlier attempt: adopt it if it is whole;
-                if wav_ok(dst, sample_rate=batch.sample_rate):   # anything else stays, and
-                    _sr, _frames, seconds = wav_info(Path(dst))   # the line fails
-                    done.append((row.id, dst, seconds, False))
-                else:
-                    log.error("wav.path_taken", path=dst, line=row.id)
-                    failed.append((row.id, occupied(dst, batch.sample_rate)))
-            except OSError as exc:   # disk full, I/O error (a copy): the line stays pending
-                log.error("wav.link_failed", path=dst, error=str(exc))
+            elif outcome == "adopted":   # a whole WAV of an earlier attempt
+                done.append((row.id, dst, seconds, False))
+            elif outcome == "gone":   # purged since the feeder looked: synthesize it after all
+                store.cache_evict([entry["key"]])
+                requeue.append(row.id)
+            elif outcome == "taken":   # anything else at the path stays, and the line fails
+                log.error("wav.path_taken", path=dst, line=row.id)
+                failed.append((row.id, occupied(dst, batch.sample_rate)))
+            else:   # disk full, I/O error (a copy): the line stays pending
                 requeue.append(row.id)
         for folder in folders:   # the links are durable before their lines are done
             fsync_dir(Path(folder))
@@ -426,7 +535,7 @@ class Sink:
                 used_frames=s.frames if s else 0,
                 extra={} if batch.worker is None else {"worker": batch.worker,
                                                        "memory": batch.memory})
-        counters = {"cache_hits": len(hit_keys), "cache_misses": len(groups),
+        counters = {"cache_misses": len(groups),   # cache_hits: counted with hit_keys
                     "lines_synthesized": sum(len(g) for _gi, g in groups)}
         crash.point("before_commit")
         store.complete(done, failed, cache_rows, stats, counters, hit_keys)

@@ -116,9 +116,10 @@ class LineRow:
     attempts: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class NewLine:
-    """A parsed line ready for the store (state pending, or failed with ``error``)."""
+    """A parsed line ready for the store: pending, failed with ``error``, or done with
+    ``wav`` (a cache hit answered as it was parsed, ``pipeline.answer_new_lines``)."""
 
     number: int
     text: str
@@ -133,6 +134,21 @@ class NewLine:
     seed: int = 0
     cache_key: str | None = None
     error: str | None = None
+    wav: str | None = None
+    seconds: float | None = None
+    cached: bool = False
+    """With ``wav``: the WAV is a link to the cache entry (False: a whole WAV of an
+    earlier attempt was already at the path, and was kept)."""
+
+
+def _count_hits(c: sqlite3.Connection, keys: Iterable[str], now: float) -> None:
+    """The cache entries' use (a key used twice counts twice) and the cache_hits counter."""
+    keys = list(keys)
+    c.execute("UPDATE cache SET hits = hits + j.n, last_used = ? FROM "
+              "(SELECT value AS key, COUNT(*) AS n FROM json_each(?) GROUP BY value)"
+              " AS j WHERE cache.key = j.key", (now, json.dumps(keys)))
+    c.execute("INSERT INTO counters VALUES ('cache_hits', ?) ON CONFLICT(name) "
+              "DO UPDATE SET value = value + excluded.value", (len(keys),))
 
 
 _WRITE_LOCKS: dict[str, threading.RLock] = {}
@@ -242,18 +258,25 @@ class Store:
         marks = ",".join("?" * len(states))
         return self.q(f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY id", states)
 
-    def add_lines(self, file_id: int, lines: list[NewLine]) -> None:
-        """Insert a chunk of lines in one transaction (idempotent on (file, number))."""
+    def add_lines(self, file_id: int, lines: list[NewLine],
+                  cache_hits: list[str] = ()) -> None:
+        """Insert a chunk of lines in one transaction (idempotent on (file, number)): a
+        line with ``wav`` goes in done, with the cache keys it used (``cache_hits``)
+        counted as ``complete`` counts them."""
         now = time.time()
         with self.tx() as c:
             c.executemany(
                 "INSERT OR IGNORE INTO lines (file_id, number, out_name, name_key, line_id, "
                 "text, voice, speaker_id, length_scale, noise_scale, noise_w, seed, cache_key, "
-                "state, error, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "state, error, finished_at, wav, seconds, cached) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(file_id, ln.number, ln.out_name, ln.name_key, ln.line_id, ln.text, ln.voice,
                   ln.speaker_id, ln.length_scale, ln.noise_scale, ln.noise_w, ln.seed,
-                  ln.cache_key, "failed" if ln.error else "pending", ln.error,
-                  now if ln.error else None) for ln in lines])
+                  ln.cache_key, "failed" if ln.error else "done" if ln.wav else "pending",
+                  ln.error, now if ln.error or ln.wav else None, ln.wav, ln.seconds,
+                  int(ln.cached)) for ln in lines])
+            if cache_hits:
+                _count_hits(c, cache_hits, now)
 
     def file_parsed(self, file_id: int, kind: str, total_lines: int, note: str | None) -> None:
         with self.tx() as c:
@@ -368,7 +391,7 @@ class Store:
                  cache_hits: list[str] = ()) -> None:
         """Record one batch's (or one piece of a batch's) outcome atomically: done (id,
         wav, seconds, cached), failed (id, error), new cache entries, the cache keys it
-        used, the batch's stats and counters.
+        used (the ``cache_hits`` counter comes from them), the batch's stats and counters.
 
         The done lines and the cache keys go in as one JSON parameter each, one
         statement apiece: ``executemany`` steps SQLite once per row, and releases and
@@ -378,10 +401,8 @@ class Store:
         thread."""
         now = time.time()
         with self.tx() as c:
-            if cache_hits:   # a key used twice in the batch counts twice
-                c.execute("UPDATE cache SET hits = hits + j.n, last_used = ? FROM "
-                          "(SELECT value AS key, COUNT(*) AS n FROM json_each(?) GROUP BY value)"
-                          " AS j WHERE cache.key = j.key", (now, json.dumps(list(cache_hits))))
+            if cache_hits:
+                _count_hits(c, cache_hits, now)
             if done:
                 c.execute("UPDATE lines SET state='done', wav=json_extract(j.value, '$[1]'), "
                           "seconds=json_extract(j.value, '$[2]'), "
