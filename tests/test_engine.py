@@ -124,6 +124,33 @@ def test_packed_calls_give_the_same_audio(engine):
         assert _rel(a.audio, b.audio) < 1e-4, (a.key, _rel(a.audio, b.audio))
 
 
+def test_padded_rows_give_the_same_audio(engine):
+    """engine.row_step pads an audio-half call's rows (GPU only by default; forced on
+    here): the padded rows have no frames and are dropped, and every line's audio is
+    the one unpadded calls give."""
+    texts = [LINES[i % 16] for i in range(7)]
+    prepared = engine.prepare(_requests(texts, seed=9))
+    lv = engine.voice(DEFAULT_VOICE)
+    rows: list[int] = []
+    real = lv.audio_half
+
+    def counted(m_p, *args):   # the real audio half; only its row counts are noted
+        rows.append(m_p.size(0))
+        return real(m_p, *args)
+    saved = engine.row_step, engine.frame_budget
+    try:
+        engine.frame_budget = 10**6   # one call of 7 sentences, padded to 8 rows
+        plain, _s = engine.run(prepared)
+        engine.row_step, lv.audio_half = 4, counted
+        padded, _s = engine.run(prepared)
+    finally:
+        (engine.row_step, engine.frame_budget), lv.audio_half = saved, real
+    assert rows == [8], rows
+    for a, b in zip(padded, plain):
+        assert a.error is None and b.error is None and len(a.audio) == len(b.audio)
+        assert _rel(a.audio, b.audio) < 1e-4, (a.key, _rel(a.audio, b.audio))
+
+
 def test_warm_audio_shapes_runs_each_shape(engine):
     """The GPU warm-up's audio-half shapes run on stand-in inputs (here on the CPU, two
     small ones), each once however often asked, and leave the engine's results as

@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import random
 
-from ttsd.engine.packing import CALL_COST, FRAME_STEP, bucket, full_call_shapes, pack
+from ttsd.engine.packing import (CALL_COST, FRAME_STEP, TAIL_FRAMES, bucket, full_call_shapes,
+                                 pack, padded_rows)
 
 
 def _cost(frames: list[int], calls: list[tuple[int, int]]) -> int:
@@ -87,3 +88,19 @@ def test_full_call_shapes_cover_every_bucket_within_the_budget():
     for rows, f in shapes:
         assert rows == min(128, 120_000 // f)
     assert full_call_shapes(128, 120_000, 0) == []
+
+
+def test_padded_rows_land_on_warmed_shapes():
+    """A partial call's rows go up to a multiple of the row step, never past a full
+    call's rows; every shape that gives, up to TAIL_FRAMES, is one the warm-up runs."""
+    assert padded_rows(60, 128, 128, 120_000, 16) == 64
+    assert padded_rows(127, 128, 128, 120_000, 16) == 128
+    assert padded_rows(13, 128, 128, 120_000, 16) == 13       # under one step: as it is
+    assert padded_rows(50, 2048, 128, 120_000, 16) == 58      # the full call's rows (budget)
+    assert padded_rows(1, 4096, 128, 120_000, 16) == 1        # one sentence over the budget
+    assert padded_rows(60, 128, 128, 120_000, 0) == 60        # off
+    shapes = set(full_call_shapes(128, 120_000, 2048, row_step=16))
+    assert shapes >= set(full_call_shapes(128, 120_000, 2048))
+    for f in range(FRAME_STEP, TAIL_FRAMES + 1, FRAME_STEP):
+        for rows in range(16, 129):
+            assert (padded_rows(rows, f, 128, 120_000, 16), f) in shapes, (rows, f)

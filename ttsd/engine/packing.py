@@ -26,6 +26,17 @@ CALL_COST = 4000
 
 ROW_UNIT = 16
 
+ROW_STEP = 16
+"""On a GPU, an audio-half call of at least this many sentences runs with its rows
+padded up to a multiple of this (``padded_rows``; ``engine.row_step``): a batch's last,
+partial call then has a shape the warm-up ran, instead of a new one (20-45 ms on an
+H200). Padded rows have no frames: their audio is masked, and nobody reads it."""
+
+TAIL_FRAMES = 512
+"""The warm-up runs the padded partial shapes (``full_call_shapes``) of frames buckets up
+to this: a batch's last call holds its shortest sentences (on the bench's lines, 128 or
+256 frames in every batch)."""
+
 
 def bucket(n: int, step: int) -> int:
     """Round a padded length up to a few fixed shapes (multiples of ``step`` up to
@@ -36,17 +47,32 @@ def bucket(n: int, step: int) -> int:
 
 
 def full_call_shapes(max_rows: int, budget: int, max_frames: int,
-                     step: int = FRAME_STEP) -> list[tuple[int, int]]:
+                     step: int = FRAME_STEP, row_step: int = 0) -> list[tuple[int, int]]:
     """(rows, frames) of the full audio-half calls that fixed runs of ``max_rows``
     sentences make: every frames bucket up to ``max_frames``, with as many rows as
-    ``max_rows`` and ``budget`` allow, longest first (the warm-up runs them once)."""
+    ``max_rows`` and ``budget`` allow, longest first (the warm-up runs them once); with
+    ``row_step``, also the partial calls' padded rows (``padded_rows``) of the buckets
+    up to ``TAIL_FRAMES``."""
     shapes, f = [], step
     while f <= max_frames:
         rows = min(max_rows, budget // f)
         if rows >= 1:
+            if row_step > 1 and f <= TAIL_FRAMES:
+                shapes.extend((r, f) for r in range(row_step, rows, row_step))
             shapes.append((rows, f))
         f = bucket(f + 1, step)
     return shapes[::-1]
+
+
+def padded_rows(rows: int, frames: int, max_rows: int, budget: int, row_step: int) -> int:
+    """The rows a call of ``rows`` sentences of ``frames`` padded frames runs with:
+    up to a multiple of ``row_step``, or the full call's rows (``full_call_shapes``),
+    whichever is fewer; a call of fewer than ``row_step`` (or more than a full call's:
+    one sentence over the budget) runs as it is."""
+    full = min(max_rows, budget // frames)
+    if row_step <= 1 or rows < row_step or rows >= full:
+        return rows
+    return min(-(-rows // row_step) * row_step, full)
 
 
 def pack(frames: Sequence[int], max_rows: int, budget: int, *, unit: int = ROW_UNIT,

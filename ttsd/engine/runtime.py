@@ -37,7 +37,7 @@ import torch
 
 from ttsd.engine import faults
 from ttsd.engine.graphs import MAX_ROWS, TextGraphs
-from ttsd.engine.packing import FRAME_STEP, bucket, full_call_shapes, pack
+from ttsd.engine.packing import FRAME_STEP, bucket, full_call_shapes, pack, padded_rows
 from ttsd.engine.phonemes import Phonemizer, PhonemizerProcesses, ProcessesUnavailable
 from ttsd.engine.vits import Generator, Vits
 from ttsd.engine.voice import VoiceInfo, load_model
@@ -277,7 +277,7 @@ class Engine:
                  cache_dir=None, max_batch: int = 0, frame_budget: int = 0,
                  token_budget: int = 80000, compile: str = "auto",
                  compile_text: str = "auto", cuda_graphs: str = "auto",
-                 pack_calls: bool = False, warmup_frames: int = 2048,
+                 pack_calls: bool = False, warmup_frames: int = 2048, row_step: int = 0,
                  phonemizer_processes: int = 0,
                  pcm16: bool = False) -> None:
         self.voices = voices
@@ -306,6 +306,9 @@ class Engine:
         self.pack_calls = pack_calls
         """Audio-half calls cut by ``packing.pack`` (else every ``max_batch`` sentences)."""
         self.warmup_frames = warmup_frames
+        self.row_step = row_step if self.device.type == "cuda" else 0
+        """Audio-half calls' rows padded to multiples of this (``packing.padded_rows``),
+        so that partial calls have warmed shapes; GPU only (0: off)."""
         """GPU warm-up: the audio half's full-call shape of every frames bucket up to
         this (``warm_audio_shapes``)."""
         self.phonemizers = (PhonemizerProcesses(phonemizer_processes)
@@ -400,7 +403,8 @@ class Engine:
             self.run(prepared)
         if self.device.type == "cuda" and self.warmup_frames > 0:
             self.warm_audio_shapes(name, full_call_shapes(
-                self.max_batch, self.frame_budget, self.warmup_frames))
+                self.max_batch, self.frame_budget, self.warmup_frames,
+                row_step=self.row_step))
             self.reserve_staging(self.frame_budget * lv.model.args.hop)
         return time.perf_counter() - t0
 
@@ -830,9 +834,12 @@ class Engine:
         fmax = bucket(max(it.frames for it in chunk), FRAME_STEP)
         tmax = max(it.m.size(1) for it in chunk)
         inter = chunk[0].m.size(0)
-        m = torch.zeros(b, inter, tmax, device=dev)
-        logs = torch.zeros(b, inter, tmax, device=dev)
-        dur = torch.zeros(b, tmax, dtype=torch.long, device=dev)
+        # Rows past b (``row_step``): no frames, so masked to silence, and dropped below.
+        n_rows = b if dec is not None else \
+            padded_rows(b, fmax, self.max_batch, self.frame_budget, self.row_step)
+        m = torch.zeros(n_rows, inter, tmax, device=dev)
+        logs = torch.zeros(n_rows, inter, tmax, device=dev)
+        dur = torch.zeros(n_rows, tmax, dtype=torch.long, device=dev)
         # Padded from one concatenation per tensor and one scatter each: a copy per item
         # was 3 × 128 small kernels per call, launched from Python.
         ns = np.array([it.m.size(1) for it in chunk])
@@ -843,10 +850,12 @@ class Engine:
         logs[rows, :, cols] = torch.cat([it.logs for it in chunk], 1).T
         dur[rows, cols] = torch.cat([it.dur for it in chunk])
         reqs = [prepared[it.line].request for it in chunk]
-        frames = torch.tensor([it.frames for it in chunk], device=dev)
-        sid = torch.tensor([r.speaker_id for r in reqs], device=dev)
-        seeds = torch.tensor([it.seed for it in chunk], device=dev)
-        noise = torch.tensor([r.noise_scale for r in reqs], dtype=torch.float32, device=dev)
+        pad = [0] * (n_rows - b)
+        frames = torch.tensor([it.frames for it in chunk] + pad, device=dev)
+        sid = torch.tensor([r.speaker_id for r in reqs] + pad, device=dev)
+        seeds = torch.tensor([it.seed for it in chunk] + pad, device=dev)
+        noise = torch.tensor([r.noise_scale for r in reqs] + pad, dtype=torch.float32,
+                             device=dev)
         args = (m, logs, dur, frames, fmax, sid, seeds, noise)
         if dec is not None:
             with self.precision.audio():
@@ -854,7 +863,7 @@ class Engine:
             return out, frames * lv.model.args.hop
         with self.precision.audio():
             out = self._compiled(lv, "audio_half", args)
-        return out, frames * lv.model.args.hop
+        return out[:b], frames[:b] * lv.model.args.hop
 
     def _compiled(self, lv: LoadedVoice, half: str, args: Sequence[Any]) -> Any:
         """``lv.<half>(*args)``, where ``half`` (``audio_half`` or ``text_frames``) may be
