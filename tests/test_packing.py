@@ -5,8 +5,15 @@ from __future__ import annotations
 import itertools
 import random
 
-from ttsd.engine.packing import (CALL_COST, FRAME_STEP, TAIL_FRAMES, bucket, full_call_shapes,
-                                 pack, padded_rows)
+from ttsd.engine.packing import (
+    CALL_COST,
+    FRAME_STEP,
+    TAIL_FRAMES,
+    bucket,
+    full_call_shapes,
+    pack,
+    padded_rows,
+)
 
 
 def _cost(frames: list[int], calls: list[tuple[int, int]]) -> int:
