@@ -141,12 +141,22 @@ class NewLine:
     earlier attempt was already at the path, and was kept)."""
 
 
+_HIT_NAMES = ("key", "path", "bytes", "seconds", "ino", "mtime_ns")
+_HIT_COLUMNS = ", ".join(_HIT_NAMES)
+
+
 def _count_hits(c: sqlite3.Connection, keys: Iterable[str], now: float) -> None:
-    """The cache entries' use (a key used twice counts twice) and the cache_hits counter."""
+    """The cache entries' use (a key used twice counts twice) and the cache_hits counter.
+    Keys used once each (the usual case) skip the GROUP BY: 2,000 keys 5.7-7.8 → 4.5-4.9
+    ms."""
     keys = list(keys)
-    c.execute("UPDATE cache SET hits = hits + j.n, last_used = ? FROM "
-              "(SELECT value AS key, COUNT(*) AS n FROM json_each(?) GROUP BY value)"
-              " AS j WHERE cache.key = j.key", (now, json.dumps(keys)))
+    if len(set(keys)) == len(keys):
+        c.execute("UPDATE cache SET hits = hits + 1, last_used = ? "
+                  "WHERE key IN (SELECT value FROM json_each(?))", (now, json.dumps(keys)))
+    else:
+        c.execute("UPDATE cache SET hits = hits + j.n, last_used = ? FROM "
+                  "(SELECT value AS key, COUNT(*) AS n FROM json_each(?) GROUP BY value)"
+                  " AS j WHERE cache.key = j.key", (now, json.dumps(keys)))
     c.execute("INSERT INTO counters VALUES ('cache_hits', ?) ON CONFLICT(name) "
               "DO UPDATE SET value = value + excluded.value", (len(keys),))
 
@@ -445,16 +455,16 @@ class Store:
         return rows[0] if rows else None
 
     def cache_get_many(self, keys: list[str]) -> dict[str, dict]:
-        """Cache rows by key for many keys, in one query (the keys as one JSON array:
-        1,024 keys, 2.4 → 1.8 ms against one ``IN (?, …)`` query per 500)."""
+        """The cache rows a hit needs (key, path, bytes, seconds, ino, mtime_ns) by key,
+        for many keys in one query (the keys as one JSON array: 1,024 keys, 2.4 → 1.8 ms
+        against one ``IN (?, …)`` query per 500; these six columns instead of all ten:
+        2,000 keys 8.3 → 6.3 ms)."""
         if not keys:
             return {}
-        cur = self.conn.execute("SELECT * FROM cache WHERE key IN "
+        cur = self.conn.execute(f"SELECT {_HIT_COLUMNS} FROM cache WHERE key IN "
                                 "(SELECT value FROM json_each(?))",
                                 (json.dumps(list(dict.fromkeys(keys))),))
-        cols = [c[0] for c in cur.description]
-        k = cols.index("key")
-        return {row[k]: dict(zip(cols, row)) for row in cur}
+        return {row[0]: dict(zip(_HIT_NAMES, row)) for row in cur}
 
     def cache_stamp(self, stamps: list[tuple[str, int, int]]) -> None:
         """(key, inode, mtime_ns) of cache files whose header was just checked."""
