@@ -1,8 +1,10 @@
 """Files stage: inbox → claim → parse → store, and finished files → manifest + done/.
 
 Runs in its own thread with its own store connection. Every accepted line ends in the
-store as pending (or failed with a reason) before the file counts as queued; a crash
-mid-way re-parses the owned copy (inserts are idempotent on (file, line number)).
+store as pending, failed with a reason, or done — a cache hit, answered as its chunk is
+parsed (``answer``: its WAV linked and fsynced first) — before the file counts as
+queued; a crash mid-way re-parses the owned copy (inserts are idempotent on (file, line
+number), and a hit's link made before the crash is found again).
 """
 
 from __future__ import annotations

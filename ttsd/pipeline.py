@@ -5,7 +5,9 @@ in whole batches), so phonemizing and writing overlap with the model:
 
 - ``Feeder.next_batch``: takes pending lines (marking them running, attempts + 1),
   answers what it can without the model (a WAV already on disk from an interrupted
-  attempt, a cache hit), dedupes identical lines, and phonemizes the rest;
+  attempt, a cache hit that was not one yet when its line was parsed: most hits never
+  get here, ``answer_new_lines`` answers them as their file is parsed), dedupes
+  identical lines, and phonemizes the rest;
 - ``Synth.run``: the model, on the device: both halves one after the other, or
   (``engine.overlap_halves``, the default on a GPU) only the audio half, the feeder
   having run the text half (``Engine.plan``, on a side stream) beside the previous
