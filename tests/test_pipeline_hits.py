@@ -238,3 +238,37 @@ def test_a_partial_take_after_answered_batches_does_not_wait_for_more_lines(
     feeder.take_size = feeder.size
     fresh = feeder.next_batch(store, threading.Event())
     assert [g[0].text for g in fresh.groups] == ["Brand new."] and slept == [0.5]
+
+
+def test_lines_answered_as_parsed_go_in_done_and_count_once(tmp_path: Path) -> None:
+    """``answer_new_lines`` links the known lines of a new file and ``add_lines`` inserts
+    them done (the unknown one pending), counting each cache use once; the same chunk
+    parsed again (a crash before the file was queued) finds its links, changes
+    nothing in the store and counts nothing again."""
+    cfg, store = _site(tmp_path, [], cached=["Known one.", "Known two."])
+    out_dir = cfg.paths.outbox / "b"
+    fid = store.add_file("b.txt", cfg.paths.work / "b.txt", 1, "0" * 64, out_dir)
+
+    def chunk() -> list[NewLine]:
+        return [NewLine(i, t, out_name=f"{i:04d}", voice=VOICE, cache_key=_key(t))
+                for i, t in enumerate(["Known one.", "Brand new.", "Known two."], 1)]
+    first = chunk()
+    pipeline.answer_new_lines(store, first, out_dir, {VOICE: SR})
+    assert store.add_lines(fid, first) == 2
+    rows = {r[0]: r[1:] for r in store.conn.execute(
+        "SELECT number, state, cached, wav FROM lines WHERE file_id = ?", (fid,))}
+    assert rows[1] == ("done", 1, str(out_dir / "0001.wav"))
+    assert rows[2] == ("pending", 0, None)
+    assert rows[3] == ("done", 1, str(out_dir / "0003.wav"))
+    for n, t in ((1, "Known one."), (3, "Known two.")):
+        assert os.path.samefile(out_dir / f"{n:04d}.wav", cache_path(cfg.paths.cache, _key(t)))
+    assert not (out_dir / "0002.wav").exists()
+    hits = dict(store.conn.execute("SELECT key, hits FROM cache"))
+    assert hits == {_key("Known one."): 1, _key("Known two."): 1}
+    assert store.counters()["cache_hits"] == 2
+    again = chunk()   # parsed again: the very links are found ("linked"), not re-counted
+    pipeline.answer_new_lines(store, again, out_dir, {VOICE: SR})
+    assert [ln.cached for ln in again] == [True, False, True]
+    assert store.add_lines(fid, again) == 0
+    assert dict(store.conn.execute("SELECT key, hits FROM cache")) == hits
+    assert store.counters()["cache_hits"] == 2

@@ -153,11 +153,12 @@ class Daemon:
         if cfg.cache.enabled:   # known lines are answered as they are parsed
             rates = {n: v.sample_rate for n, v in self.engine.voices.items()}
 
-            def answer(store: Store, lines: list[NewLine], out_dir: Path) -> list[str]:
-                keys = answer_new_lines(store, lines, out_dir, rates, cfg.cache.link)
-                self.progress.lines_done += sum(ln.wav is not None for ln in lines)
-                return keys
-            self.ingest.answer = answer
+            def answer(store: Store, lines: list[NewLine], out_dir: Path) -> None:
+                answer_new_lines(store, lines, out_dir, rates, cfg.cache.link)
+
+            def answered(n: int) -> None:
+                self.progress.lines_done += n
+            self.ingest.answer, self.ingest.on_answered = answer, answered
         warm_s = 0.0
         if pooled:
             self._start_pool(store)

@@ -76,9 +76,11 @@ class Ingest:
         self.on_file_done: Callable[[dict], None] | None = None
         self.on_lines: Callable[[], None] | None = None
         """Called after each chunk of new lines is in the store (wakes the feeder)."""
-        self.answer: Callable[[Store, list[NewLine], Path], list[str]] | None = None
+        self.answer: Callable[[Store, list[NewLine], Path], None] | None = None
         """Answers a chunk's cache hits before it is inserted (``pipeline.answer_new_lines``:
-        marks those lines done, returns the cache keys used); None: no cache."""
+        links their WAVs and marks those lines done); None: no cache."""
+        self.on_answered: Callable[[int], None] | None = None
+        """Called with how many lines of a chunk went into the store done (answered)."""
 
     # ------------------------------------------------------------------ loop
 
@@ -170,9 +172,11 @@ class Ingest:
 
     def _add(self, store: Store, file_id: int, chunk: list[NewLine], out_dir: Path) -> int:
         """Insert a chunk (its cache hits answered first, done); returns those answered."""
-        keys = self.answer(store, chunk, out_dir) if self.answer is not None else []
-        store.add_lines(file_id, chunk, keys)
-        answered = sum(ln.wav is not None for ln in chunk)
+        if self.answer is not None:
+            self.answer(store, chunk, out_dir)
+        answered = store.add_lines(file_id, chunk)
+        if answered and self.on_answered is not None:
+            self.on_answered(answered)
         if self.on_lines is not None and any(ln.wav is None and ln.error is None
                                              for ln in chunk):
             self.on_lines()   # pending lines for the feeder

@@ -312,11 +312,11 @@ def _same_regular_file(a: str, b: str) -> bool:
 
 
 def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
-                     sample_rates: dict[str, int], link: bool = True) -> list[str]:
+                     sample_rates: dict[str, int], link: bool = True) -> None:
     """Answer the cache hits among a file's lines as they are parsed, before they reach
     the store: each hit's WAV linked into ``out_dir``, the folder fsynced once, and the
-    line marked done (``wav``) so that ``Store.add_lines`` inserts it done. Returns the
-    cache keys used (for ``add_lines``).
+    line marked done (``wav``; ``cached`` for a link to the cache's file) so that
+    ``Store.add_lines`` inserts it done and counts its cache use.
 
     A known line then costs one insert instead of an insert, a take and a completion
     (three transactions' worth of row writes). The lines not answered here (misses, a
@@ -326,9 +326,8 @@ def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
     todo = [ln for ln in lines if ln.cache_key and not ln.error and ln.out_name]
     cached = store.cache_get_many([ln.cache_key for ln in todo]) if todo else {}
     if not cached:
-        return []
+        return
     check = _HitCheck()
-    keys: list[str] = []
     answered: list[NewLine] = []
     folder = os.fspath(out_dir)
     for ln in todo:
@@ -342,7 +341,6 @@ def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
         outcome, seconds = link_hit(entry["path"], dst, sr, link)
         if outcome == "linked":
             ln.wav, ln.seconds, ln.cached = dst, float(entry["seconds"]), True
-            keys.append(entry["key"])
             answered.append(ln)
         elif outcome == "adopted":
             ln.wav, ln.seconds, ln.cached = dst, seconds, False
@@ -358,8 +356,6 @@ def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
             log.error("wav.folder_sync_failed", folder=folder, error=str(exc))
             for ln in answered:   # pending: the feeder meets them again (and adopts)
                 ln.wav, ln.seconds, ln.cached = None, None, False
-            return []
-    return keys
 
 
 def _cache_file_ok(entry: dict, sample_rate: int | None,

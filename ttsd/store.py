@@ -268,13 +268,20 @@ class Store:
         marks = ",".join("?" * len(states))
         return self.q(f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY id", states)
 
-    def add_lines(self, file_id: int, lines: list[NewLine],
-                  cache_hits: list[str] = ()) -> None:
+    def add_lines(self, file_id: int, lines: list[NewLine]) -> int:
         """Insert a chunk of lines in one transaction (idempotent on (file, number)): a
-        line with ``wav`` goes in done, with the cache keys it used (``cache_hits``)
-        counted as ``complete`` counts them."""
+        line with ``wav`` goes in done, and its cache use (``cached``) is counted as
+        ``complete`` counts it. Returns how many lines went in done; a line already in
+        the store (a file parsed again after a crash) is left as it is, and neither
+        counted nor its cache use."""
         now = time.time()
         with self.tx() as c:
+            answered = [ln for ln in lines if ln.wav]
+            if answered:
+                there = {n for (n,) in c.execute(
+                    "SELECT number FROM lines WHERE file_id = ? AND number BETWEEN ? AND ?",
+                    (file_id, lines[0].number, lines[-1].number))}
+                answered = [ln for ln in answered if ln.number not in there]
             c.executemany(
                 "INSERT OR IGNORE INTO lines (file_id, number, out_name, name_key, line_id, "
                 "text, voice, speaker_id, length_scale, noise_scale, noise_w, seed, cache_key, "
@@ -285,8 +292,10 @@ class Store:
                   ln.cache_key, "failed" if ln.error else "done" if ln.wav else "pending",
                   ln.error, now if ln.error or ln.wav else None, ln.wav, ln.seconds,
                   int(ln.cached)) for ln in lines])
-            if cache_hits:
-                _count_hits(c, cache_hits, now)
+            keys = [ln.cache_key for ln in answered if ln.cached]
+            if keys:
+                _count_hits(c, keys, now)
+        return len(answered)
 
     def file_parsed(self, file_id: int, kind: str, total_lines: int, note: str | None) -> None:
         with self.tx() as c:
