@@ -306,11 +306,11 @@ class Engine:
         self.pack_calls = pack_calls
         """Audio-half calls cut by ``packing.pack`` (else every ``max_batch`` sentences)."""
         self.warmup_frames = warmup_frames
+        """GPU warm-up: the audio half's full-call shape of every frames bucket up to
+        this (``warm_audio_shapes``)."""
         self.row_step = row_step if self.device.type == "cuda" else 0
         """Audio-half calls' rows padded to multiples of this (``packing.padded_rows``),
         so that partial calls have warmed shapes; GPU only (0: off)."""
-        """GPU warm-up: the audio half's full-call shape of every frames bucket up to
-        this (``warm_audio_shapes``)."""
         self.phonemizers = (PhonemizerProcesses(phonemizer_processes)
                             if phonemizer_processes > 0 else None)
         self._loaded: dict[str, LoadedVoice] = {}
