@@ -72,7 +72,7 @@ def _phonemize_chunk(key: str, voice_config: dict[str, Any], texts: list[str]
 
 
 START_TIMEOUT_S = 60.0
-"""How long the warm-up waits for each phonemizer process to answer."""
+"""How long the warm-up waits for all the phonemizer processes to answer."""
 
 
 class ProcessesUnavailable(RuntimeError):
@@ -95,6 +95,10 @@ def _start_process(parent: int) -> None:
     front end now rather than on the process's first chunk of text."""
     _exit_with_parent(parent)
     import piper.voice  # noqa: F401 - the import is the point
+
+
+ROUNDS = 10
+"""At most this many rounds of warm-up tasks (``PhonemizerProcesses.start``)."""
 
 
 def _warm(key: str, voice_config: dict[str, Any]) -> int:
@@ -142,9 +146,19 @@ class PhonemizerProcesses:
 
         pool = self._executor()
         cfg = dict(voice_config)
-        futures = [pool.submit(_warm, key, cfg) for _ in range(self.processes)]
+        pids: set[int] = set()
+        deadline = time.monotonic() + START_TIMEOUT_S
         try:
-            return len({f.result(timeout=START_TIMEOUT_S) for f in futures})
+            # A round of one task per process; each task holds its process 0.1 s, but a
+            # process still starting (a loaded machine) can miss a round while another
+            # takes two tasks: rounds go on until every process has answered.
+            for _round in range(ROUNDS):
+                futures = [pool.submit(_warm, key, cfg) for _ in range(self.processes)]
+                pids |= {f.result(timeout=max(0.1, deadline - time.monotonic()))
+                         for f in futures}
+                if len(pids) >= self.processes:
+                    break
+            return len(pids)
         except BrokenProcessPool:
             self._reset(pool)
             raise ProcessesUnavailable("phonemizer processes die at start") from None
