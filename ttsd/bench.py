@@ -100,7 +100,7 @@ def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
         engine.run(b)  # warm (and compile) the largest and the smallest shapes
     if engine.device.type == "cuda" and engine.warmup_frames:   # as the daemon's warm-up
         engine.warm_audio_shapes(prepared[0].request.voice, full_call_shapes(   # within
-            size, engine._default_frame_budget(), engine.warmup_frames,     # memory
+            size, engine.default_frame_budget(), engine.warmup_frames,     # memory
             row_step=engine.row_step))
     lat, audio, frames, slots, text_ms, audio_ms, graphed = [], 0.0, 0, 0, 0.0, 0.0, 0
 

@@ -3,7 +3,8 @@
 ``TTSD_CRASH_AT=NAME`` (or ``NAME:N`` for the N-th time the point is reached) makes the
 process exit at once with status 137, as ``kill -9`` would, at one of:
 ``after_claim``, ``after_hit_links``, ``mid_batch``, ``after_tmp``, ``after_rename``,
-``before_commit``, ``after_commit``. Unset, ``point()`` is a dictionary lookup and nothing else.
+``before_commit``, ``after_commit``. Unset, ``point()`` is a dictionary lookup and
+nothing else.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import os
 import threading
 
-POINTS = ("after_claim", "after_hit_links", "mid_batch", "after_tmp", "after_rename", "before_commit",
-          "after_commit")
+POINTS = ("after_claim", "after_hit_links", "mid_batch", "after_tmp", "after_rename",
+          "before_commit", "after_commit")
 
 _spec = os.environ.get("TTSD_CRASH_AT", "")
 _name, _, _nth = _spec.partition(":")

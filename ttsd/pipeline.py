@@ -322,7 +322,8 @@ def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
     (three transactions' worth of row writes). The lines not answered here (misses, a
     cache file that went away, a path already taken) stay pending: the feeder and sink
     meet them as they would have. A crash after the links and before the insert leaves
-    whole WAVs that the restart's re-parse adopts (``link_hit``)."""
+    the links, which the restart's re-parse finds again: ``link_hit`` counts the cache's
+    very file at the path as linked."""
     todo = [ln for ln in lines if ln.cache_key and not ln.error and ln.out_name]
     cached = store.cache_get_many([ln.cache_key for ln in todo]) if todo else {}
     if not cached:

@@ -25,12 +25,7 @@ CALL_COST = 4000
 """Padded frames a call is worth (its fixed cost on the GPU)."""
 
 ROW_UNIT = 16
-
-ROW_STEP = 16
-"""On a GPU, an audio-half call of at least this many sentences runs with its rows
-padded up to a multiple of this (``padded_rows``; ``engine.row_step``): a batch's last,
-partial call then has a shape the warm-up ran, instead of a new one (20-45 ms on an
-H200). Padded rows have no frames: their audio is masked, and nobody reads it."""
+"""``pack``'s calls hold a multiple of this many sentences (few distinct shapes)."""
 
 TAIL_FRAMES = 512
 """The warm-up runs the padded partial shapes (``full_call_shapes``) of frames buckets up

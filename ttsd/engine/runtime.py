@@ -292,7 +292,7 @@ class Engine:
         half the bytes to copy to the host, and the WAV writers only add a header."""
         self.max_batch = max_batch or (GPU_BATCH if self.device.type == "cuda" else 1)
         self.token_budget = token_budget
-        self.frame_budget = frame_budget or self._default_frame_budget()
+        self.frame_budget = frame_budget or self.default_frame_budget()
         self.faults = faults.from_env()
         self.compile = compile == "on" or (compile == "auto" and self.device.type == "cuda")
         self.compile_text = compile_text == "on" or (compile_text == "auto" and self.compile)
@@ -331,7 +331,9 @@ class Engine:
 
     # ------------------------------------------------------------------ voices
 
-    def _default_frame_budget(self) -> int:
+    def default_frame_budget(self) -> int:
+        """Padded frames one audio-half call may hold, from the device's free memory now
+        (``frame_budget`` when none is given; the bench warms its shapes with it)."""
         if self.device.type != "cuda":
             return 4000
         free, _total = torch.cuda.mem_get_info(self.device)
