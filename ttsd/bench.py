@@ -27,7 +27,6 @@ import numpy as np
 
 from ttsd.config import Config
 from ttsd.engine.graphs import MAX_ROWS
-from ttsd.engine.packing import full_call_shapes
 from ttsd.engine.runtime import Engine, Prepared, Request
 from ttsd.writer import int16_floats
 
@@ -99,9 +98,8 @@ def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
     for b in {id(batches[0]): batches[0], id(batches[-1]): batches[-1]}.values():
         engine.run(b)  # warm (and compile) the largest and the smallest shapes
     if engine.device.type == "cuda" and engine.warmup_frames:   # as the daemon's warm-up
-        engine.warm_audio_shapes(prepared[0].request.voice, full_call_shapes(   # within
-            size, engine.default_frame_budget(), engine.warmup_frames,     # memory
-            row_step=engine.row_step))
+        engine.warm_audio_shapes(prepared[0].request.voice, engine.call_shapes(  # within
+            size, engine.default_frame_budget()))                             # memory
     lat, audio, frames, slots, text_ms, audio_ms, graphed = [], 0.0, 0, 0, 0.0, 0.0, 0
 
     def plan(b: list[Prepared]) -> tuple[Any, float]:

@@ -99,7 +99,9 @@ class EngineConfig:
     """Share of the GPU's memory this process may use."""
     cudnn_benchmark: bool = False
     """Let cuDNN time its kernels for each new shape (GPU only). Off by default: with
-    variable batch shapes the search itself dominated (batch latency p95 1.6-5 s on an H100)."""
+    variable batch shapes the search itself dominated (batch latency p95 1.6-5 s on an H100),
+    and for the warmed call shapes it picks the plans the heuristics pick (an H200:
+    identical output, 585.7 vs 586.9 ms over ten shapes)."""
     warmup: bool = True
     """Run the model over typical shapes at load so the first batch is fast."""
     phonemizer_processes: int = 0
@@ -120,13 +122,22 @@ class EngineConfig:
     (``ttsd.engine.packing``; row counts multiples of 16) instead of every
     ``max_batch_size`` sentences: on the bench's lines 0.86 of the padded frames are
     real instead of 0.78 (0.90 vs 0.78 in the bench's model-only row on an H200), for
-    39 calls instead of 29. Off by default until measured end to end: it makes more
-    distinct call shapes, and a fresh process pays 20-45 ms for each new one."""
+    39 calls instead of 29. Its row counts make more distinct call shapes, so the
+    warm-up runs (and with ``audio_graphs`` captures) every bucket's multiples of
+    ``row_step`` rows. End to end on an H200 with audio graphs: 5,640 and 5,613x vs
+    5,059 and 5,310x without (alternating runs), padding 0.90 vs 0.84."""
     warmup_frames: int = 2048
     """GPU warm-up: run the audio half once at the full-call shape (``max_batch_size``
     rows, or fewer within the frame budget) of every frames bucket up to this many
     frames (2,048 ≈ 24 s of audio at 22,050 Hz), so that the first batches do not pay
     for new shapes (20-45 ms each on an H200). 0 = off."""
+    audio_graphs: str = "auto"
+    """Replay the audio half from a CUDA graph per call shape (``graphs.AudioGraphs``):
+    auto (on a GPU), on, off. The compiled half launches its kernels from Python, which
+    inside the daemon shares the interpreter with the writers and the feeder; a replay is
+    one launch. End to end on an H200: 5,189 and 5,036x vs 4,479x off (model only, with
+    nothing beside it, even). Costs a capture per shape at warm-up (and per other shape on
+    its second use) and a memory pool about one call's activations."""
     row_step: int = 16
     """GPU: an audio-half call of at least this many sentences runs with its rows padded
     up to a multiple of this (at most a full call's rows), and the warm-up runs those
@@ -450,6 +461,8 @@ def validate(cfg: Config, where: str = "config") -> None:
          "must be auto, on or off")
     need(0 <= e.warmup_frames <= 100_000, "engine.warmup_frames", "must be 0 to 100000")
     need(0 <= e.row_step <= 128, "engine.row_step", "must be 0 to 128")
+    need(e.audio_graphs in ("auto", "on", "off"), "engine.audio_graphs",
+         f"{e.audio_graphs!r}: must be auto, on or off")
     need(0 <= e.phonemizer_processes <= 64, "engine.phonemizer_processes",
          "must be between 0 (auto) and 64")
     need(b.max_batch_size >= 0, "batching.max_batch_size", "must be >= 0 (0 = auto)")

@@ -75,7 +75,7 @@ def build_engine(cfg: Config, device: str | None = None, *, dtype: str | None = 
                   compile=compile or e.compile, compile_text=e.compile_text,
                   pack_calls=e.pack_calls, warmup_frames=e.warmup_frames,
                   row_step=e.row_step,
-                  cuda_graphs=e.cuda_graphs, pcm16=cfg.output.subtype == "PCM_16",
+                  cuda_graphs=e.cuda_graphs, audio_graphs=e.audio_graphs, pcm16=cfg.output.subtype == "PCM_16",
                   phonemizer_processes=phonemizers if phonemizers is not None else
                   (e.phonemizer_processes or max(1, min(4, (os.cpu_count() or 1) // 4))))
 
@@ -401,7 +401,7 @@ class Daemon:
         since = now - (self.last_work if idle else self.last_release)
         if every <= 0 or since < every or (idle and self.last_release > self.last_work):
             return
-        freed = self.engine.release_memory()
+        freed = self.engine.release_memory(graphs=idle)   # idle: the audio graphs' too
         self.last_release = now
         store.record_release(freed, reason, str(self.engine.device))
         log.info("gpu.memory_released", bytes=freed, reason=reason)
@@ -437,6 +437,8 @@ class Daemon:
                     st = batch.stats   # where the model's time went (None: no model work)
                     calls = {} if st is None else {
                         "text_ms": round(st.text_ms, 1), "audio_ms": round(st.audio_ms, 1),
+                        "audio_gpu_ms": round(st.audio_gpu_ms, 1),
+                        "audio_launch_ms": round(st.audio_launch_ms, 1),
                         "text_calls": st.text_calls, "audio_calls": st.audio_calls}
                     log.info("batch.done", lines=len(batch.rows),
                              hits=len(batch.hits) + int(t.get("hits", 0)), **where,

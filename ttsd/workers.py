@@ -137,9 +137,10 @@ class WorkerCore:
     def run(self, requests: list) -> dict[str, Any]:
         return self.run_prepared(*self.prepare(requests))
 
-    def release(self) -> int:
+    def release(self, graphs: bool = False) -> int:
+        """Give cached GPU memory back; ``graphs`` (idle): the audio graphs' too."""
         self.last_release = time.monotonic()
-        return self.engine.release_memory()
+        return self.engine.release_memory(graphs)
 
 
 def worker_main(conn: Any, spec: WorkerSpec) -> None:
@@ -184,7 +185,7 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
             if kind == "run":
                 conn.send(("ok", core.run_prepared(msg[1], msg[2])))
             elif kind == "release":
-                conn.send(("released", core.release(), core.engine.memory()))
+                conn.send(("released", core.release(graphs=True), core.engine.memory()))
             elif kind == "stop":
                 break
             else:

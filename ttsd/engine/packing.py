@@ -42,17 +42,19 @@ def bucket(n: int, step: int) -> int:
 
 
 def full_call_shapes(max_rows: int, budget: int, max_frames: int,
-                     step: int = FRAME_STEP, row_step: int = 0) -> list[tuple[int, int]]:
+                     step: int = FRAME_STEP, row_step: int = 0,
+                     tail_frames: int = TAIL_FRAMES) -> list[tuple[int, int]]:
     """(rows, frames) of the full audio-half calls that fixed runs of ``max_rows``
     sentences make: every frames bucket up to ``max_frames``, with as many rows as
     ``max_rows`` and ``budget`` allow, longest first (the warm-up runs them once); with
     ``row_step``, also the partial calls' padded rows (``padded_rows``) of the buckets
-    up to ``TAIL_FRAMES``."""
+    up to ``tail_frames`` (every bucket for ``pack``'s calls, whose rows are multiples
+    of ``ROW_UNIT`` anywhere)."""
     shapes, f = [], step
     while f <= max_frames:
         rows = min(max_rows, budget // f)
         if rows >= 1:
-            if row_step > 1 and f <= TAIL_FRAMES:
+            if row_step > 1 and f <= tail_frames:
                 shapes.extend((r, f) for r in range(row_step, rows, row_step))
             shapes.append((rows, f))
         f = bucket(f + 1, step)

@@ -36,8 +36,15 @@ import numpy as np
 import torch
 
 from ttsd.engine import faults
-from ttsd.engine.graphs import MAX_ROWS, TextGraphs
-from ttsd.engine.packing import FRAME_STEP, bucket, full_call_shapes, pack, padded_rows
+from ttsd.engine.graphs import MAX_ROWS, AudioGraphs, TextGraphs
+from ttsd.engine.packing import (
+    FRAME_STEP,
+    TAIL_FRAMES,
+    bucket,
+    full_call_shapes,
+    pack,
+    padded_rows,
+)
 from ttsd.engine.phonemes import Phonemizer, PhonemizerProcesses, ProcessesUnavailable
 from ttsd.engine.vits import Generator, Vits
 from ttsd.engine.voice import VoiceInfo, load_model
@@ -109,6 +116,11 @@ class RunStats:
     oom_splits: int = 0
     text_ms: float = 0.0
     audio_ms: float = 0.0
+    audio_gpu_ms: float = 0.0
+    """The audio calls' time on the GPU (CUDA events around each call and its copy;
+    includes any wait for the host to launch its kernels)."""
+    audio_launch_ms: float = 0.0
+    """Host time spent launching the audio calls (padding, kernels, copy)."""
 
     @property
     def padding_efficiency(self) -> float:
@@ -141,6 +153,10 @@ class _Launched:
     done: Any = None
     """The CUDA event after the copies (None: already on the host)."""
     t0: float = 0.0
+    launch_ms: float = 0.0
+    began: Any = None
+    """Timing CUDA events before the call and after its copy (GPU only)."""
+    ended: Any = None
 
 
 @dataclass
@@ -158,6 +174,8 @@ class LoadedVoice:
     for calls bigger than its CUDA graphs take); eager otherwise."""
     graphs: TextGraphs | None = None
     """The text half's CUDA graphs (``Engine.cuda_graphs``)."""
+    audio_graphs: AudioGraphs | None = None
+    """The audio half's CUDA graphs (``Engine.audio_graphs``)."""
     extra: dict = field(default_factory=dict)
 
 
@@ -277,6 +295,7 @@ class Engine:
                  cache_dir=None, max_batch: int = 0, frame_budget: int = 0,
                  token_budget: int = 80000, compile: str = "auto",
                  compile_text: str = "auto", cuda_graphs: str = "auto",
+                 audio_graphs: str = "auto",
                  pack_calls: bool = False, warmup_frames: int = 2048, row_step: int = 0,
                  phonemizer_processes: int = 0,
                  pcm16: bool = False) -> None:
@@ -303,6 +322,9 @@ class Engine:
         eager rows."""
         self.cuda_graphs = self.device.type == "cuda" and cuda_graphs != "off"
         """Replay the text half from CUDA graphs (``graphs.TextGraphs``); GPU only."""
+        self.audio_graphs = self.device.type == "cuda" and audio_graphs != "off"
+        """Replay the audio half from a CUDA graph per call shape (``graphs.AudioGraphs``);
+        GPU only."""
         self.pack_calls = pack_calls
         """Audio-half calls cut by ``packing.pack`` (else every ``max_batch`` sentences)."""
         self.warmup_frames = warmup_frames
@@ -377,6 +399,9 @@ class Engine:
                          text_frames)
         if self.device.type == "cuda":
             lv.graphs = TextGraphs(model.text_frames, self.device, self.max_batch)
+        if self.audio_graphs:
+            lv.audio_graphs = AudioGraphs(audio_half, self.device, model.args.inter,
+                                          model.args.hop, self.max_batch, self.frame_budget)
         self._loaded[name] = lv
         return lv
 
@@ -404,11 +429,15 @@ class Engine:
             prepared = [Prepared(Request(-i - 1, text, name, seed=i), ids) for i in range(size)]
             self.run(prepared)
         if self.device.type == "cuda" and self.warmup_frames > 0:
-            self.warm_audio_shapes(name, full_call_shapes(
-                self.max_batch, self.frame_budget, self.warmup_frames,
-                row_step=self.row_step))
+            self.warm_audio_shapes(name, self.call_shapes(self.max_batch, self.frame_budget))
             self.reserve_staging(self.frame_budget * lv.model.args.hop)
         return time.perf_counter() - t0
+
+    def call_shapes(self, max_rows: int, budget: int) -> list[tuple[int, int]]:
+        """The audio-half call shapes the warm-up runs (``packing.full_call_shapes``):
+        with ``pack_calls``, every bucket's multiples of ``row_step`` rows."""
+        return full_call_shapes(max_rows, budget, self.warmup_frames, row_step=self.row_step,
+                                tail_frames=self.warmup_frames if self.pack_calls else TAIL_FRAMES)
 
     def reserve_staging(self, samples: int) -> None:
         """Allocate both pinned staging buffers (``_to_host``) for calls of up to
@@ -431,9 +460,18 @@ class Engine:
         lv, dev = self.voice(name), self.device
         inter, t = lv.model.args.inter, 16
         todo = [s for s in shapes if (name, *s) not in self._warmed]
+        if lv.audio_graphs is not None:
+            # Biggest first: the graphs' shared pool then reuses the first captures' blocks
+            # (in rising sizes each capture reserved new ones: 116 GiB for 76 shapes).
+            todo.sort(key=lambda s: -s[0] * s[1])
         t0 = time.perf_counter()
         with self._on_device():
             for rows, frames in todo:
+                if lv.audio_graphs is not None and lv.audio_graphs.fits(rows, frames):
+                    with self.precision.audio():   # run once, then captured
+                        if lv.audio_graphs.capture(rows, frames):
+                            self._warmed.add((name, rows, frames))
+                            continue
                 dur = torch.full((rows, t), frames // t, dtype=torch.long, device=dev)
                 dur[:, 0] += frames - (frames // t) * t
                 # Two tensors, not one passed twice: Dynamo guards that inputs do not
@@ -455,8 +493,12 @@ class Engine:
                 self._warmed.add((name, rows, frames))
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
+                if lv.audio_graphs is not None and lv.audio_graphs.graphs:
+                    torch.cuda.empty_cache()   # the eager runs' blocks: graphs replay now
         if todo:
+            graphs = lv.audio_graphs
             log.info("engine.audio_shapes", voice=name, shapes=len(todo),
+                     graphs=len(graphs.graphs) if graphs else 0,
                      seconds=round(time.perf_counter() - t0, 2))
         return len(todo)
 
@@ -799,9 +841,17 @@ class Engine:
         if self.faults:
             self.faults.check(prepared, chunk, "audio")
         t0 = time.perf_counter()
+        began = ended = None
+        if self.device.type == "cuda":
+            began = torch.cuda.Event(enable_timing=True)
+            began.record()
         out, samples = self._decode(lv, prepared, chunk, None)
         audio, finite, done = self._to_host(out, samples, slot)
-        return _Launched(chunk, audio, finite, done, t0)
+        if began is not None:
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+        return _Launched(chunk, audio, finite, done, t0,
+                         (time.perf_counter() - t0) * 1000, began, ended)
 
     def _collect_audio(self, lv: LoadedVoice, prepared: list[Prepared], job: _Launched,
                        stats: RunStats) -> None:
@@ -826,6 +876,10 @@ class Engine:
         stats.frame_slots += len(chunk) * chunk[0].frames
         stats.frames += sum(it.frames for it in chunk)
         stats.audio_ms += (time.perf_counter() - job.t0) * 1000
+        stats.audio_launch_ms += job.launch_ms
+        if job.ended is not None:
+            job.ended.synchronize()
+            stats.audio_gpu_ms += job.began.elapsed_time(job.ended)
 
     def _decode(self, lv: LoadedVoice, prepared: list[Prepared], chunk: list[_Item],
                 dec: Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -839,9 +893,29 @@ class Engine:
         # Rows past b (``row_step``): no frames, so masked to silence, and dropped below.
         n_rows = b if dec is not None else \
             padded_rows(b, fmax, self.max_batch, self.frame_budget, self.row_step)
-        m = torch.zeros(n_rows, inter, tmax, device=dev)
-        logs = torch.zeros(n_rows, inter, tmax, device=dev)
-        dur = torch.zeros(n_rows, tmax, dtype=torch.long, device=dev)
+        reqs = [prepared[it.line].request for it in chunk]
+        pad = [0] * (n_rows - b)
+        per_row = ([it.frames for it in chunk] + pad, [r.speaker_id for r in reqs] + pad,
+                   [it.seed for it in chunk] + pad)
+        noise_l = [r.noise_scale for r in reqs] + pad
+        graphs = lv.audio_graphs if dec is None and tmax <= fmax else None
+        if graphs is not None:
+            with self.precision.audio():   # a capture launches audio-half kernels
+                if not graphs.ready(n_rows, fmax):
+                    graphs = None
+        if graphs is not None:   # the graph's own input buffers (tokens padded to fmax)
+            m, logs, dur, frames, sid, seeds, noise = graphs.inputs(n_rows, fmax)
+            for x in (m, logs, dur):
+                x.zero_()
+            for x, v in zip((frames, sid, seeds), per_row):
+                x.copy_(torch.tensor(v), non_blocking=True)
+            noise.copy_(torch.tensor(noise_l, dtype=torch.float32), non_blocking=True)
+        else:
+            m = torch.zeros(n_rows, inter, tmax, device=dev)
+            logs = torch.zeros(n_rows, inter, tmax, device=dev)
+            dur = torch.zeros(n_rows, tmax, dtype=torch.long, device=dev)
+            frames, sid, seeds = (torch.tensor(v, device=dev) for v in per_row)
+            noise = torch.tensor(noise_l, dtype=torch.float32, device=dev)
         # Padded from one concatenation per tensor and one scatter each: a copy per item
         # was 3 × 128 small kernels per call, launched from Python.
         ns = np.array([it.m.size(1) for it in chunk])
@@ -851,20 +925,14 @@ class Engine:
         m[rows, :, cols] = torch.cat([it.m for it in chunk], 1).T
         logs[rows, :, cols] = torch.cat([it.logs for it in chunk], 1).T
         dur[rows, cols] = torch.cat([it.dur for it in chunk])
-        reqs = [prepared[it.line].request for it in chunk]
-        pad = [0] * (n_rows - b)
-        frames = torch.tensor([it.frames for it in chunk] + pad, device=dev)
-        sid = torch.tensor([r.speaker_id for r in reqs] + pad, device=dev)
-        seeds = torch.tensor([it.seed for it in chunk] + pad, device=dev)
-        noise = torch.tensor([r.noise_scale for r in reqs] + pad, dtype=torch.float32,
-                             device=dev)
         args = (m, logs, dur, frames, fmax, sid, seeds, noise)
         if dec is not None:
             with self.precision.audio():
                 out = lv.model.audio_half(*args, dec)
             return out, frames * lv.model.args.hop
         with self.precision.audio():
-            out = self._compiled(lv, "audio_half", args)
+            out = graphs.replay(n_rows, fmax) if graphs is not None else \
+                self._compiled(lv, "audio_half", args)
         return out[:b], frames[:b] * lv.model.args.hop
 
     def _compiled(self, lv: LoadedVoice, half: str, args: Sequence[Any]) -> Any:
@@ -948,11 +1016,17 @@ class Engine:
         if self.phonemizers is not None:
             self.phonemizers.close()
 
-    def release_memory(self) -> int:
-        """Empty the allocator's cache; returns the bytes given back to the driver."""
+    def release_memory(self, graphs: bool = False) -> int:
+        """Empty the allocator's cache (``graphs``: also drop the audio half's CUDA graphs,
+        their memory pool and buffers; they are captured again as shapes come back);
+        returns the bytes given back to the driver."""
         if self.device.type != "cuda":
             return 0
         before = torch.cuda.memory_reserved(self.device)
+        if graphs:
+            for lv in self._loaded.values():
+                if lv.audio_graphs is not None:
+                    lv.audio_graphs.drop()
         torch.cuda.empty_cache()
         return max(0, before - torch.cuda.memory_reserved(self.device))
 
