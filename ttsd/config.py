@@ -117,7 +117,7 @@ class EngineConfig:
     for calls of more than 32 sentences, which the CUDA graphs do not take: "auto"
     (when ``compile`` is on), "on" or "off". On an H200 at batch 128: 21.6 → 15.6 ms a
     call, every duration the same; ≈ 30-50 s more at the first start."""
-    pack_calls: bool = False
+    pack_calls: bool = True
     """Cut each batch's sentences into audio-half calls where padding costs least
     (``ttsd.engine.packing``; row counts multiples of 16) instead of every
     ``max_batch_size`` sentences: on the bench's lines 0.86 of the padded frames are
