@@ -276,7 +276,7 @@ class _HitCheck:
             store.cache_stamp(self.stamps)
 
 
-def link_hit(src: str, dst: str, sample_rate: int | None, link: bool
+def link_hit(src: str, dst: str, sample_rate: int | None, link: bool, checked: bool = False
              ) -> tuple[str, float | None]:
     """Put a cache hit's file at its line's WAV path (no folder fsync: the caller's).
     Returns ("linked", None), also when the path holds that very file already (linked
@@ -285,9 +285,9 @@ def link_hit(src: str, dst: str, sample_rate: int | None, link: bool
     longer a regular file (a miss: synthesize the line); ("taken", None): something
     that is not its WAV holds the path (never overwritten: the line fails,
     ``occupied``); ("error", None): a copy failed (disk full, I/O error: the line stays
-    pending)."""
+    pending). ``checked``: ``src`` was just found a regular file (``link_or_copy``)."""
     try:
-        link_or_copy(src, dst, link=link, sync_dir=False)
+        link_or_copy(src, dst, link=link, sync_dir=False, checked=checked)
         return "linked", None
     except (FileNotFoundError, ValueError):
         return "gone", None
@@ -339,7 +339,10 @@ def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
         if not answered:
             os.makedirs(folder, exist_ok=True)
         dst = os.path.join(folder, f"{ln.out_name}.wav")
-        outcome, seconds = link_hit(entry["path"], dst, sr, link)
+        # The entry's check has just lstat'ed the cache file: one lstat and one link a hit
+        # (a file swapped for a symlink in the microseconds between would be linked as
+        # one; the cache folder is the daemon's own).
+        outcome, seconds = link_hit(entry["path"], dst, sr, link, checked=True)
         if outcome == "linked":
             ln.wav, ln.seconds, ln.cached = dst, float(entry["seconds"]), True
             answered.append(ln)

@@ -315,27 +315,30 @@ def fsync_dir(folder: Path) -> None:
 
 
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike, *, link: bool = True,
-                 sync_dir: bool = True) -> None:
+                 sync_dir: bool = True, checked: bool = False) -> None:
     """Put a cached WAV at ``dst``: a hard link, else (other device, no link support,
     too many links) an atomic, size-verified copy. Never overwrites ``dst``.
     ``sync_dir=False``: the caller fsyncs the folder of a hard link itself (once for a
-    whole batch) before recording the line as done.
+    whole batch) before recording the line as done. ``checked``: the caller has just
+    lstat'ed ``src`` and found a regular file (a cache hit's entry check), so the link
+    is tried at once (a missing ``src`` still raises FileNotFoundError).
 
     Raises FileExistsError if ``dst`` exists, FileNotFoundError if ``src`` is gone,
     ValueError if ``src`` is not a regular file (a symlink is never followed).
     A link is one lstat and one link(2) (which itself refuses an existing ``dst``):
     ≈ 10 µs, once per cache hit.
     """
-    try:
-        st = os.lstat(src)
-    except FileNotFoundError:
-        if os.path.lexists(dst):   # the same error, in the same order, as a full check
-            raise _exists_error(Path(dst)) from None
-        raise
-    if not stat.S_ISREG(st.st_mode):
-        if os.path.lexists(dst):
-            raise _exists_error(Path(dst))
-        raise ValueError(f"{src}: not a regular file")
+    if not (checked and link):
+        try:
+            st = os.lstat(src)
+        except FileNotFoundError:
+            if os.path.lexists(dst):   # the same error, in the same order, as a full check
+                raise _exists_error(Path(dst)) from None
+            raise
+        if not stat.S_ISREG(st.st_mode):
+            if os.path.lexists(dst):
+                raise _exists_error(Path(dst))
+            raise ValueError(f"{src}: not a regular file")
     if link:
         try:
             os.link(src, dst, follow_symlinks=False)
