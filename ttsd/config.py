@@ -137,7 +137,8 @@ class EngineConfig:
     inside the daemon shares the interpreter with the writers and the feeder; a replay is
     one launch. End to end on an H200: 5,189 and 5,036x vs 4,479x off (model only, with
     nothing beside it, even). Costs a capture per shape at warm-up (and per other shape on
-    its second use) and a memory pool about one call's activations."""
+    its second use) and a memory pool about one call's activations (kept while idle:
+    ``memory.free_memory_every_s``)."""
     row_step: int = 16
     """GPU: an audio-half call of at least this many sentences runs with its rows padded
     up to a multiple of this (at most a full call's rows), and the warm-up runs those
@@ -238,7 +239,10 @@ class CacheConfig:
 @dataclass(frozen=True)
 class MemoryConfig:
     free_memory_every_s: float = 600.0
-    """Return cached GPU memory to the driver this often (0 = never)."""
+    """Return cached GPU memory to the driver this often (0 = never). The CUDA graphs'
+    memory pools stay (``engine.audio_graphs``: about one audio call's activations):
+    they are the warm state, like the weights; turn the graphs off to give that back too
+    on a shared GPU."""
     idle_s: float = 30.0
     """Also return it after this long without work."""
 

@@ -401,7 +401,7 @@ class Daemon:
         since = now - (self.last_work if idle else self.last_release)
         if every <= 0 or since < every or (idle and self.last_release > self.last_work):
             return
-        freed = self.engine.release_memory(graphs=idle)   # idle: the audio graphs' too
+        freed = self.engine.release_memory()
         self.last_release = now
         store.record_release(freed, reason, str(self.engine.device))
         log.info("gpu.memory_released", bytes=freed, reason=reason)

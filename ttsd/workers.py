@@ -137,10 +137,9 @@ class WorkerCore:
     def run(self, requests: list) -> dict[str, Any]:
         return self.run_prepared(*self.prepare(requests))
 
-    def release(self, graphs: bool = False) -> int:
-        """Give cached GPU memory back; ``graphs`` (idle): the audio graphs' too."""
+    def release(self) -> int:
         self.last_release = time.monotonic()
-        return self.engine.release_memory(graphs)
+        return self.engine.release_memory()
 
 
 def worker_main(conn: Any, spec: WorkerSpec) -> None:
@@ -185,7 +184,7 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
             if kind == "run":
                 conn.send(("ok", core.run_prepared(msg[1], msg[2])))
             elif kind == "release":
-                conn.send(("released", core.release(graphs=True), core.engine.memory()))
+                conn.send(("released", core.release(), core.engine.memory()))
             elif kind == "stop":
                 break
             else:

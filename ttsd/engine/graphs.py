@@ -266,11 +266,3 @@ class AudioGraphs:
     def replay(self, rows: int, frames: int) -> torch.Tensor:
         self.graphs[(rows, frames)].replay()
         return self.output(rows, frames)
-
-    def drop(self) -> None:
-        """Free the graphs, their memory pool and the shared buffers (an idle daemon's
-        memory release); shapes are captured again as they come back."""
-        self.graphs.clear()
-        self.seen.clear()
-        self.pool = None
-        self._buf = None

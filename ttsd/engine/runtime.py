@@ -1016,17 +1016,13 @@ class Engine:
         if self.phonemizers is not None:
             self.phonemizers.close()
 
-    def release_memory(self, graphs: bool = False) -> int:
-        """Empty the allocator's cache (``graphs``: also drop the audio half's CUDA graphs,
-        their memory pool and buffers; they are captured again as shapes come back);
-        returns the bytes given back to the driver."""
+    def release_memory(self) -> int:
+        """Empty the allocator's cache; returns the bytes given back to the driver. The
+        CUDA graphs' pools stay: they are the warm state, like the weights (a dropped
+        graph would be captured again mid-run, on its shape's second use)."""
         if self.device.type != "cuda":
             return 0
         before = torch.cuda.memory_reserved(self.device)
-        if graphs:
-            for lv in self._loaded.values():
-                if lv.audio_graphs is not None:
-                    lv.audio_graphs.drop()
         torch.cuda.empty_cache()
         return max(0, before - torch.cuda.memory_reserved(self.device))
 
