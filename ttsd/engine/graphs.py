@@ -145,6 +145,12 @@ class TextGraphs:
         return tuple(x[:b].clone() for x in out)
 
 
+class SharedPool:
+    """A CUDA graph memory pool handle, set by the first capture into it."""
+
+    handle: tuple | None = None
+
+
 class AudioGraphs:
     """Replays ``fn`` (the compiled audio half: (m_p, logs_p, durations, frames,
     max_frames, sid, seeds, noise_scale) → audio [rows, max_frames * hop]) from one
@@ -156,10 +162,16 @@ class AudioGraphs:
     is captured when first run twice (or at warm-up, ``capture``), so a one-off shape
     never pays for a capture. The caller fills ``inputs(rows, frames)`` and calls
     ``replay``; the returned output is a view of a shared buffer, overwritten by the next
-    replay (the engine copies it to the host first, in stream order)."""
+    replay (the engine copies it to the host first, in stream order).
+
+    ``pool``: the memory pool to capture into, shared by every voice of an engine. Every
+    graph's memory is scratch (its output is copied into the shared buffer inside the
+    graph) and all audio calls run one after another on one stream, so one pool serves
+    every shape of every voice: a second voice adds its buffers, not a second pool."""
 
     def __init__(self, fn: Callable[..., torch.Tensor], device: torch.device, inter: int,
-                 hop: int, max_rows: int, budget: int) -> None:
+                 hop: int, max_rows: int, budget: int, pool: SharedPool | None = None
+                 ) -> None:
         self.fn = fn
         self.device = device
         self.inter, self.hop = inter, hop
@@ -167,7 +179,7 @@ class AudioGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.seen: set[tuple[int, int]] = set()
         self.failed: set[tuple[int, int]] = set()
-        self.pool = None
+        self.pool = pool if pool is not None else SharedPool()
         self.off: str | None = None
         self._buf: dict[str, torch.Tensor] | None = None
         self._stream: torch.cuda.Stream | None = None
@@ -241,7 +253,7 @@ class AudioGraphs:
             self.fn(*call)
             side.wait_stream(here)
             with torch.cuda.stream(side):
-                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                graph.capture_begin(pool=self.pool.handle, capture_error_mode="thread_local")
                 try:
                     out.copy_(self.fn(*call))
                 finally:
@@ -258,8 +270,8 @@ class AudioGraphs:
             self.graphs.clear()
             log.warning("engine.audio_graphs_off", error=self.off[:300])
             return False
-        if self.pool is None:
-            self.pool = graph.pool()
+        if self.pool.handle is None:
+            self.pool.handle = graph.pool()
         self.graphs[key] = graph
         return True
 

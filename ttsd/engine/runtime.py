@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ttsd.engine import faults
-from ttsd.engine.graphs import MAX_ROWS, AudioGraphs, TextGraphs
+from ttsd.engine.graphs import MAX_ROWS, AudioGraphs, SharedPool, TextGraphs
 from ttsd.engine.packing import (
     FRAME_STEP,
     TAIL_FRAMES,
@@ -341,6 +341,8 @@ class Engine:
         self._staging: list[torch.Tensor | None] = [None, None]
         """Two pinned host buffers, reused: one audio-half call copies into one while the
         host copies the previous call's samples out of the other."""
+        self._audio_pool = SharedPool()
+        """The memory pool of every voice's audio graphs (``graphs.AudioGraphs``)."""
         self._warmed: set[tuple[str, int, int]] = set()
         """(voice, rows, frames) the audio half has run once (``warm_audio_shapes``)."""
         if self.device.type == "cuda":
@@ -399,9 +401,10 @@ class Engine:
                          text_frames)
         if self.device.type == "cuda":
             lv.graphs = TextGraphs(model.text_frames, self.device, self.max_batch)
-        if self.audio_graphs:
+        if self.audio_graphs:   # one memory pool for every voice's graphs
             lv.audio_graphs = AudioGraphs(audio_half, self.device, model.args.inter,
-                                          model.args.hop, self.max_batch, self.frame_budget)
+                                          model.args.hop, self.max_batch, self.frame_budget,
+                                          pool=self._audio_pool)
         self._loaded[name] = lv
         return lv
 
