@@ -124,6 +124,8 @@ def test_audio_graph_inputs_give_the_eager_audio() -> None:
     assert torch.equal(out, eager), "the graph's padded inputs change nothing"
     assert graphs.output(n, fmax).data_ptr() == graphs.output(1, 64).data_ptr(), \
         "one shared output buffer"
+    graphs.close()
+    assert not graphs.fits(n, fmax), "a closed engine's calls run eagerly"
 
 
 def test_audio_graphs_are_gpu_only() -> None:

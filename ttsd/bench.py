@@ -453,6 +453,7 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
                 torch.cuda.reset_peak_memory_stats()
             report["batched"].append(row)
         save()
+        eng.close()   # its graphs' memory too: the daemon of the end-to-end rows needs it
         del eng
         if gpu:
             torch.cuda.empty_cache()

@@ -278,3 +278,11 @@ class AudioGraphs:
     def replay(self, rows: int, frames: int) -> torch.Tensor:
         self.graphs[(rows, frames)].replay()
         return self.output(rows, frames)
+
+    def close(self) -> None:
+        """Drop the graphs and buffers (the engine is done: a bench row, a closed
+        worker); the pool's memory returns to the allocator with its last graph."""
+        self.graphs.clear()
+        self.seen.clear()
+        self._buf = None
+        self.off = "closed"

@@ -1015,9 +1015,13 @@ class Engine:
         return self.run(self.prepare(requests))[0]
 
     def close(self) -> None:
-        """Stop the phonemizer processes (the model needs no closing)."""
+        """Stop the phonemizer processes and drop the audio half's CUDA graphs (their
+        pool is given back at the next ``release_memory``)."""
         if self.phonemizers is not None:
             self.phonemizers.close()
+        for lv in self._loaded.values():
+            if lv.audio_graphs is not None:
+                lv.audio_graphs.close()
 
     def release_memory(self) -> int:
         """Empty the allocator's cache; returns the bytes given back to the driver. The
