@@ -75,7 +75,8 @@ def build_engine(cfg: Config, device: str | None = None, *, dtype: str | None = 
                   compile=compile or e.compile, compile_text=e.compile_text,
                   pack_calls=e.pack_calls, warmup_frames=e.warmup_frames,
                   row_step=e.row_step,
-                  cuda_graphs=e.cuda_graphs, audio_graphs=e.audio_graphs, pcm16=cfg.output.subtype == "PCM_16",
+                  cuda_graphs=e.cuda_graphs, audio_graphs=e.audio_graphs,
+                  pcm16=cfg.output.subtype == "PCM_16",
                   phonemizer_processes=phonemizers if phonemizers is not None else
                   (e.phonemizer_processes or max(1, min(4, (os.cpu_count() or 1) // 4))))
 

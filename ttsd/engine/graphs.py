@@ -25,10 +25,10 @@ daemon the model thread shares the interpreter with the writers and the feeder (
 batches measured 413-578 ms on the host launching audio calls for 452-674 ms of GPU
 time). ``AudioGraphs`` captures the compiled audio half once per (rows, frames) call
 shape; a call is then a few input copies and one launch: end to end 5,189 and 5,036x
-against 4,479x without (H200, one run each). Its inputs live in buffers shared by every shape (sized by the
-frame budget), so graphs never run concurrently: the engine launches audio calls from
-one thread, on one stream, and copies each call's output out before the next call's
-inputs are written.
+against 4,479x without (H200, one run each). Its inputs live in buffers shared by every
+shape (sized by the frame budget), so graphs never run concurrently: the engine
+launches audio calls from one thread, on one stream, and copies each call's output out
+before the next call's inputs are written.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ class AudioGraphs:
             return True
         if not self.fits(rows, frames):
             return False
-        m, logs, dur, fr, sid, seeds, noise = args = self.inputs(rows, frames)
+        m, logs, dur, fr, sid, seeds, noise = self.inputs(rows, frames)
         out = self.output(rows, frames)
         m.zero_()
         logs.zero_()
@@ -261,7 +261,6 @@ class AudioGraphs:
             here.wait_stream(side)
         except Exception as exc:  # noqa: BLE001 - out of memory: this shape; else all
             here.wait_stream(side)
-            del args
             if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
                 self.failed.add(key)
                 log.warning("engine.audio_graph_oom", rows=rows, frames=frames)
