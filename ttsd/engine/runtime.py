@@ -151,12 +151,11 @@ class _Launched:
     audio: np.ndarray
     finite: Any
     done: Any = None
-    """The CUDA event after the copies (None: already on the host)."""
+    """The CUDA event after the copies (None: already on the host); a timing event."""
     t0: float = 0.0
     launch_ms: float = 0.0
     began: Any = None
-    """Timing CUDA events before the call and after its copy (GPU only)."""
-    ended: Any = None
+    """The timing CUDA event before the call (``done`` - ``began``: its GPU time)."""
 
 
 @dataclass
@@ -844,17 +843,14 @@ class Engine:
         if self.faults:
             self.faults.check(prepared, chunk, "audio")
         t0 = time.perf_counter()
-        began = ended = None
+        began = None
         if self.device.type == "cuda":
             began = torch.cuda.Event(enable_timing=True)
             began.record()
         out, samples = self._decode(lv, prepared, chunk, None)
         audio, finite, done = self._to_host(out, samples, slot)
-        if began is not None:
-            ended = torch.cuda.Event(enable_timing=True)
-            ended.record()
         return _Launched(chunk, audio, finite, done, t0,
-                         (time.perf_counter() - t0) * 1000, began, ended)
+                         (time.perf_counter() - t0) * 1000, began)
 
     def _collect_audio(self, lv: LoadedVoice, prepared: list[Prepared], job: _Launched,
                        stats: RunStats) -> None:
@@ -880,9 +876,8 @@ class Engine:
         stats.frames += sum(it.frames for it in chunk)
         stats.audio_ms += (time.perf_counter() - job.t0) * 1000
         stats.audio_launch_ms += job.launch_ms
-        if job.ended is not None:
-            job.ended.synchronize()
-            stats.audio_gpu_ms += job.began.elapsed_time(job.ended)
+        if job.began is not None and job.done is not None:   # done: waited for above
+            stats.audio_gpu_ms += job.began.elapsed_time(job.done)
 
     def _decode(self, lv: LoadedVoice, prepared: list[Prepared], chunk: list[_Item],
                 dec: Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -978,7 +973,7 @@ class Engine:
         host = buf[:out.numel()].view(out.shape)
         host.copy_(out, non_blocking=True)
         fin = finite.to("cpu", non_blocking=True)
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(enable_timing=True)   # also times the call (_Launched)
         done.record()
         return host.numpy(), fin, done
 
