@@ -227,8 +227,9 @@ class AudioGraphs:
 
     def capture(self, rows: int, frames: int) -> bool:
         """Capture one shape (run once first: compiled code, cuDNN plans and workspaces
-        are made outside the capture). False if it cannot be: that shape runs eagerly
-        from then on (out of memory), or every shape does (any other failure, logged)."""
+        are made outside the capture). False if it cannot be: a shape past the rows or
+        the frame budget, or one that ran out of memory, runs eagerly; after any other
+        failure every shape does (logged)."""
         key = (rows, frames)
         if key in self.graphs:
             return True

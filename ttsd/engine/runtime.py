@@ -469,8 +469,8 @@ class Engine:
         t0 = time.perf_counter()
         with self._on_device():
             for rows, frames in todo:
-                if lv.audio_graphs is not None and lv.audio_graphs.fits(rows, frames):
-                    with self.precision.audio():   # run once, then captured
+                if lv.audio_graphs is not None:   # run once, then captured (if it fits)
+                    with self.precision.audio():
                         if lv.audio_graphs.capture(rows, frames):
                             self._warmed.add((name, rows, frames))
                             continue
