@@ -491,6 +491,7 @@ class Sink:
         results = {r.key: r for r in batch.results}
         groups = [(gi, g) for gi, g in enumerate(batch.groups) if gi not in batch.streamed]
         jobs = []
+        made: dict[str, bool] = {}   # each folder made once, not once per WAV
         for gi, group in groups:
             res = results.get(gi)
             if res is None or res.audio is None:
@@ -498,6 +499,16 @@ class Sink:
                 failed.extend((row.id, err) for row in group)
                 continue
             for row in group:
+                if row.out_dir not in made:
+                    try:
+                        os.makedirs(row.out_dir, exist_ok=True)
+                        made[row.out_dir] = True
+                    except OSError as exc:   # the line stays pending, as for a write
+                        log.error("wav.write_failed", path=str(wav_path(row)), error=str(exc))
+                        made[row.out_dir] = False
+                if not made[row.out_dir]:
+                    requeue.append(row.id)
+                    continue
                 jobs.append((row, res, self.pool.submit(self._write_one, row, res)))
         for row, res, fut in jobs:
             try:
@@ -582,8 +593,7 @@ class Sink:
         """Writes the line's WAV; a valid one already there (an earlier attempt's) is
         kept. Returns None, or why the line fails for good: another file holds its path
         (OSError, raised for a transient failure like a full disk, requeues it)."""
-        path = wav_path(row)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = wav_path(row)   # its folder: made by ``write``
         try:
             write_wav(path, res.audio, res.sample_rate, self.subtype, sync_dir=False)
         except FileExistsError:

@@ -23,7 +23,8 @@ import os
 import secrets
 import stat
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,9 @@ import soundfile as sf
 from ttsd import crash
 from ttsd.log import get_logger
 from ttsd.names import csv_cell, fit_name as _fit
+
+if TYPE_CHECKING:
+    from collections.abc import Buffer   # Python 3.12
 
 log = get_logger(__name__)
 
@@ -121,15 +125,26 @@ def _exists_error(path: Path) -> FileExistsError:
     return FileExistsError(errno.EEXIST, "will not overwrite an existing file", str(path))
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _write_all(fd: int, data: bytes | Sequence[Buffer]) -> int:
+    """Write ``data`` (bytes, or buffers one after another: writev, which copies none of
+    them into one bytes object first); returns the byte count."""
+    parts = [memoryview(data).cast("B")] if isinstance(data, (bytes, bytearray, memoryview)) \
+        else [memoryview(p).cast("B") for p in data]
+    total = sum(len(p) for p in parts)
+    while parts:
+        n = os.writev(fd, parts) if len(parts) > 1 else os.write(fd, parts[0])
+        while parts and n >= len(parts[0]):
+            n -= len(parts[0])
+            parts.pop(0)
+        if parts and n:
+            parts[0] = parts[0][n:]
+    return total
 
 
-def write_atomic(path: Path, data: bytes, *, overwrite: bool = False,
+def write_atomic(path: Path, data: bytes | Sequence[Buffer], *, overwrite: bool = False,
                  crash_at: str | None = None, sync_dir: bool = True) -> int:
-    """Write ``data`` to ``path`` atomically and durably; returns the byte count.
+    """Write ``data`` (bytes, or buffers one after another) to ``path`` atomically and
+    durably; returns the byte count.
 
     FileExistsError if ``path`` exists and not ``overwrite``. No temp file survives an
     error (ENOSPC and EIO propagate as OSError after cleanup). ``crash_at`` names the
@@ -145,7 +160,7 @@ def write_atomic(path: Path, data: bytes, *, overwrite: bool = False,
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         try:
-            _write_all(fd, data)
+            written = _write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -160,7 +175,7 @@ def write_atomic(path: Path, data: bytes, *, overwrite: bool = False,
         raise
     if sync_dir:
         _fsync_dir(path.parent)
-    return len(data)
+    return written
 
 
 def _remove_quietly(path: Path) -> None:
@@ -222,6 +237,13 @@ def pcm16(clipped: np.ndarray) -> np.ndarray:
 def _encode_int16(samples: np.ndarray, sample_rate: int, subtype: str) -> bytes:
     """int16 PCM as it is for PCM_16 (the same bytes as its float k / 32768 through
     ``pcm16``); other subtypes through libsndfile from the exact floats."""
+    return b"".join(_int16_parts(samples, sample_rate, subtype))
+
+
+def _int16_parts(samples: np.ndarray, sample_rate: int, subtype: str) -> list[Buffer]:
+    """``_encode_int16``'s WAV in parts: for PCM_16 its 44-byte header and the samples
+    themselves (written with writev: copying them into one bytes object was a tenth of
+    a daemon's time holding the GIL); else the whole WAV."""
     if samples.ndim != 1:
         raise ValueError(f"expected 1-D mono samples, got shape {samples.shape}")
     if sample_rate <= 0:
@@ -229,8 +251,8 @@ def _encode_int16(samples: np.ndarray, sample_rate: int, subtype: str) -> bytes:
     if subtype == "PCM_16":
         header = _pcm16_header(samples.size, sample_rate)
         if header is not None:
-            return header + samples.astype("<i2", copy=False).tobytes()
-    return encode_wav(int16_floats(samples), sample_rate, subtype)
+            return [header, np.ascontiguousarray(samples, dtype="<i2")]
+    return [encode_wav(int16_floats(samples), sample_rate, subtype)]
 
 
 def int16_floats(samples: np.ndarray) -> np.ndarray:
@@ -269,9 +291,13 @@ def write_wav(path: Path, samples: np.ndarray, sample_rate: int, subtype: str = 
     before recording the line as done; the file's own data is synced here either way.
     """
     path = Path(path)
-    if not overwrite and os.path.lexists(path):
-        raise _exists_error(path)
-    data = encode_wav(samples, sample_rate, subtype)
+    if isinstance(samples, np.ndarray) and samples.dtype == np.int16:
+        # no encoding to spare: write_atomic's own check refuses an existing path
+        data: bytes | list[Buffer] = _int16_parts(samples, sample_rate, subtype)
+    else:
+        if not overwrite and os.path.lexists(path):
+            raise _exists_error(path)
+        data = encode_wav(samples, sample_rate, subtype)
     written = write_atomic(path, data, overwrite=overwrite, crash_at="after_tmp",
                            sync_dir=sync_dir)
     log.debug("writer.wav", path=str(path), bytes=written)
