@@ -140,7 +140,8 @@ class TextGraphs:
             return None
         graph, static, out = self.graphs[shape]
         for dst, src in zip(static, pad_inputs(inputs, *shape)):
-            dst.copy_(src, non_blocking=True)
+            # from pinned memory: a pageable copy may wait for the stream's queued work
+            dst.copy_(src.pin_memory() if dst.is_cuda else src, non_blocking=True)
         graph.replay()
         return tuple(x[:b].clone() for x in out)
 

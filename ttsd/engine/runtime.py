@@ -109,6 +109,8 @@ class RunStats:
     text_graphed: int = 0
     """Text-half calls replayed from a CUDA graph."""
     audio_calls: int = 0
+    audio_graphed: int = 0
+    """Audio-half calls replayed from a CUDA graph (the rest: compiled launches)."""
     token_slots: int = 0
     tokens: int = 0
     frame_slots: int = 0
@@ -128,14 +130,25 @@ class RunStats:
 
 
 @dataclass
+class _Tokens:
+    """A batch's text half, token by token: ``m`` and ``logs`` [tokens, channels],
+    ``dur`` [tokens] (each call's rows, padding included, one after another), so that an
+    audio call gathers its items' tokens with one index instead of a view per item."""
+    m: torch.Tensor
+    logs: torch.Tensor
+    dur: torch.Tensor
+
+
+@dataclass
 class _Item:
     line: int          # index into the prepared list
     sentence: int
     ids: list[int]
     seed: int
-    m: torch.Tensor | None = None
-    logs: torch.Tensor | None = None
-    dur: torch.Tensor | None = None
+    text: _Tokens | None = None
+    """Its batch's text half, every token in one row of flat tensors (``_Tokens``)."""
+    tok: int = 0
+    """Its first token's row in ``text`` (its ``len(ids)`` tokens follow)."""
     frames: int = 0
     out: np.ndarray | None = None
     """Where its samples go: a view into its line's audio (``Engine._line_buffers``)."""
@@ -156,6 +169,8 @@ class _Launched:
     launch_ms: float = 0.0
     began: Any = None
     """The timing CUDA event before the call (``done`` - ``began``: its GPU time)."""
+    graphed: bool = False
+    """Replayed from a CUDA graph."""
 
 
 @dataclass
@@ -657,13 +672,23 @@ class Engine:
                 lambda c: launched.append((c, self._text_half(lv, prepared, c, stats))),
                 chunk, stats)
         if launched:
-            frames = torch.cat([out[3] for _c, out in launched]).cpu()
-            at = 0
+            # Every call's tokens as rows of one tensor each (a copy per call, queued
+            # before the frame counts' copy, so they are done when it is).
+            ms, logss, durs, base = [], [], [], 0
             for chunk, (m, logs, dur, _f) in launched:
+                b, c, t = m.shape
+                ms.append(m.transpose(1, 2).reshape(b * t, c))
+                logss.append(logs.transpose(1, 2).reshape(b * t, c))
+                durs.append(dur.reshape(b * t))
                 for i, it in enumerate(chunk):
-                    n = len(it.ids)
-                    it.m, it.logs, it.dur = m[i, :, :n], logs[i, :, :n], dur[i, :n]
-                    it.frames = int(frames[at + i])
+                    it.tok = base + i * t
+                base += b * t
+            text = _Tokens(torch.cat(ms), torch.cat(logss), torch.cat(durs))
+            frames = torch.cat([out[3] for _c, out in launched]).tolist()
+            at = 0
+            for chunk, _out in launched:
+                for it, f in zip(chunk, frames[at:at + len(chunk)]):
+                    it.text, it.frames = text, int(f)
                 at += len(chunk)
         stats.text_ms += (time.perf_counter() - t0) * 1000
         # 3: runaway guard per line.
@@ -813,11 +838,13 @@ class Engine:
         if self.faults:
             self.faults.check(prepared, chunk, "text")
         dev, b = self.device, len(chunk)
-        tmax = bucket(max(len(it.ids) for it in chunk), 16)
-        ids = torch.zeros(b, tmax, dtype=torch.long)
-        for i, it in enumerate(chunk):
-            ids[i, :len(it.ids)] = torch.tensor(it.ids)
-        lengths = torch.tensor([len(it.ids) for it in chunk])
+        lens = [len(it.ids) for it in chunk]
+        tmax = bucket(max(lens), 16)
+        ids_np = np.zeros((b, tmax), dtype=np.int64)   # numpy: a torch op per row held
+        for i, it in enumerate(chunk):                  # the GIL for ~10 µs each
+            ids_np[i, :lens[i]] = it.ids
+        ids = torch.from_numpy(ids_np)
+        lengths = torch.tensor(lens)
         reqs = [prepared[it.line].request for it in chunk]
         sid = torch.tensor([r.speaker_id for r in reqs])
         seeds = torch.tensor([it.seed for it in chunk])
@@ -827,7 +854,7 @@ class Engine:
         with self.precision.strict():
             out = lv.graphs.run(inputs) if lv.graphs is not None and self.cuda_graphs else None
             if out is None:
-                args = [x.to(dev) for x in inputs]
+                args = [self._to_device(x) for x in inputs]
                 out = (self._compiled(lv, "text_frames", args) if self.compile_text
                        and b > MAX_ROWS else lv.model.text_frames(*args))
             else:
@@ -847,10 +874,10 @@ class Engine:
         if self.device.type == "cuda":
             began = torch.cuda.Event(enable_timing=True)
             began.record()
-        out, samples = self._decode(lv, prepared, chunk, None)
+        out, samples, graphed = self._decode(lv, prepared, chunk, None)
         audio, finite, done = self._to_host(out, samples, slot)
         return _Launched(chunk, audio, finite, done, t0,
-                         (time.perf_counter() - t0) * 1000, began)
+                         (time.perf_counter() - t0) * 1000, began, graphed)
 
     def _collect_audio(self, lv: LoadedVoice, prepared: list[Prepared], job: _Launched,
                        stats: RunStats) -> None:
@@ -866,12 +893,13 @@ class Engine:
             if ok:
                 it.out[:] = job.audio[i, :n]
             elif lv.dec32 is not None:
-                again, fin = self._to_host(*self._decode(lv, prepared, [it], lv.dec32))[:2]
+                again, fin = self._to_host(*self._decode(lv, prepared, [it], lv.dec32)[:2])[:2]
                 ok = bool(fin[0])
                 if ok:
                     it.out[:] = again[0, :n]
             it.ok = ok
         stats.audio_calls += 1
+        stats.audio_graphed += job.graphed
         stats.frame_slots += len(chunk) * chunk[0].frames
         stats.frames += sum(it.frames for it in chunk)
         stats.audio_ms += (time.perf_counter() - job.t0) * 1000
@@ -880,14 +908,17 @@ class Engine:
             stats.audio_gpu_ms += job.began.elapsed_time(job.done)
 
     def _decode(self, lv: LoadedVoice, prepared: list[Prepared], chunk: list[_Item],
-                dec: Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                dec: Generator | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """The audio half on ``chunk``: the engine's (maybe compiled) decoder when
         ``dec`` is None, else ``dec`` eagerly (the float32 retry). Returns the audio
-        [B, S] and the samples of each item, on the device (``_to_host`` next)."""
+        [B, S] and the samples of each item, on the device (``_to_host`` next), and
+        whether a CUDA graph ran it."""
         dev, b = self.device, len(chunk)
         fmax = bucket(max(it.frames for it in chunk), FRAME_STEP)
-        tmax = max(it.m.size(1) for it in chunk)
-        inter = chunk[0].m.size(0)
+        ns = np.array([len(it.ids) for it in chunk])
+        tmax = int(ns.max())
+        text = chunk[0].text   # one batch's text half: every item of a call shares it
+        inter = text.m.size(1)
         # Rows past b (``row_step``): no frames, so masked to silence, and dropped below.
         n_rows = b if dec is not None else \
             padded_rows(b, fmax, self.max_batch, self.frame_budget, self.row_step)
@@ -905,33 +936,47 @@ class Engine:
             m, logs, dur, frames, sid, seeds, noise = graphs.inputs(n_rows, fmax)
             for x in (m, logs, dur):
                 x.zero_()
-            for x, v in zip((frames, sid, seeds), per_row):
-                x.copy_(torch.tensor(v), non_blocking=True)
-            noise.copy_(torch.tensor(noise_l, dtype=torch.float32), non_blocking=True)
+            rows3 = self._to_device(torch.tensor(per_row))
+            for x, v in zip((frames, sid, seeds), rows3):
+                x.copy_(v)
+            noise.copy_(self._to_device(torch.tensor(noise_l, dtype=torch.float32)))
         else:
             m = torch.zeros(n_rows, inter, tmax, device=dev)
             logs = torch.zeros(n_rows, inter, tmax, device=dev)
             dur = torch.zeros(n_rows, tmax, dtype=torch.long, device=dev)
-            frames, sid, seeds = (torch.tensor(v, device=dev) for v in per_row)
-            noise = torch.tensor(noise_l, dtype=torch.float32, device=dev)
-        # Padded from one concatenation per tensor and one scatter each: a copy per item
-        # was 3 × 128 small kernels per call, launched from Python.
-        ns = np.array([it.m.size(1) for it in chunk])
-        starts = np.repeat(np.cumsum(ns) - ns, ns)
-        rows = torch.from_numpy(np.repeat(np.arange(b), ns)).to(dev)
-        cols = torch.from_numpy(np.arange(int(ns.sum())) - starts).to(dev)
-        m[rows, :, cols] = torch.cat([it.m for it in chunk], 1).T
-        logs[rows, :, cols] = torch.cat([it.logs for it in chunk], 1).T
-        dur[rows, cols] = torch.cat([it.dur for it in chunk])
+            # Separate tensors: Dynamo treats views of one storage as aliased inputs.
+            frames, sid, seeds = (self._to_device(torch.tensor(v)) for v in per_row)
+            noise = self._to_device(torch.tensor(noise_l, dtype=torch.float32))
+        # Padded with one gather and one scatter per tensor, from one copy of the indices:
+        # a copy per item was 3 × 128 small kernels per call, launched from Python.
+        cols = np.arange(int(ns.sum())) - np.repeat(np.cumsum(ns) - ns, ns)
+        index = self._to_device(torch.from_numpy(np.stack([
+            np.repeat(np.arange(b), ns), cols,
+            np.repeat(np.array([it.tok for it in chunk]), ns) + cols])))
+        rows, cols_d, src = index
+        m[rows, :, cols_d] = text.m[src]
+        logs[rows, :, cols_d] = text.logs[src]
+        dur[rows, cols_d] = text.dur[src]
         args = (m, logs, dur, frames, fmax, sid, seeds, noise)
         if dec is not None:
             with self.precision.audio():
                 out = lv.model.audio_half(*args, dec)
-            return out, frames * lv.model.args.hop
+            return out, frames * lv.model.args.hop, False
         with self.precision.audio():
             out = graphs.replay(n_rows, fmax) if graphs is not None else \
                 self._compiled(lv, "audio_half", args)
-        return out[:b], frames[:b] * lv.model.args.hop
+        return out[:b], frames[:b] * lv.model.args.hop, graphs is not None
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """A CPU tensor on the engine's device, copied in stream order without waiting.
+        A plain ``.to(device)`` waits for the stream's queued work before it returns:
+        each audio call then waited for the one before it, and each text-half call for
+        the one before it, so the host could not queue ahead of the GPU. From pinned
+        memory the copy is queued and the pinned block is reused only after it ran
+        (PyTorch's host allocator records the stream)."""
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def _compiled(self, lv: LoadedVoice, half: str, args: Sequence[Any]) -> Any:
         """``lv.<half>(*args)``, where ``half`` (``audio_half`` or ``text_frames``) may be
