@@ -691,3 +691,38 @@ def test_int16_pcm_writes_the_bytes_of_its_floats(tmp_path: Path) -> None:
     assert sr == 22050 and np.array_equal(back, pcm)
     with pytest.raises(ValueError, match="1-D"):
         writer.encode_wav(pcm[:100_000].reshape(2, -1), 22050)
+
+
+def test_int16_wav_in_parts_survives_short_writes_and_disk_full(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An int16 WAV goes out as its header and its samples (writev, no joined copy): a
+    short write (a signal, a pipe-like file system) resumes where it stopped, and the
+    file is byte for byte encode_wav's; ENOSPC mid-write leaves nothing (row 26)."""
+    pcm = (np.random.default_rng(9).integers(-32768, 32768, 150_001)).astype(np.int16)
+    real_writev, real_write = os.writev, os.write
+    calls = []
+
+    def short_writev(fd: int, bufs: list) -> int:
+        calls.append(len(bufs))
+        return real_writev(fd, [bytes(b)[:1000] for b in bufs][:2])   # at most 2 KB
+
+    def short_write(fd: int, data) -> int:
+        return real_write(fd, bytes(data)[:777])
+
+    monkeypatch.setattr(writer.os, "writev", short_writev)
+    monkeypatch.setattr(writer.os, "write", short_write)
+    n = write_wav(tmp_path / "a.wav", pcm, SR)
+    assert calls and calls[0] == 2   # header and samples, not one joined bytes object
+    assert (tmp_path / "a.wav").read_bytes() == writer.encode_wav(pcm, SR)
+    assert n == 44 + 2 * pcm.size
+    back, sr = sf.read(str(tmp_path / "a.wav"), dtype="int16")
+    assert sr == SR and np.array_equal(back, pcm)
+
+    def full(fd: int, bufs: list) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer.os, "writev", full)
+    with pytest.raises(OSError) as info:
+        write_wav(tmp_path / "b.wav", pcm, SR)
+    assert info.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav"]
