@@ -440,7 +440,8 @@ class Daemon:
                         "text_ms": round(st.text_ms, 1), "audio_ms": round(st.audio_ms, 1),
                         "audio_gpu_ms": round(st.audio_gpu_ms, 1),
                         "audio_launch_ms": round(st.audio_launch_ms, 1),
-                        "text_calls": st.text_calls, "audio_calls": st.audio_calls, "audio_graphed": st.audio_graphed}
+                        "text_calls": st.text_calls, "audio_calls": st.audio_calls,
+                        "audio_graphed": st.audio_graphed}
                     log.info("batch.done", lines=len(batch.rows),
                              hits=len(batch.hits) + int(t.get("hits", 0)), **where,
                              model_ms=round(batch.model_ms, 1),

@@ -24,19 +24,20 @@ import secrets
 import stat
 import struct
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
 
 from ttsd import crash
 from ttsd.log import get_logger
-from ttsd.names import csv_cell, fit_name as _fit
+from ttsd.names import csv_cell
+from ttsd.names import fit_name as _fit
 
 if TYPE_CHECKING:
-    from collections.abc import Buffer   # Python 3.12
+    from collections.abc import Buffer  # Python 3.12
 
 log = get_logger(__name__)
 

@@ -837,7 +837,7 @@ class Engine:
         device, not waited for (``_plan_voice`` reads every call's frames at once)."""
         if self.faults:
             self.faults.check(prepared, chunk, "text")
-        dev, b = self.device, len(chunk)
+        b = len(chunk)
         lens = [len(it.ids) for it in chunk]
         tmax = bucket(max(lens), 16)
         ids_np = np.zeros((b, tmax), dtype=np.int64)   # numpy: a torch op per row held
