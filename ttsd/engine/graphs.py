@@ -49,6 +49,11 @@ Inputs = tuple[torch.Tensor, ...]
 """ids [B, T] int64, lengths, sid, seeds [B] int64, noise_w, length_scale [B] float32."""
 
 
+def is_oom(exc: BaseException) -> bool:
+    """The device ran out of memory (a caught error, not a broken context)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
 def batch_bucket(b: int, max_batch: int) -> int:
     p = 1
     while p < b:
@@ -263,7 +268,7 @@ class AudioGraphs:
             here.wait_stream(side)
         except Exception as exc:  # noqa: BLE001 - out of memory: this shape; else all
             here.wait_stream(side)
-            if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            if is_oom(exc):
                 self.failed.add(key)
                 log.warning("engine.audio_graph_oom", rows=rows, frames=frames)
                 return False

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ttsd.engine import faults
-from ttsd.engine.graphs import MAX_ROWS, AudioGraphs, SharedPool, TextGraphs
+from ttsd.engine.graphs import MAX_ROWS, AudioGraphs, SharedPool, TextGraphs, is_oom
 from ttsd.engine.packing import (
     FRAME_STEP,
     TAIL_FRAMES,
@@ -276,10 +276,6 @@ class Precision:
                     self._audio
 
 
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
 def _is_compile_error(exc: BaseException) -> bool:
     mod = type(exc).__module__
     return mod.startswith(("torch._dynamo", "torch._inductor")) or "CompilationError" in \
@@ -502,7 +498,7 @@ class Engine:
                     with self.precision.audio():
                         self._compiled(lv, "audio_half", args)
                 except Exception as exc:  # noqa: BLE001 - out of memory: the real calls split
-                    if _is_sticky(exc) or not _is_oom(exc):
+                    if _is_sticky(exc) or not is_oom(exc):
                         raise
                     self.release_memory()
                     log.warning("engine.audio_shapes_oom", rows=rows, frames=frames)
@@ -751,7 +747,7 @@ class Engine:
             try:   # staging buffer k % 2: the call before this one still fills the other
                 pending.append(self._launch_audio(lv, prepared, chunk, k % 2))
             except Exception as exc:  # noqa: BLE001 - out of memory: drain, then split
-                if _is_sticky(exc) or not _is_oom(exc):
+                if _is_sticky(exc) or not is_oom(exc):
                     raise
                 while pending:
                     collect(pending.pop(0))
@@ -820,7 +816,7 @@ class Engine:
         except Exception as exc:  # noqa: BLE001 - classified below
             if _is_sticky(exc):
                 raise DeviceLostError(f"device error, restart needed: {exc}") from exc
-            if not _is_oom(exc):
+            if not is_oom(exc):
                 raise
             self.release_memory()
             if len(chunk) == 1:
