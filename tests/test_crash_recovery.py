@@ -62,10 +62,12 @@ def test_kill_at_crash_point_then_restart(tmp_path: Path, spec: str) -> None:
     """Row 24: kill -9 at each named crash point (real voice on the CPU, batches of 2);
     the restart removes orphan temps, puts claimed work back, adopts WAVs renamed but not
     committed, never marks anything done early and never redoes a finished line."""
-    # Batches of exactly 2 lines, the first one too (idle_batch = 1.0): the counts
-    # below (the second WAV's temp is the one left) assume that shape.
+    # Batches of exactly 2 lines, the first one too (idle_batch = 1.0), and one writer
+    # thread: the counts below (the second WAV's temp is the one left, the first one
+    # already renamed) assume that shape. With a pool of writers the first WAV may still
+    # be a temp when the second one reaches after_tmp (random kills cover that).
     site = Site(tmp_path, extra_config="[batching]\nmax_batch_size = 2\nmax_wait_ms = 5\n"
-                                       "idle_batch = 1.0\n")
+                                       "idle_batch = 1.0\nwriter_threads = 1\n")
     site.inbox.mkdir(parents=True)
     (site.inbox / "a.txt").write_text("\n".join(LINES) + "\n", encoding="utf-8")
     (site.inbox / "b.txt").write_text("Second file.\n", encoding="utf-8")
