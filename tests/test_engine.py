@@ -84,7 +84,7 @@ def test_parity_with_piper(model, phonemizer, piper_voice, text):
 
 
 def _requests(texts, seed=7, key0=0):
-    from ttsd.engine.runtime import Request
+    from ttsd.engine.records import Request
     return [Request(key0 + i, t, DEFAULT_VOICE, seed=seed) for i, t in enumerate(texts)]
 
 
@@ -207,7 +207,7 @@ def test_empty_text_is_an_error_result(engine):
 
 
 def test_unknown_voice_is_an_error_result(engine):
-    from ttsd.engine.runtime import Request
+    from ttsd.engine.records import Request
     results = engine.synthesize([Request(0, "Hi there.", "no-such-voice"),
                                  Request(1, "Hi there.", DEFAULT_VOICE)])
     assert results[0].error and "no-such-voice" in results[0].error
@@ -379,7 +379,7 @@ def test_precision_flags_per_stage_under_one_lock():
     one stage's flags never leak into the other's launches (the flags are global)."""
     import threading
 
-    from ttsd.engine.runtime import Precision
+    from ttsd.engine.device import Precision
 
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.backends.cudnn.deterministic)

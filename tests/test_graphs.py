@@ -26,7 +26,8 @@ from ttsd.engine.graphs import (
 )
 from ttsd.engine.packing import FRAME_STEP, bucket
 from ttsd.engine.phonemes import Phonemizer
-from ttsd.engine.runtime import Engine, Request
+from ttsd.engine.records import Request
+from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover, load_model, package_voice
 
 TEXTS = ["Hello there.", "A somewhat longer sentence, with a comma in it.",

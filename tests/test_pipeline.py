@@ -14,7 +14,8 @@ import soundfile as sf
 import ttsd.pipeline as pipeline
 import ttsd.writer as writer
 from ttsd.config import CacheConfig, Config, PathsConfig
-from ttsd.engine.runtime import Engine, Result
+from ttsd.engine.records import Result
+from ttsd.engine.runtime import Engine
 from ttsd.pipeline import Batch, Sink, wav_path
 from ttsd.store import NewLine, Store
 

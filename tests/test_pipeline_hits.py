@@ -172,7 +172,7 @@ def test_a_piece_carries_the_batch_s_answered_lines_in_its_rows(tmp_path: Path) 
     piece's rows out of its in-flight set, and a hit requeued by the piece must not
     stay there (a suspect would wait on it, or run beside it). Later pieces and the
     batch itself do not write them again."""
-    from ttsd.engine.runtime import Result
+    from ttsd.engine.records import Result
     texts = ["Known one.", "Known two.", "New line.", "Another new line."]
     cfg, store = _site(tmp_path, texts, cached=texts[:2])
     batch = Feeder(cfg, _engine(), {VOICE: SR}, size=8).next_batch(store, threading.Event())

@@ -11,7 +11,8 @@ import pytest
 import soundfile as sf
 from harness import Site, run_once
 
-from ttsd.engine.runtime import Engine, Request
+from ttsd.engine.records import Request
+from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import DEFAULT_VOICE, discover, package_voice
 
 pytestmark = pytest.mark.skipif(package_voice() is None,

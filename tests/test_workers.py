@@ -191,7 +191,7 @@ def _engine_pcm16(audio: np.ndarray) -> np.ndarray:
     into int16 on the device (``Engine._to_host``)."""
     import torch
 
-    from ttsd.engine.runtime import pcm16
+    from ttsd.engine.device import pcm16
 
     return pcm16(torch.from_numpy(audio).clamp(-1.0, 1.0)).numpy()
 
@@ -399,7 +399,7 @@ def test_the_stand_in_model_keeps_the_int16_contract(monkeypatch) -> None:
     from ttsd.config import Config
     from ttsd.daemon import build_engine
     from ttsd.engine import faults
-    from ttsd.engine.runtime import Request
+    from ttsd.engine.records import Request
 
     monkeypatch.setenv("TTSD_FAULTS", "fast")
     engine = build_engine(Config(), "cpu", phonemizers=0)

@@ -671,7 +671,7 @@ def test_int16_pcm_writes_the_bytes_of_its_floats(tmp_path: Path) -> None:
     (libsndfile's rule), edge values of the rounding included; other subtypes too."""
     import torch
 
-    from ttsd.engine.runtime import pcm16 as torch_pcm16
+    from ttsd.engine.device import pcm16 as torch_pcm16
 
     rng = np.random.default_rng(5)
     edges = np.array([1.0, -1.0, 0.0, -1e-10, 1e-10, (65536 - 0.5) / 2**31,

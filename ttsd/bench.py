@@ -27,7 +27,8 @@ import numpy as np
 
 from ttsd.config import Config
 from ttsd.engine.graphs import MAX_ROWS
-from ttsd.engine.runtime import Engine, Prepared, Request
+from ttsd.engine.records import Prepared, Request
+from ttsd.engine.runtime import Engine
 from ttsd.writer import int16_floats
 
 _SUBJECTS = ["The committee", "My neighbour", "A small robot", "The old lighthouse keeper",

@@ -126,7 +126,7 @@ def cmd_run(cfg: Config, ns: argparse.Namespace) -> int:
 
 def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
     from ttsd.daemon import build_engine
-    from ttsd.engine.runtime import Request
+    from ttsd.engine.records import Request
     from ttsd.writer import write_wav
 
     cfg = _override(cfg, ns)

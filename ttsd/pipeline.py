@@ -31,7 +31,8 @@ from pathlib import Path
 
 from ttsd import crash
 from ttsd.config import Config
-from ttsd.engine.runtime import GPU_BATCH, Engine, Plan, Prepared, Request, Result, RunStats
+from ttsd.engine.records import Prepared, Request, Result, RunStats
+from ttsd.engine.runtime import GPU_BATCH, Engine, Plan
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
 from ttsd.store import LineRow, NewLine, Store

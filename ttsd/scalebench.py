@@ -39,7 +39,8 @@ def devices_for(spec: str) -> list[str]:
 def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0,
         end_to_end: bool = False) -> dict[str, Any]:
     from ttsd.bench import bench_lines
-    from ttsd.engine.runtime import GPU_BATCH, Engine, Request
+    from ttsd.engine.records import Request
+    from ttsd.engine.runtime import GPU_BATCH, Engine
     from ttsd.engine.voice import discover
 
     devs = devices_for(devices)

@@ -568,7 +568,7 @@ class WorkerPool:
                  warmup_s=info.get("warmup_s"))
 
     def _finished(self, slot: Slot, store, batch, reply: dict[str, Any]) -> None:
-        from ttsd.engine.runtime import Result
+        from ttsd.engine.records import Result
 
         batch.results = [Result(k, a, sr, err, ph)
                          for k, a, sr, err, ph in reply["results"]]

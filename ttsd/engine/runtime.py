@@ -1,4 +1,6 @@
-"""The engine at run time: device, dtype, warm-up, batched synthesis, OOM split, memory.
+"""The engine at run time: voices loaded on a device, warm-up, batched synthesis, OOM
+split, memory (the device, dtype and float32 flags: ``device``; the requests and
+results it takes and gives: ``records``).
 
 ``Engine.prepare`` turns requests into phoneme ids (CPU, thread-safe);
 ``Engine.run`` synthesizes prepared requests in padded batches on the device, in two
@@ -36,6 +38,14 @@ import numpy as np
 import torch
 
 from ttsd.engine import faults
+from ttsd.engine.device import (
+    Precision,
+    is_compile_error,
+    is_sticky,
+    pcm16,
+    pick_device,
+    pick_dtype,
+)
 from ttsd.engine.graphs import MAX_ROWS, AudioGraphs, SharedPool, TextGraphs, is_oom
 from ttsd.engine.packing import (
     FRAME_STEP,
@@ -46,6 +56,7 @@ from ttsd.engine.packing import (
     padded_rows,
 )
 from ttsd.engine.phonemes import Phonemizer, PhonemizerProcesses, ProcessesUnavailable
+from ttsd.engine.records import Prepared, Request, Result, RunStats, Stream
 from ttsd.engine.vits import Generator, Vits
 from ttsd.engine.voice import VoiceInfo, load_model
 from ttsd.errors import DeviceLostError, VoiceError
@@ -59,74 +70,7 @@ GPU_BATCH = 128
 ENGINE_VERSION = "ttsd-vits-1"
 """Part of every cache key: bump when the audio for the same inputs would change."""
 
-_STICKY = ("illegal memory access", "device-side assert", "unspecified launch failure",
-           "CUDA error: misaligned", "uncorrectable ECC", "device not ready", "CUDA-capable device")
 
-
-@dataclass(frozen=True)
-class Request:
-    key: int
-    text: str
-    voice: str
-    speaker_id: int = 0
-    length_scale: float = 1.0
-    noise_scale: float = 0.667
-    noise_w: float = 0.8
-    seed: int = 0
-
-
-@dataclass
-class Prepared:
-    request: Request
-    sentences: list[list[int]]
-    error: str | None = None
-    fault: str | None = None
-
-    @property
-    def phonemes(self) -> int:
-        return sum(len(s) for s in self.sentences)
-
-
-@dataclass
-class Result:
-    key: int
-    audio: np.ndarray | None
-    """Mono samples: float32 in [-1, 1], or int16 PCM from an engine made with
-    ``pcm16=True`` (k stands for k / 32768; ``ttsd.writer`` writes it as it is)."""
-    sample_rate: int
-    error: str | None = None
-    phonemes: int = 0
-
-    @property
-    def seconds(self) -> float:
-        return 0.0 if self.audio is None else len(self.audio) / self.sample_rate
-
-
-@dataclass
-class RunStats:
-    items: int = 0
-    text_calls: int = 0
-    text_graphed: int = 0
-    """Text-half calls replayed from a CUDA graph."""
-    audio_calls: int = 0
-    audio_graphed: int = 0
-    """Audio-half calls replayed from a CUDA graph (the rest: compiled launches)."""
-    token_slots: int = 0
-    tokens: int = 0
-    frame_slots: int = 0
-    frames: int = 0
-    oom_splits: int = 0
-    text_ms: float = 0.0
-    audio_ms: float = 0.0
-    audio_gpu_ms: float = 0.0
-    """The audio calls' time on the GPU (CUDA events around each call and its copy;
-    includes any wait for the host to launch its kernels)."""
-    audio_launch_ms: float = 0.0
-    """Host time spent launching the audio calls (padding, kernels, copy)."""
-
-    @property
-    def padding_efficiency(self) -> float:
-        return self.frames / self.frame_slots if self.frame_slots else 1.0
 
 
 @dataclass
@@ -203,96 +147,10 @@ class Plan:
     """Per voice: the loaded voice, indices into ``prepared``, its items, line errors."""
 
 
-Stream = Callable[[list[Result]], None]
-"""``Engine.finish``'s ``stream``: the results of lines complete before the batch is."""
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise VoiceError(f"device {device!r} asked for, but CUDA is not available here")
-        if dev.index is None:  # memory and stats calls need an explicit index
-            dev = torch.device("cuda", torch.cuda.current_device())
-    return dev
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":  # the fastest decoder dtype under 2% STFT error on an H100 (README)
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16,
-            "bfloat16": torch.bfloat16}[dtype]
-
-
 def line_seed(seed: int, text: str, sentence: int) -> int:
     """The noise seed of one sentence: depends on (seed, text, index) only."""
     h = hashlib.blake2b(f"{seed}\x00{sentence}\x00{text}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & 0x7FFFFFFF
-
-
-class Precision:
-    """The float32 math flags (TF32 in cuBLAS and cuDNN) are global to the process, but
-    the text half must run in strict float32 (durations must not depend on the batch)
-    while the audio half, in another thread, keeps the flags it was compiled with (TF32
-    convolutions: ≈ 25 % faster on an H100). The flags are read when a kernel is
-    launched, so each stage takes a lock, sets its flags and launches its kernels, and
-    waits for them outside the lock. cuDNN stays deterministic throughout."""
-
-    _lock = threading.Lock()   # one for the process, like the flags
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        with self._lock:   # never read inside another engine's strict section
-            if self.cuda:
-                torch.backends.cudnn.deterministic = True
-            self._audio = (torch.backends.cuda.matmul.allow_tf32,
-                           torch.backends.cudnn.allow_tf32)
-
-    @contextlib.contextmanager
-    def strict(self) -> Iterator[None]:
-        """Launch text-half kernels: no TF32."""
-        with self._flags((False, False)):
-            yield
-
-    @contextlib.contextmanager
-    def audio(self) -> Iterator[None]:
-        """Launch audio-half kernels: the flags the process started with."""
-        with self._flags(self._audio):
-            yield
-
-    @contextlib.contextmanager
-    def _flags(self, flags: tuple[bool, bool]) -> Iterator[None]:
-        if not self.cuda:
-            yield
-            return
-        with self._lock:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-            try:
-                yield
-            finally:
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = \
-                    self._audio
-
-
-def _is_compile_error(exc: BaseException) -> bool:
-    mod = type(exc).__module__
-    return mod.startswith(("torch._dynamo", "torch._inductor")) or "CompilationError" in \
-        type(exc).__name__ or "InductorError" in type(exc).__name__
-
-
-def _is_sticky(exc: BaseException) -> bool:
-    text = str(exc)
-    return any(s in text for s in _STICKY)
-
-
-def pcm16(clipped: torch.Tensor) -> torch.Tensor:
-    """int16 of float32 samples already in [-1, 1], exactly as ``ttsd.writer.pcm16``
-    (libsndfile's lrintf(x × 2³¹) >> 16, 1.0 saturating at 32767): every step is exact
-    in float32 and ``torch.round`` rounds half to even like ``rint``."""
-    y = torch.round(clipped.float() * 2.0**31)
-    return torch.floor(y * 2.0**-16).clamp_(max=32767.0).to(torch.int16)
 
 
 class Engine:
@@ -498,7 +356,7 @@ class Engine:
                     with self.precision.audio():
                         self._compiled(lv, "audio_half", args)
                 except Exception as exc:  # noqa: BLE001 - out of memory: the real calls split
-                    if _is_sticky(exc) or not is_oom(exc):
+                    if is_sticky(exc) or not is_oom(exc):
                         raise
                     self.release_memory()
                     log.warning("engine.audio_shapes_oom", rows=rows, frames=frames)
@@ -643,7 +501,7 @@ class Engine:
         except DeviceLostError:
             raise
         except Exception as exc:  # noqa: BLE001 - only sticky device errors are converted
-            if _is_sticky(exc):
+            if is_sticky(exc):
                 raise DeviceLostError(f"device error, restart needed: {exc}") from exc
             raise
 
@@ -747,7 +605,7 @@ class Engine:
             try:   # staging buffer k % 2: the call before this one still fills the other
                 pending.append(self._launch_audio(lv, prepared, chunk, k % 2))
             except Exception as exc:  # noqa: BLE001 - out of memory: drain, then split
-                if _is_sticky(exc) or not is_oom(exc):
+                if is_sticky(exc) or not is_oom(exc):
                     raise
                 while pending:
                     collect(pending.pop(0))
@@ -814,7 +672,7 @@ class Engine:
         try:
             fn(chunk)
         except Exception as exc:  # noqa: BLE001 - classified below
-            if _is_sticky(exc):
+            if is_sticky(exc):
                 raise DeviceLostError(f"device error, restart needed: {exc}") from exc
             if not is_oom(exc):
                 raise
@@ -982,7 +840,7 @@ class Engine:
         try:
             return fn(*args)
         except Exception as exc:  # noqa: BLE001 - a compiler failure: run eagerly from now on
-            if fn == eager or not _is_compile_error(exc):
+            if fn == eager or not is_compile_error(exc):
                 raise
             log.warning("engine.compile_failed", half=half, error=str(exc).splitlines()[0][:300])
             setattr(lv, half, eager)

@@ -1,0 +1,78 @@
+"""What the engine takes and gives: requests, their phonemes, results, run statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Request:
+    key: int
+    text: str
+    voice: str
+    speaker_id: int = 0
+    length_scale: float = 1.0
+    noise_scale: float = 0.667
+    noise_w: float = 0.8
+    seed: int = 0
+
+
+@dataclass
+class Prepared:
+    request: Request
+    sentences: list[list[int]]
+    error: str | None = None
+    fault: str | None = None
+
+    @property
+    def phonemes(self) -> int:
+        return sum(len(s) for s in self.sentences)
+
+
+@dataclass
+class Result:
+    key: int
+    audio: np.ndarray | None
+    """Mono samples: float32 in [-1, 1], or int16 PCM from an engine made with
+    ``pcm16=True`` (k stands for k / 32768; ``ttsd.writer`` writes it as it is)."""
+    sample_rate: int
+    error: str | None = None
+    phonemes: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return 0.0 if self.audio is None else len(self.audio) / self.sample_rate
+
+
+@dataclass
+class RunStats:
+    items: int = 0
+    text_calls: int = 0
+    text_graphed: int = 0
+    """Text-half calls replayed from a CUDA graph."""
+    audio_calls: int = 0
+    audio_graphed: int = 0
+    """Audio-half calls replayed from a CUDA graph (the rest: compiled launches)."""
+    token_slots: int = 0
+    tokens: int = 0
+    frame_slots: int = 0
+    frames: int = 0
+    oom_splits: int = 0
+    text_ms: float = 0.0
+    audio_ms: float = 0.0
+    audio_gpu_ms: float = 0.0
+    """The audio calls' time on the GPU (CUDA events around each call and its copy;
+    includes any wait for the host to launch its kernels)."""
+    audio_launch_ms: float = 0.0
+    """Host time spent launching the audio calls (padding, kernels, copy)."""
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.frames / self.frame_slots if self.frame_slots else 1.0
+
+
+Stream = Callable[[list[Result]], None]
+"""``Engine.finish``'s ``stream``: the results of lines complete before the batch is."""
