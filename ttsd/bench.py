@@ -39,8 +39,8 @@ _OBJECTS = ["that the bridge would reopen on March 3rd", "a strange light over t
             "three hundred and twelve reasons to stay", "the difference between 7.5% and 75%",
             "an error at 10:45 p.m."]
 _TAILS = ["", " Nobody was surprised.", " Was it worth it?", " What a day!",
-          " However, the data, which was collected over 18 months in 12 cities, told a "
-          "different story; some said so, others did not.",
+          (" However, the data, which was collected over 18 months in 12 cities, told a "
+           "different story; some said so, others did not."),
           " It rained; then it stopped, and then, quite suddenly, it began again."]
 
 
@@ -264,7 +264,8 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-m", "ttsd.cli", "--config", str(conf),
                                    "--log-level", "warning", "run", "--once", "--no-progress"],
-                                  cwd=root, capture_output=True, text=True, timeout=900)
+                                  cwd=root, capture_output=True, text=True, timeout=900,
+                                  check=False)   # a failed run is reported, not raised
             wall = time.perf_counter() - t0
             wavs = list((root / "outbox" / run).glob("*.wav"))
             import soundfile as sf
@@ -526,11 +527,11 @@ def _timeline(run: dict[str, Any]) -> str:
 
 def render(r: dict[str, Any]) -> str:
     dev = r["device"]
-    out = [f"ttsd bench — {r['lines']} lines on {dev.get('name')} ({dev.get('device')}), "
-           f"torch {r['torch']}, {r['date']}",
+    out = [(f"ttsd bench — {r['lines']} lines on {dev.get('name')} ({dev.get('device')}), "
+            f"torch {r['torch']}, {r['date']}"),
            f"phonemize: {r['phonemize']['ms_per_line']} ms/line",
-           "", f"{'mode':22} {'dtype':9} {'batch':>5} {'x-realtime':>11} {'p50 ms':>8} "
-           f"{'p95 ms':>8} {'pad eff':>8} {'peak GiB':>9}"]
+           "", (f"{'mode':22} {'dtype':9} {'batch':>5} {'x-realtime':>11} {'p50 ms':>8} "
+                f"{'p95 ms':>8} {'pad eff':>8} {'peak GiB':>9}")]
     ab = (("x_realtime_halves_overlapped", "  halves overlapped"),
           ("x_realtime_halves_one_after_other", "  halves one by one"))
     for row in r["one_at_a_time"]:

@@ -367,7 +367,7 @@ def from_dict(raw: dict[str, Any], where: str = "config") -> Config:
     """Build a validated Config from parsed TOML; errors name the key."""
     unknown = set(raw) - set(SECTIONS)
     if unknown:
-        raise ConfigError(f"{where}: unknown section [{sorted(unknown)[0]}]"
+        raise ConfigError(f"{where}: unknown section [{min(unknown)}]"
                           f" (known: {', '.join(SECTIONS)})")
     sections = {}
     for name, cls in SECTIONS.items():

@@ -212,7 +212,7 @@ class Daemon:
     def _start_pool(self, store: Store) -> None:
         cfg = self.cfg
         if cfg.cluster.backend == "ray":
-            from ttsd import cluster   # ray is imported only here, only for this backend
+            from ttsd import cluster  # ray is imported only here, only for this backend
             self._ray_started = cluster.connect(cfg)
             slots = cluster.ray_slots(cfg)
         else:

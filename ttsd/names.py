@@ -11,9 +11,8 @@ letting one output overwrite the other.
 
 from __future__ import annotations
 
-import os
-
 import hashlib
+import os
 import re
 import unicodedata
 from pathlib import Path

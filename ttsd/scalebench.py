@@ -185,8 +185,8 @@ def _host_limits(cfg: Config, engine: Any, reqs: list, audio_by_key: dict,
 
 
 def render(report: dict[str, Any]) -> str:
-    out = [f"{report['lines']} lines, {report['audio_s']:.0f} s of audio, batch "
-           f"{report['batch']}, devices: {', '.join(report['devices'])}", "",
+    out = [(f"{report['lines']} lines, {report['audio_s']:.0f} s of audio, batch "
+            f"{report['batch']}, devices: {', '.join(report['devices'])}"), "",
            "| devices | x-realtime | speed-up | efficiency | per worker (model only) |",
            "|---|---|---|---|---|"]
     for r in report["rows"]:
@@ -202,11 +202,11 @@ def render(report: dict[str, Any]) -> str:
             out.append(f"| {r['devices']} | {r['x_realtime']:.1f} | {sp} | {ef} | "
                        f"{r['wavs']}/{r['lines']} |")
     h = report["host"]
-    out += ["", f"host: phonemizing {h['phonemize_ms_per_line']:.2f} ms/line = "
-                f"{h['phonemize_x_per_core']:,.0f}× realtime per core (workers phonemize: "
-                f"one core each); WAV encode+write {h['wav_ms_per_line']:.2f} ms/line = "
-                f"{h['wav_x']:,.0f}× realtime with {h['wav_threads']} writer threads "
-                f"({h['cores']} cores)."]
+    out += ["", (f"host: phonemizing {h['phonemize_ms_per_line']:.2f} ms/line = "
+                 f"{h['phonemize_x_per_core']:,.0f}× realtime per core (workers phonemize: "
+                 f"one core each); WAV encode+write {h['wav_ms_per_line']:.2f} ms/line = "
+                 f"{h['wav_x']:,.0f}× realtime with {h['wav_threads']} writer threads "
+                 f"({h['cores']} cores).")]
     top = max((r["x_realtime"] for r in report["rows"]), default=0.0)
     limit = min(h["wav_x"] or float("inf"), (h["phonemize_x_per_core"] or 0) * h["cores"])
     out.append(f"the host becomes the limit near {limit:,.0f}× realtime "

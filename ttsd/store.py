@@ -375,8 +375,8 @@ class Store:
             if dead:
                 c.executemany(
                     "UPDATE lines SET state='failed', finished_at=?, error=? WHERE id=?",
-                    [(now, f"synthesis was started {r[13]} times and never finished "
-                      "(the process died each time); giving up", r[0]) for r in dead])
+                    [(now, (f"synthesis was started {r[13]} times and never finished "
+                            "(the process died each time); giving up"), r[0]) for r in dead])
             if take:   # one statement, not one per row (see ``complete``)
                 c.execute("UPDATE lines SET state='running', attempts=attempts+1 "
                           "WHERE id IN (SELECT value FROM json_each(?))",

@@ -93,7 +93,7 @@ class WorkerCore:
     def __init__(self, spec: WorkerSpec) -> None:
         import torch
 
-        from ttsd.daemon import build_engine   # here: the daemon module imports this one
+        from ttsd.daemon import build_engine  # here: the daemon module imports this one
 
         t0 = time.perf_counter()
         if spec.threads:

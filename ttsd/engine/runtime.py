@@ -355,7 +355,7 @@ class Engine:
                 try:
                     with self.precision.audio():
                         self._compiled(lv, "audio_half", args)
-                except Exception as exc:  # noqa: BLE001 - out of memory: the real calls split
+                except Exception as exc:  # out of memory: the real calls split
                     if is_sticky(exc) or not is_oom(exc):
                         raise
                     self.release_memory()
@@ -500,7 +500,7 @@ class Engine:
             yield
         except DeviceLostError:
             raise
-        except Exception as exc:  # noqa: BLE001 - only sticky device errors are converted
+        except Exception as exc:  # only sticky device errors are converted
             if is_sticky(exc):
                 raise DeviceLostError(f"device error, restart needed: {exc}") from exc
             raise
@@ -604,7 +604,7 @@ class Engine:
         for k, chunk in enumerate(self._audio_calls(todo)):
             try:   # staging buffer k % 2: the call before this one still fills the other
                 pending.append(self._launch_audio(lv, prepared, chunk, k % 2))
-            except Exception as exc:  # noqa: BLE001 - out of memory: drain, then split
+            except Exception as exc:  # out of memory: drain, then split
                 if is_sticky(exc) or not is_oom(exc):
                     raise
                 while pending:
@@ -671,7 +671,7 @@ class Engine:
     def _split_on_oom(self, fn, chunk: list[_Item], stats: RunStats) -> None:
         try:
             fn(chunk)
-        except Exception as exc:  # noqa: BLE001 - classified below
+        except Exception as exc:  # classified below
             if is_sticky(exc):
                 raise DeviceLostError(f"device error, restart needed: {exc}") from exc
             if not is_oom(exc):
@@ -839,7 +839,7 @@ class Engine:
         fn, eager = getattr(lv, half), getattr(lv.model, half)
         try:
             return fn(*args)
-        except Exception as exc:  # noqa: BLE001 - a compiler failure: run eagerly from now on
+        except Exception as exc:  # a compiler failure: run eagerly from now on
             if fn == eager or not is_compile_error(exc):
                 raise
             log.warning("engine.compile_failed", half=half, error=str(exc).splitlines()[0][:300])

@@ -157,7 +157,7 @@ def load_model(info: VoiceInfo, cache_dir: Path | None = None) -> tuple[Vits, st
             blob = torch.load(cached, map_location="cpu", weights_only=True)
             args = VitsArgs(**_tuples(blob["args"]))
             return build(args, blob["state_dict"]), digest
-        except Exception:  # a damaged cache file is rebuilt, never trusted
+        except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
             cached.unlink(missing_ok=True)
     args, sd = load_onnx(info.onnx, info.num_speakers)
     if int(info.config.get("num_symbols", args.n_vocab)) > args.n_vocab:

@@ -36,7 +36,7 @@ class OnnxGraph:
 
         try:
             model = onnx.load(str(path))
-        except Exception as exc:  # onnx raises DecodeError and friends
+        except Exception as exc:  # noqa: BLE001 - onnx raises DecodeError and friends
             raise VoiceError(f"{path}: not a readable ONNX file ({exc})") from None
         self.path = path
         g = model.graph
@@ -193,7 +193,7 @@ def _affine_inv_scale(g: OnnxGraph) -> np.ndarray:
     if sub is not None:
         for n in g.nodes:
             if n.op_type == "Mul" and sub.output[0] in n.input:
-                other = [i for i in n.input if i != sub.output[0]][0]
+                other = next(i for i in n.input if i != sub.output[0])
                 value = _constant(g, other)
                 if value is not None:
                     return value
