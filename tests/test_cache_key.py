@@ -79,3 +79,8 @@ def test_ingest_keys_match_cache_key_for_every_voice_speaker_and_speed(tmp_path:
     plain = ing._new_line(Line(n + 1, "Plain line."), 4, {})
     assert plain.cache_key == _formula("Plain line.", VOICE, 0, VOICE.length_scale / e.speed,
                                        VOICE.noise_scale, VOICE.noise_w, 7, "wav/PCM_16")
+    # Equal numbers that print differently hash differently (cache_key's text), so the
+    # prefixes Ingest keeps must not be shared between them.
+    for ns, nw in ((0.0, 0.8), (-0.0, 0.8), (0, 0.8), (1, 1), (1.0, 1.0), (True, 1.0)):
+        assert ing._cache_key("Same line.", VOICE, 0, 1.0, ns, nw) == \
+            cache_key("Same line.", VOICE, 0, 1.0, ns, nw, 7, "wav/PCM_16"), (ns, nw)
