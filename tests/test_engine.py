@@ -238,6 +238,21 @@ def test_fault_oom_splits_and_recovers(faulty):
     assert stats.oom_splits > 0
 
 
+def test_fault_oom_joining_text_outputs_fails_the_batch_not_the_engine(faulty):
+    """Out of memory while the text half's outputs are joined, even after the cache is
+    released: the batch's lines fail with that reason (no exception out of the
+    engine), and the next batch synthesizes as usual."""
+    texts = list(SIX)
+    texts[3] = "{{fault:oomtokens}}" + texts[3]
+    results, _ = faulty.run(faulty.prepare(_requests(texts)))
+    assert len(results) == 6
+    assert all(r.audio is None and "out of GPU memory" in r.error for r in results), \
+        [r.error for r in results]
+    results, _ = faulty.run(faulty.prepare(_requests(SIX)))
+    assert all(r.error is None and len(r.audio) > 0 for r in results), \
+        [r.error for r in results]
+
+
 def test_fault_nan_fails_only_that_line(faulty):
     texts = list(SIX)
     texts[1] = texts[1] + " {{fault:nan}}"

@@ -5,6 +5,8 @@ line's text (removed before phonemizing) makes the engine misbehave for that lin
 
 - ``oom:K``  — a fake CUDA out-of-memory error whenever a sub-batch holding the line
   has more than K items (exercises the halve-and-retry path);
+- ``oomtokens`` — a fake out-of-memory error, every time, while the text half's
+  outputs of the line's batch are joined (the batch's lines fail, the engine goes on);
 - ``nan``    — the decoder's output for the line holds NaN;
 - ``long``   — the line predicts runaway audio (over its cap);
 - ``hang``   — the model call sleeps for ARG seconds (default 3600);
@@ -63,6 +65,10 @@ class Faults:
         # "nan" and "long" take effect inside Engine (decoder output, runaway guard).
 
     def check(self, prepared: Sequence[Any], chunk: Sequence[Any], stage: str) -> None:
+        if stage == "tokens":
+            if any(prepared[it.line].fault == "oomtokens" for it in chunk):
+                raise torch.OutOfMemoryError("CUDA out of memory (injected: oomtokens)")
+            return
         if stage != "audio":
             return
         for it in chunk:

@@ -526,22 +526,13 @@ class Engine:
                 lambda c: launched.append((c, self._text_half(lv, prepared, c, stats))),
                 chunk, stats)
         if launched:
-            # Every call's tokens as rows of one tensor each (a copy per call, queued
-            # before the frame counts' copy, so they are done when it is).
-            ms, logss, durs, base = [], [], [], 0
-            for chunk, (m, logs, dur, _f) in launched:
-                b, c, t = m.shape
-                ms.append(m.transpose(1, 2).reshape(b * t, c))
-                logss.append(logs.transpose(1, 2).reshape(b * t, c))
-                durs.append(dur.reshape(b * t))
-                for i, it in enumerate(chunk):
-                    it.tok = base + i * t
-                base += b * t
-            text = _Tokens(torch.cat(ms), torch.cat(logss), torch.cat(durs))
+            text = self._join_tokens(prepared, launched)
             frames = torch.cat([out[3] for _c, out in launched]).tolist()
             at = 0
             for chunk, _out in launched:
                 for it, f in zip(chunk, frames[at:at + len(chunk)]):
+                    if text is None:
+                        it.error = "out of GPU memory (the text half's outputs)"
                     it.text, it.frames = text, int(f)
                 at += len(chunk)
         stats.text_ms += (time.perf_counter() - t0) * 1000
@@ -667,6 +658,41 @@ class Engine:
             chunk.append(it)
         if chunk:
             yield chunk
+
+    def _join_tokens(self, prepared: list[Prepared],
+                     launched: list[tuple[list[_Item], tuple[torch.Tensor, ...]]]
+                     ) -> _Tokens | None:
+        """Every text call's tokens as rows of one tensor each (``_Tokens``; a copy per
+        call, queued before the frame counts' copy, so they are done when it is), and
+        each item's first row (``tok``). The copies briefly hold the outputs about three
+        times over: out of memory, the cache is released and they are tried once more;
+        None if that fails too (the batch's lines fail, the engine goes on)."""
+        for attempt in (1, 2):
+            try:
+                if self.faults:
+                    self.faults.check(prepared, [it for c, _o in launched for it in c],
+                                      "tokens")
+                ms, logss, durs, base = [], [], [], 0
+                for chunk, (m, logs, dur, _f) in launched:
+                    b, c, t = m.shape
+                    ms.append(m.transpose(1, 2).reshape(b * t, c))
+                    logss.append(logs.transpose(1, 2).reshape(b * t, c))
+                    durs.append(dur.reshape(b * t))
+                    for i, it in enumerate(chunk):
+                        it.tok = base + i * t
+                    base += b * t
+                return _Tokens(torch.cat(ms), torch.cat(logss), torch.cat(durs))
+            except Exception as exc:  # out of memory: released, once more
+                if is_sticky(exc):
+                    raise DeviceLostError(f"device error, restart needed: {exc}") from exc
+                if not is_oom(exc):
+                    raise
+                ms = logss = durs = []
+                self.release_memory()
+                if attempt == 2:
+                    log.error("engine.text_tokens_oom", items=sum(len(c) for c, _o in launched),
+                              error=str(exc)[:200])
+        return None
 
     def _split_on_oom(self, fn, chunk: list[_Item], stats: RunStats) -> None:
         try:
