@@ -20,12 +20,13 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any
 
 from ttsd.errors import ConfigError
 from ttsd.records import BatchStats
+
+if TYPE_CHECKING:
+    import sqlite_utils
 
 OPEN_STATES = ("pending", "running")
 
@@ -196,7 +197,6 @@ class Store:
             raise ConfigError(f"cannot open the store {path}: {exc}") from None
         self.conn = conn
         self._write_lock = _write_lock(path)
-        self.db = sqlite_utils.Database(conn)
         conn.execute("PRAGMA busy_timeout = 10000")
         if not readonly:
             conn.execute("PRAGMA journal_mode = WAL")
@@ -215,10 +215,17 @@ class Store:
         with self.tx():
             self.conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, at REAL)")
             done = {r[0] for r in self.conn.execute("SELECT name FROM _migrations")}
-            for m in MIGRATIONS:
-                if m.__name__ not in done:
-                    m(self.db)
-                    self.conn.execute("INSERT INTO _migrations VALUES (?, ?)", (m.__name__, time.time()))
+            todo = [m for m in MIGRATIONS if m.__name__ not in done]
+            if not todo:
+                return
+            # Imported only to migrate: sqlite_utils pulls in numpy, click and dateutil
+            # (≈ 0.2 s), which `ttsd status` and a daemon's restart never need.
+            import sqlite_utils
+
+            db = sqlite_utils.Database(self.conn)
+            for m in todo:
+                m(db)
+                self.conn.execute("INSERT INTO _migrations VALUES (?, ?)", (m.__name__, time.time()))
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
