@@ -154,6 +154,15 @@ def assert_invariant(site: Site) -> None:
             assert error, f"failed line {_id} has no reason"
     wavs = [p for p in site.outbox.rglob("*.wav")]
     done = [r for r in rows if r[1] == "done"]
+    # The done totals ttsd status shows are counters kept beside the rows: equal to the
+    # rows' own sums, whatever crashed and restarted on the way.
+    (audio, cached), = site.query("SELECT COALESCE(SUM(seconds), 0), COALESCE(SUM(cached), 0) "
+                                  "FROM lines WHERE state = 'done'")
+    totals = dict(site.query("SELECT name, value FROM counters WHERE name IN "
+                             "('done_audio_us', 'done_cached')"))
+    assert totals.get("done_cached") == cached, (totals, cached)
+    assert abs(totals.get("done_audio_us", -1e12) / 1e6 - audio) <= 1e-6 * (len(done) + 1), \
+        (totals, audio)
     assert len(wavs) == len(done), f"{len(wavs)} WAVs for {len(done)} done lines"
     leftovers = [p for p in site.root.rglob("*.tmp")]
     assert not leftovers, f"temporary files left: {leftovers}"

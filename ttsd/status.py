@@ -26,7 +26,7 @@ import psutil
 
 from ttsd.config import PathsConfig
 from ttsd.errors import ConfigError
-from ttsd.store import Store
+from ttsd.store import DONE_AUDIO_US, DONE_CACHED, Store
 
 LATENCY_WINDOW = 1000
 """Batch latency percentiles are taken over this many most recent batches."""
@@ -221,9 +221,14 @@ def _counts(store: Store, report: dict[str, Any]) -> None:
         if state in lines:
             lines[state] = n
     report["queue_depth"] = lines["pending"] + lines["running"]
-    seconds, cached = store.conn.execute(
-        "SELECT COALESCE(SUM(seconds), 0), COALESCE(SUM(cached), 0) FROM lines "
-        "WHERE state = 'done'").fetchone()
+    totals = dict(store.conn.execute("SELECT name, value FROM counters WHERE name IN (?, ?)",
+                                     (DONE_AUDIO_US, DONE_CACHED)))
+    if len(totals) == 2:   # kept as lines go done (the store's m004)
+        seconds, cached = totals[DONE_AUDIO_US] / 1_000_000, totals[DONE_CACHED]
+    else:   # a store no daemon of this version has opened yet (status never migrates)
+        seconds, cached = store.conn.execute(
+            "SELECT COALESCE(SUM(seconds), 0), COALESCE(SUM(cached), 0) FROM lines "
+            "WHERE state = 'done'").fetchone()
     lines["cached"] = int(cached)
     report["audio"] = {"seconds": float(seconds), "hours": float(seconds) / 3600.0}
     files = report["files"]

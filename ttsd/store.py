@@ -92,7 +92,22 @@ def m003_cache_stamp(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE cache ADD COLUMN mtime_ns INTEGER")
 
 
-MIGRATIONS = [m001_initial, m002_workers, m003_cache_stamp]
+def m004_done_totals(db: sqlite_utils.Database) -> None:
+    """The done lines' audio (µs) and cache-linked count as counters, kept by the
+    transactions that mark lines done (``DONE_AUDIO_US``, ``DONE_CACHED``): ``ttsd
+    status`` read them as a sum over every done row, 0.47 s per million lines."""
+    db.execute("INSERT OR REPLACE INTO counters SELECT ?, COALESCE(CAST(ROUND(SUM(seconds) "
+               "* 1000000) AS INTEGER), 0) FROM lines WHERE state = 'done'", [DONE_AUDIO_US])
+    db.execute("INSERT OR REPLACE INTO counters SELECT ?, COALESCE(SUM(cached), 0) FROM lines "
+               "WHERE state = 'done'", [DONE_CACHED])
+
+
+MIGRATIONS = [m001_initial, m002_workers, m003_cache_stamp, m004_done_totals]
+
+DONE_AUDIO_US = "done_audio_us"
+"""Counter: the audio of every done line, in microseconds (each line's rounded)."""
+DONE_CACHED = "done_cached"
+"""Counter: done lines whose WAV is a link to the cache."""
 
 WORKER_FIELDS = ("device", "backend", "host", "pid", "state", "restarts", "failures",
                  "last_error", "gpu_name", "gpu_allocated", "gpu_reserved", "gpu_peak",
@@ -144,6 +159,18 @@ class NewLine:
 
 _HIT_NAMES = ("key", "path", "bytes", "seconds", "ino", "mtime_ns")
 _HIT_COLUMNS = ", ".join(_HIT_NAMES)
+
+
+def _count_done(c: sqlite3.Connection, done: Iterable[tuple[float | None, bool]]) -> None:
+    """Lines (seconds, cached) going done: the ``DONE_AUDIO_US`` and ``DONE_CACHED``
+    counters, in the transaction that marks them."""
+    audio = cached = 0
+    for seconds, linked in done:
+        audio += round((seconds or 0.0) * 1_000_000)
+        cached += bool(linked)
+    c.executemany("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) "
+                  "DO UPDATE SET value = value + excluded.value",
+                  ((DONE_AUDIO_US, audio), (DONE_CACHED, cached)))
 
 
 def _count_hits(c: sqlite3.Connection, keys: Iterable[str], now: float) -> None:
@@ -302,6 +329,8 @@ class Store:
             keys = [ln.cache_key for ln in answered if ln.cached]
             if keys:
                 _count_hits(c, keys, now)
+            if answered:
+                _count_done(c, [(ln.seconds, ln.cached) for ln in answered])
         return len(answered)
 
     def file_parsed(self, file_id: int, kind: str, total_lines: int, note: str | None) -> None:
@@ -438,6 +467,7 @@ class Store:
                           "WHERE lines.id = json_extract(j.value, '$[0]')",
                           (now, json.dumps([(i, wav, sec, int(cached))
                                             for i, wav, sec, cached in done])))
+                _count_done(c, [(sec, cached) for _i, _w, sec, cached in done])
             c.executemany("UPDATE lines SET state='failed', error=?, finished_at=? WHERE id=?",
                           [(err, now, i) for i, err in failed])
             c.executemany("INSERT OR REPLACE INTO cache (key, path, bytes, seconds, voice, "
