@@ -161,6 +161,12 @@ _HIT_NAMES = ("key", "path", "bytes", "seconds", "ino", "mtime_ns")
 _HIT_COLUMNS = ", ".join(_HIT_NAMES)
 
 
+def _add_counters(c: sqlite3.Connection, counts: Iterable[tuple[str, int]]) -> None:
+    """Add to named counters (created at their first use)."""
+    c.executemany("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) "
+                  "DO UPDATE SET value = value + excluded.value", counts)
+
+
 def _count_done(c: sqlite3.Connection, done: Iterable[tuple[float | None, bool]]) -> None:
     """Lines (seconds, cached) going done: the ``DONE_AUDIO_US`` and ``DONE_CACHED``
     counters, in the transaction that marks them."""
@@ -168,9 +174,7 @@ def _count_done(c: sqlite3.Connection, done: Iterable[tuple[float | None, bool]]
     for seconds, linked in done:
         audio += round((seconds or 0.0) * 1_000_000)
         cached += bool(linked)
-    c.executemany("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) "
-                  "DO UPDATE SET value = value + excluded.value",
-                  ((DONE_AUDIO_US, audio), (DONE_CACHED, cached)))
+    _add_counters(c, ((DONE_AUDIO_US, audio), (DONE_CACHED, cached)))
 
 
 def _count_hits(c: sqlite3.Connection, keys: Iterable[str], now: float) -> None:
@@ -185,8 +189,7 @@ def _count_hits(c: sqlite3.Connection, keys: Iterable[str], now: float) -> None:
         c.execute("UPDATE cache SET hits = hits + j.n, last_used = ? FROM "
                   "(SELECT value AS key, COUNT(*) AS n FROM json_each(?) GROUP BY value)"
                   " AS j WHERE cache.key = j.key", (now, json.dumps(keys)))
-    c.execute("INSERT INTO counters VALUES ('cache_hits', ?) ON CONFLICT(name) "
-              "DO UPDATE SET value = value + excluded.value", (len(keys),))
+    _add_counters(c, (("cache_hits", len(keys)),))
 
 
 _WRITE_LOCKS: dict[str, threading.RLock] = {}
@@ -490,9 +493,7 @@ class Store:
                               "gpu_reserved=?, gpu_peak=?, updated_at=? WHERE slot=?",
                               (batch.size, batch.audio_s, batch.model_ms, mem.get("allocated"),
                                mem.get("reserved"), mem.get("peak"), now, worker))
-            for name, value in counters.items():
-                c.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) "
-                          "DO UPDATE SET value = value + excluded.value", (name, value))
+            _add_counters(c, counters.items())
 
     # ------------------------------------------------------------------ cache
 

@@ -683,11 +683,9 @@ class Engine:
                     base += b * t
                 return _Tokens(torch.cat(ms), torch.cat(logss), torch.cat(durs))
             except Exception as exc:  # out of memory: released, once more
-                if is_sticky(exc):
-                    raise DeviceLostError(f"device error, restart needed: {exc}") from exc
-                if not is_oom(exc):
-                    raise
-                ms = logss = durs = []
+                if is_sticky(exc) or not is_oom(exc):
+                    raise   # sticky: DeviceLostError from ``_on_device``, around ``plan``
+                ms = logss = durs = []   # the partial copies go before the release
                 self.release_memory()
                 if attempt == 2:
                     log.error("engine.text_tokens_oom", items=sum(len(c) for c, _o in launched),
