@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -303,7 +304,7 @@ class Inbox:
             log.info("inbox.stopped", inbox=str(self._inbox))
         self.mode = "stopped"
 
-    def __enter__(self) -> Inbox:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
