@@ -272,3 +272,42 @@ def test_lines_answered_as_parsed_go_in_done_and_count_once(tmp_path: Path) -> N
     assert store.add_lines(fid, again) == 0
     assert dict(store.conn.execute("SELECT key, hits FROM cache")) == hits
     assert store.counters()["cache_hits"] == 2
+
+
+def test_answering_a_chunk_sends_the_odd_hits_the_full_way(tmp_path: Path) -> None:
+    """300 known lines answered as parsed, their entries stamped by a first pass: the
+    unchanged files are linked; a file edited in place since its stamp (broken header,
+    later mtime) is a miss and evicted, a path held by a foreign file is never
+    overwritten and its line stays pending, and a path holding another whole WAV (an
+    earlier attempt's) is adopted."""
+    texts = [f"Line number {i}." for i in range(300)]
+    cfg, store = _site(tmp_path, [], cached=texts)
+    warm = [NewLine(i, t, out_name=f"{i:04d}", voice=VOICE, cache_key=_key(t))
+            for i, t in enumerate(texts, 1)]
+    pipeline.answer_new_lines(store, warm, cfg.paths.outbox / "warm", {VOICE: SR})
+    assert all(ln.cached for ln in warm)
+    assert store.one("SELECT COUNT(*) FROM cache WHERE ino IS NOT NULL") == 300
+    edited = cache_path(cfg.paths.cache, _key(texts[10]))
+    with open(edited, "r+b") as f:
+        f.write(b"JUNK")
+    st = os.stat(edited)
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    out_dir = cfg.paths.outbox / "big"
+    out_dir.mkdir(parents=True)
+    (out_dir / "0201.wav").write_bytes(b"not mine")            # line 201: taken
+    write_wav(out_dir / "0251.wav", _tone(0.3), SR)             # line 251: adopted
+    lines = [NewLine(i, t, out_name=f"{i:04d}", voice=VOICE, cache_key=_key(t))
+             for i, t in enumerate(texts, 1)]
+    pipeline.answer_new_lines(store, lines, out_dir, {VOICE: SR})
+    by_number = {ln.number: ln for ln in lines}
+    assert by_number[11].wav is None and not by_number[11].cached          # edited: a miss
+    assert store.one("SELECT COUNT(*) FROM cache WHERE key = ?", (_key(texts[10]),)) == 0
+    assert by_number[201].wav is None                                      # taken: pending
+    assert (out_dir / "0201.wav").read_bytes() == b"not mine"
+    assert by_number[251].wav == str(out_dir / "0251.wav") and not by_number[251].cached
+    assert by_number[251].seconds == 0.3
+    linked = [ln for ln in lines if ln.number not in (11, 201, 251)]
+    assert all(ln.cached and ln.seconds == 0.2 for ln in linked)
+    for ln in linked:
+        assert ln.wav == str(out_dir / f"{ln.number:04d}.wav")
+        assert os.path.samefile(ln.wav, cache_path(cfg.paths.cache, ln.cache_key))
