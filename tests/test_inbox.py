@@ -401,6 +401,7 @@ def test_unreadable_file_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert isinstance(r, Rejected) and "cannot be read" in r.reason
 
 
+@pytest.mark.usefixtures("frozen_heap")
 def test_huge_sparse_file_rejected_on_stat(tmp_path: Path) -> None:
     """Row 9: a 5 GB sparse file is rejected from its size alone; memory stays flat."""
     ib = make(tmp_path, settle_s=0.0)

@@ -3,7 +3,6 @@ and answering fast while the daemon writes (RELIABILITY row 30)."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
@@ -291,6 +290,7 @@ def test_latency_uses_the_last_1000_batches(paths: PathsConfig, store: Store) ->
 
 # ---------------------------------------------------------------------- row 30: fast, never blocked
 
+@pytest.mark.usefixtures("frozen_heap")
 def test_status_is_fast_with_100k_lines(paths: PathsConfig, store: Store,
                                         tmp_path: Path) -> None:
     """100k lines (half done), 2k batches, 10k cache entries: well under a second,
@@ -315,6 +315,7 @@ def test_status_is_fast_with_100k_lines(paths: PathsConfig, store: Store,
     assert report["daemon"]["state"] == "up"
 
 
+@pytest.mark.usefixtures("frozen_heap")
 def test_status_answers_while_another_connection_holds_the_write_lock(
         paths: PathsConfig, store: Store, tmp_path: Path) -> None:
     """Row 30: a reader in WAL mode is not blocked by a writer holding the lock 2 s."""
@@ -341,20 +342,13 @@ def test_status_answers_while_another_connection_holds_the_write_lock(
     assert report["lines"]["pending"] == 100  # the committed snapshot, not the open write
 
 
+@pytest.mark.usefixtures("frozen_heap")
 def test_status_in_a_loop_during_100k_inserts(paths: PathsConfig, store: Store,
-                                              tmp_path: Path, request) -> None:
+                                              tmp_path: Path) -> None:
     """Row 30: status polled while the daemon inserts 100k lines in chunks; every
     answer is quick, and the writer never sees "database is locked"."""
     errors: list[BaseException] = []
     finished = threading.Event()
-    # The real status runs in its own small process and the daemon freezes its heap at
-    # start (gc.freeze); this test's process holds the ~555,000 objects of every test
-    # before it, whose full collection takes 0.42 s on a 2-core machine (in one full
-    # run a poll here took 1.28 s; alone the worst is 12-50 ms). Freeze them as the
-    # daemon does, so that the bound measures the store and not the test runner.
-    gc.collect()
-    gc.freeze()
-    request.addfinalizer(gc.unfreeze)
 
     def daemon() -> None:
         try:

@@ -517,6 +517,7 @@ def test_remove_stale_temps(tmp_path: Path) -> None:
     assert remove_stale_temps(tmp_path / "missing") == 0
 
 
+@pytest.mark.usefixtures("frozen_heap")
 def test_encode_is_pure_bytes() -> None:
     """Row 23: encoding happens in memory before any file exists."""
     data = writer.encode_wav(tone(0.1), SR)
