@@ -282,8 +282,11 @@ def test_answering_a_chunk_sends_the_odd_hits_the_full_way(tmp_path: Path) -> No
     earlier attempt's) is adopted."""
     texts = [f"Line number {i}." for i in range(300)]
     cfg, store = _site(tmp_path, [], cached=texts)
-    warm = [NewLine(i, t, out_name=f"{i:04d}", voice=VOICE, cache_key=_key(t))
-            for i, t in enumerate(texts, 1)]
+
+    def chunk() -> list[NewLine]:
+        return [NewLine(i, t, out_name=f"{i:04d}", voice=VOICE, cache_key=_key(t))
+                for i, t in enumerate(texts, 1)]
+    warm = chunk()
     pipeline.answer_new_lines(store, warm, cfg.paths.outbox / "warm", {VOICE: SR})
     assert all(ln.cached for ln in warm)
     assert store.one("SELECT COUNT(*) FROM cache WHERE ino IS NOT NULL") == 300
@@ -296,8 +299,7 @@ def test_answering_a_chunk_sends_the_odd_hits_the_full_way(tmp_path: Path) -> No
     out_dir.mkdir(parents=True)
     (out_dir / "0201.wav").write_bytes(b"not mine")            # line 201: taken
     write_wav(out_dir / "0251.wav", _tone(0.3), SR)             # line 251: adopted
-    lines = [NewLine(i, t, out_name=f"{i:04d}", voice=VOICE, cache_key=_key(t))
-             for i, t in enumerate(texts, 1)]
+    lines = chunk()
     pipeline.answer_new_lines(store, lines, out_dir, {VOICE: SR})
     by_number = {ln.number: ln for ln in lines}
     assert by_number[11].wav is None and not by_number[11].cached          # edited: a miss
