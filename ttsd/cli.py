@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[ns.command](cfg, ns)
     except TtsdError as exc:
         print(f"ttsd: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_status", 2)
     except KeyboardInterrupt:
         return 130
 

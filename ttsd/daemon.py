@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ttsd import __version__, workers
+from ttsd import __version__, sitelock, workers
 from ttsd.config import Config
 from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover
@@ -128,6 +128,12 @@ class Daemon:
 
     def run(self) -> int:
         cfg = self.cfg
+        try:
+            cfg.paths.state.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"state folder {cfg.paths.state} cannot be created: "
+                              f"{exc.strerror}") from None
+        self._site_lock = sitelock.acquire(cfg.paths.state)   # before anything is touched
         store = Store(cfg.paths.db)   # a clear error first if the state folder is unusable
         for p in (cfg.paths.inbox, cfg.paths.outbox, cfg.paths.done, cfg.paths.failed,
                   cfg.paths.work, cfg.paths.cache):

@@ -479,7 +479,7 @@ class Engine:
         results = plan.results
         sent: set[int] = set()
         with self._on_device():
-            if self.faults and not self.faults.fast:
+            if self.faults:
                 self.faults.before_run(plan.prepared)   # exit / hang / slow / sticky
             for lv, idxs, items, line_error in plan.voices:
                 sub = [plan.prepared[i] for i in idxs]
