@@ -40,8 +40,8 @@ def _override(cfg: Config, ns: argparse.Namespace) -> Config:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ttsd", description="Batch text-to-speech daemon.")
-    ap.add_argument("--config", type=Path, help="config file (default ./config.toml, "
-                    "$TTSD_CONFIG, else built-in defaults)")
+    ap.add_argument("--config", type=Path, help="config file (else $TTSD_CONFIG, else "
+                    "./config.toml, else the built-in defaults)")
     ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     ap.add_argument("--version", action="version", version=f"ttsd {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)

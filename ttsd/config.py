@@ -8,6 +8,7 @@ when no file is used).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import tomllib
@@ -314,30 +315,33 @@ class Config:
 
     @staticmethod
     def load(path: Path | str | None = None) -> Config:
-        """Read ``path``; with None, ``./config.toml`` if present, else the defaults."""
-        if path is None:
-            env = os.environ.get("TTSD_CONFIG")
-            path = Path(env) if env else Path("config.toml")
-            if not path.exists():
-                return Config().resolved(Path.cwd())
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-        cfg = from_dict(raw, where=str(path))
-        return dataclasses.replace(cfg, source=path.resolve()).resolved(path.resolve().parent)
+        """The config read from ``path`` (``--config``), else from ``$TTSD_CONFIG``, else
+        from ``./config.toml`` in the current folder, else the built-in defaults; every
+        path made absolute and the folders checked (``check_folders``).
 
-    def resolved(self, base: Path) -> Config:
-        """Make every relative path absolute against ``base``."""
+        A file named by ``path`` or ``$TTSD_CONFIG`` that is missing or unreadable is a
+        ConfigError naming it and where it was named; an empty ``$TTSD_CONFIG`` is unset.
+        """
+        if path is not None:
+            return _read(Path(path), "--config")
+        env = os.environ.get("TTSD_CONFIG", "")
+        if env:
+            return _read(Path(env), "$TTSD_CONFIG")
+        local = Path("config.toml")
+        if local.exists():
+            return _read(local, None)
+        return Config().resolved(Path.cwd(), "built-in defaults")
+
+    def resolved(self, base: Path, where: str = "config") -> Config:
+        """Make every relative path absolute against ``base``, then check the folders
+        (``check_folders``; errors start with ``where``)."""
         def fix(p: Path) -> Path:
             p = p.expanduser()
             return p if p.is_absolute() else (base / p).resolve()
 
         paths = PathsConfig(**{f.name: fix(getattr(self.paths, f.name))
                                for f in dataclasses.fields(PathsConfig)})
+        check_folders(paths, where)
         engine = dataclasses.replace(self.engine, voices_dir=fix(self.engine.voices_dir))
         return dataclasses.replace(self, paths=paths, engine=engine)
 
@@ -350,6 +354,29 @@ class Config:
             out[f.name] = {k.name: _plain(getattr(section, k.name))
                            for k in dataclasses.fields(section)}
         return out
+
+
+def _read(path: Path, named_by: str | None) -> Config:
+    """The config in the file ``path``; ``named_by`` (``--config``, ``$TTSD_CONFIG``, or
+    None for ``./config.toml``) says where the path came from, for the error."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{named_by} names {path}, which does not exist" if named_by
+                          else f"{path}: no such config file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        reason = f"cannot be read ({exc.strerror or exc})"
+        raise ConfigError(f"{named_by} names {path}, which {reason}" if named_by
+                          else f"{path}: {reason}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    cfg = from_dict(raw, where=str(path))
+    real = path.resolve()
+    return dataclasses.replace(cfg, source=real).resolved(real.parent, str(path))
 
 
 def _plain(v: Any) -> Any:
@@ -430,8 +457,43 @@ _LEVELS = ("debug", "info", "warning", "error")
 _BACKENDS = ("local", "ray")
 
 
+FOLDERS = ("inbox", "outbox", "done", "failed", "state")
+"""The [paths] keys that must name distinct folders, none inside another."""
+
+_ONE_EACH = "each must be its own folder, none inside another"
+
+
+def check_folders(paths: PathsConfig, where: str = "config") -> None:
+    """Refuse two of the ``FOLDERS`` that are one folder, or one inside another.
+
+    The paths must be absolute. They are compared as real paths (``os.path.realpath``:
+    the symlinks among the parts that exist are followed), so an alias is caught. The
+    ConfigError names the keys and their paths.
+    """
+    given: dict[str, Path] = {k: getattr(paths, k) for k in FOLDERS}
+    real = {k: Path(os.path.realpath(p)) for k, p in given.items()}
+
+    def show(key: str) -> str:
+        return f"paths.{key}" if given[key] == real[key] else f"paths.{key} ({given[key]})"
+
+    def at(key: str) -> str:
+        return str(given[key]) if given[key] == real[key] else f"{given[key]}, which is {real[key]}"
+
+    for i, key in enumerate(FOLDERS):
+        same = [key] + [k for k in FOLDERS[i + 1:] if real[k] == real[key]]
+        if len(same) > 1:
+            names = ", ".join(show(k) for k in same[:-1]) + f" and {show(same[-1])}"
+            raise ConfigError(f"{where}: {names} are the same folder ({real[key]}): "
+                              f"{_ONE_EACH}")
+    for outer, inner in itertools.permutations(FOLDERS, 2):
+        if real[inner].is_relative_to(real[outer]):
+            raise ConfigError(f"{where}: paths.{inner} ({at(inner)}) lies inside "
+                              f"paths.{outer} ({at(outer)}): {_ONE_EACH}")
+
+
 def validate(cfg: Config, where: str = "config") -> None:
-    """Reject impossible values, naming the key."""
+    """Reject impossible values, naming the key; the folders too once their paths are
+    absolute (``check_folders``; relative ones are checked by ``Config.resolved``)."""
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
             raise ConfigError(f"{where}: {key}: {msg}")
@@ -499,6 +561,8 @@ def validate(cfg: Config, where: str = "config") -> None:
          "must be >= cluster.restart_backoff_s")
     need(c.max_failures >= 1, "cluster.max_failures", "must be >= 1")
     need(c.failure_window_s > 0, "cluster.failure_window_s", "must be > 0")
+    if all(getattr(cfg.paths, k).is_absolute() for k in FOLDERS):
+        check_folders(cfg.paths, where)
 
 
 def _cuda(dev: str) -> bool:
