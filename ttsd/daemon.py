@@ -45,6 +45,11 @@ from ttsd.store import NewLine, Store
 from ttsd.writer import remove_stale_temps
 
 log = get_logger(__name__)
+EXIT_OK = 0
+EXIT_FAILED = 1
+"""``run --once``: every file was finished, and some line or file failed."""
+EXIT_CRASH = 70
+"""A thread of the daemon crashed (a bug: the log has the traceback)."""
 EXIT_DEVICE_LOST = 75
 IDLE_S = 1.0
 """The model counts as idle (the feeder takes ``batching.idle_batch`` of a batch) after
@@ -210,10 +215,33 @@ class Daemon:
                 self.ingest.inbox.stop()
             self._shutdown(store, threads)
         if self.fatal is not None:
-            return EXIT_DEVICE_LOST if isinstance(self.fatal, DeviceLostError) else 1
-        if self.once and self.ingest.failed_files:
-            return 1
-        return 0
+            return EXIT_DEVICE_LOST if isinstance(self.fatal, DeviceLostError) else EXIT_CRASH
+        if self.once:
+            return self._once_report()
+        return EXIT_OK
+
+    def _once_report(self) -> int:
+        """``run --once``'s summary on stderr; EXIT_FAILED when a line or file failed."""
+        store = Store(self.cfg.paths.db)
+        try:
+            got = store.run_summary(self.started_at)
+        finally:
+            store.close()
+        files = (f"{got['files_done']:,} file{'' if got['files_done'] == 1 else 's'} done, "
+                 f"{got['files_failed']:,} failed")
+        total = got["lines_done"] + got["lines_failed"]
+        lines = f"{got['lines_done']:,} line{'' if got['lines_done'] == 1 else 's'} done"
+        if got["lines_failed"]:
+            lines += f", {got['lines_failed']:,} of {total:,} lines failed"
+        out = [f"ttsd run --once: {files}; {lines}"]
+        for name, number, error in got["failures"]:
+            out.append(f"  {name}{'' if number is None else f' line {number}'}: {error}")
+        shown = len(got["failures"])
+        if shown < got["files_failed"] + got["lines_failed"]:
+            out.append(f"  … and {got['files_failed'] + got['lines_failed'] - shown:,} more "
+                       "(the manifests and failed/*.error.txt have them all)")
+        sys.stderr.write("\n".join(out) + "\n")
+        return EXIT_FAILED if got["files_failed"] or got["lines_failed"] else EXIT_OK
 
     def _start_pool(self, store: Store) -> None:
         cfg = self.cfg
@@ -284,10 +312,15 @@ class Daemon:
             self._print_progress(store, final=True)
 
     def _once_finished(self, store: Store) -> bool:
+        """Every file the inbox held (settling ones included) is finished. The order
+        of the checks follows a file's way: it leaves the inbox's watch list when its
+        claim begins (``in_hand``), and leaves ``in_hand`` once its row is in the store,
+        so no file can slip between two of them unseen."""
+        if self.ingest.inbox.pending() or self.ingest.in_hand:
+            return False
         busy = self.pool.busy() if self.pool is not None else self.busy
         return (not busy and self.batch_q.empty() and self.write_q.empty()
-                and store.pending_count() == 0 and not store.files_in("parsing", "queued")
-                and self.ingest.inbox.pending() == 0)
+                and store.pending_count() == 0 and not store.files_in("parsing", "queued"))
 
     def _files_loop(self) -> None:
         store = Store(self.cfg.paths.db)

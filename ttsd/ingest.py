@@ -96,6 +96,9 @@ class Ingest:
         links their WAVs and marks those lines done); None: no cache."""
         self.on_answered: Callable[[int], None] | None = None
         """Called with how many lines of a chunk went into the store done (answered)."""
+        self.in_hand = 0
+        """Claims begun and not yet in the store (or disposed of): a file in between has
+        left the inbox's watch list without a row yet (``run --once`` waits for it)."""
         self._prefixes: dict[tuple, tuple[VoiceFacts, Any]] = {}
         """(voice, speaker, scales) → (their VoiceFacts, the hash of their key prefix)."""
 
@@ -124,11 +127,15 @@ class Ingest:
             for path in self.inbox.ready():
                 if self.stop.is_set():
                     break
-                got = self.inbox.claim(path)
-                if got is None:
-                    continue
-                crash.point("after_claim")
-                self._accept(store, got)
+                self.in_hand += 1
+                try:
+                    got = self.inbox.claim(path)
+                    if got is None:
+                        continue
+                    crash.point("after_claim")
+                    self._accept(store, got)
+                finally:
+                    self.in_hand -= 1
                 n += 1
                 if store.pending_count() >= self.cfg.input.max_pending_lines:
                     log.info("inbox.backpressure", pending=store.pending_count())
@@ -138,12 +145,13 @@ class Ingest:
 
     def _accept(self, store: Store, got: Claimed | Rejected) -> None:
         if isinstance(got, Rejected):
+            self.failed_files += 1
             if got.path.parent == self.cfg.paths.inbox:   # could not even be moved out
-                self.failed_files += 1
+                store.add_rejected(got.name, got.path, got.reason, None)
                 log.error("file.rejected", name=got.name, reason=got.reason, moved_to=None)
                 return
             dest = dispose(got.path, self.cfg.paths.failed, got.name, error=got.reason)
-            self.failed_files += 1
+            store.add_rejected(got.name, got.path, got.reason, dest)
             log.warning("file.rejected", name=got.name, reason=got.reason, moved_to=str(dest))
             return
         out_dir = self._out_dir(store, got.name)
@@ -175,10 +183,10 @@ class Ingest:
                 chunk.append(self._new_line(item, width, seen))
                 count += 1
                 if len(chunk) >= (CHUNK if count > FIRST_CHUNK else FIRST_CHUNK):
-                    hits += self._add(store, file_id, chunk, out_dir)
+                    hits += self._add(store, file_id, claimed.name, chunk, out_dir)
                     chunk = []
             if chunk:
-                hits += self._add(store, file_id, chunk, out_dir)
+                hits += self._add(store, file_id, claimed.name, chunk, out_dir)
             store.file_parsed(file_id, parsed.kind, parsed.total_lines, parsed.note)
             log.info("file.parsed", name=claimed.name, lines=count, kind=parsed.kind,
                      note=parsed.note, answered_from_cache=hits,
@@ -187,11 +195,15 @@ class Ingest:
             self._fail(store, file_id, claimed, exc.describe() if exc.file else
                        f"{claimed.name}: {exc.describe()}")
 
-    def _add(self, store: Store, file_id: int, chunk: list[NewLine], out_dir: Path) -> int:
+    def _add(self, store: Store, file_id: int, name: str, chunk: list[NewLine],
+             out_dir: Path) -> int:
         """Insert a chunk (its cache hits answered first, done); returns those answered."""
         if self.answer is not None:
             self.answer(store, chunk, out_dir)
         answered = store.add_lines(file_id, chunk)
+        for ln in chunk:
+            if ln.error:
+                log.warning("line.failed", file=name, line=ln.number, error=ln.error)
         if answered and self.on_answered is not None:
             self.on_answered(answered)
         if self.on_lines is not None and any(ln.wav is None and ln.error is None

@@ -35,7 +35,7 @@ from ttsd.engine.records import Prepared, Request, Result, RunStats
 from ttsd.engine.runtime import GPU_BATCH, Engine, Plan
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
-from ttsd.store import LineRow, NewLine, Store
+from ttsd.store import LineRow, NewLine, Store, gave_up
 from ttsd.writer import fsync_dir, link_or_copy, replace_with_link, wav_info, wav_ok, write_wav
 
 log = get_logger(__name__)
@@ -176,8 +176,9 @@ class Feeder:
             more, dead2 = store.take(limit - len(rows), self.cfg.daemon.max_attempts,
                                      fresh_only=True)
             rows, dead = rows + more, dead + dead2
-        if dead:
-            log.warning("lines.gave_up", count=len(dead), ids=dead[:10])
+        for row in dead:
+            log.warning("line.failed", file=row.file, line=row.number,
+                        error=gave_up(row.attempts))
         if not rows:
             return Batch([], "", dead=dead) if dead else None
         voice = rows[0].voice
@@ -557,7 +558,11 @@ class Sink:
         if requeue:
             store.release(requeue, undo_attempt=True)
         if failed:
-            log.warning("lines.failed", count=len(failed), first=failed[0][1])
+            rows = {r.id: r for r in batch.rows}
+            for line_id, error in failed:
+                row = rows.get(line_id)
+                log.warning("line.failed", file=row.file if row else "", error=error,
+                            line=row.number if row else None)
         counts = {"done": len(done), "failed": len(failed), "requeued": len(requeue)}
         if batch.part_of is not None:
             for k, v in counts.items():

@@ -130,6 +130,8 @@ class LineRow:
     out_name: str
     out_dir: str
     attempts: int
+    file: str = ""
+    """The input's name (for reports: ``prompts.csv line 3``)."""
 
 
 @dataclass
@@ -155,6 +157,12 @@ class NewLine:
     cached: bool = False
     """With ``wav``: the WAV is a link to the cache entry (False: a whole WAV of an
     earlier attempt was already at the path, and was kept)."""
+
+
+def gave_up(attempts: int) -> str:
+    """The error of a line whose synthesis killed the process ``attempts`` times."""
+    return (f"synthesis was started {attempts} times and never finished (the process died "
+            "each time); giving up")
 
 
 _HIT_NAMES = ("key", "path", "bytes", "seconds", "ino", "mtime_ns")
@@ -294,6 +302,15 @@ class Store:
                             (name, str(work_path), size, sha256, str(out_dir), kind, time.time()))
             return int(cur.lastrowid)
 
+    def add_rejected(self, name: str, path: Path, reason: str, dest: Path | None) -> None:
+        """A file refused before it was read (a link, a FIFO, too big, not movable): a
+        failed row, so that it is counted and reported like a file that failed to parse."""
+        now = time.time()
+        with self.tx() as c:
+            c.execute("INSERT INTO files (name, work_path, size, sha256, out_dir, state, error, "
+                      "dest, created_at, finished_at) VALUES (?,?,0,'','','failed',?,?,?,?)",
+                      (name, str(path), reason, None if dest is None else str(dest), now, now))
+
     def out_dir_taken(self, out_dir: Path) -> bool:
         return bool(self.one("SELECT 1 FROM files WHERE out_dir = ? LIMIT 1", (str(out_dir),)))
 
@@ -363,6 +380,28 @@ class Store:
             c.execute("UPDATE files SET state='done', finished_at=? WHERE id=?",
                       (time.time(), file_id))
 
+    def run_summary(self, since: float, examples: int = 20) -> dict[str, Any]:
+        """What became of the files finished at or after ``since`` (``run --once``'s
+        report): files done and failed, their lines done and failed, and the first
+        ``examples`` failures as (file, line or None, reason)."""
+        files = dict(self.conn.execute(
+            "SELECT state, COUNT(*) FROM files WHERE finished_at >= ? "
+            "AND state IN ('done', 'failed') GROUP BY state", (since,)).fetchall())
+        lines = dict(self.conn.execute(
+            "SELECT l.state, COUNT(*) FROM lines l JOIN files f ON f.id = l.file_id "
+            "WHERE f.finished_at >= ? AND f.state IN ('done', 'failed') GROUP BY l.state",
+            (since,)).fetchall())
+        failures = [(name, None, error) for name, error in self.conn.execute(
+            "SELECT name, error FROM files WHERE finished_at >= ? AND state = 'failed' "
+            "ORDER BY id LIMIT ?", (since, examples))]
+        failures += self.conn.execute(
+            "SELECT f.name, l.number, l.error FROM lines l JOIN files f ON f.id = l.file_id "
+            "WHERE f.finished_at >= ? AND f.state = 'done' AND l.state = 'failed' "
+            "ORDER BY f.id, l.number LIMIT ?", (since, examples)).fetchall()
+        return {"files_done": files.get("done", 0), "files_failed": files.get("failed", 0),
+                "lines_done": lines.get("done", 0), "lines_failed": lines.get("failed", 0),
+                "failures": failures[:examples]}
+
     def manifest_rows(self, file_id: int) -> Iterator[dict]:
         cur = self.conn.execute(
             "SELECT number, line_id, out_name, text, wav, seconds, cached, error, state "
@@ -388,7 +427,7 @@ class Store:
         return n
 
     def take(self, limit: int, max_attempts: int, *, fresh_only: bool = False
-             ) -> tuple[list[LineRow], list[int]]:
+             ) -> tuple[list[LineRow], list[LineRow]]:
         """Oldest pending lines → running (attempts + 1, committed before synthesis).
 
         Lines already started ``max_attempts`` times fail instead (they killed the
@@ -402,7 +441,7 @@ class Store:
             rows = c.execute(
                 "SELECT l.id, l.file_id, l.number, l.text, l.voice, l.speaker_id, "
                 "l.length_scale, l.noise_scale, l.noise_w, l.seed, l.cache_key, l.out_name, "
-                "f.out_dir, l.attempts FROM lines l JOIN files f ON f.id = l.file_id "
+                "f.out_dir, l.attempts, f.name FROM lines l JOIN files f ON f.id = l.file_id "
                 "WHERE l.state='pending' ORDER BY l.id LIMIT ?", (limit,)).fetchall()
             dead = [r for r in rows if r[13] >= max_attempts]
             live = [r for r in rows if r[13] < max_attempts]
@@ -414,13 +453,13 @@ class Store:
             if dead:
                 c.executemany(
                     "UPDATE lines SET state='failed', finished_at=?, error=? WHERE id=?",
-                    [(now, (f"synthesis was started {r[13]} times and never finished "
-                            "(the process died each time); giving up"), r[0]) for r in dead])
+                    [(now, gave_up(r[13]), r[0]) for r in dead])
             if take:   # one statement, not one per row (see ``complete``)
                 c.execute("UPDATE lines SET state='running', attempts=attempts+1 "
                           "WHERE id IN (SELECT value FROM json_each(?))",
                           (json.dumps([r[0] for r in take]),))
-        return [LineRow(*r[:13], attempts=r[13] + 1) for r in take], [r[0] for r in dead]
+        return ([LineRow(*r[:13], attempts=r[13] + 1, file=r[14]) for r in take],
+                [LineRow(*r[:13], attempts=r[13], file=r[14]) for r in dead])
 
     def cached_ahead(self, n: int) -> tuple[int, int]:
         """(lines looked at, lines with a cache row) among the next ``n`` pending lines,
