@@ -1,9 +1,10 @@
 """``ttsd status``: daemon liveness from the heartbeat and psutil, counts, cache, speed,
-and answering fast while the daemon writes (RELIABILITY row 30)."""
+device facts, and answering fast while the daemon writes (RELIABILITY row 30)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,12 +17,20 @@ import pytest
 
 from ttsd.config import PathsConfig
 from ttsd.records import BatchStats
-from ttsd.status import collect, percentile, render, stale_after, x_realtime
+from ttsd.status import collect, percentile, render, stale_after
 from ttsd.store import NewLine, Store
 
 INFO = {"device": "cuda:0", "dtype": "float16", "gpu_name": "NVIDIA H100",
         "gpu_allocated": 3 * 2**30, "gpu_reserved": 4 * 2**30, "gpu_peak": 12 * 2**30,
         "queue": 7, "status": "queue 7 lines; done 3", "heartbeat_s": 2.0, "version": "0.1.0"}
+CPU_INFO = {"device": "cpu", "dtype": "float32", "gpu_name": None, "gpu_allocated": None,
+            "gpu_reserved": None, "gpu_peak": None, "queue": 0, "status": "queue 0 lines",
+            "heartbeat_s": 2.0, "version": "0.1.0"}
+"""A CPU daemon's heartbeat with its GPU facts unset."""
+CPU_INFO_AS_WRITTEN = {**CPU_INFO, "gpu_name": "x86_64", "gpu_allocated": 0,
+                       "gpu_reserved": 0, "gpu_peak": 0}
+"""A CPU daemon's heartbeat as the daemon writes it: the processor's name in
+``gpu_name``, zeros for the memory an engine on the CPU reports."""
 
 
 @pytest.fixture()
@@ -57,6 +66,17 @@ def batch(size: int, model_ms: float, audio_s: float) -> BatchStats:
     return BatchStats(size=size, phonemes=10 * size, audio_s=audio_s, prepare_ms=1.0,
                       model_ms=model_ms, write_ms=2.0, device="cpu", dtype="float32",
                       voice="v", padded_frames=100, used_frames=80)
+
+
+def timed_batches(store: Store, rows: list[tuple[float, float, float, float]]) -> None:
+    """Batches committed at given times: rows of (at, model_ms, write_ms, audio_s)."""
+    for at, model_ms, write_ms, audio_s in rows:
+        stats = BatchStats(size=1, phonemes=10, audio_s=audio_s, prepare_ms=1.0,
+                           model_ms=model_ms, write_ms=write_ms, device="cuda:0",
+                           dtype="float16", voice="v")
+        store.complete([], [], [], stats, {})
+        store.conn.execute("UPDATE batches SET at = ? WHERE id = (SELECT MAX(id) FROM batches)",
+                           (at,))
 
 
 def dead_pid() -> int:
@@ -180,15 +200,17 @@ def test_counts_cache_and_speed(paths: PathsConfig, store: Store, tmp_path: Path
     assert report["files"] == {"done": 1, "failed": 1, "in_progress": 3}
     assert report["audio"]["seconds"] == 4 * 3600 + 5
     assert report["audio"]["hours"] == pytest.approx(4 + 5 / 3600)
-    assert report["cache"] == {"entries": 1, "bytes": 4096, "hits": 1, "misses": 7,
-                               "hit_rate": 1 / 8}
+    # per line: 1 done from the cache, 5 done by synthesis (the cache_misses counter is 7)
+    assert report["cache"] == {"entries": 1, "bytes": 4096, "hits": 1, "misses": 5,
+                               "hit_rate": 1 / 6}
     sp = report["speed"]
     assert sp["batches"] == 2 and sp["ms_per_line"] == pytest.approx(200 / 6)
     assert sp["latency_batches"] == 2
     assert sp["latency_p50_ms"] == pytest.approx(100) and sp["latency_p95_ms"] == 154
     assert sp["model_x_realtime"] == pytest.approx((4 * 3600 + 5) / 0.2)
     assert sp["padding_efficiency"] == pytest.approx(0.8)
-    assert sp["x_realtime_last_hour"] == sp["x_realtime_overall"] > 0
+    assert sp["x_realtime_working_last_hour"] == sp["x_realtime_working_overall"] > 0
+    assert sp["audio_s_last_hour"] == 4 * 3600 + 5
     assert report["device"]["device"] == "cpu"  # no heartbeat: the last batch's device
     rel = report["memory_releases"]
     assert (rel["count"], rel["total_bytes"], rel["last_bytes"], rel["last_reason"]) == \
@@ -196,7 +218,8 @@ def test_counts_cache_and_speed(paths: PathsConfig, store: Store, tmp_path: Path
     json.dumps(report)
     text = render(report)
     for part in ("3 lines (2 pending, 1 running)", "1 done · 1 failed · 3 in progress",
-                 "6 done (1 from the cache) · 1 failed", "4.00 h", "hit rate 12.5%",
+                 "6 done (1 from the cache) · 1 failed", "4.00 h",
+                 "hit rate 16.7% (1 line from the cache, 5 synthesized)",
                  "4.0 KiB", "batch p50 100 ms, p95 154 ms (last 2 batches)",
                  "last release", "512.0 MiB, timer", "2 releases"):
         assert part in text, part
@@ -249,22 +272,153 @@ def test_done_totals_are_counters_kept_with_the_rows(paths: PathsConfig, store: 
     assert collect(paths)["audio"]["seconds"] == 16.0
 
 
-def test_x_realtime_definition(paths: PathsConfig, store: Store) -> None:
-    """Audio seconds ÷ wall seconds from the first batch's start (at − model_ms) to the
-    last batch's end (at)."""
-    for _ in range(3):
-        store.complete([], [], [], batch(1, 2000.0, 10.0), {})
-    store.conn.execute("UPDATE batches SET at = 1000 + 10 * (id - 1)")  # 1000, 1010, 1020
-    assert x_realtime(store, since=None) == pytest.approx(30 / 22)
-    assert x_realtime(store, since=1005) == pytest.approx(20 / 12)  # 1010 − 2 s … 1020
-    assert x_realtime(store, since=1020) == pytest.approx(10 / 2)  # one batch: model speed
-    assert x_realtime(store, since=2000) is None
-    report = collect(paths, now=1020 + 1800)
-    assert report["speed"]["x_realtime_overall"] == pytest.approx(30 / 22)
-    assert report["speed"]["x_realtime_last_hour"] == pytest.approx(30 / 22)
-    report = collect(paths, now=1005 + 3600)
-    assert report["speed"]["x_realtime_last_hour"] == pytest.approx(20 / 12)
-    assert collect(paths, now=9999)["speed"]["x_realtime_last_hour"] is None
+def test_x_realtime_while_working_leaves_out_idle_gaps(paths: PathsConfig,
+                                                       store: Store) -> None:
+    """Working x-realtime: audio seconds ÷ the seconds the batches ran (each batch from
+    at − (model_ms + write_ms) to at); an idle gap between two batches is not counted."""
+    timed_batches(store, [(1000.0, 1500.0, 500.0, 25.0),     # works 998 … 1000
+                          (8200.0, 3000.0, 1000.0, 50.0)])   # 2 h idle, then 8196 … 8200
+    sp = collect(paths, now=8200.0 + 60)["speed"]
+    assert sp["working_s_overall"] == pytest.approx(6.0)
+    assert sp["x_realtime_working_overall"] == pytest.approx(75 / 6)   # not 75 / 7202
+    assert sp["working_s_last_hour"] == pytest.approx(4.0)
+    assert sp["x_realtime_working_last_hour"] == pytest.approx(50 / 4)
+    assert sp["audio_s_last_hour"] == pytest.approx(50.0)
+    assert sp["model_x_realtime"] == pytest.approx(75 / 4.5)
+    text = render(collect(paths, now=8200.0 + 60))
+    assert "12.5× realtime while working (last hour) · 12.5× overall · 16.7× model only" \
+        in text
+    assert "50s of audio in the last hour" in text
+
+    # both batches in the last hour: still the time worked, not the span
+    sp = collect(paths, now=1000.0 + 3000)["speed"]
+    assert sp["x_realtime_working_last_hour"] == pytest.approx(75 / 6)
+
+    # nothing committed in the last hour: no recent speed, none of its audio
+    report = collect(paths, now=8200.0 + 7200)
+    sp = report["speed"]
+    assert sp["x_realtime_working_last_hour"] is None and sp["working_s_last_hour"] == 0
+    assert sp["audio_s_last_hour"] == 0
+    assert sp["x_realtime_working_overall"] == pytest.approx(75 / 6)
+    assert "- realtime while working (last hour)" in render(report)
+
+
+def test_working_time_counts_overlapping_batches_once(paths: PathsConfig,
+                                                      store: Store) -> None:
+    """Batches of several devices overlap: the working time is the length of the union
+    of their intervals, whatever the order the batches were committed in."""
+    timed_batches(store, [(115.0, 9000.0, 1000.0, 100.0),   # 105 … 115
+                          (110.0, 9500.0, 500.0, 100.0),    # 100 … 110
+                          (125.0, 4000.0, 1000.0, 50.0),    # 120 … 125
+                          (123.0, 1500.0, 500.0, 20.0),     # 121 … 123, inside the one above
+                          (125.0, 5000.0, 0.0, 30.0),       # 120 … 125 again
+                          (130.0, 0.0, 0.0, 0.0)])          # an instant: no time
+    sp = collect(paths, now=200.0)["speed"]
+    assert sp["working_s_overall"] == pytest.approx(15 + 5)
+    assert sp["x_realtime_working_overall"] == pytest.approx(300 / 20)
+    assert sp["x_realtime_working_last_hour"] == pytest.approx(300 / 20)
+    # the window holds the batches committed in it, each with its whole interval
+    sp = collect(paths, now=122.0 + 3600)["speed"]
+    assert sp["working_s_last_hour"] == pytest.approx(5.0)   # 120 … 125, twice and inside
+    assert sp["audio_s_last_hour"] == pytest.approx(100.0)
+    assert sp["x_realtime_working_last_hour"] == pytest.approx(100 / 5)
+
+
+def test_working_time_of_many_batches_matches_a_plain_union(paths: PathsConfig,
+                                                            store: Store) -> None:
+    """The union computed by the store query equals one computed here by sorting."""
+    store.conn.execute("PRAGMA synchronous = OFF")  # test speed only: 300 commits
+    rows = [(1000.0 + (i * 7919) % 600 + (i % 3) * 0.5, float((i * 104729) % 9000),
+             float(i % 5) * 100, 1.0) for i in range(300)]
+    timed_batches(store, rows)
+    spans = sorted((at - (m + w) / 1000, at) for at, m, w, _a in rows)
+    total, cover = 0.0, -math.inf
+    for lo, hi in spans:
+        total += max(0.0, hi - max(lo, cover))
+        cover = max(cover, hi)
+    sp = collect(paths, now=2000.0)["speed"]
+    assert sp["working_s_overall"] == pytest.approx(total)
+    assert sp["x_realtime_working_overall"] == pytest.approx(300 / total)
+
+
+def test_cache_counts_lines_not_synthesis_attempts(paths: PathsConfig, store: Store,
+                                                    tmp_path: Path) -> None:
+    """Hits and misses are lines: done from the cache vs done by synthesis. Batches whose
+    writes failed and were synthesized again bump the cache_misses counter each time;
+    they add no miss."""
+    a = add_file(store, tmp_path, "a.txt", 5)
+    ids = line_ids(store, a)
+    for _ in range(30):   # requeued: no line done, the counter bumped anyway
+        store.complete([], [], [], batch(5, 40.0, 10.0), {"cache_misses": 5})
+    store.complete([(i, f"a/{i}.wav", 2.0, False) for i in ids], [], [],
+                   batch(5, 40.0, 10.0), {"cache_misses": 8})
+    assert store.counters()["cache_misses"] == 158
+    report = collect(paths)
+    assert report["cache"]["hits"] == 0 and report["cache"]["misses"] == 5
+    assert report["cache"]["hit_rate"] == 0
+    assert "hit rate 0.0% (0 lines from the cache, 5 synthesized)" in render(report)
+
+    b = store.add_file("b.txt", tmp_path / "work" / "b.txt", 1, "0" * 64, tmp_path / "b")
+    store.add_lines(b, [NewLine(n, "hit", out_name=f"{n:04d}", cache_key="k",
+                                wav=f"/b/{n:04d}.wav", seconds=2.0, cached=True)
+                        for n in (1, 2)])
+    report = collect(paths)
+    assert report["cache"]["hits"] == 2 and report["cache"]["misses"] == 5
+    assert report["cache"]["hit_rate"] == pytest.approx(2 / 7)
+    assert "hit rate 28.6% (2 lines from the cache, 5 synthesized)" in render(report)
+
+
+def test_cpu_daemon_shows_no_gpu_memory_and_no_release_row(paths: PathsConfig,
+                                                           store: Store) -> None:
+    """On the CPU the device row is the device and dtype; no GPU memory, and the
+    releases a CPU records (they free nothing) make no memory row."""
+    store.record_release(0, "idle", "cpu")
+    store.record_release(0, "timer", "cpu")
+    for info in (CPU_INFO, CPU_INFO_AS_WRITTEN):
+        store.heartbeat(os.getpid(), time.time(), "running", info)
+        report = collect(paths)
+        assert report["daemon"]["state"] == "up" and report["device"]["device"] == "cpu"
+        assert report["memory_releases"]["count"] == 0
+        json.dumps(report)
+        shown = [line for line in render(report).splitlines() if not line.startswith("store")]
+        assert [line for line in shown if line.startswith("device")][0].startswith(
+            "device    cpu float32")
+        assert not any("GPU" in line or "release" in line for line in shown)
+        assert not any(line.startswith("memory") for line in shown)
+
+
+def test_cuda_daemon_shows_gpu_memory_and_its_releases(paths: PathsConfig,
+                                                       store: Store) -> None:
+    """On a GPU the device row has its memory, and the memory row its releases (a CPU
+    release recorded beside them is not one of them)."""
+    store.record_release(2**30, "idle", "cuda:0")
+    store.record_release(0, "timer", "cpu")
+    store.heartbeat(os.getpid(), time.time(), "running", INFO)
+    report = collect(paths)
+    rel = report["memory_releases"]
+    assert (rel["count"], rel["total_bytes"], rel["last_bytes"], rel["last_reason"]) == \
+        (1, 2**30, 2**30, "idle")
+    text = render(report)
+    assert "cuda:0 float16 · NVIDIA H100 · GPU memory 3.0 GiB allocated, 4.0 GiB reserved, " \
+           "12.0 GiB peak" in text
+    memory = [line for line in text.splitlines() if line.startswith("memory")]
+    assert len(memory) == 1 and "(1.0 GiB, idle)" in memory[0]
+    assert "1 release, 1.0 GiB in all" in memory[0]
+
+
+def test_worker_releases_count_gpu_releases_only(paths: PathsConfig, store: Store) -> None:
+    """A worker on the CPU shows no memory releases; one on a GPU shows its own."""
+    store.worker_set(0, device="cpu", state="ready")
+    store.worker_set(1, device="cuda:1", state="ready", gpu_allocated=2**30,
+                     gpu_reserved=2**31, gpu_peak=2**31)
+    store.record_release(0, "idle", "cpu", worker=0)
+    store.record_release(512 * 2**20, "idle", "cuda:1", worker=1)
+    store.heartbeat(os.getpid(), time.time(), "running", {**CPU_INFO, "device": "workers"})
+    workers = collect(paths)["workers"]
+    assert [(w["slot"], w["releases"], w["released_bytes"]) for w in workers] == \
+        [(0, 0, 0), (1, 1, 512 * 2**20)]
+    rows = [line for line in render(collect(paths)).splitlines() if "#" in line]
+    assert "release" not in rows[0] and "1 release (512.0 MiB)" in rows[1]
 
 
 def test_percentile() -> None:

@@ -10,6 +10,11 @@ write lock).
 
 ``collect`` returns a JSON-able dict (``ttsd status --json``); ``render`` turns it
 into a compact block for a terminal.
+
+Speed is audio seconds per second spent working: the union of the batches' working
+intervals, so idle time and batches that overlap on several devices are not counted
+twice (``throughput``). Cache hits and misses are lines: done from the cache vs done by
+synthesis. GPU memory and its releases are shown only for a CUDA device.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import json
 import math
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,7 @@ from ttsd.store import DONE_AUDIO_US, DONE_CACHED, Store
 LATENCY_WINDOW = 1000
 """Batch latency percentiles are taken over this many most recent batches."""
 RECENT_S = 3600.0
-"""The "recent" x-realtime window: the last hour."""
+"""The recent speed window: batches committed in the last hour."""
 MIN_STALE_S = 10.0
 """A heartbeat is stale after max(MIN_STALE_S, STALE_BEATS × heartbeat_s)."""
 STALE_BEATS = 5
@@ -43,6 +49,11 @@ PID_REUSE_SLACK_S = 2.0
 """A live pid whose process started later than this after the daemon's start is not it."""
 STOPPED_STATES = ("stopped",)
 """Heartbeat states the daemon writes when it exits cleanly."""
+GPU_DEVICE_PREFIX = "cuda"
+"""A device whose name starts with this (``cuda``, ``cuda:1``; ROCm too) is a GPU; only
+there do GPU memory and memory releases mean something."""
+_GPU_RELEASE = f"device LIKE '{GPU_DEVICE_PREFIX}%'"
+"""SQL: a releases row recorded on a GPU (a CPU's release frees nothing)."""
 
 
 # ---------------------------------------------------------------------- collect
@@ -107,6 +118,8 @@ def _empty(db: Path, now: float) -> dict[str, Any]:
         "files": {"done": 0, "failed": 0, "in_progress": 0},
         "lines": {"done": 0, "failed": 0, "pending": 0, "running": 0, "cached": 0},
         "audio": {"seconds": 0.0, "hours": 0.0},
+        # hits: done lines linked to the cache; misses: done lines that are not
+        # (synthesized); hit_rate = hits / (hits + misses)
         "cache": {"entries": 0, "bytes": 0, "hits": 0, "misses": 0, "hit_rate": None},
         "speed": {
             "batches": 0,
@@ -114,11 +127,17 @@ def _empty(db: Path, now: float) -> dict[str, Any]:
             "latency_batches": 0,           # batches behind p50/p95 (last 1000)
             "latency_p50_ms": None,
             "latency_p95_ms": None,
-            "x_realtime_last_hour": None,   # see x_realtime()
-            "x_realtime_overall": None,
+            # audio s / working s (see throughput()): batches committed in the last
+            # hour, and all batches
+            "x_realtime_working_last_hour": None,
+            "x_realtime_working_overall": None,
+            "working_s_last_hour": 0.0,     # union of the batches' working intervals
+            "working_s_overall": 0.0,
+            "audio_s_last_hour": 0.0,       # audio of the batches committed in the last hour
             "model_x_realtime": None,       # audio s / model s, all batches
             "padding_efficiency": None,     # used / padded frames
         },
+        # releases of GPU memory (rows whose device is a GPU)
         "memory_releases": {"count": 0, "total_bytes": 0, "last_at": None,
                             "last_bytes": None, "last_reason": None},
         "workers": [],                # several devices / Ray: one dict per worker slot
@@ -240,12 +259,15 @@ def _counts(store: Store, report: dict[str, Any]) -> None:
 
 
 def _cache(store: Store, report: dict[str, Any]) -> None:
-    cache = report["cache"]
+    """Cache entries and size, and hits and misses per done line (from the counts
+    ``_counts`` fills): a hit is a done line whose WAV is a link to the cache, a miss a
+    done line that is not (synthesized). A batch synthesized again after a failed write
+    adds no miss."""
+    cache, lines = report["cache"], report["lines"]
     entries, size = store.conn.execute(
         "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM cache").fetchone()
-    counters = dict(store.conn.execute(
-        "SELECT name, value FROM counters WHERE name IN ('cache_hits', 'cache_misses')"))
-    hits, misses = int(counters.get("cache_hits", 0)), int(counters.get("cache_misses", 0))
+    hits = lines["cached"]
+    misses = max(0, lines["done"] - hits)
     cache.update(entries=entries, bytes=size, hits=hits, misses=misses,
                  hit_rate=hits / (hits + misses) if hits + misses else None)
 
@@ -268,8 +290,11 @@ def _speed(store: Store, report: dict[str, Any], now: float) -> None:
     speed["latency_batches"] = len(recent)
     speed["latency_p50_ms"] = percentile(recent, 50)
     speed["latency_p95_ms"] = percentile(recent, 95)
-    speed["x_realtime_last_hour"] = x_realtime(store, since=now - RECENT_S)
-    speed["x_realtime_overall"] = x_realtime(store, since=None)
+    recent, overall = throughput(store, since=now - RECENT_S), throughput(store, since=None)
+    speed.update(x_realtime_working_last_hour=recent.x_realtime,
+                 x_realtime_working_overall=overall.x_realtime,
+                 working_s_last_hour=recent.working_s, working_s_overall=overall.working_s,
+                 audio_s_last_hour=recent.audio_s)
     if report["device"]["device"] is None:  # daemon never beat: the last batch says
         row = store.conn.execute(
             "SELECT device, dtype FROM batches ORDER BY id DESC LIMIT 1").fetchone()
@@ -277,47 +302,74 @@ def _speed(store: Store, report: dict[str, Any], now: float) -> None:
             report["device"]["device"], report["device"]["dtype"] = row
 
 
-def x_realtime(store: Store, since: float | None) -> float | None:
-    """Audio seconds produced ÷ wall seconds from the start of the first batch to the
-    end of the last batch of the window (batches whose ``at`` is ≥ ``since``; all of
-    them when ``since`` is None).
+@dataclass(frozen=True)
+class Throughput:
+    """What the batches of a window produced, and the wall time spent producing it."""
 
-    A batch's ``at`` is when it was recorded, i.e. its end; its start is taken as
-    ``at − model_ms``. So wall = (max(at) − min(at)) + model_ms of the first batch, and
-    one lone batch gives its model-only speed. Idle time before the first and after
-    the last batch does not count; idle gaps between batches do. Cache hits produce
-    no batch and so add nothing. None when the window has no batch or no time.
+    batches: int
+    audio_s: float
+    """Audio seconds of the window's batches."""
+    working_s: float
+    """Length of the union of the batches' working intervals, in seconds."""
+
+    @property
+    def x_realtime(self) -> float | None:
+        """Audio seconds per working second; None when no time was spent."""
+        return self.audio_s / self.working_s if self.working_s > 0 else None
+
+
+_BATCH_START = "at - MAX(0, COALESCE(model_ms, 0) + COALESCE(write_ms, 0)) / 1000.0"
+_THROUGHPUT_SQL = f"""
+    SELECT COUNT(*), TOTAL(audio_s), TOTAL(MAX(0, MIN(at, COALESCE(later, at)) - start))
+    FROM (SELECT at, audio_s, start, MIN(start) OVER (ORDER BY at DESC
+                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS later
+          FROM (SELECT at, audio_s, {_BATCH_START} AS start FROM batches {{where}}))"""
+
+
+def throughput(store: Store, since: float | None) -> Throughput:
+    """Audio and working time of the batches committed at or after ``since`` (all
+    batches when None).
+
+    A batch's ``at`` is when it was committed, its end; it worked over
+    [at − (model_ms + write_ms) / 1000, at]. The working time is the length of the union
+    of those intervals: idle time between batches is not counted, and batches that
+    overlap (several devices) count once. A batch committed in the window counts whole,
+    even when it started before ``since``.
+
+    One query, linear in the batches: taken by ``at``, latest first, every batch before
+    this one ends no earlier than it does, so their union covers this batch's interval
+    from the earliest start among them (``later``, a running MIN) on, and this batch
+    adds max(0, min(at, later) − start).
     """
     where, params = ("WHERE at >= ?", (since,)) if since is not None else ("", ())
-    audio, first, last = store.conn.execute(
-        f"SELECT SUM(audio_s), MIN(at), MAX(at) FROM batches {where}", params).fetchone()
-    if first is None or audio is None:
-        return None
-    first_ms = store.one("SELECT model_ms FROM batches WHERE at = ? ORDER BY id LIMIT 1",
-                         (first,)) or 0.0
-    wall = (last - first) + first_ms / 1000.0
-    return audio / wall if wall > 0 else None
+    n, audio, working = store.conn.execute(_THROUGHPUT_SQL.format(where=where),
+                                           params).fetchone()
+    return Throughput(batches=n, audio_s=float(audio), working_s=float(working))
 
 
 def _releases(store: Store, report: dict[str, Any]) -> None:
+    """The GPU memory releases: how many, how much, and the last one. Releases recorded
+    on the CPU (which free nothing) are left out."""
     rel = report["memory_releases"]
     count, total = store.conn.execute(
-        "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM releases").fetchone()
+        f"SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM releases WHERE {_GPU_RELEASE}"
+    ).fetchone()
     rel.update(count=count, total_bytes=total)
-    row = store.conn.execute(
-        "SELECT at, bytes, reason FROM releases ORDER BY id DESC LIMIT 1").fetchone()
+    row = store.conn.execute(f"SELECT at, bytes, reason FROM releases WHERE {_GPU_RELEASE} "
+                             "ORDER BY id DESC LIMIT 1").fetchone()
     if row:
         rel["last_at"], rel["last_bytes"], rel["last_reason"] = row
 
 
 def _workers(store: Store, report: dict[str, Any]) -> None:
     """One entry per worker slot: device, host, state, batches, x-realtime (audio s ÷
-    model s), GPU memory, restarts, and its memory releases."""
+    model s), GPU memory, restarts, and its GPU memory releases."""
     try:
         rows = store.q("SELECT * FROM workers ORDER BY slot")
         rel = {r["worker"]: r for r in store.q(
             "SELECT worker, COUNT(*) AS count, COALESCE(SUM(bytes), 0) AS bytes, MAX(at) AS "
-            "last_at FROM releases WHERE worker IS NOT NULL GROUP BY worker")}
+            f"last_at FROM releases WHERE worker IS NOT NULL AND {_GPU_RELEASE} "
+            "GROUP BY worker")}
     except sqlite3.OperationalError:   # a store from before migration m002
         return
     stopped = report["daemon"]["state"] != "up"
@@ -363,6 +415,11 @@ def _str(x: Any) -> str | None:
     return str(x) if x is not None else None
 
 
+def on_gpu(device: str | None) -> bool:
+    """Whether a device name (``cuda:0``, ``cpu``, …) is a GPU's."""
+    return device is not None and device.lower().startswith(GPU_DEVICE_PREFIX)
+
+
 # ---------------------------------------------------------------------- render
 
 def human_bytes(n: float | None) -> str:
@@ -404,6 +461,15 @@ def _xrt(x: float | None) -> str:
     return "-" if x is None else (f"{x:.1f}×" if x < 100 else f"{x:,.0f}×")
 
 
+def _audio(seconds: float) -> str:
+    """An amount of audio: hours from 0.1 h up (``0.35 h``), a duration below."""
+    return f"{seconds / 3600:,.2f} h" if seconds >= 360 else human_duration(seconds)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def render(report: dict[str, Any]) -> str:
     """A compact, readable block for a terminal."""
     d, dev, sp = report["daemon"], report["device"], report["speed"]
@@ -432,7 +498,8 @@ def render(report: dict[str, Any]) -> str:
         text = " ".join(x for x in (dev["device"], dev["dtype"]) if x)
         if dev["gpu_name"]:
             text += f" · {dev['gpu_name']}"
-        if dev["gpu_allocated"] is not None or dev["gpu_reserved"] is not None:
+        if on_gpu(dev["device"]) and any(
+                dev[k] is not None for k in ("gpu_allocated", "gpu_reserved", "gpu_peak")):
             text += (f" · GPU memory {human_bytes(dev['gpu_allocated'])} allocated, "
                      f"{human_bytes(dev['gpu_reserved'])} reserved, "
                      f"{human_bytes(dev['gpu_peak'])} peak")
@@ -448,19 +515,22 @@ def render(report: dict[str, Any]) -> str:
         else human_duration(audio["seconds"]))
     rate = "-" if cache["hit_rate"] is None else f"{100 * cache['hit_rate']:.1f}%"
     row("cache", f"{cache['entries']:,} entries · {human_bytes(cache['bytes'])} · "
-                 f"hit rate {rate} ({cache['hits']:,} hits, {cache['misses']:,} misses)")
+                 f"hit rate {rate} ({_plural(cache['hits'], 'line')} from the cache, "
+                 f"{cache['misses']:,} synthesized)")
     if sp["batches"]:
         row("speed", f"{_ms(sp['ms_per_line'])}/line · batch p50 {_ms(sp['latency_p50_ms'])}, "
                      f"p95 {_ms(sp['latency_p95_ms'])} (last {sp['latency_batches']:,} batches)")
-        row("", f"{_xrt(sp['x_realtime_last_hour'])} realtime last hour · "
-                f"{_xrt(sp['x_realtime_overall'])} overall · "
-                f"{_xrt(sp['model_x_realtime'])} model only · {sp['batches']:,} batches")
+        row("", f"{_xrt(sp['x_realtime_working_last_hour'])} realtime while working "
+                f"(last hour) · {_xrt(sp['x_realtime_working_overall'])} overall · "
+                f"{_xrt(sp['model_x_realtime'])} model only")
+        row("", f"{_audio(sp['audio_s_last_hour'])} of audio in the last hour · "
+                f"{sp['batches']:,} batches")
     else:
         row("speed", "no batches yet")
     if rel["count"]:
         row("memory", f"last release {human_duration(now - rel['last_at'])} ago "
                       f"({human_bytes(rel['last_bytes'])}, {rel['last_reason'] or '-'}) · "
-                      f"{rel['count']:,} release{'' if rel['count'] == 1 else 's'}, "
+                      f"{_plural(rel['count'], 'release')}, "
                       f"{human_bytes(rel['total_bytes'])} in all")
     ws = report.get("workers") or []
     if ws:
@@ -477,7 +547,8 @@ def render(report: dict[str, Any]) -> str:
                          f"{human_bytes(w['gpu_reserved'])} reserved, "
                          f"{human_bytes(w['gpu_peak'])} peak")
             if w["releases"]:
-                text += f" · {w['releases']} releases ({human_bytes(w['released_bytes'])})"
+                text += (f" · {_plural(w['releases'], 'release')} "
+                         f"({human_bytes(w['released_bytes'])})")
             if w["state"] in ("out", "restarting") and w["last_error"]:
                 text += f" · {w['last_error'][:80]}"
             row("", text)
