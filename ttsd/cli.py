@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
 from ttsd import __version__
 from ttsd.config import Config, dump
-from ttsd.errors import ConfigError, TtsdError
+from ttsd.errors import ConfigError, StoreDamagedError, TtsdError
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -38,8 +39,24 @@ def _override(cfg: Config, ns: argparse.Namespace) -> Config:
     return cfg
 
 
+EXIT_STATUSES = """exit statuses:
+  0    done
+  1    run --once: some lines or files failed (stderr lists them)
+  2    an error a person must fix first: a bad config, a missing voice, a wrong argument
+  3    another ttsd process holds the state folder (run, repair-store)
+  4    the journal is damaged: a person must act (see `ttsd repair-store --help`)
+  70   the daemon crashed (a bug: the log has the traceback)
+  75   a temporary failure: the GPU was lost (a restart gets a fresh one)
+  130  interrupted"""
+
+JOURNAL_COMMANDS = ("run", "status", "purge-cache")
+"""Commands whose SQLite errors come from the journal (``Config.paths.db``)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ttsd", description="Batch text-to-speech daemon.")
+    ap = argparse.ArgumentParser(prog="ttsd", description="Batch text-to-speech daemon.",
+                                 epilog=EXIT_STATUSES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, help="config file (else $TTSD_CONFIG, else "
                     "./config.toml, else the built-in defaults)")
     ap.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -68,6 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--max-size", help="keep at most this much, least recently used go first (e.g. 2GB)")
     pc.add_argument("--dry-run", action="store_true")
     pc.add_argument("--json", action="store_true")
+
+    rs = sub.add_parser("repair-store", help="rebuild a damaged journal (state/ttsd.db) from "
+                        "what can still be read, keeping the damaged copy",
+                        description="Keep the damaged journal as ttsd.db.damaged-<time> (never "
+                        "deleted) and rebuild state/ttsd.db from the rows SQLite can still "
+                        "read; unfinished files that lost lines are parsed again at the next "
+                        "start. Refuses (exit 3) while a daemon holds the state folder; a "
+                        "journal that passes SQLite's quick_check is left alone.")
+    rs.add_argument("--dry-run", action="store_true", help="report what would be salvaged "
+                    "and lost; change nothing")
+    rs.add_argument("--force", action="store_true",
+                    help="rebuild even if SQLite's quick_check finds no damage")
 
     init = sub.add_parser("init", help="write a fresh config.toml and the folders")
     init.add_argument("dir", nargs="?", type=Path, default=Path("."))
@@ -113,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     except TtsdError as exc:
         print(f"ttsd: {exc}", file=sys.stderr)
         return getattr(exc, "exit_status", 2)
+    except sqlite3.DatabaseError as exc:
+        from ttsd.store import damaged
+
+        if ns.command not in JOURNAL_COMMANDS or not damaged(exc):
+            raise
+        err = StoreDamagedError(cfg.paths.db, str(exc))   # met past the open's checks
+        print(f"ttsd: {err}", file=sys.stderr)
+        return err.exit_status
     except KeyboardInterrupt:
         return 130
 
@@ -199,6 +236,14 @@ def cmd_purge(cfg: Config, ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_repair(cfg: Config, ns: argparse.Namespace) -> int:
+    from ttsd import repair
+
+    report = repair.repair(cfg.paths, dry_run=ns.dry_run, force=ns.force)
+    print(repair.render(report))
+    return 0
+
+
 def cmd_init(cfg: Config, ns: argparse.Namespace) -> int:
     target = ns.dir / "config.toml"
     if target.exists() and not ns.force:
@@ -247,7 +292,8 @@ def cmd_bench(cfg: Config, ns: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "say": cmd_say, "voices": cmd_voices, "status": cmd_status,
-            "purge-cache": cmd_purge, "init": cmd_init, "bench": cmd_bench}
+            "purge-cache": cmd_purge, "repair-store": cmd_repair, "init": cmd_init,
+            "bench": cmd_bench}
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ttsd.errors import ConfigError
+from ttsd.errors import ConfigError, StoreDamagedError
 from ttsd.records import BatchStats
 
 if TYPE_CHECKING:
@@ -96,10 +96,16 @@ def m004_done_totals(db: sqlite_utils.Database) -> None:
     """The done lines' audio (µs) and cache-linked count as counters, kept by the
     transactions that mark lines done (``DONE_AUDIO_US``, ``DONE_CACHED``): ``ttsd
     status`` read them as a sum over every done row, 0.47 s per million lines."""
-    db.execute("INSERT OR REPLACE INTO counters SELECT ?, COALESCE(CAST(ROUND(SUM(seconds) "
-               "* 1000000) AS INTEGER), 0) FROM lines WHERE state = 'done'", [DONE_AUDIO_US])
-    db.execute("INSERT OR REPLACE INTO counters SELECT ?, COALESCE(SUM(cached), 0) FROM lines "
-               "WHERE state = 'done'", [DONE_CACHED])
+    recount_done(db.conn)
+
+
+def recount_done(c: sqlite3.Connection) -> None:
+    """Set ``DONE_AUDIO_US`` and ``DONE_CACHED`` to the sums over the done rows (a
+    migration, and a journal rebuilt by ``ttsd repair-store``)."""
+    c.execute("INSERT OR REPLACE INTO counters SELECT ?, COALESCE(CAST(ROUND(SUM(seconds) "
+              "* 1000000) AS INTEGER), 0) FROM lines WHERE state = 'done'", [DONE_AUDIO_US])
+    c.execute("INSERT OR REPLACE INTO counters SELECT ?, COALESCE(SUM(cached), 0) FROM lines "
+              "WHERE state = 'done'", [DONE_CACHED])
 
 
 MIGRATIONS = [m001_initial, m002_workers, m003_cache_stamp, m004_done_totals]
@@ -200,6 +206,27 @@ def _count_hits(c: sqlite3.Connection, keys: Iterable[str], now: float) -> None:
     _add_counters(c, (("cache_hits", len(keys)),))
 
 
+_DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+_DAMAGE_WORDS = ("database disk image is malformed", "malformed database schema",
+                 "not a database")
+
+
+def damaged(exc: BaseException) -> bool:
+    """SQLite says the database file itself is damaged (SQLITE_CORRUPT and its extended
+    codes) or is not a database (SQLITE_NOTADB), as opposed to a busy lock, a full disk
+    or a constraint. Python raises these as ``sqlite3.DatabaseError``; its subclasses
+    (IntegrityError, OperationalError, ...) are damage only with those codes or words
+    ("malformed JSON" from ``json_each`` is not). For code that meets an error mid-run:
+    such an error is for a person (``StoreDamagedError``), never a retry."""
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in _DAMAGE_CODES:
+        return True
+    text = str(exc).lower()
+    return any(w in text for w in _DAMAGE_WORDS)
+
+
 _WRITE_LOCKS: dict[str, threading.RLock] = {}
 _WRITE_LOCKS_GUARD = threading.Lock()
 
@@ -235,12 +262,20 @@ class Store:
             raise ConfigError(f"cannot open the store {path}: {exc}") from None
         self.conn = conn
         self._write_lock = _write_lock(path)
-        conn.execute("PRAGMA busy_timeout = 10000")
-        if not readonly:
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            self._migrate()
+        try:
+            conn.execute("PRAGMA busy_timeout = 10000")
+            if not readonly:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA foreign_keys = ON")
+            self._probe()
+            if not readonly:
+                self._migrate()
+        except sqlite3.DatabaseError as exc:
+            if not damaged(exc):
+                raise
+            conn.close()
+            raise StoreDamagedError(path, str(exc)) from None
 
     @classmethod
     def open_readonly(cls, path: Path) -> Store | None:
@@ -248,6 +283,21 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+    def _probe(self) -> None:
+        """Read the schema and each table's first and last row, before anything is
+        written. SQLite finds a damaged page only when it reads it; this reads a few
+        pages per table (its root, its inner pages down to both ends), whatever the
+        journal's size, so damage to the schema, to a table's root or inner pages (the
+        way to many rows) or to its ends stops every open. A full check would read the
+        whole file at each open; damage elsewhere is met when its rows are read
+        (``damaged``)."""
+        tables = [name for (name,) in self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
+        for name in tables:
+            for order in ("", " DESC"):
+                self.conn.execute(f'SELECT * FROM "{name}" ORDER BY rowid{order} LIMIT 1'
+                                  ).fetchall()
 
     def _migrate(self) -> None:
         with self.tx():
