@@ -288,7 +288,8 @@ def _foreign_file_at_an_output_path(tmp_path: Path, cached: bool) -> tuple[Site,
 
 def _check_foreign_file_kept_and_line_failed(site: Site, note: bytes, cached: bool) -> None:
     out = site.cli("run", "--once", "--no-progress", timeout=180)
-    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.returncode == 1, out.stderr[-3000:]   # a line failed: the run says so
+    assert "b.txt line 2:" in out.stderr, out.stderr[-3000:]
     foreign = site.outbox / "b" / "0002.wav"
     assert foreign.read_bytes() == note             # never overwritten
     rows = {n: (state, cached_, error) for n, state, cached_, error in site.query(
