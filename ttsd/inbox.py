@@ -6,6 +6,13 @@ and does nothing else. ``Inbox.ready()`` drains that set, adds a full scan of th
 on the first call and every ``rescan_s`` (lost events, queue overflow), and returns the
 paths whose ``(size, mtime_ns, inode)`` has not changed for ``settle_s``.
 
+A settled path is handed out only when no process has it open for writing. Where the
+kernel can say so, a read lease (``fcntl(F_SETLEASE, F_RDLCK)``, granted only while no
+one has the file open for writing; taken and given back at once) decides; where it
+cannot (another owner's file without CAP_LEASE, NFS, CIFS), inotify's open and close
+events count the processes that have the file open; with neither (polling a network
+file system), ``settle_s`` of quiet is all ttsd can go by (``writer_open``).
+
 ``Inbox.claim()`` renames a path into the work folder under a unique name first: the
 rename is the claim, so only one caller can win. Only then is the owned copy opened
 (``O_NOFOLLOW | O_NONBLOCK``), checked (regular file, one link, not too large) and
@@ -15,11 +22,14 @@ never opened in blocking mode. Only this module imports watchdog.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import logging
 import os
 import secrets
+import signal
 import stat
 import threading
 import time
@@ -48,7 +58,6 @@ FALLBACK_WORK = ".ttsd-work"
 NAME_MAX = 255
 _PREFIX_LEN = 18  # "<16 hex>--"
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_IGNORED_EVENTS = frozenset({"opened", "closed_no_write"})
 _WATCHDOG_LOGGER = "watchdog.observers.inotify_c"
 
 
@@ -65,6 +74,8 @@ class Claimed:
     mtime: float
     ino: int = 0
     """Inode of the owned copy (0 = unknown, not checked by ``read``)."""
+    mtime_ns: int = 0
+    """The owned copy's mtime as claimed (0 = unknown)."""
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,31 @@ def human_bytes(n: int) -> str:
     return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
 
 
+def writer_open(path: Path | str) -> bool | None:
+    """Whether some process has ``path`` open for writing, as the kernel sees it: True,
+    False, or None where it cannot say (not a regular file, a file system without
+    leases, another owner's file without CAP_LEASE).
+
+    A read lease is granted only while nobody has the file open for writing; it is
+    given back at once. (A writer opening the file in that instant makes the kernel
+    signal the lease holder with SIGIO, which ``Inbox.start`` ignores.)"""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except OSError as exc:
+            return True if exc.errno == errno.EAGAIN else None
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return False
+    finally:
+        os.close(fd)
+
+
 def _kind(mode: int) -> str | None:
     """A phrase for anything that is not a regular file, else None."""
     if stat.S_ISREG(mode):
@@ -173,11 +209,13 @@ def _fsync_dir(folder: Path) -> None:
 
 
 class _Events:
-    """Thread-safe set of paths named by watchdog events; the handler only adds."""
+    """Thread-safe set of paths named by watchdog events, and how many times each path
+    is open (inotify's open and close events); the handler only records."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._paths: set[str] = set()
+        self._opens: dict[str, int] = {}
         self.overflowed = False
 
     def add(self, path: str) -> None:
@@ -187,31 +225,70 @@ class _Events:
                 self.overflowed = True
             self._paths.add(path)
 
+    def opened(self, path: str, delta: int) -> None:
+        """One more (+1) or one fewer (-1) open of ``path``; never below zero (an open
+        from before the watch started is closed unseen)."""
+        with self._lock:
+            n = self._opens.get(path, 0) + delta
+            if n > 0 and len(self._opens) < MAX_QUEUED_EVENTS:
+                self._opens[path] = n
+            else:
+                self._opens.pop(path, None)
+
+    def moved(self, src: str, dest: str) -> None:
+        """A rename carries the open count with it (the descriptors stay open)."""
+        with self._lock:
+            n = self._opens.pop(src, 0)
+            if n:
+                self._opens[dest] = n
+
+    def gone(self, path: str) -> None:
+        with self._lock:
+            self._opens.pop(path, None)
+
+    def open_count(self, path: str) -> int:
+        with self._lock:
+            return self._opens.get(path, 0)
+
     def flag_overflow(self) -> None:
         with self._lock:
             self.overflowed = True
+            self._opens.clear()   # events were lost: the counts are unknown
 
     def drain(self) -> tuple[set[str], bool]:
         with self._lock:
             paths, self._paths = self._paths, set()
             overflowed, self.overflowed = self.overflowed, False
+            if overflowed:
+                self._opens.clear()
         return paths, overflowed
 
 
 class _Handler(FileSystemEventHandler):
-    """Enqueues every path an event names; no I/O, no decisions."""
+    """Records every path an event names and counts opens and closes; no I/O, no
+    decisions."""
 
     def __init__(self, events: _Events) -> None:
         super().__init__()
         self._events = events
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type in _IGNORED_EVENTS:
+        if event.is_directory:
             return
-        self._events.add(os.fsdecode(event.src_path))
-        dest = getattr(event, "dest_path", "")
+        src = os.fsdecode(event.src_path)
+        kind = event.event_type
+        if kind == "opened":
+            self._events.opened(src, +1)
+            return
+        if kind in ("closed", "closed_no_write"):
+            self._events.opened(src, -1)
+        elif kind == "deleted":
+            self._events.gone(src)
+        self._events.add(src)
+        dest = os.fsdecode(getattr(event, "dest_path", "") or "")
         if dest:
-            self._events.add(os.fsdecode(dest))
+            self._events.moved(src, dest)
+            self._events.add(dest)
 
 
 class _OverflowHook(logging.Handler):
@@ -250,6 +327,8 @@ class Inbox:
         self._dirs: set[str] = set()
         self._last_scan: float | None = None
         self._cross_device = False
+        self._waiting: set[Path] = set()
+        """Settled paths held back because a writer still has them open (logged once)."""
         self.mode = "stopped"
         """``inotify``, ``polling``, ``rescan-only`` (no observer could start) or ``stopped``."""
 
@@ -262,6 +341,10 @@ class Inbox:
             return
         self._inbox.mkdir(parents=True, exist_ok=True)
         self._work.mkdir(parents=True, exist_ok=True)
+        if threading.current_thread() is threading.main_thread():
+            # A writer opening a file while ``writer_open`` holds its lease makes the
+            # kernel send SIGIO, whose default action ends the process.
+            signal.signal(signal.SIGIO, signal.SIG_IGN)
         logging.getLogger(_WATCHDOG_LOGGER).addHandler(self._hook)
         if not self._cfg.polling:
             try:
@@ -314,10 +397,11 @@ class Inbox:
     # -- noticing ---------------------------------------------------------------------
 
     def ready(self, now: float | None = None) -> list[Path]:
-        """Inbox paths whose (size, mtime_ns, inode) held for ``settle_s``, oldest first.
+        """Inbox paths whose (size, mtime_ns, inode) held for ``settle_s`` and that no
+        process has open for writing (``_writing``), oldest first.
 
         Symlinks, FIFOs, sockets, devices, multi-link and oversized files are returned
-        too (``claim`` rejects them with a reason); only ``os.lstat`` is used here.
+        too (``claim`` rejects them with a reason); they are only ``lstat``-ed here.
         """
         now = time.monotonic() if now is None else now
         queued, overflowed = self._events.drain()
@@ -355,7 +439,29 @@ class Inbox:
                 self._seen[path] = seen
                 if ok:
                     out.append((st.st_mtime_ns, path.name, path))
-        return [p for _, _, p in sorted(out)]
+        ready = [p for _, _, p in sorted(out) if not self._writing(p)]
+        return ready
+
+    def _writing(self, path: Path) -> bool:
+        """A settled path that some process still has open for writing (a writer that
+        paused longer than ``settle_s``): the kernel's answer (``writer_open``), else,
+        under inotify, whether the file is still open at all. Logged once per wait."""
+        st = None
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+        busy = None
+        if st is not None and stat.S_ISREG(st.st_mode):
+            busy = writer_open(path)
+            if busy is None and self.mode == "inotify":
+                busy = self._events.open_count(str(path)) > 0
+        if busy:
+            if path not in self._waiting:
+                self._waiting.add(path)
+                log.info("inbox.waiting_for_writer", name=path.name,
+                         reason="a process still has it open for writing")
+            return True
+        self._waiting.discard(path)
+        return False
 
     def pending(self) -> int:
         """Eligible inbox files seen but not yet settled or claimed."""
@@ -490,7 +596,8 @@ class Inbox:
                 or after.st_ino != st.st_ino):
             return self._reject(name, path,
                                 "changed while being read; was it still being written?")
-        claimed = Claimed(name, path, size, digest.hexdigest(), before.st_mtime, before.st_ino)
+        claimed = Claimed(name, path, size, digest.hexdigest(), before.st_mtime, before.st_ino,
+                          before.st_mtime_ns)
         log.info("inbox.claimed", name=name, size=size, sha256=claimed.sha256[:16],
                  path=str(path))
         return claimed
@@ -552,6 +659,32 @@ class Inbox:
             log.warning("inbox.changed", name=claimed.name, path=str(claimed.path))
             raise changed
         return data
+
+    def appended(self, claimed: Claimed, old_size: int, old_sha256: str) -> str | None:
+        """None when ``claimed`` (the same copy, read again) is an earlier claim of
+        ``old_size`` bytes and ``old_sha256`` with lines appended: those bytes unchanged
+        and ending with a line break. Otherwise how it changed, in words."""
+        try:
+            fd = os.open(claimed.path, _OPEN_FLAGS)
+        except OSError as exc:
+            return f"it can no longer be read: {exc.strerror or exc}"
+        try:
+            digest, left, last = hashlib.sha256(), old_size, b""
+            while left > 0 and (chunk := os.read(fd, min(CHUNK, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+                last = (last + chunk)[-8:]
+        except OSError as exc:
+            return f"it can no longer be read: {exc.strerror or exc}"
+        finally:
+            os.close(fd)
+        if left or digest.hexdigest() != old_sha256:
+            return (f"it was {old_size} bytes and is now {claimed.size}, and its first "
+                    f"{old_size} bytes are not what ttsd read")
+        if last.rstrip(b"\x00")[-1:] not in (b"\n", b"\r"):
+            return (f"it was {old_size} bytes and is now {claimed.size}, and its last line "
+                    "was continued after ttsd had read it")
+        return None
 
     @staticmethod
     def _matches(st: os.stat_result, claimed: Claimed) -> bool:

@@ -10,6 +10,8 @@ number), and a hit's link made before the crash is found again).
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import threading
 import time
 import unicodedata
@@ -22,12 +24,12 @@ from ttsd import crash
 from ttsd.config import Config
 from ttsd.engine.runtime import ENGINE_VERSION
 from ttsd.errors import InputError, VoiceError
-from ttsd.inbox import Claimed, Inbox, Rejected
+from ttsd.inbox import Claimed, Inbox, Rejected, writer_open
 from ttsd.log import get_logger
 from ttsd.names import name_key, safe_stem
 from ttsd.parse import ParseLimits, parse
 from ttsd.records import Line, LineError
-from ttsd.store import NewLine, Store
+from ttsd.store import NewLine, Store, sqlite_ino
 from ttsd.writer import ManifestRow, dispose, write_manifest
 
 log = get_logger(__name__)
@@ -73,6 +75,10 @@ def _key_prefix(voice: VoiceFacts, speaker_id: int, length_scale: float, noise_s
     return "\x1f".join(parts).encode()
 
 
+NAME_REUSE_S = 60.0
+"""A file claimed this soon after another of the same name is logged as a name reused
+(``file.name_reused``): most likely a program that reopened the file to append."""
+
 KEY_PREFIXES = 256
 """Prefix hashes ``Ingest`` keeps (a CSV may give every line its own speed)."""
 
@@ -101,6 +107,8 @@ class Ingest:
         left the inbox's watch list without a row yet (``run --once`` waits for it)."""
         self._prefixes: dict[tuple, tuple[VoiceFacts, Any]] = {}
         """(voice, speaker, scales) → (their VoiceFacts, the hash of their key prefix)."""
+        self._writing: set[int] = set()
+        """Files whose claimed copy a writer still had open at their finish (logged once)."""
 
     # ------------------------------------------------------------------ loop
 
@@ -154,10 +162,19 @@ class Ingest:
             store.add_rejected(got.name, got.path, got.reason, dest)
             log.warning("file.rejected", name=got.name, reason=got.reason, moved_to=str(dest))
             return
+        again = store.recent_claims(got.name, time.time() - NAME_REUSE_S)
         out_dir = self._out_dir(store, got.name)
-        file_id = store.add_file(got.name, got.path, got.size, got.sha256, out_dir)
+        file_id = store.add_file(got.name, got.path, got.size, got.sha256, out_dir,
+                                 mtime_ns=got.mtime_ns or None, ino=got.ino or None)
         log.info("file.claimed", name=got.name, size=got.size, sha256=got.sha256[:12],
                  file_id=file_id)
+        if again:
+            log.warning("file.name_reused", name=got.name, out_dir=str(out_dir),
+                        claimed_before=again, within_s=NAME_REUSE_S,
+                        hint="a file of this name was taken moments ago; if a program appends "
+                             "to it in pieces, each piece is a new file: have it write the whole "
+                             "file under a temporary name (.name.tmp) and rename it into the "
+                             "inbox")
         self._parse_into(store, file_id, got, out_dir)
 
     def _out_dir(self, store: Store, name: str) -> Path:
@@ -265,11 +282,71 @@ class Ingest:
 
     # ------------------------------------------------------------------ finishing
 
+    def _since_claim(self, row: dict) -> str | None:
+        """What happened to a file's claimed copy since it was claimed: None (nothing),
+        "writing" (a process has it open for writing, or it changed less than
+        ``settle_s`` ago), "grown" (written to since, maybe only appended), or how it
+        changed otherwise, in words. A file claimed before the store kept its stamp is
+        compared on its size only."""
+        work = Path(row["work_path"])
+        try:
+            st = os.lstat(work)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        stamp = row.get("mtime_ns")
+        if st.st_size == row["size"] and (stamp is None or (
+                st.st_mtime_ns == stamp and sqlite_ino(st.st_ino) == row.get("ino"))):
+            return None
+        if writer_open(work) or time.time() - st.st_mtime < self.cfg.input.settle_s:
+            if row["id"] not in self._writing:
+                self._writing.add(row["id"])
+                log.info("file.still_being_written", name=row["name"], size=st.st_size,
+                         claimed_size=row["size"])
+            return "writing"
+        self._writing.discard(row["id"])
+        if st.st_size > row["size"]:
+            return "grown"
+        if st.st_size < row["size"]:
+            return f"it was {row['size']} bytes and is now {st.st_size}"
+        return "its bytes were rewritten in place"
+
+    def _grow(self, store: Store, row: dict) -> str | None:
+        """A claimed copy that grew: when its old bytes are still there, unchanged, and
+        ended with a line break, the lines after them are taken too (the file is parsed
+        again; the lines it already had stay as they are) and None is returned.
+        Otherwise how it changed, in words."""
+        work = Path(row["work_path"])
+        got = self.inbox.adopt(work, row["name"])
+        if not isinstance(got, Claimed):
+            return "it can no longer be read" if got is None else got.reason
+        why = self.inbox.appended(got, row["size"], row["sha256"])
+        if why is not None:
+            return why
+        log.info("file.grew", name=row["name"], size=got.size, claimed_size=row["size"])
+        store.file_grown(row["id"], got.size, got.sha256, got.mtime_ns, got.ino)
+        self._parse_into(store, row["id"], got, Path(row["out_dir"]))
+        return None
+
     def finish_ready(self, store: Store) -> None:
         for row in store.finishable_files():
             self._finish(store, row)
 
     def _finish(self, store: Store, row: dict) -> None:
+        change = self._since_claim(row)
+        if change == "writing":
+            return   # a writer still has the claimed copy open: finish once it is done
+        if change == "grown":
+            change = self._grow(store, row)
+            if change is None:
+                return   # parsed again: its new lines are in the queue
+        error = None
+        if change is not None:
+            error = (f"{row['name']} changed after ttsd took it ({change}): was it still being "
+                     "written? The lines already spoken stay in the outbox and its manifest; "
+                     "write the whole file under a temporary name (.name.tmp), rename it into "
+                     "the inbox, and drop it again for the rest")
         out_dir = Path(row["out_dir"])
         counts = store.file_counts(row["id"])
         if self.cfg.output.manifest and (counts or row["total_lines"]):
@@ -280,6 +357,12 @@ class Ingest:
                             seconds=r["seconds"], cached=bool(r["cached"]), error=r["error"] or "")
                 for r in store.manifest_rows(row["id"])))
         work = Path(row["work_path"])
+        if error is not None:
+            dest = dispose(work, self.cfg.paths.failed, row["name"], error=error)
+            store.fail_file(row["id"], error, str(dest))
+            self.failed_files += 1
+            log.warning("file.failed", name=row["name"], error=error, moved_to=str(dest))
+            return
         if work.exists() or work.is_symlink():
             dest = dispose(work, self.cfg.paths.done, row["name"])
             store.set_dest(row["id"], str(dest))

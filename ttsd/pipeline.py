@@ -35,7 +35,7 @@ from ttsd.engine.records import Prepared, Request, Result, RunStats
 from ttsd.engine.runtime import GPU_BATCH, Engine, Plan
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
-from ttsd.store import LineRow, NewLine, Store, gave_up
+from ttsd.store import LineRow, NewLine, Store, gave_up, sqlite_ino
 from ttsd.writer import fsync_dir, link_or_copy, replace_with_link, wav_info, wav_ok, write_wav
 
 log = get_logger(__name__)
@@ -387,12 +387,6 @@ def _cache_file_ok(entry: dict, sample_rate: int | None,
         return False
     stamps.append((entry["key"], sqlite_ino(st.st_ino), st.st_mtime_ns))
     return True
-
-
-def sqlite_ino(ino: int) -> int:
-    """An inode number as SQLite's signed 64-bit INTEGER can hold it (NFS, CIFS, FUSE
-    and overlay file systems hand out numbers of 2**63 and above)."""
-    return ino - 2**64 if ino >= 2**63 else ino
 
 
 class Synth:

@@ -108,7 +108,14 @@ def recount_done(c: sqlite3.Connection) -> None:
               "WHERE state = 'done'", [DONE_CACHED])
 
 
-MIGRATIONS = [m001_initial, m002_workers, m003_cache_stamp, m004_done_totals]
+def m005_file_stamp(db: sqlite_utils.Database) -> None:
+    """The claimed copy's mtime and inode as claimed: before a file is finished, a copy
+    that no longer has them was written to after the claim (``Ingest._finish``)."""
+    db.execute("ALTER TABLE files ADD COLUMN mtime_ns INTEGER")
+    db.execute("ALTER TABLE files ADD COLUMN ino INTEGER")
+
+
+MIGRATIONS = [m001_initial, m002_workers, m003_cache_stamp, m004_done_totals, m005_file_stamp]
 
 DONE_AUDIO_US = "done_audio_us"
 """Counter: the audio of every done line, in microseconds (each line's rounded)."""
@@ -225,6 +232,12 @@ def damaged(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return any(w in text for w in _DAMAGE_WORDS)
+
+
+def sqlite_ino(ino: int) -> int:
+    """An inode number as SQLite's signed 64-bit INTEGER can hold it (NFS, CIFS, FUSE
+    and overlay file systems hand out numbers of 2**63 and above)."""
+    return ino - 2**64 if ino >= 2**63 else ino
 
 
 _WRITE_LOCKS: dict[str, threading.RLock] = {}
@@ -345,12 +358,25 @@ class Store:
     # ------------------------------------------------------------------ files
 
     def add_file(self, name: str, work_path: Path, size: int, sha256: str, out_dir: Path,
-                 kind: str = "") -> int:
+                 kind: str = "", *, mtime_ns: int | None = None, ino: int | None = None) -> int:
         with self.tx() as c:
             cur = c.execute("INSERT INTO files (name, work_path, size, sha256, out_dir, kind, "
-                            "created_at) VALUES (?,?,?,?,?,?,?)",
-                            (name, str(work_path), size, sha256, str(out_dir), kind, time.time()))
+                            "created_at, mtime_ns, ino) VALUES (?,?,?,?,?,?,?,?,?)",
+                            (name, str(work_path), size, sha256, str(out_dir), kind, time.time(),
+                             mtime_ns, None if ino is None else sqlite_ino(ino)))
             return int(cur.lastrowid)
+
+    def file_grown(self, file_id: int, size: int, sha256: str, mtime_ns: int, ino: int) -> None:
+        """A claimed copy that grew after the claim: its new size and hash, parsed again
+        (state 'parsing') for the lines it gained."""
+        with self.tx() as c:
+            c.execute("UPDATE files SET state='parsing', size=?, sha256=?, mtime_ns=?, ino=? "
+                      "WHERE id=?", (size, sha256, mtime_ns, sqlite_ino(ino), file_id))
+
+    def recent_claims(self, name: str, since: float) -> int:
+        """Files named ``name`` claimed at or after ``since``."""
+        return int(self.one("SELECT COUNT(*) FROM files WHERE name = ? AND created_at >= ? "
+                            "AND sha256 != ''", (name, since)) or 0)
 
     def add_rejected(self, name: str, path: Path, reason: str, dest: Path | None) -> None:
         """A file refused before it was read (a link, a FIFO, too big, not movable): a
