@@ -36,12 +36,12 @@ from ttsd import __version__, sitelock, workers
 from ttsd.config import Config
 from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover
-from ttsd.errors import ConfigError, DeviceLostError
+from ttsd.errors import ConfigError, DeviceLostError, StoreDamagedError
 from ttsd.ingest import Ingest, VoiceFacts
 from ttsd.log import get_logger
 from ttsd.notify import Notifier
 from ttsd.pipeline import Batch, Feeder, Sink, Synth, answer_new_lines
-from ttsd.store import NewLine, Store
+from ttsd.store import NewLine, Store, damaged
 from ttsd.writer import remove_stale_temps
 
 log = get_logger(__name__)
@@ -138,7 +138,11 @@ class Daemon:
         except OSError as exc:
             raise ConfigError(f"state folder {cfg.paths.state} cannot be created: "
                               f"{exc.strerror}") from None
-        self._site_lock = sitelock.acquire(cfg.paths.state)   # before anything is touched
+        try:
+            self._site_lock = sitelock.acquire(cfg.paths.state)   # before anything is touched
+        except OSError as exc:
+            raise ConfigError(f"state folder {cfg.paths.state} is not writable: its lock file "
+                              f"cannot be created ({exc.strerror})") from None
         store = Store(cfg.paths.db)   # a clear error first if the state folder is unusable
         for p in (cfg.paths.inbox, cfg.paths.outbox, cfg.paths.done, cfg.paths.failed,
                   cfg.paths.work, cfg.paths.cache):
@@ -214,6 +218,10 @@ class Daemon:
             if files.ident is None:   # never started (its loop stops the inbox)
                 self.ingest.inbox.stop()
             self._shutdown(store, threads)
+        if isinstance(self.fatal, StoreDamagedError):
+            raise self.fatal
+        if damaged(self.fatal):   # met mid-run, past the open's checks
+            raise StoreDamagedError(cfg.paths.db, str(self.fatal))
         if self.fatal is not None:
             return EXIT_DEVICE_LOST if isinstance(self.fatal, DeviceLostError) else EXIT_CRASH
         if self.once:

@@ -31,8 +31,8 @@ from typing import Any
 import psutil
 
 from ttsd.config import PathsConfig
-from ttsd.errors import ConfigError
-from ttsd.store import DONE_AUDIO_US, DONE_CACHED, Store
+from ttsd.errors import ConfigError, StoreDamagedError
+from ttsd.store import DONE_AUDIO_US, DONE_CACHED, Store, damaged
 
 LATENCY_WINDOW = 1000
 """Batch latency percentiles are taken over this many most recent batches."""
@@ -89,6 +89,8 @@ def collect(paths: PathsConfig, now: float | None = None) -> dict[str, Any]:
         finally:
             store.conn.execute("COMMIT")
     except sqlite3.Error as exc:
+        if damaged(exc):
+            raise StoreDamagedError(paths.db, str(exc)) from None
         raise ConfigError(f"cannot read the store {paths.db}: {exc}") from None
     finally:
         store.close()
