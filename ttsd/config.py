@@ -258,6 +258,9 @@ class DaemonConfig:
     """A line whose synthesis was started this many times without finishing fails."""
     stop_timeout_s: float = 60.0
     """On SIGTERM the batch in flight may finish within this time, else it is requeued."""
+    once_blocked_s: float = 300.0
+    """``run --once`` gives up (exit 75) when a folder or the journal has stayed
+    unwritable (full, read-only, gone) this long; the daemon itself waits for ever."""
     gil_switch_ms: float = 1.0
     """Python's thread switch interval (``sys.setswitchinterval``); 0 = Python's default
     (5 ms). Two threads launch GPU kernels (the feeder the text half, the model thread
@@ -546,6 +549,7 @@ def validate(cfg: Config, where: str = "config") -> None:
     need(d.heartbeat_s > 0, "daemon.heartbeat_s", "must be > 0")
     need(d.max_attempts >= 1, "daemon.max_attempts", "must be >= 1")
     need(d.stop_timeout_s >= 0, "daemon.stop_timeout_s", "must be >= 0")
+    need(d.once_blocked_s > 0, "daemon.once_blocked_s", "must be > 0")
     c = cfg.cluster
     need(c.backend in _BACKENDS, "cluster.backend", f"must be one of {', '.join(_BACKENDS)}")
     need(c.address in ("auto", "local") or c.address.startswith("ray://")

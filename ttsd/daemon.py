@@ -24,10 +24,12 @@ import math
 import os
 import queue
 import signal
+import sqlite3
 import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ from ttsd import __version__, sitelock, workers
 from ttsd.config import Config
 from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover
+from ttsd.health import MAX_RETRY_S, Health, fault, probe
 from ttsd.errors import ConfigError, DeviceLostError, StoreDamagedError
 from ttsd.ingest import Ingest, VoiceFacts
 from ttsd.log import get_logger
@@ -51,6 +54,9 @@ EXIT_FAILED = 1
 EXIT_CRASH = 70
 """A thread of the daemon crashed (a bug: the log has the traceback)."""
 EXIT_DEVICE_LOST = 75
+EXIT_TEMPFAIL = 75
+"""A temporary failure: the device was lost, or ``run --once`` gave up waiting for a
+place it cannot write (``daemon.once_blocked_s``)."""
 IDLE_S = 1.0
 """The model counts as idle (the feeder takes ``batching.idle_batch`` of a batch) after
 this long with no batch queued or running: the first batch of a burst."""
@@ -105,6 +111,8 @@ class Daemon:
         """Set by ingest when lines reach the store: the idle feeder takes them at once
         instead of at its next poll."""
         self.fatal: BaseException | None = None
+        self.health = Health()
+        """Places that cannot be written now (full, read-only, gone): waited out."""
         self.notifier = Notifier()
         self.started_at = time.time()
         self.progress = Progress()
@@ -126,6 +134,10 @@ class Daemon:
         """Batches handed to the model thread and not finished by it (the feeder's
         ``idle``: 0 means the GPU waits for the next batch)."""
         self.feeder: Feeder | None = None
+        self._files_blocked: set[str] = set()
+        """Places the files stage found blocked (cleared by its next good step)."""
+        self.gave_up = ""
+        """``run --once``: why it stopped waiting for a blocked place (empty: it did not)."""
         self.pool: Any = None
         self._ray_started = False
 
@@ -143,7 +155,7 @@ class Daemon:
         except OSError as exc:
             raise ConfigError(f"state folder {cfg.paths.state} is not writable: its lock file "
                               f"cannot be created ({exc.strerror})") from None
-        store = Store(cfg.paths.db)   # a clear error first if the state folder is unusable
+        store = self._open_store()   # a clear error first if the state folder is unusable
         for p in (cfg.paths.inbox, cfg.paths.outbox, cfg.paths.done, cfg.paths.failed,
                   cfg.paths.work, cfg.paths.cache):
             try:
@@ -154,7 +166,7 @@ class Daemon:
         self._signals()
         t0 = time.perf_counter()
         # A kill -9 while the converted voice was being cached leaves its temp behind.
-        removed = remove_stale_temps(cfg.paths.voices_cache)
+        removed = self._remove_stale_temps(cfg.paths.voices_cache)
         pooled = workers.pool_wanted(cfg)
         devices = workers.local_devices(cfg)
         # With a worker pool the daemon's own engine only answers voice facts (CPU).
@@ -189,9 +201,17 @@ class Daemon:
         # and then (one every ~12,000 cached lines).
         gc.collect()
         gc.freeze()
-        removed += remove_stale_temps(cfg.paths.outbox) + remove_stale_temps(cfg.paths.cache)
-        requeued = store.recover(cfg.daemon.max_attempts)
-        self.ingest.recover(store)
+        removed += (self._remove_stale_temps(cfg.paths.outbox)
+                    + self._remove_stale_temps(cfg.paths.cache))
+        requeued = 0
+
+        def recover() -> None:
+            nonlocal requeued
+            requeued = store.recover(cfg.daemon.max_attempts)
+        if not self.health.retry("state", cfg.paths.db, recover, self.stop, "start"):
+            store.close()
+            return EXIT_OK   # stopped while waiting for the journal
+        self._files_step(store, self.ingest.recover)
         self.ingest.inbox.start()
         # The lines stage starts before the start-up scan, so that the first lines of a
         # big file dropped while we were down are taken as soon as their chunk is in the
@@ -205,7 +225,7 @@ class Daemon:
         try:
             for t in [*threads, self._model_loop_thread]:
                 t.start()
-            self.ingest.step(store)   # the start-up scan: files dropped while we were down
+            self._files_step(store, self.ingest.step)   # the start-up scan
             log.info("daemon.started", pid=os.getpid(), version=__version__,
                      requeued=requeued, stale_temps=removed, queue=store.pending_count())
             self.notifier.ready(self._status_text(store))
@@ -224,9 +244,85 @@ class Daemon:
             raise StoreDamagedError(cfg.paths.db, str(self.fatal))
         if self.fatal is not None:
             return EXIT_DEVICE_LOST if isinstance(self.fatal, DeviceLostError) else EXIT_CRASH
+        if self.once and self.gave_up:
+            sys.stderr.write(f"ttsd run --once: gave up after {cfg.daemon.once_blocked_s:g} s: "
+                             f"{self.gave_up}\n")
+            return EXIT_TEMPFAIL
         if self.once:
             return self._once_report()
         return EXIT_OK
+
+    def _open_store(self) -> Store:
+        """The store, once the journal can be opened: a full or failing disk is waited
+        out with back-off (systemd hears why and is asked for the time), a state folder
+        that cannot be written at all is a ConfigError, a damaged journal
+        StoreDamagedError."""
+        while True:
+            try:
+                store = Store(self.cfg.paths.db)
+            except sqlite3.OperationalError as exc:
+                why = fault(exc)
+                if why is None:
+                    raise
+                self.health.trouble("state", self.cfg.paths.db, why, "start")
+                self.notifier.status(f"starting: {self.health.text()}")
+                self.notifier.extend_timeout(MAX_RETRY_S + 30)
+                self.health.wait("state", self.stop)
+                if self.stop.is_set():
+                    raise ConfigError(f"stopped while the journal {self.cfg.paths.db} could "
+                                      f"not be opened: {why}") from None
+                continue
+            self.health.clear("state", "start")
+            return store
+
+    def _remove_stale_temps(self, folder: Path) -> int:
+        """``remove_stale_temps``, reporting (not raising) a folder it cannot clean."""
+        try:
+            return remove_stale_temps(folder)
+        except OSError as exc:
+            log.warning("writer.stale_temps_left", folder=str(folder), error=str(exc))
+            return 0
+
+    def _files_step(self, store: Store, step: Callable[[Store], object]) -> bool:
+        """One step of the files stage (claim, parse, journal, finish). A fault of the
+        machine met on the way blocks the place it names (a full outbox, done/ or
+        failed/ folder, or journal) and makes the next step resume what was cut off
+        (``Ingest.recover``: files left parsing, claimed copies with no row). True when
+        the step went through."""
+        try:
+            if self.ingest.resume:
+                self.ingest.resume = False
+                self.ingest.recover(store)
+            step(store)
+        except (OSError, sqlite3.OperationalError) as exc:
+            # Any OSError: a folder ttsd cannot write now, for whatever reason (a user's
+            # folder named manifest.csv too) is reported and retried, never a crash.
+            why = fault(exc) or (str(exc) if isinstance(exc, OSError) else None)
+            if why is None:
+                raise
+            place, path = self._place_of(exc)
+            self.health.trouble(place, path, why, "files")
+            self._files_blocked.add(place)
+            self.ingest.resume = True
+            return False
+        for place in self._files_blocked:
+            self.health.clear(place, "files")
+        self._files_blocked.clear()
+        return True
+
+    def _place_of(self, exc: BaseException) -> tuple[str, str]:
+        """The place (outbox, done, failed, inbox or state) whose fault ``exc`` is, and
+        the path it names."""
+        paths = self.cfg.paths
+        where = getattr(exc, "filename", None)
+        if isinstance(exc, OSError) and where:
+            full = os.path.abspath(os.fsdecode(where))
+            for place in ("outbox", "done", "failed", "inbox", "state"):
+                root = str(getattr(paths, place))
+                if full == root or full.startswith(root + os.sep):
+                    return "manifests" if place == "outbox" else place, full
+            return "state", full
+        return "state", str(paths.db)
 
     def _once_report(self) -> int:
         """``run --once``'s summary on stderr; EXIT_FAILED when a line or file failed."""
@@ -313,6 +409,11 @@ class Daemon:
                 log.info("daemon.once_done", files_done=self.ingest.finished_files,
                          files_failed=self.ingest.failed_files)
                 break
+            if self.once and self.health.blocked_for_s() > self.cfg.daemon.once_blocked_s:
+                self.gave_up = self.health.text()
+                log.error("daemon.once_gave_up", after_s=self.cfg.daemon.once_blocked_s,
+                          blocked=self.gave_up)
+                break
             if self.show_progress:
                 self._print_progress(store)
             self.stop.wait(min(beat, 0.5))
@@ -334,9 +435,12 @@ class Daemon:
         store = Store(self.cfg.paths.db)
         try:
             while not self.stop.is_set():
-                self.ingest.step(store)
+                if not self._files_step(store, self.ingest.step):
+                    for place in self._files_blocked:
+                        self.health.wait(place, self.stop)
+                    continue
                 self.stop.wait(0.2)
-            self.ingest.finish_ready(store)
+            self._files_step(store, self.ingest.finish_ready)
         finally:
             self.ingest.inbox.stop()
             store.close()
@@ -353,9 +457,11 @@ class Daemon:
                             isolate_retries=True)
         try:
             while not self.stop.is_set():
+                if not self._outbox_open() or not self._journal_open(store, feeder):
+                    continue
                 # A line that was in flight when the process died runs alone, with
                 # nothing else taken: if it kills the process again, no other line
-                # loses an attempt (RELIABILITY row 25).
+                # loses an attempt.
                 if self.in_flight and store.suspect_next(max_attempts):
                     self.stop.wait(0.02)
                     continue
@@ -364,7 +470,14 @@ class Daemon:
                         time.monotonic() - self.last_work > IDLE_S
                 # (a feeder slower than the model leaves it idle for moments, and
                 # gets whole batches: halving them would only pad more)
-                batch = feeder.next_batch(store, self.stop, idle=idle)
+                try:
+                    batch = feeder.next_batch(store, self.stop, idle=idle)
+                except sqlite3.OperationalError as exc:
+                    why = fault(exc)
+                    if why is None:
+                        raise
+                    self.health.trouble("state", self.cfg.paths.db, why, "feeder")
+                    continue
                 if batch is None:
                     self.new_lines.wait(0.05)   # a stop is seen within 50 ms, as before
                     self.new_lines.clear()
@@ -379,7 +492,7 @@ class Daemon:
                     except queue.Full:
                         continue
                 else:
-                    store.release([r.id for r in batch.rows])
+                    self._release(store, [r.id for r in batch.rows])
                     with self._lock:
                         self.in_flight.difference_update(r.id for r in batch.rows)
                         self.model_batches -= self.pool is None
@@ -388,6 +501,50 @@ class Daemon:
                         self.stop.wait(0.02)
         finally:
             store.close()
+
+    def _outbox_open(self) -> bool:
+        """False while the outbox is blocked (a write failed): the feeder takes no
+        lines, which would only be synthesized to fail again. When its retry is due,
+        the failing folder is probed with a write; True once it takes one."""
+        blocked = self.health.blocked("outbox")
+        if blocked is None:
+            return True
+        if not self.health.due("outbox"):
+            self.health.wait("outbox", self.stop)
+            return False
+        try:
+            probe(Path(blocked.path))
+        except OSError as exc:
+            self.health.trouble("outbox", blocked.path, fault(exc) or str(exc), "sink")
+            return False
+        self.health.clear("outbox")
+        return True
+
+    def _journal_open(self, store: Store, feeder: Feeder) -> bool:
+        """False while the journal is blocked and its retry is not due; first puts
+        back the lines a failed ``next_batch`` had taken."""
+        if not self.health.due("state"):
+            self.health.wait("state", self.stop)
+            return False
+        if feeder.unreleased:
+            if not self._release(store, feeder.unreleased):
+                return False
+            feeder.unreleased = []
+        return True
+
+    def _release(self, store: Store, line_ids: list[int]) -> bool:
+        """Lines back to pending (their attempt undone), or, when the journal cannot
+        take it, the journal marked blocked and False (a restart puts them back)."""
+        try:
+            store.release(line_ids)
+        except sqlite3.OperationalError as exc:
+            why = fault(exc)
+            if why is None:
+                raise
+            self.health.trouble("state", self.cfg.paths.db, why, "feeder")
+            return False
+        self.health.clear("state", "feeder")
+        return True
 
     def _model_loop(self) -> None:
         if self.pool is not None:
@@ -412,7 +569,7 @@ class Daemon:
                     self._maybe_release(store, mem.idle_s, "idle", idle=True)
                     continue
                 if self.stop.is_set():   # taken but not started: back to pending
-                    store.release([r.id for r in batch.rows])
+                    self._release(store, [r.id for r in batch.rows])
                     with self._lock:
                         self.in_flight.difference_update(r.id for r in batch.rows)
                     break
@@ -449,9 +606,15 @@ class Daemon:
         since = now - (self.last_work if idle else self.last_release)
         if every <= 0 or since < every or (idle and self.last_release > self.last_work):
             return
+        if self.engine.device.type != "cuda":   # a CPU's cached memory is not the driver's
+            return
         freed = self.engine.release_memory()
         self.last_release = now
-        store.record_release(freed, reason, str(self.engine.device))
+        try:
+            store.record_release(freed, reason, str(self.engine.device))
+        except sqlite3.OperationalError as exc:
+            if fault(exc) is None:
+                raise
         log.info("gpu.memory_released", bytes=freed, reason=reason)
 
     def _streams(self) -> bool:
@@ -462,8 +625,7 @@ class Daemon:
     def _sink_loop(self) -> None:
         streams = self._streams()
         store = Store(self.cfg.paths.db)
-        sink = Sink(self.cfg, self.engine,
-                    self.cfg.batching.writers)
+        sink = Sink(self.cfg, self.engine, self.cfg.batching.writers, self.health, self.stop)
         try:
             while True:
                 batch = self.write_q.get()
@@ -515,10 +677,10 @@ class Daemon:
             if b is not None:
                 leftovers.extend(r.id for r in b.rows)
         if leftovers:
-            store.release(leftovers)
+            self._release(store, leftovers)
         self._heartbeat(store, state="stopped")
         self.engine.close()
-        log.info("daemon.stopped", requeued=len(leftovers), queue=store.pending_count())
+        log.info("daemon.stopped", requeued=len(leftovers), blocked=self.health.text() or None)
         store.close()
 
     # ------------------------------------------------------------------ reporting
@@ -529,8 +691,10 @@ class Daemon:
             where = f"workers {ready}/{len(self.pool.slots)} ready"
         else:
             where = f"device {self.engine.device}"
-        return (f"queue {store.pending_count()} lines; done {self.progress.lines_done}; "
+        text = (f"queue {store.pending_count()} lines; done {self.progress.lines_done}; "
                 f"failed {self.progress.lines_failed}; {where}")
+        blocked = self.health.text()
+        return f"{blocked}; {text}" if blocked else text
 
     def _heartbeat(self, store: Store, state: str = "running") -> None:
         info: dict[str, Any] = {"version": __version__, "heartbeat_s": self.cfg.daemon.heartbeat_s,
@@ -547,7 +711,18 @@ class Daemon:
                         gpu_peak=mem["peak"], gpu_name=info.get("name"))
         text = self._status_text(store)
         info["status"] = text
-        store.heartbeat(os.getpid(), self.started_at, state, info)
+        info["blocked"] = self.health.report()
+        sitelock.note(self._site_lock, {"at": time.time(), "state": state,
+                                        "blocked": info["blocked"]})
+        try:
+            store.heartbeat(os.getpid(), self.started_at, state, info)
+        except sqlite3.OperationalError as exc:
+            why = fault(exc)
+            if why is None:
+                raise
+            self.health.trouble("state", self.cfg.paths.db, why, "heartbeat")
+        else:
+            self.health.clear("state", "heartbeat")
         self.notifier.status(text)
 
     def _print_progress(self, store: Store, final: bool = False) -> None:

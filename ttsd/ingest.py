@@ -102,6 +102,9 @@ class Ingest:
         links their WAVs and marks those lines done); None: no cache."""
         self.on_answered: Callable[[int], None] | None = None
         """Called with how many lines of a chunk went into the store done (answered)."""
+        self.resume = False
+        """A step was cut off by a fault of the machine: the next one first runs
+        ``recover`` (files left parsing, claimed copies with no row)."""
         self.in_hand = 0
         """Claims begun and not yet in the store (or disposed of): a file in between has
         left the inbox's watch list without a row yet (``run --once`` waits for it)."""

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sqlite3
 import stat
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +35,7 @@ from ttsd import crash
 from ttsd.config import Config
 from ttsd.engine.records import Prepared, Request, Result, RunStats
 from ttsd.engine.runtime import GPU_BATCH, Engine, Plan
+from ttsd.health import Health, fault
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
 from ttsd.store import LineRow, NewLine, Store, gave_up, sqlite_ino
@@ -151,6 +154,9 @@ class Feeder:
         """Rows taken at once: grows while lines are answered without the model (cache
         hits, WAVs already written), so a re-run of known lines costs one lookup, one
         folder fsync and one transaction per up to ``ANSWER_TAKE`` lines."""
+        self.unreleased: list[int] = []
+        """Lines taken (running) by a ``next_batch`` that failed before it returned them
+        (a journal write refused by a full disk): the caller puts them back to pending."""
 
     def next_batch(self, store: Store, stop, idle: bool = False) -> Batch | None:
         """Up to ``size`` lines of one voice; waits ``max_wait_ms`` for a fuller batch.
@@ -166,6 +172,17 @@ class Feeder:
         if idle and not answering:
             limit = max(1, round(self.size * self.cfg.batching.idle_batch))
         rows, dead = store.take(limit, self.cfg.daemon.max_attempts)
+        taken = [r.id for r in rows]
+        try:
+            return self._shape(store, stop, rows, dead, limit, answering, taken)
+        except BaseException:
+            self.unreleased.extend(taken)   # running, in no batch: the caller releases them
+            raise
+
+    def _shape(self, store: Store, stop, rows: list[LineRow], dead: list[LineRow], limit: int,
+               answering: bool, taken: list[int]) -> Batch | None:
+        """``next_batch`` after its take: tops the batch up, sorts out what the model
+        need not do, and prepares the rest (``taken`` grows with a second take)."""
         # A partial batch waits max_wait_ms for more lines — unless its lines are mostly
         # answered without the model (a bigger take, or cache rows ahead): then waiting
         # fills no model call.
@@ -175,6 +192,7 @@ class Feeder:
             time.sleep(self.cfg.batching.max_wait_ms / 1000)
             more, dead2 = store.take(limit - len(rows), self.cfg.daemon.max_attempts,
                                      fresh_only=True)
+            taken.extend(r.id for r in more)
             rows, dead = rows + more, dead + dead2
         for row in dead:
             log.warning("line.failed", file=row.file, line=row.number,
@@ -272,10 +290,17 @@ class _HitCheck:
             self.evict.append(key)
 
     def save(self, store: Store) -> None:
-        if self.evict:
-            store.cache_evict(self.evict)
-        if self.stamps:
-            store.cache_stamp(self.stamps)
+        """Record the evictions and stamps (both only spare later checks: a journal that
+        cannot take them now is no reason to stop)."""
+        try:
+            if self.evict:
+                store.cache_evict(self.evict)
+            if self.stamps:
+                store.cache_stamp(self.stamps)
+        except sqlite3.OperationalError as exc:
+            if fault(exc) is None:
+                raise
+            log.warning("cache.check_not_recorded", error=str(exc))
 
 
 def link_hit(src: str, dst: str, sample_rate: int | None, link: bool, checked: bool = False
@@ -432,11 +457,15 @@ class Sink:
     """Writes a finished batch, or a piece of one: WAVs first (atomic), then one store
     transaction."""
 
-    def __init__(self, cfg: Config, engine: Engine, threads: int) -> None:
+    def __init__(self, cfg: Config, engine: Engine, threads: int, health: Health | None = None,
+                 stop: threading.Event | None = None) -> None:
         self.cfg = cfg
         self.engine = engine
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ttsd-wav")
         self.subtype = cfg.output.subtype
+        self.health = health or Health()
+        """Where a folder that cannot be written is reported (the feeder then waits)."""
+        self.stop = stop or threading.Event()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -465,7 +494,7 @@ class Sink:
                     os.makedirs(folder, exist_ok=True)
                     folders.add(folder)
             except OSError as exc:
-                log.error("wav.link_failed", path=dst, error=str(exc))
+                self._outbox_failed(folder, exc)
                 requeue.append(row.id)
                 continue
             outcome, seconds = link_hit(entry["path"], dst, batch.sample_rate, link)
@@ -475,15 +504,31 @@ class Sink:
             elif outcome == "adopted":   # a whole WAV of an earlier attempt
                 done.append((row.id, dst, seconds, False))
             elif outcome == "gone":   # purged since the feeder looked: synthesize it after all
-                store.cache_evict([entry["key"]])
+                gone = _HitCheck()
+                gone.evict.append(entry["key"])
+                gone.save(store)
                 requeue.append(row.id)
             elif outcome == "taken":   # anything else at the path stays, and the line fails
                 log.error("wav.path_taken", path=dst, line=row.id)
                 failed.append((row.id, occupied(dst, batch.sample_rate)))
             else:   # disk full, I/O error (a copy): the line stays pending
+                self.health.trouble("outbox", folder, "a cache hit could not be placed", "sink")
                 requeue.append(row.id)
+        synced = set()
         for folder in folders:   # the links are durable before their lines are done
-            fsync_dir(Path(folder))
+            try:
+                fsync_dir(Path(folder))
+                synced.add(folder)
+            except OSError as exc:
+                self._outbox_failed(folder, exc)
+        if synced != folders:
+            kept = []
+            for d in done:
+                if d[3] and os.path.dirname(d[1]) not in synced:
+                    requeue.append(d[0])
+                else:
+                    kept.append(d)
+            done = kept
         results = {r.key: r for r in batch.results}
         groups = [(gi, g) for gi, g in enumerate(batch.groups) if gi not in batch.streamed]
         jobs = []
@@ -500,19 +545,21 @@ class Sink:
                         os.makedirs(row.out_dir, exist_ok=True)
                         made[row.out_dir] = True
                     except OSError as exc:   # the line stays pending, as for a write
-                        log.error("wav.write_failed", path=str(wav_path(row)), error=str(exc))
+                        self._outbox_failed(row.out_dir, exc)
                         made[row.out_dir] = False
                 if not made[row.out_dir]:
                     requeue.append(row.id)
                     continue
                 jobs.append((row, res, self.pool.submit(self._write_one, row, res)))
+        wrote = False
         for row, res, fut in jobs:
             try:
                 refused = fut.result()
             except OSError as exc:   # disk full, I/O error: the line stays pending
-                log.error("wav.write_failed", path=str(wav_path(row)), error=str(exc))
+                self._outbox_failed(row.out_dir, exc)
                 requeue.append(row.id)
                 continue
+            wrote = True
             if refused:   # for good: pending again, it would be refused again, forever
                 log.error("wav.path_taken", path=str(wav_path(row)), line=row.id)
                 failed.append((row.id, refused))
@@ -520,6 +567,8 @@ class Sink:
             done.append((row.id, str(wav_path(row)), res.seconds, False))
             crash.point("after_rename")
         done = self._sync_wav_folders(done, requeue)
+        if (wrote or synced) and not requeue:
+            self.health.clear("outbox", "sink")
         if self.cfg.cache.enabled:
             cache_rows = self._cache(groups, done)
         stats = None
@@ -547,10 +596,12 @@ class Sink:
         counters = {"cache_misses": len(groups),   # cache_hits: counted with hit_keys
                     "lines_synthesized": sum(len(g) for _gi, g in groups)}
         crash.point("before_commit")
-        store.complete(done, failed, cache_rows, stats, counters, hit_keys)
+        if not self._journal(store.complete, done, failed, cache_rows, stats, counters,
+                             hit_keys):
+            return {"done": 0, "failed": 0, "requeued": 0}
         crash.point("after_commit")
         if requeue:
-            store.release(requeue, undo_attempt=True)
+            self._journal(store.release, requeue, undo_attempt=True)
         if failed:
             rows = {r.id: r for r in batch.rows}
             for line_id, error in failed:
@@ -563,8 +614,19 @@ class Sink:
                 batch.part_of.tally[k] = batch.part_of.tally.get(k, 0) + v
         return counts
 
-    @staticmethod
-    def _sync_wav_folders(done: list[tuple[int, str, float, bool]],
+    def _outbox_failed(self, folder: str | os.PathLike, exc: OSError) -> None:
+        """A write into the outbox failed: the outbox is blocked (the feeder stops
+        taking lines and probes it with back-off) and the line goes back to pending."""
+        self.health.trouble("outbox", folder, fault(exc) or str(exc), "sink")
+
+    def _journal(self, write: Callable, *args, **kwargs) -> bool:
+        """Run a store write, waiting out a journal that cannot be written (full disk,
+        read-only) with back-off; False when a stop came first (the lines stay running,
+        and the next start finishes them, adopting the WAVs already written)."""
+        return self.health.retry("state", self.cfg.paths.db,
+                                 lambda: write(*args, **kwargs), self.stop, "sink")
+
+    def _sync_wav_folders(self, done: list[tuple[int, str, float, bool]],
                           requeue: list[int]) -> list[tuple[int, str, float, bool]]:
         """One fsync per folder holding a WAV of this batch (written now, or before a
         crash and never committed), so every rename is durable before its line is done.
@@ -577,7 +639,7 @@ class Sink:
             try:
                 fsync_dir(folder)
             except OSError as exc:
-                log.error("wav.folder_sync_failed", folder=str(folder), error=str(exc))
+                self._outbox_failed(folder, exc)
                 failed.add(folder)
         if not failed:
             return done

@@ -5,7 +5,9 @@ The lock is ``flock(2)`` on a file that holds the owner's pid: the kernel drops 
 the process ends, however it ends (``kill -9`` included), so a stale lock never needs
 cleaning. Child processes are started with ``spawn`` and the descriptor is
 close-on-exec, so no child keeps it. ``ttsd status`` and ``ttsd purge-cache`` do not
-take it: the store is safe to read and purge beside a running daemon.
+take it: the store is safe to read and purge beside a running daemon. After the pid the
+file holds the daemon's last note of what it cannot write (``note``), which needs no
+new disk space.
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 from pathlib import Path
 
 from ttsd.errors import TtsdError
 
 LOCK_NAME = "ttsd.lock"
+NOTE_BYTES = 8192
+"""The lock file's fixed size: the pid, then the daemon's last note (``note``)."""
 EXIT_LOCKED = 3
 """Exit status of a daemon that found another one running on its state folder."""
 
@@ -50,9 +55,44 @@ def acquire(state: Path) -> int:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise SiteLockedError(state, pid) from None
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _record(f"{os.getpid()}\n"), 0)
+        os.fsync(fd)
+    except OSError as exc:   # a full disk: the lock holds all the same, without the pid
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            os.close(fd)
+            raise
     return fd
+
+
+def note(fd: int, facts: dict) -> None:
+    """Write ``facts`` (JSON) into the held lock file after the pid, in place: the file's
+    blocks were written when it was taken, so this works on a full disk too, where the
+    journal's heartbeat cannot be written (``ttsd status`` reads it: ``read_note``)."""
+    text = f"{os.getpid()}\n{json.dumps(facts, separators=(',', ':'))}\n"
+    if len(text.encode()) > NOTE_BYTES:
+        text = f"{os.getpid()}\n{{}}\n"
+    with contextlib.suppress(OSError):
+        os.pwrite(fd, _record(text), 0)
+
+
+def read_note(state: Path) -> dict | None:
+    """The facts the running daemon last noted (None when no daemon holds the lock)."""
+    if holder(state) is None:
+        return None
+    try:
+        text = (state / LOCK_NAME).read_text(encoding="utf-8", errors="replace")
+        facts = json.loads(text.split("\n")[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return facts if isinstance(facts, dict) else None
+
+
+def _record(text: str) -> bytes:
+    """``text`` padded with spaces to the note's fixed size (rewritten in place)."""
+    data = text.encode()[:NOTE_BYTES]
+    return data + b" " * (NOTE_BYTES - len(data))
 
 
 def holder(state: Path) -> int | None:
@@ -74,5 +114,5 @@ def holder(state: Path) -> int | None:
 
 def _read_pid(fd: int) -> int | None:
     with contextlib.suppress(OSError, ValueError):
-        return int(os.pread(fd, 32, 0).decode().strip() or "0") or None
+        return int(os.pread(fd, 32, 0).decode().split("\n")[0].strip() or "0") or None
     return None

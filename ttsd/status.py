@@ -30,6 +30,7 @@ from typing import Any
 
 import psutil
 
+from ttsd import sitelock
 from ttsd.config import PathsConfig
 from ttsd.errors import ConfigError, StoreDamagedError
 from ttsd.store import DONE_AUDIO_US, DONE_CACHED, Store, damaged
@@ -96,7 +97,22 @@ def collect(paths: PathsConfig, now: float | None = None) -> dict[str, Any]:
         store.close()
     if proc is not None:
         _process_facts(proc, cpu_started, report["daemon"])
+    _blocked(paths, report)
     return report
+
+
+def _blocked(paths: PathsConfig, report: dict[str, Any]) -> None:
+    """The places the running daemon cannot write, from its lock file's note (written
+    in place, so it is fresh even when a full disk keeps the heartbeat out of the
+    journal)."""
+    note = sitelock.read_note(paths.state)
+    if not note:
+        return
+    report["blocked"] = [b for b in note.get("blocked") or () if isinstance(b, dict)]
+    if report["daemon"]["state"] == "stale" and report["blocked"] and _finite(note.get("at")):
+        d = report["daemon"]
+        d["state"], d["reason"] = "up", None
+        d["heartbeat_age_s"] = report["now"] - note["at"]
 
 
 def _empty(db: Path, now: float) -> dict[str, Any]:
@@ -143,6 +159,9 @@ def _empty(db: Path, now: float) -> dict[str, Any]:
         "memory_releases": {"count": 0, "total_bytes": 0, "last_at": None,
                             "last_bytes": None, "last_reason": None},
         "workers": [],                # several devices / Ray: one dict per worker slot
+        # places the daemon cannot write now: place (outbox, state, done, failed, inbox),
+        # path, error, since (epoch s), retries, retry_in_s
+        "blocked": [],
     }
 
 
@@ -496,6 +515,11 @@ def render(report: dict[str, Any]) -> str:
     row("daemon", text)
     if d["status"] and d["state"] != "down":
         row("", d["status"])
+    for b in report.get("blocked") or ():
+        row("BLOCKED", f"{b.get('place')}: {b.get('path')}: {b.get('error')} (for "
+                       f"{human_duration(now - b['since']) if _finite(b.get('since')) else '-'}, "
+                       f"retry in {human_duration(b.get('retry_in_s'))}; nothing is lost, "
+                       "the work waits)")
     if dev["device"]:
         text = " ".join(x for x in (dev["device"], dev["dtype"]) if x)
         if dev["gpu_name"]:

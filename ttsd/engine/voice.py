@@ -187,7 +187,7 @@ def _save_atomic(path: Path, obj: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError:
+    except (OSError, RuntimeError):   # torch's zip writer reports a full disk as either
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
