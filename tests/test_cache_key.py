@@ -7,6 +7,7 @@ SHA-256 of the fields joined by U+001F, the text last and in NFC.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 import unicodedata
@@ -84,3 +85,103 @@ def test_ingest_keys_match_cache_key_for_every_voice_speaker_and_speed(tmp_path:
     for ns, nw in ((0.0, 0.8), (-0.0, 0.8), (0, 0.8), (1, 1), (1.0, 1.0), (True, 1.0)):
         assert ing._cache_key("Same line.", VOICE, 0, 1.0, ns, nw) == \
             cache_key("Same line.", VOICE, 0, 1.0, ns, nw, 7, "wav/PCM_16"), (ns, nw)
+
+
+# Config keys that do not change a line's audio bytes. A key added to the config must
+# be added here or to ingest.AUDIO_KEYS (and then to the cache key): the test below
+# fails until it is.
+NOT_AUDIO = {
+    "paths.inbox", "paths.outbox", "paths.done", "paths.failed", "paths.state",
+    "input.settle_s", "input.rescan_s", "input.polling", "input.max_file_bytes",
+    "input.max_lines", "input.max_line_chars", "input.max_pending_lines",
+    "engine.voices_dir", "engine.max_audio_s_per_char", "engine.memory_fraction",
+    "engine.cudnn_benchmark", "engine.warmup", "engine.phonemizer_processes",
+    "engine.compile_text", "engine.pack_calls", "engine.warmup_frames", "engine.row_step",
+    "engine.cuda_graphs", "engine.audio_graphs", "engine.overlap_halves",
+    "batching.max_batch_size", "batching.lines_per_batch", "batching.max_wait_ms",
+    "batching.max_phonemes", "batching.prefetch", "batching.idle_batch",
+    "batching.stream_writes", "batching.writer_threads",
+    "output.manifest", "cache.enabled", "cache.link",
+    "memory.free_memory_every_s", "memory.idle_s",
+    "daemon.log_level", "daemon.heartbeat_s", "daemon.max_attempts", "daemon.stop_timeout_s",
+    "daemon.once_blocked_s", "daemon.gil_switch_ms",
+    "cluster.backend", "cluster.address", "cluster.workers", "cluster.cpus_per_worker",
+    "cluster.queue_ahead", "cluster.batch_timeout_s", "cluster.start_timeout_s",
+    "cluster.restart_backoff_s", "cluster.restart_backoff_max_s", "cluster.max_failures",
+    "cluster.failure_window_s",
+}
+
+CHANGED = {   # for each key of ingest.AUDIO_KEYS: (value, other value)
+    "engine.voice": ("joe", "amy"), "engine.speaker": ("alice", "bob"),
+    "engine.speed": (1.0, 1.25), "engine.noise_scale": (-1.0, 0.3),
+    "engine.noise_w": (-1.0, 0.3), "engine.seed": (0, 1),
+    "engine.sentence_silence_s": (0.2, 0.5), "engine.dtype": ("float32", "float16"),
+    "engine.compile": ("off", "on"), "output.subtype": ("PCM_16", "PCM_24"),
+}
+BY_DEVICE = ("engine.device", "engine.devices")
+"""Keys that act through the kind of device they resolve to (the ``gpu`` argument)."""
+
+
+def _config_keys() -> set[str]:
+    from ttsd.config import SECTIONS
+    return {f"{name}.{f.name}" for name, cls in SECTIONS.items()
+            for f in dataclasses.fields(cls)}
+
+
+def test_every_config_key_is_known_to_change_the_audio_or_not() -> None:
+    keys = _config_keys()
+    audio = set(ingest.AUDIO_KEYS)
+    assert not audio & NOT_AUDIO, audio & NOT_AUDIO
+    assert keys == audio | NOT_AUDIO, (sorted(keys - audio - NOT_AUDIO),
+                                       sorted((audio | NOT_AUDIO) - keys))
+
+
+def _key(tmp_path: Path, values: dict[str, object], gpu: bool) -> str:
+    raw: dict[str, dict] = {"paths": {k: str(tmp_path / k) for k in
+                                      ("inbox", "outbox", "done", "failed", "state")},
+                            "engine": {"voice": "joe"}}
+    for key, value in values.items():
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = value
+    cfg = from_dict(raw)
+    ing = Ingest(cfg, {"joe": VOICE, "amy": OTHER}, threading.Event(),
+                 fmt=ingest.audio_format(cfg, gpu))
+    got = ing._new_line(Line(1, "One sentence. And another one."), 4, {})
+    assert got.error is None, got.error
+    return got.cache_key
+
+
+def test_every_setting_that_changes_the_audio_changes_the_cache_key(tmp_path: Path) -> None:
+    assert set(CHANGED) | set(BY_DEVICE) == set(ingest.AUDIO_KEYS)
+    for key, (a, b) in CHANGED.items():
+        for gpu in (False, True):
+            assert _key(tmp_path, {key: a}, gpu) != _key(tmp_path, {key: b}, gpu), (key, gpu)
+    assert _key(tmp_path, {}, False) != _key(tmp_path, {}, True)
+    # "auto" is the dtype it resolves to on that device, not a setting of its own.
+    assert _key(tmp_path, {"engine.dtype": "auto"}, False) == \
+        _key(tmp_path, {"engine.dtype": "float32"}, False)
+    assert _key(tmp_path, {"engine.dtype": "auto"}, True) == \
+        _key(tmp_path, {"engine.dtype": "bfloat16"}, True)
+
+
+def test_a_changed_sentence_silence_is_not_answered_from_the_cache(tmp_path: Path) -> None:
+    """The real daemon: after engine.sentence_silence_s changes, the same line is
+    synthesized again with the new silence instead of coming back from the cache."""
+    import soundfile as sf
+
+    from harness import Site, assert_invariant
+
+    text = "The first sentence is here. The second one follows it.\n"
+    seconds = []
+    for silence in (0.2, 1.0):
+        site = Site(tmp_path, extra_config=f"[engine]\nsentence_silence_s = {silence}\n")
+        site.write_config()
+        site.inbox.mkdir(parents=True, exist_ok=True)
+        (site.inbox / "two.txt").write_text(text, encoding="utf-8")
+        out = site.cli("run", "--once", timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        wav, cached = site.query("SELECT wav, cached FROM lines ORDER BY id DESC LIMIT 1")[0]
+        assert cached == 0, "answered from the cache with the old silence"
+        seconds.append(sf.info(wav).duration)
+        assert_invariant(site)
+    assert seconds[1] - seconds[0] > 0.6, seconds

@@ -40,7 +40,7 @@ from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover
 from ttsd.health import MAX_RETRY_S, Health, fault, probe
 from ttsd.errors import ConfigError, DeviceLostError, StoreDamagedError
-from ttsd.ingest import Ingest, VoiceFacts
+from ttsd.ingest import Ingest, VoiceFacts, audio_format
 from ttsd.log import get_logger
 from ttsd.notify import Notifier
 from ttsd.pipeline import Batch, Feeder, Sink, Synth, answer_new_lines
@@ -175,8 +175,10 @@ class Daemon:
             sys.setswitchinterval(cfg.daemon.gil_switch_ms / 1000)
         default = cfg.engine.voice
         facts = {default: voice_facts(self.engine, default)}  # other voices load on first use
+        gpu = any(d.startswith("cuda") for d in devices) if pooled else \
+            self.engine.device.type == "cuda"
         self.ingest = Ingest(cfg, _LazyVoices(self.engine, facts), self.stop,
-                             fmt=f"wav/{cfg.output.subtype}")
+                             fmt=audio_format(cfg, gpu))
         self.ingest.on_lines = self.new_lines.set
         if cfg.cache.enabled:   # known lines are answered as they are parsed
             rates = {n: v.sample_rate for n, v in self.engine.voices.items()}

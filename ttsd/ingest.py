@@ -56,6 +56,27 @@ class VoiceFacts:
     length_scale: float
 
 
+AUDIO_KEYS = ("engine.voice", "engine.speaker", "engine.speed", "engine.noise_scale",
+              "engine.noise_w", "engine.seed", "engine.sentence_silence_s", "engine.dtype",
+              "engine.device", "engine.devices", "engine.compile", "output.subtype")
+"""The config keys that change a line's audio bytes, each one in its cache key: voice,
+speaker, speed, noise and seed as the line's own fields, the others through
+``audio_format`` (device and devices by the kind of device they resolve to). A new
+setting must be added here or to the test's list of those that do not."""
+
+
+def audio_format(cfg: Config, gpu: bool) -> str:
+    """The settings besides the line's own that decide its audio bytes, as one string
+    of the cache key: the output format, the silence between sentences, and the
+    numerics (device kind, decoder dtype, compiled audio half) of an engine on a GPU or
+    not (``gpu``). Audio is not identical across devices, dtypes or compiled kernels."""
+    e = cfg.engine
+    dtype = e.dtype if e.dtype != "auto" else ("bfloat16" if gpu else "float32")
+    compiled = e.compile == "on" or (e.compile == "auto" and gpu)
+    return (f"wav/{cfg.output.subtype}|silence={e.sentence_silence_s!r}|"
+            f"{'cuda' if gpu else 'cpu'}/{dtype}/compile={'on' if compiled else 'off'}")
+
+
 def cache_key(text: str, voice: VoiceFacts, speaker_id: int, length_scale: float,
               noise_scale: float, noise_w: float, seed: int, fmt: str) -> str:
     """Everything that decides a line's WAV bytes, hashed."""
