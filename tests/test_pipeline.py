@@ -51,6 +51,11 @@ def _batch(store: Store, outbox: Path, books: int, lines: int) -> Batch:
     return batch
 
 
+def _fd_path(fd: int) -> Path:
+    """The folder an open descriptor is (the sink syncs folders through them)."""
+    return Path(os.readlink(f"/proc/self/fd/{fd}"))
+
+
 def _states(store: Store) -> dict[int, str]:
     return dict(store.conn.execute("SELECT id, state FROM lines").fetchall())
 
@@ -62,11 +67,11 @@ def test_one_folder_fsync_per_batch_before_the_commit(site, monkeypatch: pytest.
     cfg, store, sink = site
     batch = _batch(store, cfg.paths.outbox, books=2, lines=6)
     events: list[tuple[str, object]] = []
-    real_dir, real_complete, real_rename = writer._fsync_dir, store.complete, writer.rename_noreplace
-    monkeypatch.setattr(writer, "_fsync_dir", lambda p: (events.append(("fsync", Path(p))),
-                                                          real_dir(p))[1])
-    monkeypatch.setattr(writer, "rename_noreplace", lambda s, d: (events.append(("rename", d)),
-                                                                  real_rename(s, d))[1])
+    real_dir, real_complete, real_rename = writer._fsync_fd, store.complete, writer.rename_noreplace
+    monkeypatch.setattr(writer, "_fsync_fd", lambda fd: (events.append(("fsync", _fd_path(fd))),
+                                                          real_dir(fd))[1])
+    monkeypatch.setattr(writer, "rename_noreplace", lambda s, d, *a: (
+        events.append(("rename", d)), real_rename(s, d, *a))[1])
 
     def complete(done, *args, **kw):
         events.append(("complete", [d[1] for d in done]))
@@ -97,14 +102,14 @@ def test_a_folder_that_cannot_be_synced_keeps_its_lines_pending(
     cfg, store, sink = site
     batch = _batch(store, cfg.paths.outbox, books=2, lines=3)
     bad = cfg.paths.outbox / "book1"
-    real_dir = pipeline.fsync_dir
+    real_dir = writer._fsync_fd
 
-    def fsync_dir(folder: Path) -> None:
-        if Path(folder) == bad:
+    def fsync_fd(fd: int) -> None:
+        if _fd_path(fd) == bad:
             raise OSError(errno.EIO, "Input/output error")
-        real_dir(folder)
+        real_dir(fd)
 
-    monkeypatch.setattr(pipeline, "fsync_dir", fsync_dir)
+    monkeypatch.setattr(writer, "_fsync_fd", fsync_fd)
     assert sink.write(store, batch) == {"done": 3, "failed": 0, "requeued": 3}
     states = _states(store)
     for row in batch.rows:

@@ -89,10 +89,11 @@ def test_damaged_cache_files_in_a_big_take_are_misses_and_evicted(tmp_path: Path
     assert left == {_key(t) for t in texts} - {_key(f"Line {i}.") for i in (3, 5, 7)}
 
 
-def test_sink_commits_hits_after_linking_and_adopts_a_valid_wav(tmp_path: Path) -> None:
-    """Row 24/27: hits are hard links, committed done (cached) in one transaction. A
-    first take does not look at its outbox path; a valid WAV found there when linking
-    (left by an earlier attempt) is adopted as it is, never replaced."""
+def test_sink_commits_hits_after_placing_and_adopts_a_valid_wav(tmp_path: Path) -> None:
+    """Hits are copies of the cache's files (files of their own: nothing done to them
+    reaches the cache), committed done (cached) in one transaction. A first take does
+    not look at its outbox path; a valid WAV found there when placing (left by an
+    earlier attempt) is adopted as it is, never replaced."""
     texts = ["One.", "Two.", "Three.", "One."]
     cfg, store = _site(tmp_path, texts, cached=texts)
     feeder = Feeder(cfg, _engine(), {VOICE: SR}, size=8)
@@ -110,7 +111,8 @@ def test_sink_commits_hits_after_linking_and_adopts_a_valid_wav(tmp_path: Path) 
     assert abs(store.one("SELECT seconds FROM lines WHERE text='Two.'") - 0.5) < 0.01
     for row, entry in batch.hits:
         if row is not two:
-            assert os.path.samefile(wav_path(row), entry["path"])
+            assert not os.path.samefile(wav_path(row), entry["path"])
+            assert wav_path(row).read_bytes() == Path(entry["path"]).read_bytes()
             assert store.one("SELECT state || cached FROM lines WHERE id=?", (row.id,)) == "done1"
             assert store.one("SELECT wav FROM lines WHERE id=?", (row.id,)) == str(wav_path(row))
     assert store.counters()["cache_hits"] == 3
@@ -122,9 +124,9 @@ def test_a_hit_on_an_unchanged_stamped_file_reads_no_header(tmp_path: Path,
                                                            monkeypatch) -> None:
     """The one-stat check: an entry without a stamp gets the full header check once
     and is stamped (inode, mtime); after that its file takes one lstat. A stamped file
-    edited in place (same size, broken header, a later mtime) gets the full check
-    again and is a miss; a replaced file (another inode) that is still a good WAV is a
-    hit, stamped anew."""
+    edited in place (same size, a later mtime) or replaced (another inode), even by a
+    good WAV, was changed by someone since ttsd wrote it: a miss, evicted, never
+    served."""
     texts = ["Kept.", "Edited.", "Replaced."]
     cfg, store = _site(tmp_path, texts, cached=texts)
     full: list[str] = []
@@ -158,12 +160,10 @@ def test_a_hit_on_an_unchanged_stamped_file_reads_no_header(tmp_path: Path,
     replaced.unlink()
     replaced.write_bytes(data)
     batch = take()
-    assert sorted(r.text for r, _e in batch.hits) == ["Kept.", "Replaced."]
-    assert [g[0].text for g in batch.groups] == ["Edited."]
-    assert sorted(full) == sorted([str(edited), str(replaced)])
-    after = stamps()
-    assert _key("Edited.") not in after                            # evicted
-    assert after[_key("Replaced.")][0] == replaced.stat().st_ino   # stamped anew
+    assert sorted(r.text for r, _e in batch.hits) == ["Kept."]
+    assert sorted(g[0].text for g in batch.groups) == ["Edited.", "Replaced."]
+    assert full == []                                               # the stamp alone
+    assert set(stamps()) == {_key("Kept.")}                         # the others evicted
 
 
 def test_a_piece_carries_the_batch_s_answered_lines_in_its_rows(tmp_path: Path) -> None:
@@ -261,12 +261,14 @@ def test_lines_answered_as_parsed_go_in_done_and_count_once(tmp_path: Path) -> N
     assert rows[2] == ("pending", 0, None)
     assert rows[3] == ("done", 1, str(out_dir / "0003.wav"))
     for n, t in ((1, "Known one."), (3, "Known two.")):
-        assert os.path.samefile(out_dir / f"{n:04d}.wav", cache_path(cfg.paths.cache, _key(t)))
+        cached = cache_path(cfg.paths.cache, _key(t))
+        assert not os.path.samefile(out_dir / f"{n:04d}.wav", cached)   # a copy of its own
+        assert (out_dir / f"{n:04d}.wav").read_bytes() == cached.read_bytes()
     assert not (out_dir / "0002.wav").exists()
     hits = dict(store.conn.execute("SELECT key, hits FROM cache"))
     assert hits == {_key("Known one."): 1, _key("Known two."): 1}
     assert store.counters()["cache_hits"] == 2
-    again = chunk()   # parsed again: the very links are found ("linked"), not re-counted
+    again = chunk()   # parsed again: the very copies are found ("placed"), not re-counted
     pipeline.answer_new_lines(store, again, out_dir, {VOICE: SR})
     assert [ln.cached for ln in again] == [True, False, True]
     assert store.add_lines(fid, again) == 0
@@ -276,7 +278,7 @@ def test_lines_answered_as_parsed_go_in_done_and_count_once(tmp_path: Path) -> N
 
 def test_answering_a_chunk_sends_the_odd_hits_the_full_way(tmp_path: Path) -> None:
     """300 known lines answered as parsed, their entries stamped by a first pass: the
-    unchanged files are linked; a file edited in place since its stamp (broken header,
+    unchanged files are copied; a file edited in place since its stamp (broken header,
     later mtime) is a miss and evicted, a path held by a foreign file is never
     overwritten and its line stays pending, and a path holding another whole WAV (an
     earlier attempt's) is adopted."""
@@ -312,4 +314,5 @@ def test_answering_a_chunk_sends_the_odd_hits_the_full_way(tmp_path: Path) -> No
     assert all(ln.cached and ln.seconds == 0.2 for ln in linked)
     for ln in linked:
         assert ln.wav == str(out_dir / f"{ln.number:04d}.wav")
-        assert os.path.samefile(ln.wav, cache_path(cfg.paths.cache, ln.cache_key))
+        assert Path(ln.wav).read_bytes() == \
+            cache_path(cfg.paths.cache, ln.cache_key).read_bytes()

@@ -17,6 +17,7 @@ import soundfile as sf
 
 import ttsd.writer as writer
 from ttsd.writer import (
+    Folder,
     ManifestRow,
     dispose,
     link_or_copy,
@@ -173,7 +174,8 @@ def test_crash_inside_pcm16_encoder_leaves_nothing(tmp_path: Path,
 
 
 def _fail_tmp_writes(monkeypatch: pytest.MonkeyPatch, err: int, after_bytes: int = 100) -> None:
-    """Make os.write into any *.tmp file write ``after_bytes`` and then fail with ``err``."""
+    """Make os.write (and copy_file_range) into any *.tmp file write ``after_bytes`` and
+    then fail with ``err``."""
     real_write = os.write
 
     def write(fd: int, data: object) -> int:
@@ -184,7 +186,18 @@ def _fail_tmp_writes(monkeypatch: pytest.MonkeyPatch, err: int, after_bytes: int
             return real_write(fd, bytes(data)[: after_bytes - written])  # type: ignore[arg-type]
         return real_write(fd, data)  # type: ignore[arg-type]
 
+    real_copy = os.copy_file_range
+
+    def copy_file_range(src: int, dst: int, count: int, *args: object) -> int:
+        if os.readlink(f"/proc/self/fd/{dst}").endswith(".tmp"):
+            written = os.fstat(dst).st_size
+            if written >= after_bytes:
+                raise OSError(err, os.strerror(err))
+            count = min(count, after_bytes - written)
+        return real_copy(src, dst, count, *args)
+
     monkeypatch.setattr(writer.os, "write", write)
+    monkeypatch.setattr(writer.os, "copy_file_range", copy_file_range)
 
 
 def test_disk_full_wav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -374,8 +387,9 @@ def test_manifest_columns_and_formula_guard(tmp_path: Path) -> None:
         ManifestRow("+1", 3, "\t=1+1", "x.wav", 0.5, True, "\rx"),
         ManifestRow("a\nb", 4, 'quote " and , comma', "y.wav", 2.0, True, ""),
     ]
-    path = tmp_path / "manifest.csv"
-    write_manifest(path, rows)
+    folder = Folder.open(tmp_path / "out")
+    path = folder.path / "manifest.csv"
+    write_manifest(folder, rows)
     with open(path, newline="", encoding="utf-8") as f:
         got = list(csv.reader(f))
     assert got[0] == ["id", "line", "text", "wav", "seconds", "cached", "error"]
@@ -384,7 +398,8 @@ def test_manifest_columns_and_formula_guard(tmp_path: Path) -> None:
                       "'-bad speed"]
     assert got[3] == ["'+1", "3", "'\t=1+1", "x.wav", "0.500", "true", "'\rx"]
     assert got[4] == ["a\nb", "4", 'quote " and , comma', "y.wav", "2.000", "true", ""]
-    write_manifest(path, rows[:1])  # rewriting replaces atomically
+    write_manifest(folder, rows[:1])  # rewriting replaces atomically
+    folder.close()
     assert len(path.read_text().splitlines()) == 2
     assert temps(tmp_path) == []
 
@@ -402,7 +417,7 @@ def test_dispose_done_and_failed(tmp_path: Path) -> None:
         src = work / f"{i:016x}--chapter1.txt"
         src.write_text(f"v{i}\n")
         finals.append(dispose(src, done, "chapter1.txt"))
-    assert [p.name for p in finals] == ["chapter1.txt", "chapter1 (2).txt", "chapter1 (3).txt"]
+    assert [p.name for p in finals] == ["chapter1.txt", "chapter1-2.txt", "chapter1-3.txt"]
     assert [p.read_text() for p in finals] == ["v0\n", "v1\n", "v2\n"]
     assert list(work.iterdir()) == []
 
@@ -417,8 +432,8 @@ def test_dispose_done_and_failed(tmp_path: Path) -> None:
     src = work / "1111111111111111--x.txt"
     src.write_text("x")
     out = dispose(src, failed, "x.txt", error="x.txt, line 3: too long")
-    assert out.name == "x (2).txt"
-    assert (failed / "x (2).txt.error.txt").read_text() == "x.txt, line 3: too long\n"
+    assert out.name == "x-2.txt"
+    assert (failed / "x-2.txt.error.txt").read_text() == "x.txt, line 3: too long\n"
     assert (failed / "x.txt.error.txt").read_text() == "old\n"
     assert temps(tmp_path) == []
 
@@ -446,7 +461,7 @@ def test_dispose_symlink_fifo_and_odd_names(tmp_path: Path) -> None:
             assert len(os.fsencode(out.name + ".error.txt")) <= 255
             assert (failed / (out.name + ".error.txt")).exists()
     assert {p.name for p in failed.iterdir() if not p.name.endswith(".error.txt")} >= {
-        "README", "README (2)", ".hidden", ".hidden (2)"}
+        "README", "README-2", ".hidden", ".hidden-2"}
     with pytest.raises(ValueError):
         dispose(work / "x", failed, "../escape.txt")
 
@@ -458,10 +473,10 @@ def test_dispose_across_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     work.mkdir()
     real = writer.rename_noreplace
 
-    def exdev(src: Path, dst: Path) -> None:
+    def exdev(src: Path, dst: Path, *dir_fd: int | None) -> None:
         if Path(src).parent == work:
             raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real(src, dst)
+        real(src, dst, *dir_fd)
 
     monkeypatch.setattr(writer, "rename_noreplace", exdev)
     (done).mkdir()
@@ -469,7 +484,7 @@ def test_dispose_across_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     src = work / "x--a.txt"
     src.write_text("payload")
     out = dispose(src, done, "a.txt")
-    assert out.name == "a (2).txt" and out.read_text() == "payload" and not src.exists()
+    assert out.name == "a-2.txt" and out.read_text() == "payload" and not src.exists()
     assert (done / "a.txt").read_text() == "existing"
 
     link = work / "x--l.txt"

@@ -233,8 +233,11 @@ class OutputConfig:
 class CacheConfig:
     enabled: bool = True
     """Reuse the WAV of an identical earlier line (same text, voice and settings)."""
-    link: bool = True
-    """Hard-link cached WAVs into the outbox when possible (else copy)."""
+    link: bool = False
+    """Hard-link cached WAVs into the outbox instead of copying them (a clone where the
+    file system has them: XFS, btrfs). Faster and takes no space, but every outbox WAV
+    of a line and the cache then share one file: an edit in place of one changes the
+    others, and the cache entry is dropped (its line synthesized again next time)."""
 
 
 @dataclass(frozen=True)

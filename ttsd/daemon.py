@@ -30,6 +30,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,8 @@ class Daemon:
         """Batches handed to the model thread and not finished by it (the feeder's
         ``idle``: 0 means the GPU waits for the next batch)."""
         self.feeder: Feeder | None = None
+        self._hit_pool: ThreadPoolExecutor | None = None
+        """Places the cache hits of files being parsed (several copies at a time)."""
         self._files_blocked: set[str] = set()
         """Places the files stage found blocked (cleared by its next good step)."""
         self.gave_up = ""
@@ -183,8 +186,11 @@ class Daemon:
         if cfg.cache.enabled:   # known lines are answered as they are parsed
             rates = {n: v.sample_rate for n, v in self.engine.voices.items()}
 
+            self._hit_pool = ThreadPoolExecutor(max_workers=cfg.batching.writers,
+                                                thread_name_prefix="ttsd-hit")
+
             def answer(store: Store, lines: list[NewLine], out_dir: Path) -> None:
-                answer_new_lines(store, lines, out_dir, rates, cfg.cache.link)
+                answer_new_lines(store, lines, out_dir, rates, cfg.cache.link, self._hit_pool)
 
             def answered(n: int) -> None:
                 self.progress.lines_done += n
@@ -681,6 +687,8 @@ class Daemon:
         if leftovers:
             self._release(store, leftovers)
         self._heartbeat(store, state="stopped")
+        if self._hit_pool is not None:
+            self._hit_pool.shutdown(wait=True)
         self.engine.close()
         log.info("daemon.stopped", requeued=len(leftovers), blocked=self.health.text() or None)
         store.close()

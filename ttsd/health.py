@@ -16,6 +16,7 @@ inputs), ``inbox``. Each part of the daemon that meets a fault reports it as its
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ttsd.log import get_logger
+from ttsd.writer import Folder
 
 log = get_logger(__name__)
 
@@ -173,17 +175,18 @@ class Health:
 
 
 def probe(folder: Path) -> None:
-    """Raise the OSError a write into ``folder`` meets now (made if missing): a small
-    file written, synced and removed."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f".ttsd-probe.{secrets.token_hex(4)}.tmp"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, bytes(PROBE_BYTES))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Raise the OSError a write into the output folder ``folder`` meets now (made if
+    missing, never written through a symbolic link: ``Folder``): a file of about one
+    WAV written, synced and removed."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with Folder.open(folder) as f:
+        name = f".ttsd-probe.{secrets.token_hex(4)}.tmp"
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=f.fd)
         try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
+            os.write(fd, bytes(PROBE_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=f.fd)

@@ -30,7 +30,7 @@ from ttsd.names import name_key, safe_stem
 from ttsd.parse import ParseLimits, parse
 from ttsd.records import Line, LineError
 from ttsd.store import NewLine, Store, sqlite_ino
-from ttsd.writer import ManifestRow, dispose, write_manifest
+from ttsd.writer import Folder, ManifestRow, dispose, write_manifest
 
 log = get_logger(__name__)
 CHUNK = 1000
@@ -373,13 +373,14 @@ class Ingest:
                      "the inbox, and drop it again for the rest")
         out_dir = Path(row["out_dir"])
         counts = store.file_counts(row["id"])
-        if self.cfg.output.manifest and (counts or row["total_lines"]):
-            out_dir.mkdir(parents=True, exist_ok=True)
-            write_manifest(out_dir / "manifest.csv", (
-                ManifestRow(id=r["line_id"] or "", line=r["number"], text=r["text"],
-                            wav=f"{r['out_name']}.wav" if r["state"] == "done" else "",
-                            seconds=r["seconds"], cached=bool(r["cached"]), error=r["error"] or "")
-                for r in store.manifest_rows(row["id"])))
+        if self.cfg.output.manifest:   # every file gets one, an empty file a header only
+            with Folder.open(out_dir) as folder:
+                write_manifest(folder, (
+                    ManifestRow(id=r["line_id"] or "", line=r["number"], text=r["text"],
+                                wav=f"{r['out_name']}.wav" if r["state"] == "done" else "",
+                                seconds=r["seconds"], cached=bool(r["cached"]),
+                                error=r["error"] or "")
+                    for r in store.manifest_rows(row["id"])))
         work = Path(row["work_path"])
         if error is not None:
             dest = dispose(work, self.cfg.paths.failed, row["name"], error=error)

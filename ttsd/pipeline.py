@@ -27,7 +27,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,8 @@ from ttsd.health import Health, fault
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
 from ttsd.store import LineRow, NewLine, Store, gave_up, sqlite_ino
-from ttsd.writer import fsync_dir, link_or_copy, replace_with_link, wav_info, wav_ok, write_wav
+from ttsd.writer import (Folder, link_or_copy, replace_with_link, wav_info, wav_ok,
+                         write_wav)
 
 log = get_logger(__name__)
 
@@ -303,102 +304,144 @@ class _HitCheck:
             log.warning("cache.check_not_recorded", error=str(exc))
 
 
-def link_hit(src: str, dst: str, sample_rate: int | None, link: bool, checked: bool = False
-             ) -> tuple[str, float | None]:
-    """Put a cache hit's file at its line's WAV path (no folder fsync: the caller's).
-    Returns ("linked", None), also when the path holds that very file already (linked
-    before a crash); ("adopted", seconds): another whole WAV of an earlier attempt was
-    there already and is kept; ("gone", None): the cache file was purged or is no
-    longer a regular file (a miss: synthesize the line); ("taken", None): something
-    that is not its WAV holds the path (never overwritten: the line fails,
-    ``occupied``); ("error", None): a copy failed (disk full, I/O error: the line stays
-    pending). ``checked``: ``src`` was just found a regular file (``link_or_copy``)."""
+def place_hit(src: str, folder: Folder, name: str, sample_rate: int | None, link: bool,
+              checked: bool = False) -> tuple[str, float | None]:
+    """Put a cache hit's file at its line's WAV ``name`` in ``folder``: a copy that shares
+    nothing with the cache (or, with ``cache.link``, a hard link). No folder fsync: the
+    caller's. Returns ("placed", None), also when the path holds those very bytes
+    already (placed before a crash); ("adopted", seconds): another whole WAV of an
+    earlier attempt was there already and is kept; ("gone", None): the cache file was
+    purged or is no longer a regular file (a miss: synthesize the line); ("taken",
+    None): something that is not its WAV holds the path (never overwritten: the line
+    fails, ``occupied``); ("error", None): the copy failed (disk full, I/O error: the
+    line stays pending). ``checked``: ``src`` was just found a regular file."""
     try:
-        link_or_copy(src, dst, link=link, sync_dir=False, checked=checked)
-        return "linked", None
+        link_or_copy(src, name, link=link, sync_dir=False, checked=checked, dst_dir_fd=folder.fd)
+        return "placed", None
     except (FileNotFoundError, ValueError):
         return "gone", None
     except FileExistsError:
-        if _same_regular_file(src, dst):   # this very link, made before a crash
-            return "linked", None
-        if wav_ok(dst, sample_rate=sample_rate):
-            return "adopted", wav_info(Path(dst))[2]
+        if _same_bytes(src, folder, name):   # placed before a crash
+            return "placed", None
+        if wav_ok(name, sample_rate=sample_rate, dir_fd=folder.fd):
+            return "adopted", wav_info(name, folder.fd)[2]
         return "taken", None
     except OSError as exc:
-        log.error("wav.link_failed", path=dst, error=str(exc))
+        log.error("wav.place_failed", path=str(folder.path / name), error=str(exc))
         return "error", None
 
 
-def _same_regular_file(a: str, b: str) -> bool:
-    """Both paths name one regular file (no symlink followed)."""
+def _same_bytes(src: str, folder: Folder, name: str) -> bool:
+    """The file at ``name`` holds ``src``'s bytes: the same file (a link), or a copy of
+    it (compared byte for byte; only a restart after a crash gets here)."""
     try:
-        sa, sb = os.lstat(a), os.lstat(b)
+        a = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return False
-    return stat.S_ISREG(sb.st_mode) and (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+    try:
+        b = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                    dir_fd=folder.fd)
+    except OSError:
+        os.close(a)
+        return False
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+        if not stat.S_ISREG(sb.st_mode) or sa.st_size != sb.st_size:
+            return False
+        if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+            return True
+        while True:
+            x, y = os.read(a, 1 << 20), os.read(b, 1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+    except OSError:
+        return False
+    finally:
+        os.close(a)
+        os.close(b)
 
 
 def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
-                     sample_rates: dict[str, int], link: bool = True) -> None:
+                     sample_rates: dict[str, int], link: bool = False,
+                     pool: Executor | None = None) -> None:
     """Answer the cache hits among a file's lines as they are parsed, before they reach
-    the store: each hit's WAV linked into ``out_dir``, the folder fsynced once, and the
-    line marked done (``wav``; ``cached`` for a link to the cache's file) so that
-    ``Store.add_lines`` inserts it done and counts its cache use.
+    the store: each hit's WAV placed in ``out_dir`` (``place_hit``; several at a time on
+    ``pool``), the folder fsynced once, and the line marked done (``wav``; ``cached``
+    for the cache's audio) so that ``Store.add_lines`` inserts it done and counts its
+    cache use.
 
     A known line then costs one insert instead of an insert, a take and a completion
     (three transactions' worth of row writes). The lines not answered here (misses, a
-    cache file that went away, a path already taken) stay pending: the feeder and sink
-    meet them as they would have. A crash after the links and before the insert leaves
-    the links, which the restart's re-parse finds again: ``link_hit`` counts the cache's
-    very file at the path as linked."""
+    cache file that went away, a path already taken, an outbox that cannot be written)
+    stay pending: the feeder and sink meet them as they would have. A crash after the
+    copies and before the insert leaves them, and the restart's re-parse finds them
+    again: ``place_hit`` counts the cache's very bytes at the path as placed."""
     todo = [ln for ln in lines if ln.cache_key and not ln.error and ln.out_name]
     cached = store.cache_get_many([ln.cache_key for ln in todo]) if todo else {}
     if not cached:
         return
     check = _HitCheck()
-    answered: list[NewLine] = []
-    folder = os.fspath(out_dir)
+    hits = []
     for ln in todo:
         entry = cached.get(ln.cache_key)
         sr = sample_rates.get(ln.voice or "")
-        if entry is None or not check.ok(entry, sr):
-            continue
-        if not answered:
-            os.makedirs(folder, exist_ok=True)
-        dst = os.path.join(folder, f"{ln.out_name}.wav")
-        # The entry's check has just lstat'ed the cache file: one lstat and one link a hit
-        # (a file swapped for a symlink in the microseconds between would be linked as
-        # one; the cache folder is the daemon's own).
-        outcome, seconds = link_hit(entry["path"], dst, sr, link, checked=True)
-        if outcome == "linked":
-            ln.wav, ln.seconds, ln.cached = dst, float(entry["seconds"]), True
-            answered.append(ln)
-        elif outcome == "adopted":
-            ln.wav, ln.seconds, ln.cached = dst, seconds, False
-            answered.append(ln)
-        elif outcome == "gone":
-            check.gone(entry["key"])
-    check.save(store)
-    if answered:
-        crash.point("after_hit_links")
-        try:   # the links are durable before their lines are done
-            fsync_dir(Path(folder))
-        except OSError as exc:
-            log.error("wav.folder_sync_failed", folder=folder, error=str(exc))
-            for ln in answered:   # pending: the feeder meets them again (and adopts)
-                ln.wav, ln.seconds, ln.cached = None, None, False
+        if entry is not None and check.ok(entry, sr):
+            hits.append((ln, entry, sr))
+    if not hits:
+        check.save(store)
+        return
+    try:
+        folder = Folder.open(out_dir)
+    except OSError as exc:   # the sink meets the folder again, and reports it
+        log.warning("wav.folder_unusable", folder=str(out_dir), error=str(exc))
+        check.save(store)
+        return
+    answered: list[NewLine] = []
+    try:
+        # The entry's check has just lstat'ed the cache file (``checked``): a file swapped
+        # for a symlink in the microseconds between would be placed as one; the cache
+        # folder is the daemon's own.
+        def place(hit: tuple) -> tuple[str, float | None]:
+            ln, entry, sr = hit
+            return place_hit(entry["path"], folder, f"{ln.out_name}.wav", sr, link,
+                             checked=True)
+        outcomes = pool.map(place, hits) if pool is not None else map(place, hits)
+        for (ln, entry, _sr), (outcome, seconds) in zip(hits, outcomes):
+            dst = str(folder.path / f"{ln.out_name}.wav")
+            if outcome == "placed":
+                ln.wav, ln.seconds, ln.cached = dst, float(entry["seconds"]), True
+                answered.append(ln)
+            elif outcome == "adopted":
+                ln.wav, ln.seconds, ln.cached = dst, seconds, False
+                answered.append(ln)
+            elif outcome == "gone":
+                check.gone(entry["key"])
+        check.save(store)
+        if answered:
+            crash.point("after_hit_links")
+            try:   # the copies are durable before their lines are done
+                folder.sync()
+            except OSError as exc:
+                log.error("wav.folder_sync_failed", folder=str(out_dir), error=str(exc))
+                for ln in answered:   # pending: the feeder meets them again (and adopts)
+                    ln.wav, ln.seconds, ln.cached = None, None, False
+    finally:
+        folder.close()
 
 
 def _cache_file_ok(entry: dict, sample_rate: int | None,
                    stamps: list[tuple[str, int, int]]) -> bool:
-    """Whether a cache entry's file can answer a hit. The file the sink linked or
-    checked last, unchanged (same inode, mtime and size: an edit in place or a
-    replacement changes them — unless it restores the old mtime, or lands within the
-    file system's timestamp granularity of the stamp, and keeps the size), takes one
-    lstat. Any other file (an entry from before
-    the stamp, a cache folder restored from a backup) gets the full check — regular,
-    the entry's size, a whole RIFF/WAVE header at the voice's rate — and, if it
-    passes, a new stamp in ``stamps`` (key, inode, mtime_ns)."""
+    """Whether a cache entry's file can answer a hit: the file the sink wrote (or last
+    checked), unchanged: same inode, mtime and size, one lstat. A stamped file that no
+    longer has its stamp was changed by someone since (an edit in place, with
+    ``cache.link`` through an outbox WAV linked to it, or a replacement) and is a miss:
+    the line is synthesized again, and nothing done outside ttsd is ever served. (An
+    edit that restores the old mtime and keeps the size is not seen.) An entry from
+    before stamps gets the full check — regular, the entry's size, a whole RIFF/WAVE
+    header at the voice's rate — and, if it passes, a new stamp in ``stamps`` (key,
+    inode, mtime_ns)."""
     path = entry["path"]
     try:
         st = os.lstat(path)
@@ -406,8 +449,8 @@ def _cache_file_ok(entry: dict, sample_rate: int | None,
         return False
     if not stat.S_ISREG(st.st_mode) or st.st_size != entry["bytes"]:
         return False
-    if sqlite_ino(st.st_ino) == entry.get("ino") and st.st_mtime_ns == entry.get("mtime_ns"):
-        return True
+    if entry.get("ino") is not None:   # stamped: unchanged since, or changed by someone
+        return sqlite_ino(st.st_ino) == entry["ino"] and st.st_mtime_ns == entry["mtime_ns"]
     if not wav_ok(path, sample_rate=sample_rate, size=entry["bytes"]):
         return False
     stamps.append((entry["key"], sqlite_ino(st.st_ino), st.st_mtime_ns))
@@ -474,103 +517,21 @@ class Sink:
         t0 = time.perf_counter()
         done: list[tuple[int, str, float, bool]] = []
         failed: list[tuple[int, str]] = []
-        cache_rows: list[dict] = []
         requeue: list[int] = []
-        for row in batch.existing:
-            try:
-                _sr, _frames, seconds = wav_info(wav_path(row))
-            except (OSError, ValueError):   # gone or changed since the feeder looked
-                requeue.append(row.id)
-                continue
-            done.append((row.id, str(wav_path(row)), seconds, False))
         hit_keys: list[str] = []
-        folders: set[str] = set()
-        link = self.cfg.cache.link
-        for row, entry in batch.hits:
-            folder = row.out_dir
-            dst = os.path.join(folder, f"{row.out_name}.wav")   # == str(wav_path(row))
-            try:
-                if folder not in folders:
-                    os.makedirs(folder, exist_ok=True)
-                    folders.add(folder)
-            except OSError as exc:
-                self._outbox_failed(folder, exc)
-                requeue.append(row.id)
-                continue
-            outcome, seconds = link_hit(entry["path"], dst, batch.sample_rate, link)
-            if outcome == "linked":
-                done.append((row.id, dst, float(entry["seconds"]), True))
-                hit_keys.append(entry["key"])
-            elif outcome == "adopted":   # a whole WAV of an earlier attempt
-                done.append((row.id, dst, seconds, False))
-            elif outcome == "gone":   # purged since the feeder looked: synthesize it after all
-                gone = _HitCheck()
-                gone.evict.append(entry["key"])
-                gone.save(store)
-                requeue.append(row.id)
-            elif outcome == "taken":   # anything else at the path stays, and the line fails
-                log.error("wav.path_taken", path=dst, line=row.id)
-                failed.append((row.id, occupied(dst, batch.sample_rate)))
-            else:   # disk full, I/O error (a copy): the line stays pending
-                self.health.trouble("outbox", folder, "a cache hit could not be placed", "sink")
-                requeue.append(row.id)
-        synced = set()
-        for folder in folders:   # the links are durable before their lines are done
-            try:
-                fsync_dir(Path(folder))
-                synced.add(folder)
-            except OSError as exc:
-                self._outbox_failed(folder, exc)
-        if synced != folders:
-            kept = []
-            for d in done:
-                if d[3] and os.path.dirname(d[1]) not in synced:
-                    requeue.append(d[0])
-                else:
-                    kept.append(d)
-            done = kept
-        results = {r.key: r for r in batch.results}
-        groups = [(gi, g) for gi, g in enumerate(batch.groups) if gi not in batch.streamed]
-        jobs = []
-        made: dict[str, bool] = {}   # each folder made once, not once per WAV
-        for gi, group in groups:
-            res = results.get(gi)
-            if res is None or res.audio is None:
-                err = res.error if res is not None else "no result from the engine"
-                failed.extend((row.id, err) for row in group)
-                continue
-            for row in group:
-                if row.out_dir not in made:
-                    try:
-                        os.makedirs(row.out_dir, exist_ok=True)
-                        made[row.out_dir] = True
-                    except OSError as exc:   # the line stays pending, as for a write
-                        self._outbox_failed(row.out_dir, exc)
-                        made[row.out_dir] = False
-                if not made[row.out_dir]:
-                    requeue.append(row.id)
-                    continue
-                jobs.append((row, res, self.pool.submit(self._write_one, row, res)))
-        wrote = False
-        for row, res, fut in jobs:
-            try:
-                refused = fut.result()
-            except OSError as exc:   # disk full, I/O error: the line stays pending
-                self._outbox_failed(row.out_dir, exc)
-                requeue.append(row.id)
-                continue
-            wrote = True
-            if refused:   # for good: pending again, it would be refused again, forever
-                log.error("wav.path_taken", path=str(wav_path(row)), line=row.id)
-                failed.append((row.id, refused))
-                continue
-            done.append((row.id, str(wav_path(row)), res.seconds, False))
-            crash.point("after_rename")
-        done = self._sync_wav_folders(done, requeue)
-        if (wrote or synced) and not requeue:
+        folders = _Folders(self._outbox_failed)
+        try:
+            self._adopt(batch, folders, done, requeue)
+            self._place_hits(store, batch, folders, done, failed, requeue, hit_keys)
+            groups = [(gi, g) for gi, g in enumerate(batch.groups) if gi not in batch.streamed]
+            entries = self._write_wavs(batch, groups, folders, done, failed, requeue)
+            done = folders.sync(done, requeue)
+        finally:
+            folders.close()
+        if folders.used and not requeue:
             self.health.clear("outbox", "sink")
-        if self.cfg.cache.enabled:
-            cache_rows = self._cache(groups, done)
+        finished = {d[0] for d in done}
+        cache_rows = [e for row_id, e in entries if row_id in finished]
         stats = None
         audio_s = sum(d[2] for d in done)
         if batch.part_of is not None:   # a piece: its batch's stats come with the batch
@@ -614,6 +575,97 @@ class Sink:
                 batch.part_of.tally[k] = batch.part_of.tally.get(k, 0) + v
         return counts
 
+    @staticmethod
+    def _adopt(batch: Batch, folders: _Folders, done: list, requeue: list[int]) -> None:
+        """Lines whose whole WAV an earlier attempt wrote (the feeder saw it): done."""
+        for row in batch.existing:
+            folder = folders.get(row.out_dir)
+            try:
+                if folder is None:
+                    raise FileNotFoundError(row.out_dir)
+                seconds = wav_info(f"{row.out_name}.wav", folder.fd)[2]
+            except (OSError, ValueError):   # gone or changed since the feeder looked
+                requeue.append(row.id)
+                continue
+            folders.touch(folder)
+            done.append((row.id, str(wav_path(row)), seconds, False))
+
+    def _place_hits(self, store: Store, batch: Batch, folders: _Folders, done: list,
+                    failed: list, requeue: list[int], hit_keys: list[str]) -> None:
+        """The batch's cache hits, placed in their folders on the writer threads."""
+        link = self.cfg.cache.link
+        jobs = []
+        for row, entry in batch.hits:
+            folder = folders.get(row.out_dir)
+            if folder is None:
+                requeue.append(row.id)
+                continue
+            jobs.append((row, entry, folder, self.pool.submit(
+                place_hit, entry["path"], folder, f"{row.out_name}.wav", batch.sample_rate,
+                link)))
+        for row, entry, folder, fut in jobs:
+            outcome, seconds = fut.result()
+            dst = str(wav_path(row))
+            if outcome == "placed":
+                folders.touch(folder)
+                done.append((row.id, dst, float(entry["seconds"]), True))
+                hit_keys.append(entry["key"])
+            elif outcome == "adopted":   # a whole WAV of an earlier attempt
+                folders.touch(folder)
+                done.append((row.id, dst, seconds, False))
+            elif outcome == "gone":   # purged since the feeder looked: synthesize it after all
+                gone = _HitCheck()
+                gone.evict.append(entry["key"])
+                gone.save(store)
+                requeue.append(row.id)
+            elif outcome == "taken":   # anything else at the path stays, and the line fails
+                log.error("wav.path_taken", path=dst, line=row.id)
+                failed.append((row.id, occupied(dst, batch.sample_rate)))
+            else:   # disk full, I/O error: the line stays pending
+                self.health.trouble("outbox", folder.path, "a cache hit could not be placed",
+                                    "sink")
+                requeue.append(row.id)
+
+    def _write_wavs(self, batch: Batch, groups: list[tuple[int, list[LineRow]]],
+                    folders: _Folders, done: list, failed: list, requeue: list[int]
+                    ) -> list[tuple[int, dict]]:
+        """The synthesized lines' WAVs, on the writer threads; the first line of each
+        group also leaves the cache its own copy. Returns (line id, cache entry)."""
+        results = {r.key: r for r in batch.results}
+        jobs = []
+        for gi, group in groups:
+            res = results.get(gi)
+            if res is None or res.audio is None:
+                err = res.error if res is not None else "no result from the engine"
+                failed.extend((row.id, err) for row in group)
+                continue
+            for k, row in enumerate(group):
+                folder = folders.get(row.out_dir)
+                if folder is None:
+                    requeue.append(row.id)
+                    continue
+                keep = k == 0 and self.cfg.cache.enabled and row.cache_key
+                jobs.append((row, res, folder, self.pool.submit(
+                    self._write_one, row, res, folder, bool(keep))))
+        entries = []
+        for row, res, folder, fut in jobs:
+            try:
+                refused, entry = fut.result()
+            except OSError as exc:   # disk full, I/O error: the line stays pending
+                self._outbox_failed(row.out_dir, exc)
+                requeue.append(row.id)
+                continue
+            if refused:   # for good: pending again, it would be refused again, forever
+                log.error("wav.path_taken", path=str(wav_path(row)), line=row.id)
+                failed.append((row.id, refused))
+                continue
+            folders.touch(folder)
+            done.append((row.id, str(wav_path(row)), res.seconds, False))
+            if entry is not None:
+                entries.append((row.id, entry))
+            crash.point("after_rename")
+        return entries
+
     def _outbox_failed(self, folder: str | os.PathLike, exc: OSError) -> None:
         """A write into the outbox failed: the outbox is blocked (the feeder stops
         taking lines and probes it with back-off) and the line goes back to pending."""
@@ -626,65 +678,88 @@ class Sink:
         return self.health.retry("state", self.cfg.paths.db,
                                  lambda: write(*args, **kwargs), self.stop, "sink")
 
-    def _sync_wav_folders(self, done: list[tuple[int, str, float, bool]],
-                          requeue: list[int]) -> list[tuple[int, str, float, bool]]:
-        """One fsync per folder holding a WAV of this batch (written now, or before a
-        crash and never committed), so every rename is durable before its line is done.
-        Lines in a folder that cannot be synced go back to pending (``requeue``).
-        The WAV writers skip their own folder fsync (``sync_dir=False``): one per batch
-        instead of one per line."""
-        folders = {Path(d[1]).parent for d in done if not d[3]}
-        failed: set[Path] = set()
-        for folder in folders:
+    def _write_one(self, row: LineRow, res: Result, folder: Folder, keep: bool
+                   ) -> tuple[str | None, dict | None]:
+        """Writes the line's WAV; a valid one already there (an earlier attempt's) is
+        kept. Returns why the line fails for good (another file holds its path), or
+        None, and with ``keep`` the cache entry of a copy of the WAV made for the cache
+        (a file of its own: nothing done to the outbox changes it). OSError (a full
+        disk…) leaves the line pending."""
+        name = f"{row.out_name}.wav"
+        try:
+            write_wav(name, res.audio, res.sample_rate, self.subtype, sync_dir=False,
+                      dir_fd=folder.fd)
+        except FileExistsError:
+            if not wav_ok(name, sample_rate=res.sample_rate, dir_fd=folder.fd):
+                return occupied(wav_path(row), res.sample_rate), None
+        return None, (self._keep(row, res, folder, name) if keep else None)
+
+    def _keep(self, row: LineRow, res: Result, folder: Folder, name: str) -> dict | None:
+        """Copy a freshly written WAV into the cache (a clone where the file system has
+        them; with ``cache.link``, a hard link), fsynced but without a folder fsync: a
+        cache file lost in a power cut is a miss later, never garbage under its name.
+        The cache is an optimization: a copy that fails is logged and skipped."""
+        dst = cache_path(self.cfg.paths.cache, row.cache_key)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            replace_with_link(name, dst, link=self.cfg.cache.link, src_dir_fd=folder.fd)
+            st = os.lstat(dst)   # the stamp of a file written just now
+        except OSError as exc:
+            log.warning("cache.store_failed", key=row.cache_key[:12], error=str(exc))
+            return None
+        return {"key": row.cache_key, "path": str(dst), "bytes": st.st_size,
+                "seconds": res.seconds, "voice": row.voice, "ino": sqlite_ino(st.st_ino),
+                "mtime_ns": st.st_mtime_ns}
+
+
+class _Folders:
+    """The output folders one batch writes into, each opened once (``Folder``) and
+    synced once; a folder that cannot be opened is reported and its lines stay
+    pending."""
+
+    def __init__(self, report: Callable[[str, OSError], None]) -> None:
+        self._report = report
+        self._open: dict[str, Folder | None] = {}
+        self._touched: dict[str, Folder] = {}
+        self.used = False
+        """Some folder took a write, link or sync."""
+
+    def get(self, path: str) -> Folder | None:
+        if path not in self._open:
             try:
-                fsync_dir(folder)
+                self._open[path] = Folder.open(path)
             except OSError as exc:
-                self._outbox_failed(folder, exc)
-                failed.add(folder)
+                self._report(path, exc)
+                self._open[path] = None
+        return self._open[path]
+
+    def touch(self, folder: Folder) -> None:
+        """``folder`` holds a WAV of this batch: synced before its line is done."""
+        self._touched[str(folder.path)] = folder
+
+    def sync(self, done: list[tuple[int, str, float, bool]], requeue: list[int]
+             ) -> list[tuple[int, str, float, bool]]:
+        """One fsync per touched folder, so every rename is durable before its line is
+        done; lines in a folder that cannot be synced go back to pending."""
+        failed: set[str] = set()
+        for path, folder in self._touched.items():
+            try:
+                folder.sync()
+                self.used = True
+            except OSError as exc:
+                self._report(path, exc)
+                failed.add(path)
         if not failed:
             return done
         keep = []
         for d in done:
-            if not d[3] and Path(d[1]).parent in failed:
+            if os.path.dirname(d[1]) in failed:
                 requeue.append(d[0])
             else:
                 keep.append(d)
         return keep
 
-    def _write_one(self, row: LineRow, res: Result) -> str | None:
-        """Writes the line's WAV; a valid one already there (an earlier attempt's) is
-        kept. Returns None, or why the line fails for good: another file holds its path
-        (OSError, raised for a transient failure like a full disk, requeues it)."""
-        path = wav_path(row)   # its folder: made by ``write``
-        try:
-            write_wav(path, res.audio, res.sample_rate, self.subtype, sync_dir=False)
-        except FileExistsError:
-            if not wav_ok(path, sample_rate=res.sample_rate):
-                return occupied(path, res.sample_rate)
-        return None
-
-    def _cache(self, groups: list[tuple[int, list[LineRow]]],
-               done: list[tuple[int, str, float, bool]]) -> list[dict]:
-        """Link each freshly synthesized WAV into the cache (one entry per key)."""
-        rows = []
-        by_id = {d[0]: d for d in done if not d[3]}
-        for _gi, group in groups:
-            first = next((r for r in group if r.id in by_id), None)
-            if first is None or not first.cache_key:
-                continue
-            src = Path(by_id[first.id][1])
-            dst = cache_path(self.cfg.paths.cache, first.cache_key)
-            try:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                try:   # no folder fsync: a lost link is a miss later
-                    link_or_copy(src, dst, link=self.cfg.cache.link, sync_dir=False)
-                except FileExistsError:   # the file of an evicted (damaged) entry, or
-                    if not os.path.samefile(src, dst):   # one never committed: replace it
-                        replace_with_link(src, dst, link=self.cfg.cache.link)
-                st = os.lstat(dst)   # the stamp of a file written just now
-                rows.append({"key": first.cache_key, "path": str(dst), "bytes": st.st_size,
-                             "seconds": by_id[first.id][2], "voice": first.voice,
-                             "ino": sqlite_ino(st.st_ino), "mtime_ns": st.st_mtime_ns})
-            except OSError as exc:   # the cache is an optimization; the line is done anyway
-                log.warning("cache.store_failed", key=first.cache_key[:12], error=str(exc))
-        return rows
+    def close(self) -> None:
+        for folder in self._open.values():
+            if folder is not None:
+                folder.close()

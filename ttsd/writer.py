@@ -16,6 +16,7 @@ import contextlib
 import csv
 import ctypes
 import errno
+import fcntl
 import functools
 import io
 import operator
@@ -44,6 +45,7 @@ log = get_logger(__name__)
 NAME_MAX = 255
 ERROR_SUFFIX = ".error.txt"
 MANIFEST_COLUMNS = ("id", "line", "text", "wav", "seconds", "cached", "error")
+MANIFEST = "manifest.csv"
 CHUNK = 1024 * 1024
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
@@ -67,21 +69,39 @@ class ManifestRow:
 # -- atomic primitives -----------------------------------------------------------------
 
 
-def _tmp_path(path: Path) -> Path:
-    """``.<name>.<8 hex>.tmp`` beside ``path``, within NAME_MAX bytes."""
-    return path.parent / f".{_fit(path.name, NAME_MAX - 14)}.{secrets.token_hex(4)}.tmp"
+def _tmp_path(path: str | os.PathLike, dir_fd: int | None = None) -> str:
+    """``.<name>.<8 hex>.tmp`` beside ``path``, within NAME_MAX bytes (with ``dir_fd``:
+    the name alone, in that folder)."""
+    p = Path(path)
+    name = f".{_fit(p.name, NAME_MAX - 14)}.{secrets.token_hex(4)}.tmp"
+    return name if dir_fd is not None else str(p.parent / name)
+
+
+def _lexists(path: str | os.PathLike, dir_fd: int | None = None) -> bool:
+    """Whether anything (a symlink too, not followed) is at ``path``."""
+    try:
+        os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:
     """Make renames in ``folder`` durable (skipped where directories cannot be synced)."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        _fsync_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_fd(fd: int) -> None:
+    """fsync an open folder (skipped where directories cannot be synced)."""
+    try:
         os.fsync(fd)
     except OSError as exc:
         if exc.errno not in _NO_DIR_FSYNC:
             raise
-    finally:
-        os.close(fd)
 
 
 @functools.cache
@@ -96,8 +116,10 @@ def _renameat2() -> Callable[..., int] | None:
     return fn
 
 
-def rename_noreplace(src: Path, dst: Path) -> None:
-    """Rename ``src`` to ``dst``, raising FileExistsError instead of replacing ``dst``.
+def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike,
+                     dir_fd: int | None = None) -> None:
+    """Rename ``src`` to ``dst`` (both in the folder ``dir_fd`` when given), raising
+    FileExistsError instead of replacing ``dst``.
 
     Atomic through renameat2(RENAME_NOREPLACE); where the filesystem lacks it, a hard
     link then unlink; where links are unsupported too, an existence check then rename.
@@ -105,24 +127,25 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     """
     fn = _renameat2()
     if fn is not None:
-        if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+        at = _AT_FDCWD if dir_fd is None else dir_fd
+        if fn(at, os.fsencode(src), at, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
             raise OSError(err, os.strerror(err), str(src), None, str(dst))
     try:
-        os.link(src, dst, follow_symlinks=False)
+        os.link(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     except OSError as exc:
         if exc.errno in (errno.EEXIST, errno.EXDEV, errno.ENOENT):
             raise
-        if os.path.lexists(dst):
+        if _lexists(dst, dir_fd):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
-        os.rename(src, dst)
+        os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return
-    os.unlink(src)
+    os.unlink(src, dir_fd=dir_fd)
 
 
-def _exists_error(path: Path) -> FileExistsError:
+def _exists_error(path: str | os.PathLike) -> FileExistsError:
     return FileExistsError(errno.EEXIST, "will not overwrite an existing file", str(path))
 
 
@@ -142,10 +165,12 @@ def _write_all(fd: int, data: bytes | Sequence[Buffer]) -> int:
     return total
 
 
-def write_atomic(path: Path, data: bytes | Sequence[Buffer], *, overwrite: bool = False,
-                 crash_at: str | None = None, sync_dir: bool = True) -> int:
+def write_atomic(path: str | os.PathLike, data: bytes | Sequence[Buffer], *,
+                 overwrite: bool = False, crash_at: str | None = None, sync_dir: bool = True,
+                 dir_fd: int | None = None) -> int:
     """Write ``data`` (bytes, or buffers one after another) to ``path`` atomically and
-    durably; returns the byte count.
+    durably; returns the byte count. With ``dir_fd``, ``path`` is a name in that folder
+    (``Folder``): nothing is looked up through a path that may have changed.
 
     FileExistsError if ``path`` exists and not ``overwrite``. No temp file survives an
     error (ENOSPC and EIO propagate as OSError after cleanup). ``crash_at`` names the
@@ -154,11 +179,11 @@ def write_atomic(path: Path, data: bytes | Sequence[Buffer], *, overwrite: bool 
     the rename itself is durable only once the caller fsyncs the folder (``fsync_dir``,
     once for a whole batch), which it must do before it relies on the file.
     """
-    path = Path(path)
-    if not overwrite and os.path.lexists(path):
+    if not overwrite and _lexists(path, dir_fd):
         raise _exists_error(path)
-    tmp = _tmp_path(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    tmp = _tmp_path(path, dir_fd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                 dir_fd=dir_fd)
     try:
         try:
             written = _write_all(fd, data)
@@ -168,20 +193,23 @@ def write_atomic(path: Path, data: bytes | Sequence[Buffer], *, overwrite: bool 
         if crash_at:
             crash.point(crash_at)
         if overwrite:
-            os.replace(tmp, path)
+            os.replace(tmp, path, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         else:
-            rename_noreplace(tmp, path)
+            rename_noreplace(tmp, path, dir_fd)
     except BaseException:
-        _remove_quietly(tmp)
+        _remove_quietly(tmp, dir_fd)
         raise
     if sync_dir:
-        _fsync_dir(path.parent)
+        if dir_fd is None:
+            _fsync_dir(Path(path).parent)
+        else:
+            _fsync_fd(dir_fd)
     return written
 
 
-def _remove_quietly(path: Path) -> None:
+def _remove_quietly(path: str | os.PathLike, dir_fd: int | None = None) -> None:
     with contextlib.suppress(OSError):
-        os.unlink(path)
+        os.unlink(path, dir_fd=dir_fd)
 
 
 # -- WAV -------------------------------------------------------------------------------
@@ -282,8 +310,9 @@ def _pcm16_wav(clipped: np.ndarray, sample_rate: int) -> bytes | None:
     return None if header is None else header + pcm16(clipped).tobytes()
 
 
-def write_wav(path: Path, samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16", *,
-              overwrite: bool = False, sync_dir: bool = True) -> int:
+def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int,
+              subtype: str = "PCM_16", *, overwrite: bool = False, sync_dir: bool = True,
+              dir_fd: int | None = None) -> int:
     """Encode and write one WAV atomically; returns the bytes written.
 
     Raises FileExistsError rather than overwrite (unless ``overwrite``), ValueError for
@@ -291,49 +320,100 @@ def write_wav(path: Path, samples: np.ndarray, sample_rate: int, subtype: str = 
     ``sync_dir=False``: the caller fsyncs the folder itself (once for a whole batch)
     before recording the line as done; the file's own data is synced here either way.
     """
-    path = Path(path)
     if isinstance(samples, np.ndarray) and samples.dtype == np.int16:
         # no encoding to spare: write_atomic's own check refuses an existing path
         data: bytes | list[Buffer] = _int16_parts(samples, sample_rate, subtype)
     else:
-        if not overwrite and os.path.lexists(path):
+        if not overwrite and _lexists(path, dir_fd):
             raise _exists_error(path)
         data = encode_wav(samples, sample_rate, subtype)
     written = write_atomic(path, data, overwrite=overwrite, crash_at="after_tmp",
-                           sync_dir=sync_dir)
+                           sync_dir=sync_dir, dir_fd=dir_fd)
     log.debug("writer.wav", path=str(path), bytes=written)
     return written
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    """Copy a regular file into ``dst`` via tmp + fsync + no-replace rename; size-checked."""
-    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+_FICLONE = 0x40049409
+"""ioctl FICLONE: make the destination share the source's blocks, copy-on-write."""
+_NO_REFLINK: set[int] = set()
+"""Devices where a clone was refused (ext4, tmpfs…): copied without trying again."""
+
+
+def _clone(sfd: int, dfd: int, dev: int) -> bool:
+    """Make ``dfd`` a copy-on-write clone of ``sfd`` where the file system can (XFS with
+    reflink, btrfs, bcachefs): no data is written, and a write to either file later
+    copies the blocks it touches. False where it cannot (remembered per device)."""
+    if dev in _NO_REFLINK:
+        return False
+    try:
+        fcntl.ioctl(dfd, _FICLONE, sfd)
+    except OSError:
+        _NO_REFLINK.add(dev)
+        return False
+    return True
+
+
+def copy_file(src: str | os.PathLike, dst: str | os.PathLike, *, src_dir_fd: int | None = None,
+              dst_dir_fd: int | None = None, replace: bool = False, sync: bool = True) -> int:
+    """Make ``dst`` a copy of the regular file ``src`` that shares nothing with it: a
+    clone where the file system has them, else a copy of the bytes (copy_file_range);
+    written to a temp beside ``dst``, fsynced (unless not ``sync``), size-checked and
+    renamed without replacing (``replace``: over whatever is there). Nothing done to
+    one file afterwards changes the other. No folder fsync (the caller's). Returns the
+    size. FileNotFoundError if ``src`` is gone, ValueError if it is not a regular file
+    (a symlink is never followed), FileExistsError if ``dst`` exists and not
+    ``replace``; no temp survives an error."""
+    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                  dir_fd=src_dir_fd)
     try:
         st = os.fstat(sfd)
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{src}: not a regular file")
-        tmp = _tmp_path(dst)
+        if not replace and _lexists(dst, dst_dir_fd):
+            raise _exists_error(dst)
+        tmp = _tmp_path(dst, dst_dir_fd)
         dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      0o644)
+                      0o644, dir_fd=dst_dir_fd)
         try:
             try:
-                copied = 0
-                while chunk := os.read(sfd, CHUNK):
-                    _write_all(dfd, chunk)
-                    copied += len(chunk)
-                os.fsync(dfd)
+                if not _clone(sfd, dfd, os.fstat(dfd).st_dev):
+                    _copy_bytes(sfd, dfd, st.st_size)
+                if sync:
+                    os.fsync(dfd)
                 size = os.fstat(dfd).st_size
             finally:
                 os.close(dfd)
-            if copied != st.st_size or size != st.st_size:
+            if size != st.st_size:
                 raise OSError(errno.EIO, f"copy of {src} has {size} bytes, expected {st.st_size}")
-            rename_noreplace(tmp, dst)
+            if replace:
+                os.replace(tmp, dst, src_dir_fd=dst_dir_fd, dst_dir_fd=dst_dir_fd)
+            else:
+                rename_noreplace(tmp, dst, dst_dir_fd)
         except BaseException:
-            _remove_quietly(tmp)
+            _remove_quietly(tmp, dst_dir_fd)
             raise
     finally:
         os.close(sfd)
-    _fsync_dir(dst.parent)
+    return size
+
+
+def _copy_bytes(sfd: int, dfd: int, size: int) -> None:
+    """``size`` bytes from ``sfd`` to ``dfd``: copy_file_range (in the kernel), else reads
+    and writes."""
+    left = size
+    try:
+        while left > 0:
+            n = os.copy_file_range(sfd, dfd, left)
+            if n == 0:
+                break
+            left -= n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    os.lseek(sfd, size - left, os.SEEK_SET)
+    while chunk := os.read(sfd, CHUNK):
+        _write_all(dfd, chunk)
 
 
 def fsync_dir(folder: Path) -> None:
@@ -342,58 +422,70 @@ def fsync_dir(folder: Path) -> None:
 
 
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike, *, link: bool = True,
-                 sync_dir: bool = True, checked: bool = False) -> None:
-    """Put a cached WAV at ``dst``: a hard link, else (other device, no link support,
-    too many links) an atomic, size-verified copy. Never overwrites ``dst``.
-    ``sync_dir=False``: the caller fsyncs the folder of a hard link itself (once for a
-    whole batch) before recording the line as done. ``checked``: the caller has just
-    lstat'ed ``src`` and found a regular file (a cache hit's entry check), so the link
-    is tried at once (a missing ``src`` still raises FileNotFoundError).
+                 sync_dir: bool = True, checked: bool = False, dst_dir_fd: int | None = None
+                 ) -> None:
+    """Put a cached WAV at ``dst``: a copy that shares nothing with it (``copy_file``),
+    or with ``link`` a hard link (else, on another device or without link support, a
+    copy all the same). Never overwrites ``dst``. ``sync_dir=False``: the caller fsyncs
+    the folder itself (once for a whole batch) before recording the line as done.
+    ``checked``: the caller has just lstat'ed ``src`` and found a regular file (a cache
+    hit's entry check), so a link is tried at once (a missing ``src`` still raises
+    FileNotFoundError).
 
     Raises FileExistsError if ``dst`` exists, FileNotFoundError if ``src`` is gone,
     ValueError if ``src`` is not a regular file (a symlink is never followed).
-    A link is one lstat and one link(2) (which itself refuses an existing ``dst``):
-    ≈ 10 µs, once per cache hit.
+    A link is one lstat and one link(2) (≈ 10 µs); a copy reads and writes the file and
+    fsyncs it, or clones it where the file system can.
     """
-    if not (checked and link):
+    if link and not checked:
         try:
             st = os.lstat(src)
         except FileNotFoundError:
-            if os.path.lexists(dst):   # the same error, in the same order, as a full check
-                raise _exists_error(Path(dst)) from None
+            if _lexists(dst, dst_dir_fd):   # the same error, in the same order, as a copy
+                raise _exists_error(dst) from None
             raise
         if not stat.S_ISREG(st.st_mode):
-            if os.path.lexists(dst):
-                raise _exists_error(Path(dst))
+            if _lexists(dst, dst_dir_fd):
+                raise _exists_error(dst)
             raise ValueError(f"{src}: not a regular file")
     if link:
         try:
-            os.link(src, dst, follow_symlinks=False)
+            os.link(src, dst, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
         except FileExistsError:
-            raise _exists_error(Path(dst)) from None
+            raise _exists_error(dst) from None
         except FileNotFoundError:
             raise
         except OSError as exc:
             log.debug("writer.link_failed", src=str(src), dst=str(dst), error=str(exc))
         else:
             if sync_dir:
-                _fsync_dir(Path(dst).parent)
+                _sync_folder_of(dst, dst_dir_fd)
             return
-    src, dst = Path(src), Path(dst)
-    if os.path.lexists(dst):
+    if _lexists(dst, dst_dir_fd):
         raise _exists_error(dst)
-    _copy_atomic(src, dst)
+    copy_file(src, dst, dst_dir_fd=dst_dir_fd)
+    if sync_dir:
+        _sync_folder_of(dst, dst_dir_fd)
+
+
+def _sync_folder_of(path: str | os.PathLike, dir_fd: int | None) -> None:
+    if dir_fd is None:
+        _fsync_dir(Path(path).parent)
+    else:
+        _fsync_fd(dir_fd)
 
 
 def replace_with_link(src: str | os.PathLike, dst: str | os.PathLike, *,
-                      link: bool = True) -> None:
-    """Make ``dst`` (a file of ttsd's own cache, never an output) ``src``'s bytes: a hard
-    link (else a verified copy) made under a temp name beside it, renamed over whatever
-    ``dst`` was (a damaged, stale or foreign file, or a symlink, which is replaced, not
-    followed). No folder fsync: a lost cache link is a miss later."""
-    dst = Path(dst)
+                      link: bool = True, src_dir_fd: int | None = None) -> None:
+    """Make ``dst`` (a file of ttsd's own cache, never an output) ``src``'s bytes: a copy
+    (``copy_file``) or with ``link`` a hard link, made under a temp name beside it and
+    renamed over whatever ``dst`` was (a damaged, stale or foreign file, or a symlink,
+    which is replaced, not followed). No folder fsync: a lost cache file is a miss."""
+    if not link:
+        copy_file(src, dst, src_dir_fd=src_dir_fd, replace=True)
+        return
     tmp = _tmp_path(dst)
-    link_or_copy(src, tmp, link=link, sync_dir=False)
+    os.link(src, tmp, src_dir_fd=src_dir_fd, follow_symlinks=False)
     try:
         os.replace(tmp, dst)
     except BaseException:
@@ -429,44 +521,46 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def wav_ok(path: str | os.PathLike, *, sample_rate: int | None = None, min_bytes: int = 45,
-           size: int | None = None) -> bool:
+           size: int | None = None, dir_fd: int | None = None) -> bool:
     """Cache check: a regular file (not a symlink) of at least ``min_bytes`` (exactly
     ``size`` when given), complete RIFF/WAVE, frames > 0, and the expected rate.
 
-    One lstat, one open (never following a symlink) and one read of 4 KiB: ≈ 5 µs for
+    One open (never following a symlink), one fstat and one read of 4 KiB: ≈ 5 µs for
     the usual 44-byte header, called once per cache hit."""
     try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < min_bytes:
-            return False
-        if size is not None and st.st_size != size:
-            return False
-        fd = os.open(path, _READ_FLAGS)
+        fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < min_bytes:
+                return False
+            if size is not None and st.st_size != size:
+                return False
             head = os.read(fd, 4096)
+            parsed = _riff_header(head, st.st_size)
+            if parsed is None:   # not a plain header in the first 4 KiB: ask libsndfile
+                os.lseek(fd, 0, os.SEEK_SET)
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    info = sf.info(f)
+                if info.frames <= 0:
+                    return False
+                rate = info.samplerate
+            else:
+                rate, data = parsed
+                if data <= 0:
+                    return False
         finally:
             os.close(fd)
-        parsed = _riff_header(head, st.st_size)
-        if parsed is None:   # not a plain header in the first 4 KiB: ask libsndfile
-            info = sf.info(os.fspath(path))
-            if info.frames <= 0:
-                return False
-            rate = info.samplerate
-        else:
-            rate, data = parsed
-            if data <= 0:
-                return False
-    except (OSError, RuntimeError, ValueError, struct.error):
+    except (OSError, RuntimeError, ValueError, struct.error, TypeError):
         return False
     return sample_rate is None or rate == sample_rate
 
 
-def wav_info(path: Path) -> tuple[int, int, float]:
+def wav_info(path: str | os.PathLike, dir_fd: int | None = None) -> tuple[int, int, float]:
     """(sample_rate, frames, seconds) of a WAV; OSError if missing, ValueError if unreadable."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
     try:
-        info = sf.info(str(path))
+        with os.fdopen(fd, "rb") as f:
+            info = sf.info(f)
     except RuntimeError as exc:
         raise ValueError(f"{path}: not a readable WAV file: {exc}") from None
     return info.samplerate, info.frames, info.frames / info.samplerate
@@ -490,25 +584,85 @@ def manifest_bytes(rows: Iterable[ManifestRow]) -> bytes:
     return out.getvalue().encode("utf-8")
 
 
-def write_manifest(path: Path, rows: Iterable[ManifestRow]) -> None:
-    """Write (or atomically replace) ``manifest.csv``."""
-    path = Path(path)
-    write_atomic(path, manifest_bytes(rows), overwrite=True)
-    log.debug("writer.manifest", path=str(path))
+def write_manifest(folder: Folder, rows: Iterable[ManifestRow]) -> None:
+    """Write (or atomically replace) ``manifest.csv`` in ``folder``. An OSError names
+    the manifest's full path (the write itself goes through the folder's descriptor)."""
+    try:
+        write_atomic(MANIFEST, manifest_bytes(rows), overwrite=True, dir_fd=folder.fd)
+    except OSError as exc:
+        exc.filename, exc.filename2 = str(folder.path / MANIFEST), None
+        raise
+    log.debug("writer.manifest", folder=str(folder.path))
+
+
+class NotAFolderError(OSError):
+    """An output folder's name is taken by something that is not a folder (a symbolic
+    link swapped in, a file): ttsd does not write through it."""
+
+
+class Folder:
+    """An output folder (``outbox/<name>``), made if missing and opened once; every
+    file in it is written, linked, read and synced through its descriptor, so a folder
+    swapped for a symbolic link after it was opened is never written through, and one
+    swapped before is refused (``NotAFolderError``)."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, create: bool = True) -> Folder:
+        """Open ``path``: its parent as it is (the outbox as configured), its last
+        component never through a symbolic link."""
+        path = Path(path)
+        if create:
+            os.makedirs(path.parent, exist_ok=True)
+        parent = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(path.name, 0o777, dir_fd=parent)
+            try:
+                fd = os.open(path.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, dir_fd=parent)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise NotAFolderError(errno.ENOTDIR, "not a folder (a symbolic link or a file "
+                                      "is in its place); ttsd does not write through it",
+                                      str(path)) from None
+        finally:
+            os.close(parent)
+        return cls(path, fd)
+
+    def sync(self) -> None:
+        _fsync_fd(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Folder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # -- input disposition -----------------------------------------------------------------
 
 
 def _candidates(name: str) -> Iterable[str]:
-    """``name``, ``stem (2).suffix``, ``stem (3).suffix``…, each leaving room for
-    ``.error.txt`` within NAME_MAX bytes."""
+    """``name``, ``stem-2.suffix``, ``stem-3.suffix``… (the scheme of the outbox's
+    folders: ``outbox/stem-2/``), each leaving room for ``.error.txt`` within NAME_MAX
+    bytes."""
     limit = NAME_MAX - len(ERROR_SUFFIX)
     dot = name.rfind(".")
     stem, suffix = (name[:dot], name[dot:]) if dot > 0 else (name, "")
     yield _fit(name, limit)
     for k in range(2, 100_000):
-        tag = f" ({k}){suffix}"
+        tag = f"-{k}{suffix}"
         yield _fit(stem, limit - len(os.fsencode(tag))) + tag
     raise FileExistsError(errno.EEXIST, "no free name left", name)
 
@@ -518,7 +672,8 @@ def _move_across(src: Path, dst: Path) -> None:
     st = os.lstat(src)
     tmp = _tmp_path(dst)
     if stat.S_ISREG(st.st_mode):
-        _copy_atomic(src, dst)
+        copy_file(src, dst)
+        _fsync_dir(dst.parent)
     else:
         try:
             if stat.S_ISLNK(st.st_mode):
@@ -549,7 +704,7 @@ def _error_text(name: str, error: str) -> str:
 
 def dispose(path: Path, folder: Path, name: str, *, error: str | None = None) -> Path:
     """Move an input out of the work folder into ``folder`` (done/ or failed/) as ``name``,
-    adding " (2)", " (3)"… rather than overwrite. With ``error``, ``<final name>.error.txt``
+    adding "-2", "-3"… before the suffix rather than overwrite. With ``error``, ``<final name>.error.txt``
     (the reason, led by ``name`` unless it already is) is written beside it first, so the
     input is never there without its reason. Symlinks and FIFOs are renamed, never
     opened; across filesystems they are recreated, regular files copied. Returns the path.
