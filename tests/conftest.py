@@ -1,4 +1,5 @@
-"""Make tests/ importable (harness.py) and keep the daemon's subprocesses on the CPU."""
+"""Make tests/ importable (harness.py), keep the daemon's subprocesses on the CPU and every
+converted voice in the tests' own cache folder."""
 
 from __future__ import annotations
 
@@ -10,6 +11,19 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import TEST_CACHE  # noqa: E402 - after the path insert above
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _test_cache() -> Iterator[None]:
+    """Engines built inside the test process (bench, workers, load tests) keep their
+    converted voice where the daemons the tests start keep theirs (``TEST_CACHE``),
+    never in the user's own ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(TEST_CACHE))
+    yield
+    mp.undo()
 
 
 @pytest.fixture()

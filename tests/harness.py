@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,20 @@ from pathlib import Path
 import soundfile as sf
 
 ROOT = Path(__file__).resolve().parent.parent
+
+TEST_CACHE = Path(tempfile.gettempdir()) / f"ttsd-test-cache-{os.getuid()}"
+"""$XDG_CACHE_HOME of the daemons and commands the tests start (unless a test sets its
+own): they share one converted voice, converted once instead of once per site, and
+never touch the user's own ~/.cache."""
+
+
+def subprocess_env(*layers: dict[str, str] | None) -> dict[str, str]:
+    """This process's environment with $XDG_CACHE_HOME at ``TEST_CACHE``, then each of
+    ``layers`` over it (a layer's own XDG_CACHE_HOME wins)."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(TEST_CACHE)}
+    for layer in layers:
+        env.update(layer or {})
+    return env
 
 
 @dataclass
@@ -67,7 +82,7 @@ class Site:
             ) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "ttsd.cli", "--config", str(self.config),
                                *args], cwd=self.root, capture_output=True, text=True,
-                              timeout=timeout, env={**os.environ, **self.env, **(env or {})})
+                              timeout=timeout, env=subprocess_env(self.env, env))
 
     def start(self, *args: str, env: dict | None = None) -> subprocess.Popen:
         self.write_config()
@@ -76,7 +91,7 @@ class Site:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ttsd.cli", "--config", str(self.config), "run", *args],
             cwd=self.root, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
-            env={**os.environ, "PYTHONPATH": str(ROOT), **self.env, **(env or {})})
+            env=subprocess_env({"PYTHONPATH": str(ROOT)}, self.env, env))
         return self.proc
 
     def wait_ready(self, timeout: float = 90) -> None:

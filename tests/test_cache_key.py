@@ -92,7 +92,7 @@ def test_ingest_keys_match_cache_key_for_every_voice_speaker_and_speed(tmp_path:
 # fails until it is.
 NOT_AUDIO = {
     "paths.inbox", "paths.outbox", "paths.done", "paths.failed", "paths.state",
-    "input.settle_s", "input.rescan_s", "input.polling", "input.max_file_bytes",
+    "paths.voice_cache", "input.settle_s", "input.rescan_s", "input.polling", "input.max_file_bytes",
     "input.max_lines", "input.max_line_chars", "input.max_pending_lines",
     "engine.voices_dir", "engine.max_audio_s_per_char", "engine.memory_fraction",
     "engine.cudnn_benchmark", "engine.warmup", "engine.phonemizer_processes",

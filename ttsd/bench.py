@@ -243,10 +243,12 @@ def _eager_text(engine: Engine, prepared: list[Prepared], size: int) -> float:
 def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
                      devices: list[str] | None = None, cache_run: bool = True,
                      compare: str = "") -> dict[str, Any]:
-    """The real daemon (`ttsd run --once`) on a temp folder; then (``cache_run``) the same
-    file again, every line a cache hit. ``devices``: engine.devices for the daemon (one
-    worker process per device; one device runs in the daemon as by default);
-    ``compare``: "SECTION.KEY=VALUE,..." over the bench's config (``_toml``)."""
+    """The real daemon (`ttsd run --once`) on a temp folder (removed after); then
+    (``cache_run``) the same file again, every line a cache hit. The daemon reuses the
+    bench's converted voices (``paths.voices_cache``) instead of converting the voice
+    into the temp folder. ``devices``: engine.devices for the daemon (one worker process
+    per device; one device runs in the daemon as by default); ``compare``:
+    "SECTION.KEY=VALUE,..." over the bench's config (``_toml``)."""
     root = Path(tempfile.mkdtemp(prefix="ttsd-bench-"))
     try:
         conf = root / "config.toml"
@@ -254,8 +256,9 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
                   "voices_dir": json.dumps(str(cfg.engine.voices_dir))}
         if devices:
             engine["devices"] = "[" + ", ".join(f'"{d}"' for d in devices) + "]"
-        conf.write_text(_toml(compare, {"engine": engine, "input": {"settle_s": "0.0"}}),
-                        encoding="utf-8")
+        paths = {"voice_cache": json.dumps(str(cfg.paths.voices_cache.absolute()))}
+        conf.write_text(_toml(compare, {"paths": paths, "engine": engine,
+                                        "input": {"settle_s": "0.0"}}), encoding="utf-8")
         out = {}
         runs = ("synthesize", "cache_hits") if cache_run else ("synthesize",)
         for run in runs:

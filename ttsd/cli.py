@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     say = sub.add_parser("say", help="synthesize one line to a WAV, no daemon")
     say.add_argument("text")
-    say.add_argument("-o", "--output", type=Path, required=True)
+    say.add_argument("-o", "--output", type=Path, required=True,
+                     help="the WAV file to write (NAME.wav; its folder must exist)")
     _engine_args(say)
 
     sub.add_parser("voices", help="list the voices ttsd can use").add_argument(
@@ -161,12 +163,30 @@ def cmd_run(cfg: Config, ns: argparse.Namespace) -> int:
     return Daemon(cfg, once=ns.once, progress=progress).run()
 
 
+def _check_say_output(path: Path) -> None:
+    """Refuse an output ``say`` could not write, before the voice loads (seconds): a
+    suffix other than .wav (only WAV is written, and a WAV named .mp3 would mislead),
+    an existing folder, or a folder that is missing or not writable."""
+    if path.suffix.lower() != ".wav":
+        what = f", not {path.suffix}" if path.suffix else ""
+        raise ConfigError(f"{path}: only WAV is written{what}; name the output NAME.wav")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; name the WAV file to write")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{path}: folder {folder} is not writable")
+
+
 def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
+    _check_say_output(ns.output)   # before importing torch and loading the voice
+    cfg = _override(cfg, ns)
+
     from ttsd.daemon import build_engine
     from ttsd.engine.records import Request
     from ttsd.writer import write_wav
 
-    cfg = _override(cfg, ns)
     e = cfg.engine
     # One line: compiling (tens of seconds) would cost more than it saves.
     engine = build_engine(cfg, compile="off" if e.compile == "auto" else e.compile,

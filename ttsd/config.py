@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import platformdirs
+
 from ttsd.errors import ConfigError
 
 
@@ -32,6 +34,12 @@ class PathsConfig:
     """Inputs that cannot be read move here with NAME.error.txt beside them."""
     state: Path = Path("state")
     """SQLite store (ttsd.db), the work folder of claimed inputs, and the WAV cache."""
+    voice_cache: str = ""
+    """Folder of converted voices (``<sha256>-v<N>.pt``, the ONNX voice turned into
+    PyTorch weights, ~60 MB each), shared by ``say``, ``bench`` and the daemon; "" = the
+    per-user cache folder (see ``voices_cache``). Not one of the ``FOLDERS``: it may be
+    shared by several sites, and a folder that cannot be written only means each start
+    converts the voice again, in memory."""
 
     @property
     def db(self) -> Path:
@@ -47,7 +55,13 @@ class PathsConfig:
 
     @property
     def voices_cache(self) -> Path:
-        return self.state / "voices"
+        """The folder of converted voices: ``voice_cache`` when set, else
+        ``platformdirs.user_cache_dir("ttsd")/voices`` ($XDG_CACHE_HOME/ttsd/voices, else
+        ~/.cache/ttsd/voices on Linux). Worked out where it is used, so each process (a
+        worker on another node too) finds its own user's cache."""
+        if self.voice_cache:
+            return Path(self.voice_cache)
+        return Path(platformdirs.user_cache_dir("ttsd")) / "voices"
 
 
 @dataclass(frozen=True)
@@ -339,14 +353,17 @@ class Config:
         return Config().resolved(Path.cwd(), "built-in defaults")
 
     def resolved(self, base: Path, where: str = "config") -> Config:
-        """Make every relative path absolute against ``base``, then check the folders
-        (``check_folders``; errors start with ``where``)."""
+        """Make every relative path absolute against ``base`` (a set ``paths.voice_cache``
+        too; "" stays "", the per-user folder), then check the folders (``check_folders``;
+        errors start with ``where``)."""
         def fix(p: Path) -> Path:
             p = p.expanduser()
             return p if p.is_absolute() else (base / p).resolve()
 
+        vc = self.paths.voice_cache
         paths = PathsConfig(**{f.name: fix(getattr(self.paths, f.name))
-                               for f in dataclasses.fields(PathsConfig)})
+                               for f in dataclasses.fields(PathsConfig) if f.name != "voice_cache"},
+                            voice_cache=str(fix(Path(vc))) if vc else "")
         check_folders(paths, where)
         engine = dataclasses.replace(self.engine, voices_dir=fix(self.engine.voices_dir))
         return dataclasses.replace(self, paths=paths, engine=engine)

@@ -168,8 +168,9 @@ class Daemon:
                 raise ConfigError(f"folder {p} cannot be created: {exc.strerror}") from None
         self._signals()
         t0 = time.perf_counter()
-        # A kill -9 while the converted voice was being cached leaves its temp behind.
-        removed = self._remove_stale_temps(cfg.paths.voices_cache)
+        # A kill -9 while the converted voice was being cached leaves its temp behind;
+        # the cache is shared with other processes (say, bench): only old temps go.
+        removed = self._remove_stale_temps(cfg.paths.voices_cache, older_than_s=3600)
         pooled = workers.pool_wanted(cfg)
         devices = workers.local_devices(cfg)
         # With a worker pool the daemon's own engine only answers voice facts (CPU).
@@ -283,10 +284,10 @@ class Daemon:
             self.health.clear("state", "start")
             return store
 
-    def _remove_stale_temps(self, folder: Path) -> int:
+    def _remove_stale_temps(self, folder: Path, older_than_s: float = 0.0) -> int:
         """``remove_stale_temps``, reporting (not raising) a folder it cannot clean."""
         try:
-            return remove_stale_temps(folder)
+            return remove_stale_temps(folder, older_than_s)
         except OSError as exc:
             log.warning("writer.stale_temps_left", folder=str(folder), error=str(exc))
             return 0

@@ -24,6 +24,7 @@ import os
 import secrets
 import stat
 import struct
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -745,15 +746,21 @@ def dispose(path: Path, folder: Path, name: str, *, error: str | None = None) ->
     raise AssertionError("unreachable")  # pragma: no cover - _candidates raises first
 
 
-def remove_stale_temps(folder: Path) -> int:
+def remove_stale_temps(folder: Path, older_than_s: float = 0.0) -> int:
     """Remove ``.*.tmp`` files under ``folder`` (recursively, links not followed) that a
-    crash left behind; returns how many. Call at start, before any writer runs."""
+    crash left behind; returns how many. Call at start, before any writer runs; in a
+    folder other processes write too (the shared voice cache), only temps untouched
+    for ``older_than_s``."""
     removed = 0
+    cutoff = time.time() - older_than_s
     for root, _dirs, files in os.walk(folder, followlinks=False):
         for fname in files:
             if fname.startswith(".") and fname.endswith(".tmp") and len(fname) > 5:
+                path = os.path.join(root, fname)
                 try:
-                    os.unlink(os.path.join(root, fname))
+                    if older_than_s and os.lstat(path).st_mtime > cutoff:
+                        continue
+                    os.unlink(path)
                     removed += 1
                 except FileNotFoundError:
                     continue

@@ -152,13 +152,15 @@ def load_model(info: VoiceInfo, cache_dir: Path | None = None) -> tuple[Vits, st
     """
     digest = file_sha256(info.onnx)
     cached = cache_dir / f"{digest}-v{CONVERTER_VERSION}.pt" if cache_dir else None
-    if cached is not None and cached.exists():
+    # isfile, not exists: a cache folder this user cannot reach (EACCES) is no cache
+    if cached is not None and os.path.isfile(cached):
         try:
             blob = torch.load(cached, map_location="cpu", weights_only=True)
             args = VitsArgs(**_tuples(blob["args"]))
             return build(args, blob["state_dict"]), digest
         except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
-            cached.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):   # in a read-only cache it stays
+                cached.unlink(missing_ok=True)
     args, sd = load_onnx(info.onnx, info.num_speakers)
     if int(info.config.get("num_symbols", args.n_vocab)) > args.n_vocab:
         raise VoiceError(f"{info.config_path.name}: num_symbols {info.config['num_symbols']} "
