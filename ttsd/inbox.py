@@ -126,6 +126,14 @@ def eligible_name(name: str, suffixes: tuple[str, ...]) -> bool:
     return lower.endswith(tuple(s.lower() for s in suffixes))
 
 
+def display_name(name: str) -> str:
+    """A file name as ttsd records and reports it: the name itself when it is valid
+    UTF-8, else its bytes decoded with each byte that is not written ``\\xNN`` (a
+    Latin-1 ``café.txt`` becomes ``caf\\xe9.txt``), so that it can be stored, logged and
+    used for the outbox and done/ names."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
 def claimed_name(path: Path) -> str:
     """The original inbox name of a file in the work folder (strips ``<16 hex>--``)."""
     head, sep, rest = path.name.partition("--")
@@ -327,6 +335,8 @@ class Inbox:
         self._dirs: set[str] = set()
         self._last_scan: float | None = None
         self._cross_device = False
+        self._watched: tuple[int, int] | None = None
+        """(device, inode) of the inbox folder being watched."""
         self._waiting: set[Path] = set()
         """Settled paths held back because a writer still has them open (logged once)."""
         self.mode = "stopped"
@@ -341,6 +351,8 @@ class Inbox:
             return
         self._inbox.mkdir(parents=True, exist_ok=True)
         self._work.mkdir(parents=True, exist_ok=True)
+        st = os.stat(self._inbox)
+        self._watched = (st.st_dev, st.st_ino)
         if threading.current_thread() is threading.main_thread():
             # A writer opening a file while ``writer_open`` holds its lease makes the
             # kernel send SIGIO, whose default action ends the process.
@@ -404,6 +416,7 @@ class Inbox:
         too (``claim`` rejects them with a reason); they are only ``lstat``-ed here.
         """
         now = time.monotonic() if now is None else now
+        self._follow_inbox()
         queued, overflowed = self._events.drain()
         candidates = {Path(p) for p in queued}
         rescan_s = self._cfg.rescan_s if self.mode in ("inotify", "polling") else 1.0
@@ -463,6 +476,28 @@ class Inbox:
         self._waiting.discard(path)
         return False
 
+    def _follow_inbox(self) -> None:
+        """Watch the inbox again when the folder at its path is no longer the one
+        watched (deleted, and made again or not: it is made again here), so that files
+        dropped into the new one are seen at once, not at the next rescan."""
+        if self._observer is None or self._watched is None:
+            return
+        try:
+            st = os.stat(self._inbox)
+            if (st.st_dev, st.st_ino) == self._watched:
+                return
+        except OSError:
+            pass
+        log.warning("inbox.replaced", inbox=str(self._inbox), action="watching it again")
+        observer, self._observer = self._observer, None
+        _stop_observer(observer)
+        try:
+            self.start()
+        except OSError as exc:   # the path cannot be made again now: rescans go on
+            log.error("inbox.watch_failed", inbox=str(self._inbox), error=str(exc))
+            return
+        self._last_scan = None   # look at the new folder's files now
+
     def pending(self) -> int:
         """Eligible inbox files seen but not yet settled or claimed."""
         with self._lock:
@@ -495,7 +530,7 @@ class Inbox:
         path = Path(os.path.abspath(path))
         if path.parent != self._inbox:
             raise ValueError(f"{path} is not directly in the inbox {self._inbox}")
-        name = path.name
+        name = display_name(path.name)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -559,6 +594,10 @@ class Inbox:
     def adopt(self, path: Path, name: str | None = None) -> Claimed | Rejected | None:
         """Check and hash a file already in the work folder (a fresh claim, or an orphan
         found after a crash); None if it is gone."""
+        if display_name(path.name) != path.name:   # claimed by a version that kept it
+            path = self._rename_readable(path)
+            if path is None:
+                return None
         name = claimed_name(path) if name is None else name
         try:
             st = os.lstat(path)
@@ -601,6 +640,16 @@ class Inbox:
         log.info("inbox.claimed", name=name, size=size, sha256=claimed.sha256[:16],
                  path=str(path))
         return claimed
+
+    @staticmethod
+    def _rename_readable(path: Path) -> Path | None:
+        """A claimed copy renamed, in its folder, to its ``display_name``; None if gone."""
+        dest = path.with_name(display_name(path.name))
+        try:
+            os.rename(path, dest)
+        except FileNotFoundError:
+            return None
+        return dest
 
     def _refuse(self, st: os.stat_result) -> str | None:
         kind = _kind(st.st_mode)

@@ -24,7 +24,7 @@ from ttsd import crash
 from ttsd.config import Config
 from ttsd.engine.runtime import ENGINE_VERSION
 from ttsd.errors import InputError, VoiceError
-from ttsd.inbox import Claimed, Inbox, Rejected, writer_open
+from ttsd.inbox import Claimed, Inbox, Rejected, display_name, writer_open
 from ttsd.log import get_logger
 from ttsd.names import name_key, safe_stem
 from ttsd.parse import ParseLimits, parse
@@ -179,7 +179,8 @@ class Ingest:
         if isinstance(got, Rejected):
             self.failed_files += 1
             if got.path.parent == self.cfg.paths.inbox:   # could not even be moved out
-                store.add_rejected(got.name, got.path, got.reason, None)
+                store.add_rejected(got.name, Path(display_name(str(got.path))), got.reason,
+                                   None)
                 log.error("file.rejected", name=got.name, reason=got.reason, moved_to=None)
                 return
             dest = dispose(got.path, self.cfg.paths.failed, got.name, error=got.reason)
