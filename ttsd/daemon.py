@@ -19,6 +19,8 @@ to pending. A second signal exits at once; the store still holds every line's st
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import math
 import os
@@ -40,9 +42,10 @@ from ttsd.config import Config
 from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover
 from ttsd.health import MAX_RETRY_S, Health, fault, probe
-from ttsd.errors import ConfigError, DeviceLostError, StoreDamagedError
+from ttsd.errors import ConfigError, DeviceLostError, StoreDamagedError, TtsdError
 from ttsd.ingest import Ingest, VoiceFacts, audio_format
 from ttsd.log import get_logger
+from ttsd.log import setup as log_setup
 from ttsd.notify import Notifier
 from ttsd.pipeline import Batch, Feeder, Sink, Synth, answer_new_lines
 from ttsd.store import NewLine, Store, damaged
@@ -108,6 +111,8 @@ class Daemon:
         self.show_progress = progress
         self.stop = threading.Event()
         self.force = threading.Event()
+        self.reload = threading.Event()
+        """Set by SIGHUP: the main loop reads the config again."""
         self.new_lines = threading.Event()
         """Set by ingest when lines reach the store: the idle feeder takes them at once
         instead of at its next poll."""
@@ -381,18 +386,69 @@ class Daemon:
                  ready=self.pool.ready_count(), devices=[s.device for s in slots])
 
     def _signals(self) -> None:
+        """SIGTERM or SIGINT: a warm stop; a second one: ``_stop_now``. SIGHUP: the
+        config is read again (``_reload``, from the main loop)."""
         def handler(signum: int, _frame: Any) -> None:
             if self.stop.is_set():
-                log.warning("daemon.force_stop", signal=signum)
-                os._exit(1)
+                self._stop_now(signum)
             log.info("daemon.stopping", signal=signal.Signals(signum).name)
             busy = self.pool.busy() if self.pool is not None else self.busy
             if busy:   # the batch in the model may finish: ask systemd for the time
                 self.notifier.extend_timeout(self.cfg.daemon.stop_timeout_s)
             self.stop.set()
+
+        def hangup(_signum: int, _frame: Any) -> None:
+            self.reload.set()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, handler)
             signal.signal(signal.SIGINT, handler)
+            signal.signal(signal.SIGHUP, hangup)
+
+    def _stop_now(self, signum: int) -> None:
+        """The second stop signal: exit now (status 128 + the signal), the batch in
+        flight abandoned, but nothing held is left behind: the lines taken go back to
+        pending (their attempt counted, as for a crash: a line that hangs the model
+        must not get endless tries), the phonemizer and worker processes are ended,
+        and their semaphores released."""
+        log.warning("daemon.force_stop", signal=signum)
+        with contextlib.suppress(Exception):   # the journal may be the reason we hang
+            store = Store(self.cfg.paths.db)
+            try:
+                store.recover(self.cfg.daemon.max_attempts)
+            finally:
+                store.close()
+        end_children()
+        os._exit(128 + signum)
+
+    def _reload(self) -> None:
+        """SIGHUP: read the config file again. What can change while running is applied
+        (the log level, the [input] section but for polling); every other changed key is
+        named as needing a restart; a config that does not load is refused, and the
+        daemon goes on with the one it has. The inbox is looked at again too. (Logs go
+        to stderr, the journal under systemd: there is no log file to reopen.)"""
+        self.reload.clear()
+        try:
+            new = Config.load(self.cfg.source) if self.cfg.source else self.cfg
+        except TtsdError as exc:
+            log.error("config.reload_failed", error=str(exc))
+            return
+        old_d, new_d = self.cfg.to_dict(), new.to_dict()
+        changed = sorted(f"{sec}.{key}" for sec in new_d for key in new_d[sec]
+                         if new_d[sec][key] != old_d[sec].get(key))
+        applied = [k for k in changed if k in LIVE_KEYS or
+                   (k.startswith("input.") and k != "input.polling")]
+        if "daemon.log_level" in applied:
+            log_setup(new.daemon.log_level)
+        if any(k.startswith("input.") for k in applied):
+            self.ingest.use_input(new.input)
+        self.cfg = dataclasses.replace(self.cfg, input=new.input, daemon=dataclasses.replace(
+            self.cfg.daemon, log_level=new.daemon.log_level))
+        self.ingest.inbox.rescan()
+        rest = [k for k in changed if k not in applied]
+        log.info("config.reloaded", source=str(self.cfg.source), applied=applied)
+        if rest:
+            log.warning("config.restart_needed", keys=rest,
+                        hint="these take effect when the daemon is restarted")
 
     def _guard(self, fn):
         def run() -> None:
@@ -423,6 +479,8 @@ class Daemon:
                 log.error("daemon.once_gave_up", after_s=self.cfg.daemon.once_blocked_s,
                           blocked=self.gave_up)
                 break
+            if self.reload.is_set():
+                self._reload()
             if self.show_progress:
                 self._print_progress(store)
             self.stop.wait(min(beat, 0.5))
@@ -754,6 +812,35 @@ class Daemon:
         if final:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
+
+LIVE_KEYS = ("daemon.log_level",)
+"""Keys besides [input] (but input.polling) that a SIGHUP applies while running."""
+
+
+def end_children(grace_s: float = 2.0) -> None:
+    """End this process's child processes (phonemizers, workers): terminated, killed
+    after ``grace_s``, reaped, and multiprocessing's semaphores and queues released as
+    at a normal exit (its exit hook), so that nothing is left behind or reported as
+    leaked when the process then leaves with ``os._exit``."""
+    import multiprocessing.util
+
+    import psutil
+
+    me = psutil.Process()
+    tracker = getattr(getattr(multiprocessing, "resource_tracker", None),
+                      "_resource_tracker", None)
+    keep = {getattr(tracker, "_pid", None)}
+    children = [c for c in me.children(recursive=True) if c.pid not in keep]
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _gone, alive = psutil.wait_procs(children, timeout=grace_s)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    with contextlib.suppress(Exception):
+        multiprocessing.util._exit_function()
 
 
 class _LazyVoices(dict):

@@ -498,6 +498,14 @@ class Inbox:
             return
         self._last_scan = None   # look at the new folder's files now
 
+    def use(self, cfg: InputConfig) -> None:
+        """New [input] settings (its ``polling`` is read only when watching starts)."""
+        self._cfg = cfg
+
+    def rescan(self) -> None:
+        """Look at every file of the inbox at the next ``ready``."""
+        self._last_scan = None
+
     def pending(self) -> int:
         """Eligible inbox files seen but not yet settled or claimed."""
         with self._lock:

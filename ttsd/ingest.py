@@ -9,6 +9,7 @@ number), and a hit's link made before the crash is found again).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ttsd import crash
-from ttsd.config import Config
+from ttsd.config import Config, InputConfig
 from ttsd.engine.runtime import ENGINE_VERSION
 from ttsd.errors import InputError, VoiceError
 from ttsd.inbox import Claimed, Inbox, Rejected, display_name, writer_open
@@ -133,6 +134,13 @@ class Ingest:
         """(voice, speaker, scales) → (their VoiceFacts, the hash of their key prefix)."""
         self._writing: set[int] = set()
         """Files whose claimed copy a writer still had open at their finish (logged once)."""
+
+    def use_input(self, cfg: InputConfig) -> None:
+        """New [input] settings (a SIGHUP): the limits of files parsed from now on, and
+        the inbox's settle time, rescan interval and back-pressure."""
+        self.cfg = dataclasses.replace(self.cfg, input=cfg)
+        self.limits = ParseLimits.from_config(cfg)
+        self.inbox.use(cfg)
 
     # ------------------------------------------------------------------ loop
 
