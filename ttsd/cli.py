@@ -160,6 +160,10 @@ def cmd_run(cfg: Config, ns: argparse.Namespace) -> int:
     from ttsd.daemon import Daemon
 
     progress = ns.once and not ns.no_progress and sys.stderr.isatty()
+    if progress:   # the log's lines go above the bar, not onto its line
+        from ttsd import log
+        from ttsd.progress import LogStream
+        log.setup(ns.log_level or cfg.daemon.log_level, stream=LogStream(sys.stderr))
     return Daemon(cfg, once=ns.once, progress=progress).run()
 
 

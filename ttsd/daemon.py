@@ -48,6 +48,7 @@ from ttsd.log import get_logger
 from ttsd.log import setup as log_setup
 from ttsd.notify import Notifier
 from ttsd.pipeline import Batch, Feeder, Sink, Synth, answer_new_lines
+from ttsd.progress import Bar
 from ttsd.store import NewLine, Store, damaged
 from ttsd.writer import remove_stale_temps
 
@@ -109,6 +110,7 @@ class Daemon:
         self.cfg = cfg
         self.once = once
         self.show_progress = progress
+        self.bar = Bar(sys.stderr) if progress else None
         self.stop = threading.Event()
         self.force = threading.Event()
         self.reload = threading.Event()
@@ -795,23 +797,14 @@ class Daemon:
         self.notifier.status(text)
 
     def _print_progress(self, store: Store, final: bool = False) -> None:
-        counts = store.q("SELECT state, COUNT(*) AS n FROM lines GROUP BY state")
-        by = {r["state"]: r["n"] for r in counts}
-        total = sum(by.values())
-        done = by.get("done", 0) + by.get("failed", 0)
-        audio = store.one("SELECT COALESCE(SUM(seconds),0) FROM lines WHERE state='done' "
-                          "AND finished_at >= ?", (self.started_at,)) or 0.0
-        elapsed = max(1e-6, time.time() - self.started_at)
-        rate = done / elapsed
-        eta = (total - done) / rate if rate > 0 else float("inf")
-        width = 30
-        filled = int(width * done / total) if total else width
-        eta_s = "--" if eta == float("inf") else f"{eta:,.0f}s"
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} lines  "
-                         f"{audio / elapsed:,.1f}x realtime  eta {eta_s}   ")
+        """Draw the progress bar: the lines of the files taken since the start, done or
+        failed of all of them, and the audio made per second."""
+        if self.bar is None:
+            return
+        total, finished, audio = store.run_progress(self.started_at)
+        self.bar.show(finished, total, audio, time.time() - self.started_at)
         if final:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+            self.bar.close()
 
 
 LIVE_KEYS = ("daemon.log_level",)

@@ -478,6 +478,15 @@ class Store:
                 "lines_done": lines.get("done", 0), "lines_failed": lines.get("failed", 0),
                 "failures": failures[:examples]}
 
+    def run_progress(self, since: float) -> tuple[int, int, float]:
+        """(lines, lines done or failed, audio seconds done) of the files claimed at or
+        after ``since``: what ``run --once``'s progress bar shows."""
+        total, finished, audio = self.conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(state IN ('done', 'failed')), 0), "
+            "COALESCE(SUM(CASE WHEN state = 'done' THEN seconds END), 0) FROM lines "
+            "WHERE file_id IN (SELECT id FROM files WHERE created_at >= ?)", (since,)).fetchone()
+        return int(total), int(finished), float(audio)
+
     def manifest_rows(self, file_id: int) -> Iterator[dict]:
         cur = self.conn.execute(
             "SELECT number, line_id, out_name, text, wav, seconds, cached, error, state "
