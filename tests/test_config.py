@@ -253,3 +253,17 @@ def test_run_refuses_overlapping_folders_at_once(tmp_path: Path) -> None:
     assert "paths.done" in out.stderr and "paths.failed" in out.stderr, out.stderr
     assert "same folder" in out.stderr, out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+
+
+def test_init_writes_the_config_that_ttsd_config_names(tmp_path: Path) -> None:
+    """`ttsd init` makes the config a named path is meant to hold: a $TTSD_CONFIG that
+    does not exist yet is no error for it (for every other command it is)."""
+    target = tmp_path / "etc"
+    env = {**os.environ, "TTSD_CONFIG": str(target / "config.toml")}
+    out = subprocess.run([sys.executable, "-m", "ttsd.cli", "init", str(target)], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (target / "config.toml").is_file()
+    status = subprocess.run([sys.executable, "-m", "ttsd.cli", "status", "--json"],
+                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
+    assert status.returncode == 0, status.stderr

@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     from ttsd import log
 
     try:
-        cfg = Config.load(ns.config)
+        # `init` writes the config a named path may not hold yet: it reads none.
+        cfg = Config() if ns.command == "init" else Config.load(ns.config)
         log.setup(ns.log_level or cfg.daemon.log_level)
         return COMMANDS[ns.command](cfg, ns)
     except TtsdError as exc:
