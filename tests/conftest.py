@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import TEST_CACHE  # noqa: E402 - after the path insert above
+from harness import TEST_CACHE
 
 
 @pytest.fixture(autouse=True, scope="session")

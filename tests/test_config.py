@@ -261,9 +261,10 @@ def test_init_writes_the_config_that_ttsd_config_names(tmp_path: Path) -> None:
     target = tmp_path / "etc"
     env = {**os.environ, "TTSD_CONFIG": str(target / "config.toml")}
     out = subprocess.run([sys.executable, "-m", "ttsd.cli", "init", str(target)], cwd=tmp_path,
-                         capture_output=True, text=True, env=env, timeout=60)
+                         capture_output=True, text=True, env=env, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert (target / "config.toml").is_file()
     status = subprocess.run([sys.executable, "-m", "ttsd.cli", "status", "--json"],
-                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)
+                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60,
+                            check=False)
     assert status.returncode == 0, status.stderr

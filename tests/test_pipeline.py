@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import ttsd.pipeline as pipeline
 import ttsd.writer as writer
 from ttsd.config import CacheConfig, Config, PathsConfig
 from ttsd.engine.records import Result

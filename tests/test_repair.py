@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import ROOT, Site, assert_invariant
+
 from ttsd import repair
 from ttsd.config import PathsConfig
 from ttsd.errors import StoreDamagedError

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-
 from harness import ROOT, TEST_CACHE, Site, assert_invariant, subprocess_env
+
 from ttsd.config import Config, from_dict
 from ttsd.errors import ConfigError
 
@@ -27,7 +27,8 @@ def say(cwd: Path, xdg: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_CACHE_HOME": str(xdg),
            "TTSD_CONFIG": ""}
     return subprocess.run([sys.executable, "-m", "ttsd.cli", "say", *args, "--device", "cpu"],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
 
 
 def converted(xdg: Path) -> list[Path]:

@@ -381,7 +381,7 @@ def test_cpu_daemon_shows_no_gpu_memory_and_no_release_row(paths: PathsConfig,
         assert report["memory_releases"]["count"] == 0
         json.dumps(report)
         shown = [line for line in render(report).splitlines() if not line.startswith("store")]
-        assert [line for line in shown if line.startswith("device")][0].startswith(
+        assert next(line for line in shown if line.startswith("device")).startswith(
             "device    cpu float32")
         assert not any("GPU" in line or "release" in line for line in shown)
         assert not any(line.startswith("memory") for line in shown)

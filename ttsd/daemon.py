@@ -41,8 +41,8 @@ from ttsd import __version__, sitelock, workers
 from ttsd.config import Config
 from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover
-from ttsd.health import MAX_RETRY_S, Health, fault, probe
 from ttsd.errors import ConfigError, DeviceLostError, StoreDamagedError, TtsdError
+from ttsd.health import MAX_RETRY_S, Health, fault, probe
 from ttsd.ingest import Ingest, VoiceFacts, audio_format
 from ttsd.log import get_logger
 from ttsd.log import setup as log_setup

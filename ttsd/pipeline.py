@@ -39,8 +39,7 @@ from ttsd.health import Health, fault
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
 from ttsd.store import LineRow, NewLine, Store, gave_up, sqlite_ino
-from ttsd.writer import (Folder, link_or_copy, replace_with_link, wav_info, wav_ok,
-                         write_wav)
+from ttsd.writer import Folder, link_or_copy, replace_with_link, wav_info, wav_ok, write_wav
 
 log = get_logger(__name__)
 
