@@ -10,11 +10,15 @@ Threads (data flows one way, through queues bounded in whole batches):
                process/actor; see ttsd/workers.py)
     sink    ─ Sink: WAVs (a small pool) → one store transaction per batch (or piece:
               lines complete before their batch, batching.stream_writes)
-    main    ─ signals, heartbeat, sd_notify STATUS, --once completion
+    main    ─ signals, heartbeat, sd_notify STATUS, --once completion, SIGHUP reload
+
+One daemon per state folder (``sitelock``). A place that cannot be written (a full or
+read-only outbox, journal, done/ or failed/) is reported and waited out with back-off
+(``health``): the feeder takes no lines for an outbox that cannot take their WAVs.
 
 The first SIGTERM/SIGINT asks for a warm stop: no new claims or batches, the batch in
 flight finishes (within daemon.stop_timeout_s) and lines taken but not started go back
-to pending. A second signal exits at once; the store still holds every line's state.
+to pending. A second signal stops at once (``_stop_now``), putting its lines back too.
 """
 
 from __future__ import annotations
@@ -112,7 +116,6 @@ class Daemon:
         self.show_progress = progress
         self.bar = Bar(sys.stderr) if progress else None
         self.stop = threading.Event()
-        self.force = threading.Event()
         self.reload = threading.Event()
         """Set by SIGHUP: the main loop reads the config again."""
         self.new_lines = threading.Event()
@@ -327,8 +330,9 @@ class Daemon:
         return True
 
     def _place_of(self, exc: BaseException) -> tuple[str, str]:
-        """The place (outbox, done, failed, inbox or state) whose fault ``exc`` is, and
-        the path it names."""
+        """The place whose fault ``exc`` is, and the path it names: "manifests" for the
+        outbox (the files stage writes manifests there; the sink's WAVs are "outbox"),
+        else done, failed, inbox or state."""
         paths = self.cfg.paths
         where = getattr(exc, "filename", None)
         if isinstance(exc, OSError) and where:
