@@ -13,9 +13,12 @@ in whole batches), so phonemizing and writing overlap with the model:
   having run the text half (``Engine.plan``, on a side stream) beside the previous
   batch's audio half — ahead end to end in four H200 runs out of four, see
   ttsd/engine/PERFORMANCE.md;
-- ``Sink.write``: atomic WAVs, cache links, one fsync per touched folder, then one
+- ``Sink.write``: atomic WAVs and cache hits' copies, written through each output
+  folder's descriptor (``writer.Folder``), one fsync per touched folder, then one
   store transaction per batch — or per piece of one: with ``batching.stream_writes``
-  the model thread sends each audio call's complete lines ahead (``Batch.piece``).
+  the model thread sends each audio call's complete lines ahead (``Batch.piece``). A
+  folder that cannot be written is reported to ``health`` (the feeder then waits), and
+  its lines go back to pending.
 """
 
 from __future__ import annotations
