@@ -730,7 +730,7 @@ class Daemon:
                              prepare_ms=round(batch.prepare_ms, 1), **calls,
                              **{k: v + int(t.get(k, 0)) for k, v in counts.items()})
         finally:
-            sink.close()
+            sink.close(store)
             store.close()
 
     # ------------------------------------------------------------------ stop

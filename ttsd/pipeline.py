@@ -30,7 +30,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -511,9 +511,26 @@ class Sink:
         self.health = health or Health()
         """Where a folder that cannot be written is reported (the feeder then waits)."""
         self.stop = stop or threading.Event()
+        self._keeping: list[Future] = []
+        """Cache copies of synthesized WAVs being written beside the next batches (their
+        entries go into the store with the first commit after they are done)."""
+        self._keeping_lock = threading.Lock()
 
-    def close(self) -> None:
+    def close(self, store: Store | None = None) -> None:
+        """Finish the cache copies under way (recording their entries in ``store``)."""
+        if store is not None and self._keeping:
+            wait(self._keeping)
+            rows = self._kept()
+            if rows:
+                self._journal(store.complete, [], [], rows, None, {})
         self.pool.shutdown(wait=True)
+
+    def _kept(self) -> list[dict]:
+        """The entries of the cache copies done by now (the rest stay under way)."""
+        with self._keeping_lock:
+            done = [f for f in self._keeping if f.done()]
+            self._keeping = [f for f in self._keeping if f not in done]
+        return [row for f in done if (row := f.result()) is not None]
 
     def write(self, store: Store, batch: Batch) -> dict[str, int]:
         t0 = time.perf_counter()
@@ -533,7 +550,7 @@ class Sink:
         if folders.used and not requeue:
             self.health.clear("outbox", "sink")
         finished = {d[0] for d in done}
-        cache_rows = [e for row_id, e in entries if row_id in finished]
+        cache_rows = [e for row_id, e in entries if row_id in finished] + self._kept()
         stats = None
         audio_s = sum(d[2] for d in done)
         if batch.part_of is not None:   # a piece: its batch's stats come with the batch
@@ -684,9 +701,11 @@ class Sink:
                    ) -> tuple[str | None, dict | None]:
         """Writes the line's WAV; a valid one already there (an earlier attempt's) is
         kept. Returns why the line fails for good (another file holds its path), or
-        None, and with ``keep`` the cache entry of a copy of the WAV made for the cache
-        (a file of its own: nothing done to the outbox changes it). OSError (a full
-        disk…) leaves the line pending."""
+        None; and with ``keep``, the line's cache entry: with ``cache.link`` a hard link
+        to the WAV (returned), else a file of its own written from the same audio on
+        the writer threads after this batch (``_keeping``), so that nothing done to the
+        outbox changes it and its write is not on the way to the line's commit. OSError
+        (a full disk…) leaves the line pending."""
         name = f"{row.out_name}.wav"
         try:
             write_wav(name, res.audio, res.sample_rate, self.subtype, sync_dir=False,
@@ -694,19 +713,28 @@ class Sink:
         except FileExistsError:
             if not wav_ok(name, sample_rate=res.sample_rate, dir_fd=folder.fd):
                 return occupied(wav_path(row), res.sample_rate), None
-        return None, (self._keep(row, res, folder, name) if keep else None)
+        if not keep:
+            return None, None
+        if self.cfg.cache.link:
+            return None, self._entry(row, res, lambda dst: replace_with_link(
+                name, dst, link=True, src_dir_fd=folder.fd))
+        keeping = self.pool.submit(self._entry, row, res, lambda dst: write_wav(
+            dst, res.audio, res.sample_rate, self.subtype, overwrite=True, sync_dir=False))
+        with self._keeping_lock:
+            self._keeping.append(keeping)
+        return None, None
 
-    def _keep(self, row: LineRow, res: Result, folder: Folder, name: str) -> dict | None:
-        """Copy a freshly written WAV into the cache (a clone where the file system has
-        them; with ``cache.link``, a hard link), fsynced but without a folder fsync: a
-        cache file lost in a power cut is a miss later, never garbage under its name.
-        The cache is an optimization: a copy that fails is logged and skipped."""
+    def _entry(self, row: LineRow, res: Result, make: Callable[[Path], object]) -> dict | None:
+        """Make the line's cache file with ``make`` (fsynced, but without a folder fsync:
+        one lost in a power cut is a miss later, never garbage under its name) and
+        return its entry. The cache is an optimization: a file that cannot be made is
+        logged and skipped."""
         dst = cache_path(self.cfg.paths.cache, row.cache_key)
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
-            replace_with_link(name, dst, link=self.cfg.cache.link, src_dir_fd=folder.fd)
+            make(dst)
             st = os.lstat(dst)   # the stamp of a file written just now
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.warning("cache.store_failed", key=row.cache_key[:12], error=str(exc))
             return None
         return {"key": row.cache_key, "path": str(dst), "bytes": st.st_size,
