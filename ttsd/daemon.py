@@ -701,7 +701,11 @@ class Daemon:
         sink = Sink(self.cfg, self.engine, self.cfg.batching.writers, self.health, self.stop)
         try:
             while True:
-                batch = self.write_q.get()
+                try:   # while cache copies are under way, record them as they finish
+                    batch = self.write_q.get(timeout=0.05 if sink.keeping else None)
+                except queue.Empty:
+                    sink.record_kept(store)
+                    continue
                 if batch is None:
                     break
                 counts = sink.write(store, batch)

@@ -520,10 +520,20 @@ class Sink:
         """Finish the cache copies under way (recording their entries in ``store``)."""
         if store is not None and self._keeping:
             wait(self._keeping)
-            rows = self._kept()
-            if rows:
-                self._journal(store.complete, [], [], rows, None, {})
+            self.record_kept(store)
         self.pool.shutdown(wait=True)
+
+    @property
+    def keeping(self) -> bool:
+        """Cache copies are under way (or done and not yet recorded)."""
+        return bool(self._keeping)
+
+    def record_kept(self, store: Store) -> None:
+        """Record the entries of the cache copies done by now (between batches: a line
+        said again a moment later is answered from the cache)."""
+        rows = self._kept()
+        if rows:
+            self._journal(store.complete, [], [], rows, None, {})
 
     def _kept(self) -> list[dict]:
         """The entries of the cache copies done by now (the rest stay under way)."""
