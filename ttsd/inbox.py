@@ -225,6 +225,7 @@ class _Events:
         self._paths: set[str] = set()
         self._opens: dict[str, int] = {}
         self.overflowed = False
+        self._folder_gone = False
 
     def add(self, path: str) -> None:
         with self._lock:
@@ -263,6 +264,16 @@ class _Events:
             self.overflowed = True
             self._opens.clear()   # events were lost: the counts are unknown
 
+    def flag_gone(self) -> None:
+        """The watched folder itself was deleted (its watch is dead)."""
+        with self._lock:
+            self._folder_gone = True
+
+    def take_gone(self) -> bool:
+        with self._lock:
+            gone, self._folder_gone = self._folder_gone, False
+            return gone
+
     def drain(self) -> tuple[set[str], bool]:
         with self._lock:
             paths, self._paths = self._paths, set()
@@ -276,12 +287,15 @@ class _Handler(FileSystemEventHandler):
     """Records every path an event names and counts opens and closes; no I/O, no
     decisions."""
 
-    def __init__(self, events: _Events) -> None:
+    def __init__(self, events: _Events, folder: Path) -> None:
         super().__init__()
         self._events = events
+        self._folder = str(folder)
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory:
+            if event.event_type == "deleted" and os.fsdecode(event.src_path) == self._folder:
+                self._events.flag_gone()
             return
         src = os.fsdecode(event.src_path)
         kind = event.event_type
@@ -326,7 +340,7 @@ class Inbox:
         self._cfg = cfg
         self._suffixes = tuple(suffixes)
         self._events = _Events()
-        self._handler = _Handler(self._events)
+        self._handler = _Handler(self._events, self._inbox)
         self._hook = _OverflowHook(self._events)
         self._observer: BaseObserver | None = None
         self._lock = threading.Lock()
@@ -482,12 +496,13 @@ class Inbox:
         dropped into the new one are seen at once, not at the next rescan."""
         if self._observer is None or self._watched is None:
             return
-        try:
-            st = os.stat(self._inbox)
-            if (st.st_dev, st.st_ino) == self._watched:
-                return
-        except OSError:
-            pass
+        if not self._events.take_gone():   # deleted (a new folder may reuse its inode)
+            try:
+                st = os.stat(self._inbox)
+                if (st.st_dev, st.st_ino) == self._watched:
+                    return
+            except OSError:
+                pass
         log.warning("inbox.replaced", inbox=str(self._inbox), action="watching it again")
         observer, self._observer = self._observer, None
         _stop_observer(observer)
