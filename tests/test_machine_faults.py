@@ -180,7 +180,10 @@ def test_an_outbox_turned_read_only_is_waited_out_without_synthesizing_in_a_loop
         assert _requeued(site) == first
         assert len(_events(site, "site.still_blocked")) <= 4
         outbox.read_only(False)
+        t0 = time.monotonic()
         site.wait_files_finished(1, timeout=90)
+        # The back-off counts rounds, not the writes of one batch: 1, 2, 4, 8 s…
+        assert time.monotonic() - t0 < 20, "the retry came a minute late"
         assert site.status()["blocked"] == []
         assert site.stop() == 0, site.logs()
     finally:

@@ -82,7 +82,9 @@ class Health:
         self._blocked: dict[str, Blocked] = {}
 
     def trouble(self, place: str, path: str | os.PathLike, error: str, who: str = "") -> None:
-        """``place`` failed (again) for ``who``: blocked, the next try after the back-off."""
+        """``place`` failed (again) for ``who``: blocked, the next try after the back-off.
+        Failures before the next try is due belong to the round that blocked it (the
+        other writes of one batch): they neither count as retries nor push it back."""
         now = self._clock()
         with self._lock:
             b = self._blocked.get(place)
@@ -93,8 +95,10 @@ class Health:
                           retry_in_s=FIRST_RETRY_S)
                 return
             b.who.add(who)
-            b.retries += 1
             b.path, b.error = os.fspath(path), error
+            if now < b.next_try:   # more of the same round (a batch's other writes)
+                return
+            b.retries += 1
             delay = min(MAX_RETRY_S, FIRST_RETRY_S * 2 ** b.retries)
             b.next_try = now + delay
         log.warning("site.still_blocked", place=place, path=b.path, error=error,
