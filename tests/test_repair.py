@@ -360,6 +360,28 @@ def test_damaged_journal_stops_run_status_and_purge_with_exit_4(tmp_path: Path) 
     assert digest(site.db) == damaged_bytes
 
 
+def test_the_daemon_checks_the_whole_journal_at_start(tmp_path: Path) -> None:
+    """One page in the middle of the lines table damaged, where neither a table's ends
+    nor ``status``'s counts look: the daemon (not only --once) refuses to start on it,
+    exit 4, before it claims or writes anything (it used to run and write batches into
+    the damaged journal)."""
+    site = fast_site(tmp_path)
+    drop(site, n=2000)
+    assert run_once(site) == 0, site.logs()
+    size, pages = leaf_pages(site.db, "lines")
+    assert len(pages) > 10
+    overwrite(site.db, (pages[len(pages) // 2] - 1) * size + 100, 3000)
+    assert quick_check(site.db) != "ok"
+    damaged_bytes = digest(site.db)
+    drop(site, "b.txt", 3)
+    site.start()   # the daemon, which would otherwise run on
+    code = site.proc.wait(timeout=120)
+    stderr = site.log.read_text(errors="replace")
+    assert_damage_reported(subprocess.CompletedProcess([], code, "", stderr), site.db)
+    assert (site.inbox / "b.txt").exists()   # nothing claimed
+    assert digest(site.db) == damaged_bytes
+
+
 @pytest.mark.parametrize("cache", [True, False])
 def test_repair_then_the_daemon_finishes_without_rewriting_wavs(tmp_path: Path,
                                                                 cache: bool) -> None:

@@ -292,6 +292,11 @@ class Daemon:
                                       f"not be opened: {why}") from None
                 continue
             self.health.clear("state", "start")
+            try:
+                store.check()   # damage anywhere stops us before we write (exit 4)
+            except BaseException:
+                store.close()
+                raise
             return store
 
     def _remove_stale_temps(self, folder: Path, older_than_s: float = 0.0) -> int:

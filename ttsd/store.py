@@ -297,6 +297,20 @@ class Store:
     def close(self) -> None:
         self.conn.close()
 
+    def check(self) -> None:
+        """Read the whole journal (``PRAGMA quick_check``: every page, not the indexes'
+        agreement with their tables): StoreDamagedError for damage anywhere. The daemon
+        runs it once at start, before it writes anything (1.4 s for a 346 MB journal of
+        a million lines on 2 CPU cores); the other commands rely on ``_probe``."""
+        try:
+            problems = [r for (r,) in self.conn.execute("PRAGMA quick_check(5)")]
+        except sqlite3.DatabaseError as exc:
+            if not damaged(exc):
+                raise
+            problems = [str(exc)]
+        if problems != ["ok"]:
+            raise StoreDamagedError(self.path, "; ".join(problems))
+
     def _probe(self) -> None:
         """Read the schema and each table's first and last row, before anything is
         written. SQLite finds a damaged page only when it reads it; this reads a few
