@@ -528,3 +528,30 @@ def test_status_in_a_loop_during_100k_inserts(paths: PathsConfig, store: Store,
     assert worst < 1.0, f"slowest status took {worst:.2f} s"
     assert seen == sorted(seen)  # snapshots only grow
     assert collect(paths)["lines"]["pending"] == 100_000
+
+
+def test_a_daemon_starting_on_a_full_disk_is_shown_not_an_error(tmp_path: Path) -> None:
+    """A daemon that started on a full disk holds the state folder's lock, but its
+    journal is an empty file with no tables yet: status says the daemon is starting
+    (with what it cannot write, from its note), exit 0 — it said "no such table" and
+    exited 2."""
+    from ttsd import sitelock
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "ttsd.db").write_bytes(b"")
+    fd = sitelock.acquire(state)
+    try:
+        sitelock.note(fd, {"at": time.time(), "state": "running", "blocked": [
+            {"place": "state", "path": str(state / "ttsd.db"), "error": "database or disk "
+             "is full", "since": time.time() - 5, "retries": 2, "retry_in_s": 3.0}]})
+        (tmp_path / "config.toml").write_text(f'[paths]\nstate = "{state}"\n',
+                                              encoding="utf-8")
+        out = subprocess.run([sys.executable, "-m", "ttsd.cli", "--config",
+                              str(tmp_path / "config.toml"), "status"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=60, check=False)
+        assert out.returncode == 0, out.stderr
+        assert "STARTING" in out.stdout and str(os.getpid()) in out.stdout, out.stdout
+        assert "BLOCKED" in out.stdout and "disk is full" in out.stdout, out.stdout
+    finally:
+        os.close(fd)

@@ -68,8 +68,11 @@ def collect(paths: PathsConfig, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     report = _empty(paths.db, now)
     store = Store.open_readonly(paths.db)
-    if store is None:
+    if store is None or not _has_tables(store):
+        if store is not None:
+            store.close()
         report["daemon"]["reason"] = f"never ran here (no store at {paths.db})"
+        _starting(paths, report)
         return report
     report["store"]["exists"] = True
     proc: psutil.Process | None = None
@@ -101,6 +104,27 @@ def collect(paths: PathsConfig, now: float | None = None) -> dict[str, Any]:
     return report
 
 
+def _has_tables(store: Store) -> bool:
+    """The journal has been set up (a daemon that starts on a full disk may leave an
+    empty file)."""
+    return store.one("SELECT 1 FROM sqlite_master WHERE name = 'heartbeat'") is not None
+
+
+def _starting(paths: PathsConfig, report: dict[str, Any]) -> None:
+    """No journal yet, but a daemon holds the state folder: it is starting (or waiting
+    for a disk it cannot write: its note says so)."""
+    pid = sitelock.holder(paths.state)
+    if pid is None:
+        return
+    d = report["daemon"]
+    d["state"] = "starting"
+    d["pid"] = pid if pid > 0 else None
+    d["reason"] = (f"pid {pid if pid > 0 else '?'} holds the state folder but has not set up "
+                   f"its journal {paths.db} yet (starting, or waiting for a disk it cannot "
+                   "write: see BLOCKED and its log)")
+    _blocked(paths, report)
+
+
 def _blocked(paths: PathsConfig, report: dict[str, Any]) -> None:
     """The places the running daemon cannot write, from its lock file's note (written
     in place, so it is fresh even when a full disk keeps the heartbeat out of the
@@ -121,7 +145,7 @@ def _empty(db: Path, now: float) -> dict[str, Any]:
         "now": now,
         "store": {"path": str(db), "exists": False},
         "daemon": {
-            "state": "down",          # up | stale (pid alive, heartbeat old) | down
+            "state": "down",          # up | stale (pid alive, heartbeat old) | starting | down
             "reason": None,           # why it is not up, in words
             "pid": None, "started_at": None, "uptime_s": None,
             "heartbeat_at": None, "heartbeat_age_s": None, "heartbeat_state": None,
