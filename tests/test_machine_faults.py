@@ -313,3 +313,24 @@ def test_a_folder_in_the_way_of_a_manifest_is_reported_and_retried(tmp_path: Pat
     assert site.stop() == 0, site.logs()
     assert (site.outbox / "a" / "manifest.csv").is_file()
     assert_invariant(site)
+
+
+def test_a_restart_on_a_full_outbox_synthesizes_nothing_until_there_is_room(
+        tmp_path: Path, tmpfs) -> None:
+    """Lines waiting when the daemon starts on a full outbox (a restart while the disk
+    is still full): the outbox is tried before any line is taken, so nothing is
+    synthesized only to fail; each restart under systemd used to redo a batch."""
+    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    outbox = tmpfs(site.outbox, "2m")
+    filler = outbox.fill()
+    site.write_config()
+    site.inbox.mkdir(parents=True)
+    (site.inbox / "book.txt").write_text(_lines(6), encoding="utf-8")
+    site.start()
+    _wait_for(lambda: _events(site, "site.blocked"), 60, site, "the full outbox reported")
+    time.sleep(4)
+    assert _events(site, "batch.done") == [], "lines were synthesized into a full outbox"
+    filler.unlink()
+    site.wait_files_finished(1, timeout=90)
+    assert site.stop() == 0, site.logs()
+    _each_line_once(site, 6)

@@ -176,6 +176,10 @@ class Daemon:
             except OSError as exc:
                 store.close()
                 raise ConfigError(f"folder {p} cannot be created: {exc.strerror}") from None
+        try:   # a restart on a full outbox synthesizes nothing until it has room
+            probe(cfg.paths.outbox, root=True)
+        except OSError as exc:
+            self.health.trouble("outbox", cfg.paths.outbox, fault(exc) or str(exc), "sink")
         self._signals()
         t0 = time.perf_counter()
         # A kill -9 while the converted voice was being cached leaves its temp behind;

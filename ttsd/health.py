@@ -178,12 +178,18 @@ class Health:
                              for b in self._blocked.values())
 
 
-def probe(folder: Path) -> None:
+def probe(folder: Path, *, root: bool = False) -> None:
     """Raise the OSError a write into the output folder ``folder`` meets now (made if
-    missing, never written through a symbolic link: ``Folder``): a file of about one
-    WAV written, synced and removed."""
+    missing, never written through a symbolic link: ``Folder``; ``root``: the outbox
+    itself, which may be one, as configured): a file of about one WAV written, synced
+    and removed."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with Folder.open(folder) as f:
+    if root:
+        folder.mkdir(exist_ok=True)
+        f = Folder(folder, os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    else:
+        f = Folder.open(folder)
+    with f:
         name = f".ttsd-probe.{secrets.token_hex(4)}.tmp"
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600, dir_fd=f.fd)
