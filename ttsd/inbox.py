@@ -455,7 +455,9 @@ class Inbox:
                     self._seen.pop(path, None)
                     if path.name not in self._dirs:
                         self._dirs.add(path.name)
-                        log.debug("inbox.directory_ignored", name=path.name)
+                        log.warning("inbox.directory_ignored", name=display_name(path.name),
+                                    reason="a folder, not a file: ttsd reads only the files "
+                                           "directly in the inbox")
                     continue
                 state = FileState.of(st)
                 if path in self._stuck:

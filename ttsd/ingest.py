@@ -226,7 +226,7 @@ class Ingest:
             parsed = parse(data, claimed.name, self.limits)
             del data
             width = max(4, len(str(parsed.total_lines)))
-            seen: dict[str, int] = {}
+            seen: dict[str, tuple[int, str]] = {}
             chunk: list[NewLine] = []
             count = hits = 0
             for item in parsed:
@@ -267,16 +267,18 @@ class Ingest:
         self.failed_files += 1
         log.warning("file.failed", name=claimed.name, error=error, moved_to=str(dest))
 
-    def _new_line(self, item: Line | LineError, width: int, seen: dict[str, int]) -> NewLine:
+    def _new_line(self, item: Line | LineError, width: int,
+                  seen: dict[str, tuple[int, str]]) -> NewLine:
         if isinstance(item, LineError):
             return NewLine(item.number, item.text or "", item.id, error=item.message)
         out_name = safe_stem(item.id, item.number, width)
         key = name_key(out_name)
         if key in seen:
+            number, taken = seen[key]
             return NewLine(item.number, item.text, item.id,
-                           error=f"duplicate id {item.id or out_name!r}: line {seen[key]} already "
-                                 f"writes {out_name}.wav")
-        seen[key] = item.number
+                           error=f"duplicate id {item.id or out_name!r}: line {number} already "
+                                 f"writes {taken}.wav")
+        seen[key] = (item.number, out_name)
         e = self.cfg.engine
         vname = item.voice or e.voice
         voice = self.voices.get(vname)
@@ -400,6 +402,10 @@ class Ingest:
         if work.exists() or work.is_symlink():
             dest = dispose(work, self.cfg.paths.done, row["name"])
             store.set_dest(row["id"], str(dest))
+        else:
+            log.warning("file.input_gone", name=row["name"], work_path=str(work),
+                        reason="its claimed copy was removed from the work folder; its lines "
+                               "are finished, nothing moves to done/")
         store.finish_file(row["id"])
         self.finished_files += 1
         info = {"name": row["name"], "done": counts.get("done", 0),
