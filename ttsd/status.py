@@ -121,7 +121,7 @@ def _starting(paths: PathsConfig, report: dict[str, Any]) -> None:
     d["pid"] = pid if pid > 0 else None
     d["reason"] = (f"pid {pid if pid > 0 else '?'} holds the state folder but has not set up "
                    f"its journal {paths.db} yet (starting, or waiting for a disk it cannot "
-                   "write: see BLOCKED and its log)")
+                   "write: its log and systemd's STATUS= say which)")
     _blocked(paths, report)
 
 
