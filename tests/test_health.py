@@ -48,3 +48,24 @@ def test_a_place_is_clear_once_every_part_that_met_the_fault_has_written() -> No
     health.clear("state", "sink")
     assert health.blocked("state") is None
     assert health.retry("state", "/s/ttsd.db", lambda: None, threading.Event(), "feeder")
+
+
+def test_a_probe_that_passes_lets_one_round_try_and_keeps_the_back_off() -> None:
+    """A disk with room for the probe but not for the work: each failed trial is a
+    failed retry (1, 2, 4 … s), never a fresh blockage retried after a second."""
+    clock = Clock()
+    health = Health(clock)
+    health.trouble("outbox", "/o/x", "No space left on device", "sink")
+    for retries in range(1, 5):
+        clock.now = health.blocked("outbox").next_try
+        assert health.due("outbox")
+        health.start_trial("outbox")                 # the probe passed: one batch tries
+        assert not health.due("outbox")              # …and only one
+        health.trouble("outbox", "/o/x", "No space left on device", "sink")   # it fails
+        b = health.blocked("outbox")
+        assert b.retries == retries and not b.trial
+        assert b.next_try - clock.now == FIRST_RETRY_S * 2 ** retries
+    clock.now = health.blocked("outbox").next_try
+    health.start_trial("outbox")
+    health.clear("outbox", "sink")                   # the trial's writes went through
+    assert health.blocked("outbox") is None

@@ -334,3 +334,28 @@ def test_a_restart_on_a_full_outbox_synthesizes_nothing_until_there_is_room(
     site.wait_files_finished(1, timeout=90)
     assert site.stop() == 0, site.logs()
     _each_line_once(site, 6)
+
+
+def test_an_outbox_that_fills_up_mid_file_backs_off_instead_of_retrying_every_second(
+        tmp_path: Path, tmpfs) -> None:
+    """A 1 MB outbox filled by the file's own WAVs: room for the probe now and then, not
+    for a batch. Each passing probe lets one batch try, and its failure doubles the
+    back-off (it used to unblock and fail again every second); once the volume is
+    grown every line is done once."""
+    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    outbox = tmpfs(site.outbox, "1m")
+    site.start()
+    site.wait_ready()
+    (site.inbox / "fill.txt").write_text(
+        "".join(f"Filling the outbox with line number {i} and some more words to make it "
+                "long.\n" for i in range(1, 201)), encoding="utf-8")
+    _wait_for(lambda: _events(site, "site.blocked"), 60, site, "the full outbox reported")
+    time.sleep(12)
+    assert len(_events(site, "site.unblocked")) <= 1, _events(site, "site.unblocked")
+    before = len(_events(site, "batch.done"))
+    time.sleep(8)
+    assert len(_events(site, "batch.done")) - before <= 1   # one trial at most, not a loop
+    subprocess.run(["mount", "-o", "remount,size=100m", str(outbox.path)], check=True)
+    site.wait_files_finished(1, timeout=180)
+    assert site.stop() == 0, site.logs()
+    _each_line_once(site, 200)

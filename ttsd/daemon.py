@@ -587,7 +587,9 @@ class Daemon:
     def _outbox_open(self) -> bool:
         """False while the outbox is blocked (a write failed): the feeder takes no
         lines, which would only be synthesized to fail again. When its retry is due,
-        the failing folder is probed with a write; True once it takes one."""
+        the failing folder is probed with a write; once it takes one, one batch may try
+        (``Health.start_trial``): the sink's success clears the outbox, its failure
+        doubles the back-off, so a disk with room for the probe only is not a loop."""
         blocked = self.health.blocked("outbox")
         if blocked is None:
             return True
@@ -595,11 +597,11 @@ class Daemon:
             self.health.wait("outbox", self.stop)
             return False
         try:
-            probe(Path(blocked.path))
+            probe(Path(blocked.path), root=Path(blocked.path) == self.cfg.paths.outbox)
         except OSError as exc:
             self.health.trouble("outbox", blocked.path, fault(exc) or str(exc), "sink")
             return False
-        self.health.clear("outbox")
+        self.health.start_trial("outbox")
         return True
 
     def _journal_open(self, store: Store, feeder: Feeder) -> bool:

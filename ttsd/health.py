@@ -71,6 +71,9 @@ class Blocked:
     """monotonic() of the next try."""
     who: set[str]
     """The parts of the daemon that met the fault; the place is clear when none is left."""
+    trial: bool = False
+    """A probe passed and one round of real work is under way: if it fails too, that
+    is a failed retry (the back-off goes on doubling), not a new blockage."""
 
 
 class Health:
@@ -96,8 +99,9 @@ class Health:
                 return
             b.who.add(who)
             b.path, b.error = os.fspath(path), error
-            if now < b.next_try:   # more of the same round (a batch's other writes)
+            if now < b.next_try and not b.trial:   # more of the same round (a batch's writes)
                 return
+            b.trial = False
             b.retries += 1
             delay = min(MAX_RETRY_S, FIRST_RETRY_S * 2 ** b.retries)
             b.next_try = now + delay
@@ -120,6 +124,17 @@ class Health:
             del self._blocked[place]
         log.info("site.unblocked", place=place, path=b.path,
                  after_s=round(time.time() - b.since, 1))
+
+    def start_trial(self, place: str) -> None:
+        """A probe of ``place`` passed: let one round of real work try it (until its next
+        try is due), keeping the back-off should that fail as well (a disk with room
+        for the probe and not for the work)."""
+        now = self._clock()
+        with self._lock:
+            b = self._blocked.get(place)
+            if b is not None:
+                b.trial = True
+                b.next_try = now + min(MAX_RETRY_S, FIRST_RETRY_S * 2 ** b.retries)
 
     def blocked(self, place: str) -> Blocked | None:
         with self._lock:
