@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import tomllib
 
-from ttsd import bench
+from ttsd.bench import run as bench
 from ttsd.config import Config
 
 

@@ -13,11 +13,11 @@ import threading
 import unicodedata
 from pathlib import Path
 
-from ttsd import ingest
+from ttsd.ingest import files as ingest
 from ttsd.config import from_dict
 from ttsd.engine.runtime import ENGINE_VERSION
 from ttsd.errors import VoiceError
-from ttsd.ingest import Ingest, VoiceFacts, cache_key
+from ttsd.ingest.files import Ingest, VoiceFacts, cache_key
 from ttsd.records import Line
 
 

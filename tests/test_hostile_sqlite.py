@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness import ROOT, Site, assert_invariant
-from ttsd.store import Store
+from ttsd.store.journal import Store
 
 
 def test_store_settings_wal_full_sync_busy_timeout(tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ import pytest
 from structlog.testing import capture_logs
 from watchdog.events import FileClosedEvent, FileCreatedEvent, FileModifiedEvent
 
-import ttsd.inbox as inbox_mod
+import ttsd.ingest.inbox as inbox_mod
 from ttsd.config import InputConfig
 from ttsd.errors import InputError
-from ttsd.inbox import (
+from ttsd.ingest.inbox import (
     Claimed,
     FileState,
     Inbox,

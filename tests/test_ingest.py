@@ -8,7 +8,7 @@ from pathlib import Path
 from test_cache_key import VOICE
 
 from ttsd.config import from_dict
-from ttsd.ingest import Ingest
+from ttsd.ingest.files import Ingest
 from ttsd.records import Line
 
 

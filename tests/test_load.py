@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from harness import Site, assert_invariant
-from ttsd.loadbench import run_load
+from ttsd.bench.load import run_load
 
 
 def test_burst_of_files_each_once_claiming_pauses_under_backpressure(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Tests of ttsd.names: safe output stems, duplicate keys, containment, CSV cells
+"""Tests of ttsd.ingest.names: safe output stems, duplicate keys, containment, CSV cells
 (RELIABILITY rows 18–22)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ttsd.names import MAX_STEM_BYTES, csv_cell, inside, name_key, safe_stem
+from ttsd.ingest.names import MAX_STEM_BYTES, csv_cell, inside, name_key, safe_stem
 
 _SAFE = re.compile(r"[A-Za-z0-9._-]+")
 _RESERVED = re.compile(r"(CON|PRN|AUX|NUL|COM[1-9]|LPT[1-9])(\..*)?", re.IGNORECASE)

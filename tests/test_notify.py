@@ -1,4 +1,4 @@
-"""ttsd.notify against a real AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET.
+"""ttsd.service.notify against a real AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET.
 
 RELIABILITY.md rows 33 (Type=notify: READY, STATUS, STOPPING on a path and an
 ``@abstract`` socket) and 34 (watchdog pings come only from the caller's loop).
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from ttsd.notify import Notifier
+from ttsd.service.notify import Notifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +217,7 @@ def test_failed_ping_is_retried_on_the_next_call(tmp_path: Path) -> None:
 
 def test_reads_the_process_environment(path_socket: FakeSystemd) -> None:
     """Row 33: a child process finds $NOTIFY_SOCKET in its environment, as under systemd."""
-    code = ("from ttsd.notify import Notifier; n = Notifier(); "
+    code = ("from ttsd.service.notify import Notifier; n = Notifier(); "
             "assert n.watchdog_interval_s == 1.0, n.watchdog_interval_s; "
             "n.ready('queue 0'); n.watchdog(); n.stopping()")
     env = {**os.environ, "NOTIFY_SOCKET": path_socket.env_value, "WATCHDOG_USEC": "2000000",

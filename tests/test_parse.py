@@ -1,4 +1,4 @@
-"""Tests of ttsd.parse: bytes → Line / LineError (RELIABILITY rows 9–17)."""
+"""Tests of ttsd.ingest.parse: bytes → Line / LineError (RELIABILITY rows 9–17)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ttsd import parse as parse_module
+from ttsd.ingest import parse as parse_module
 from ttsd.config import InputConfig
 from ttsd.errors import InputError
-from ttsd.names import name_key, safe_stem
-from ttsd.parse import ParsedInput, ParseLimits, decode, normalize_text, parse, sniff_delimiter
+from ttsd.ingest.names import name_key, safe_stem
+from ttsd.ingest.parse import ParsedInput, ParseLimits, decode, normalize_text, parse, sniff_delimiter
 from ttsd.records import Line, LineError
 
 LIMITS = ParseLimits()

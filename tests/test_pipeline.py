@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import ttsd.writer as writer
+import ttsd.output.fsio as writer
 from ttsd.config import CacheConfig, Config, PathsConfig
 from ttsd.engine.records import Result
 from ttsd.engine.runtime import Engine
-from ttsd.pipeline import Batch, Sink, wav_path
-from ttsd.store import NewLine, Store
+from ttsd.pipeline.sink import Batch, Sink, wav_path
+from ttsd.store.journal import NewLine, Store
 
 SR = 22050
 

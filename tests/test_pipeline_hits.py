@@ -13,11 +13,11 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ttsd import pipeline
+from ttsd.pipeline import sink as pipeline
 from ttsd.config import CacheConfig, Config, PathsConfig
-from ttsd.pipeline import Feeder, Sink, cache_path, wav_path
-from ttsd.store import NewLine, Store
-from ttsd.writer import write_wav
+from ttsd.pipeline.sink import Feeder, Sink, cache_path, wav_path
+from ttsd.store.journal import NewLine, Store
+from ttsd.output.fsio import write_wav
 
 SR = 22050
 VOICE = "v"
@@ -224,7 +224,7 @@ def test_a_partial_take_after_answered_batches_does_not_wait_for_more_lines(
     cfg, store = _site(tmp_path, texts, cached=texts)
     cfg = dataclasses.replace(cfg, batching=dataclasses.replace(cfg.batching, max_wait_ms=500))
     slept: list[float] = []
-    monkeypatch.setattr("ttsd.pipeline.time.sleep", slept.append)
+    monkeypatch.setattr("ttsd.pipeline.sink.time.sleep", slept.append)
     feeder = Feeder(cfg, _engine(), {VOICE: SR}, size=256)
     first = feeder.next_batch(store, threading.Event())
     assert len(first.hits) == 256 and not slept    # a full batch of hits: no wait

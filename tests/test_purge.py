@@ -12,8 +12,8 @@ import pytest
 
 from ttsd.config import PathsConfig
 from ttsd.errors import ConfigError
-from ttsd.purge import PurgeReport, parse_age, parse_size, purge, render
-from ttsd.store import Store
+from ttsd.service.purge import PurgeReport, parse_age, parse_size, purge, render
+from ttsd.store.journal import Store
 
 DAY = 86400.0
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 from harness import ROOT, Site, assert_invariant
 
-from ttsd import repair
+from ttsd.service import repair
 from ttsd.config import PathsConfig
 from ttsd.errors import StoreDamagedError
-from ttsd.store import DONE_AUDIO_US, DONE_CACHED, NewLine, Store, damaged
+from ttsd.store.journal import DONE_AUDIO_US, DONE_CACHED, NewLine, Store, damaged
 
 LINES = 200
 """Lines of the input the real-daemon tests drop: enough for a dozen pages of lines."""

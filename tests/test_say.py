@@ -145,7 +145,7 @@ def test_bench_keeps_nothing_where_it_runs_and_reuses_the_converted_voice(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bench's own engines and the daemon of its end-to-end row (on a temp folder it
     removes) keep the converted voice in the user's cache, and nothing where they run."""
-    from ttsd import bench
+    from ttsd.bench import run as bench
 
     work = tmp_path / "work"
     work.mkdir()

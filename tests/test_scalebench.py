@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from ttsd import scalebench
+from ttsd.bench import scale as scalebench
 from ttsd.config import Config
 
 

@@ -17,8 +17,8 @@ import pytest
 
 from ttsd.config import PathsConfig
 from ttsd.records import BatchStats
-from ttsd.status import collect, percentile, render, stale_after
-from ttsd.store import NewLine, Store
+from ttsd.service.status import collect, percentile, render, stale_after
+from ttsd.store.journal import NewLine, Store
 
 INFO = {"device": "cuda:0", "dtype": "float16", "gpu_name": "NVIDIA H100",
         "gpu_allocated": 3 * 2**30, "gpu_reserved": 4 * 2**30, "gpu_peak": 12 * 2**30,
@@ -535,7 +535,7 @@ def test_a_daemon_starting_on_a_full_disk_is_shown_not_an_error(tmp_path: Path) 
     journal is an empty file with no tables yet: status says the daemon is starting
     (with what it cannot write, from its note), exit 0 — it said "no such table" and
     exited 2."""
-    from ttsd import sitelock
+    from ttsd.service import sitelock
 
     state = tmp_path / "state"
     state.mkdir()

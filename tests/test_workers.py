@@ -176,9 +176,9 @@ def test_ray_backend_end_to_end(tmp_path: Path) -> None:
 
 
 def test_ray_is_never_imported_without_the_ray_backend() -> None:
-    code = ("import sys, ttsd.cli, ttsd.daemon, ttsd.workers, ttsd.status\n"
+    code = ("import sys, ttsd.cli, ttsd.service.daemon, ttsd.service.workers, ttsd.service.status\n"
             "from ttsd.config import Config\n"
-            "from ttsd import workers\n"
+            "from ttsd.service import workers\n"
             "assert not workers.pool_wanted(Config())\n"
             "assert 'ray' not in sys.modules, 'ray imported'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -200,8 +200,8 @@ def test_int16_wire_gives_the_same_wav_bytes() -> None:
     """Workers send int16; the WAV written from it equals the one written from float32,
     and only a 16-bit output gets int16 (PCM_24/32/FLOAT outputs get float32)."""
     from ttsd.config import Config, OutputConfig
-    from ttsd.daemon import build_engine
-    from ttsd.writer import encode_wav
+    from ttsd.service.daemon import build_engine
+    from ttsd.output.fsio import encode_wav
 
     rng = np.random.default_rng(7)
     audio = rng.uniform(-1.05, 1.05, 50_000).astype(np.float32)
@@ -217,7 +217,7 @@ def test_int16_wire_gives_the_same_wav_bytes() -> None:
 def test_int16_wire_is_exact_for_values_near_zero() -> None:
     """The wire uses libsndfile's rounding, not floor(x × 32768): tiny negatives become
     0 and values just under a step round up, exactly as the written WAV has them."""
-    from ttsd.writer import encode_wav
+    from ttsd.output.fsio import encode_wav
 
     audio = np.array([-1e-10, -(2.0**-33), (65536 - 0.5) / 2**31, -(65536 * 3 + 0.25) / 2**31,
                       -0.0, 0.0, 1.0, -1.0, 2.0**-40], dtype=np.float32)
@@ -397,7 +397,7 @@ def test_the_stand_in_model_keeps_the_int16_contract(monkeypatch) -> None:
     """``TTSD_FAULTS=fast`` (the pipeline tests' stand-in model) returns what the real
     model would for a 16-bit output: int16, so workers and the writer see one kind."""
     from ttsd.config import Config
-    from ttsd.daemon import build_engine
+    from ttsd.service.daemon import build_engine
     from ttsd.engine import faults
     from ttsd.engine.records import Request
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-import ttsd.writer as writer
-from ttsd.writer import (
+import ttsd.output.fsio as writer
+from ttsd.output.fsio import (
     Folder,
     ManifestRow,
     dispose,

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ttsd: {exc}", file=sys.stderr)
         return getattr(exc, "exit_status", 2)
     except sqlite3.DatabaseError as exc:
-        from ttsd.store import damaged
+        from ttsd.store.journal import damaged
 
         if ns.command not in JOURNAL_COMMANDS or not damaged(exc):
             raise
@@ -158,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_run(cfg: Config, ns: argparse.Namespace) -> int:
-    from ttsd.daemon import Daemon
+    from ttsd.service.daemon import Daemon
 
     progress = ns.once and not ns.no_progress and sys.stderr.isatty()
     if progress:   # the log's lines go above the bar, not onto its line
         from ttsd import log
-        from ttsd.progress import LogStream
+        from ttsd.service.progress import LogStream
         log.setup(ns.log_level or cfg.daemon.log_level, stream=LogStream(sys.stderr))
     return Daemon(cfg, once=ns.once, progress=progress).run()
 
@@ -188,9 +188,9 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
     _check_say_output(ns.output)   # before importing torch and loading the voice
     cfg = _override(cfg, ns)
 
-    from ttsd.daemon import build_engine
+    from ttsd.service.daemon import build_engine
     from ttsd.engine.records import Request
-    from ttsd.writer import write_wav
+    from ttsd.output.fsio import write_wav
 
     e = cfg.engine
     # One line: compiling (tens of seconds) would cost more than it saves.
@@ -236,7 +236,7 @@ def cmd_voices(cfg: Config, ns: argparse.Namespace) -> int:
 
 
 def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
-    from ttsd import status
+    from ttsd.service import status
 
     report = status.collect(cfg.paths)
     print(json.dumps(report, indent=2) if ns.json else status.render(report))
@@ -244,7 +244,7 @@ def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
 
 
 def cmd_purge(cfg: Config, ns: argparse.Namespace) -> int:
-    from ttsd import purge
+    from ttsd.service import purge
 
     try:
         older = purge.parse_age(ns.older_than) if ns.older_than else None
@@ -262,7 +262,7 @@ def cmd_purge(cfg: Config, ns: argparse.Namespace) -> int:
 
 
 def cmd_repair(cfg: Config, ns: argparse.Namespace) -> int:
-    from ttsd import repair
+    from ttsd.service import repair
 
     report = repair.repair(cfg.paths, dry_run=ns.dry_run, force=ns.force)
     print(repair.render(report))
@@ -295,13 +295,13 @@ def _write_report(ns: argparse.Namespace, report: dict) -> None:
 def cmd_bench(cfg: Config, ns: argparse.Namespace) -> int:
     cfg = _override(cfg, ns)
     if ns.load:
-        from ttsd import loadbench
+        from ttsd.bench import load as loadbench
         report = loadbench.run_load(ns.load, files=ns.load_files)
         _write_report(ns, report)
         print(json.dumps(report, indent=2) if ns.json else loadbench.render(report))
         return 0
     if ns.devices:
-        from ttsd import scalebench
+        from ttsd.bench import scale as scalebench
         report = scalebench.run(cfg, ns.devices, lines=ns.lines,
                                 batch=int(ns.batch_sizes.split(",")[0]) if ns.batch_sizes else 0,
                                 end_to_end=ns.end_to_end)
@@ -309,7 +309,7 @@ def cmd_bench(cfg: Config, ns: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, default=str) if ns.json
               else scalebench.render(report))
         return 0
-    from ttsd import bench
+    from ttsd.bench import run as bench
 
     report = bench.run(cfg, ns)
     print(json.dumps(report, indent=2) if ns.json else bench.render(report))

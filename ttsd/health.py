@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ttsd.log import get_logger
-from ttsd.writer import Folder
+from ttsd.output.fsio import Folder
 
 log = get_logger(__name__)
 

@@ -25,13 +25,13 @@ from ttsd import crash
 from ttsd.config import Config, InputConfig
 from ttsd.engine.runtime import ENGINE_VERSION
 from ttsd.errors import InputError, VoiceError
-from ttsd.inbox import Claimed, Inbox, Rejected, display_name, writer_open
+from ttsd.ingest.inbox import Claimed, Inbox, Rejected, display_name, writer_open
 from ttsd.log import get_logger
-from ttsd.names import name_key, safe_stem
-from ttsd.parse import ParseLimits, parse
+from ttsd.ingest.names import name_key, safe_stem
+from ttsd.ingest.parse import ParseLimits, parse
 from ttsd.records import Line, LineError
-from ttsd.store import NewLine, Store, sqlite_ino
-from ttsd.writer import Folder, ManifestRow, dispose, write_manifest
+from ttsd.store.journal import NewLine, Store, sqlite_ino
+from ttsd.output.fsio import Folder, ManifestRow, dispose, write_manifest
 
 log = get_logger(__name__)
 CHUNK = 1000

@@ -45,7 +45,7 @@ from watchdog.observers.polling import PollingObserverVFS
 from ttsd.config import InputConfig
 from ttsd.errors import InputError
 from ttsd.log import get_logger
-from ttsd.names import fit_name as _fit
+from ttsd.ingest.names import fit_name as _fit
 
 log = get_logger(__name__)
 

@@ -29,7 +29,7 @@ from ttsd.config import Config
 from ttsd.engine.graphs import MAX_ROWS
 from ttsd.engine.records import Prepared, Request
 from ttsd.engine.runtime import Engine
-from ttsd.writer import int16_floats
+from ttsd.output.fsio import int16_floats
 
 _SUBJECTS = ["The committee", "My neighbour", "A small robot", "The old lighthouse keeper",
              "Our train", "The quarterly report", "Doctor Alvarez", "The red fox"]
@@ -73,7 +73,7 @@ def _pct(values: list[float], q: float) -> float:
 
 def _engine(cfg: Config, dtype: str, max_batch: int, compile: str | None = None) -> Engine:
     """The configured engine with no phoneme budget (the bench sizes batches itself)."""
-    from ttsd.daemon import build_engine
+    from ttsd.service.daemon import build_engine
 
     return build_engine(cfg, dtype=dtype, max_batch=max_batch, token_budget=10**9,
                         compile=compile, phonemizers=0)
@@ -276,7 +276,7 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
             out[run] = {"lines": len(lines), "wavs": len(wavs), "audio_s": round(audio, 2),
                         "wall_s_including_start": round(wall, 2), "rc": proc.returncode,
                         "stderr_tail": proc.stderr[-2000:] if proc.returncode else ""}
-        from ttsd.store import Store
+        from ttsd.store.journal import Store
         store = Store(root / "state" / "ttsd.db")
         rows = store.q("SELECT SUM(model_ms) m, SUM(prepare_ms) p, SUM(write_ms) w, "
                        "SUM(audio_s) a, COUNT(*) n, SUM(used_frames) used, "

@@ -41,8 +41,8 @@ from ttsd.engine.runtime import GPU_BATCH, Engine, Plan
 from ttsd.health import Health, fault
 from ttsd.log import get_logger
 from ttsd.records import BatchStats
-from ttsd.store import LineRow, NewLine, Store, gave_up, sqlite_ino
-from ttsd.writer import Folder, link_or_copy, replace_with_link, wav_info, wav_ok, write_wav
+from ttsd.store.journal import LineRow, NewLine, Store, gave_up, sqlite_ino
+from ttsd.output.fsio import Folder, link_or_copy, replace_with_link, wav_info, wav_ok, write_wav
 
 log = get_logger(__name__)
 

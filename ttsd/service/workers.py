@@ -93,7 +93,7 @@ class WorkerCore:
     def __init__(self, spec: WorkerSpec) -> None:
         import torch
 
-        from ttsd.daemon import build_engine  # here: the daemon module imports this one
+        from ttsd.service.daemon import build_engine  # here: the daemon module imports this one
 
         t0 = time.perf_counter()
         if spec.threads:
@@ -377,7 +377,7 @@ class WorkerPool:
 
     def start(self) -> None:
         """Start every worker (in parallel); returns once each has come up or failed."""
-        from ttsd.store import Store
+        from ttsd.store.journal import Store
 
         store = Store(self.cfg.paths.db)
         try:
@@ -431,7 +431,7 @@ class WorkerPool:
     # -------------------------------------------------------------- one driver
 
     def _guarded(self, slot: Slot) -> None:
-        from ttsd.store import Store
+        from ttsd.store.journal import Store
 
         store = Store(self.cfg.paths.db)
         try:

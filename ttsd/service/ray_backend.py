@@ -23,7 +23,7 @@ from typing import Any
 
 from ttsd.config import Config
 from ttsd.log import get_logger
-from ttsd.workers import Slot, WorkerCore, WorkerDied, WorkerSpec, spec_for
+from ttsd.service.workers import Slot, WorkerCore, WorkerDied, WorkerSpec, spec_for
 
 log = get_logger(__name__)
 

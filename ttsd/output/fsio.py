@@ -35,8 +35,8 @@ import soundfile as sf
 
 from ttsd import crash
 from ttsd.log import get_logger
-from ttsd.names import csv_cell
-from ttsd.names import fit_name as _fit
+from ttsd.ingest.names import csv_cell
+from ttsd.ingest.names import fit_name as _fit
 
 if TYPE_CHECKING:
     from collections.abc import Buffer  # Python 3.12

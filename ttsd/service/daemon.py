@@ -41,20 +41,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ttsd import __version__, sitelock, workers
+from ttsd import __version__
+
+from ttsd.service import sitelock
+
+from ttsd.service import workers
 from ttsd.config import Config
 from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover
 from ttsd.errors import ConfigError, DeviceLostError, StoreDamagedError, TtsdError
 from ttsd.health import MAX_RETRY_S, Health, fault, probe
-from ttsd.ingest import Ingest, VoiceFacts, audio_format
+from ttsd.ingest.files import Ingest, VoiceFacts, audio_format
 from ttsd.log import get_logger
 from ttsd.log import setup as log_setup
-from ttsd.notify import Notifier
-from ttsd.pipeline import Batch, Feeder, Sink, Synth, answer_new_lines
-from ttsd.progress import Bar
-from ttsd.store import NewLine, Store, damaged
-from ttsd.writer import remove_stale_temps
+from ttsd.service.notify import Notifier
+from ttsd.pipeline.sink import Batch, Feeder, Sink, Synth, answer_new_lines
+from ttsd.service.progress import Bar
+from ttsd.store.journal import NewLine, Store, damaged
+from ttsd.output.fsio import remove_stale_temps
 
 log = get_logger(__name__)
 EXIT_OK = 0
@@ -379,7 +383,7 @@ class Daemon:
     def _start_pool(self, store: Store) -> None:
         cfg = self.cfg
         if cfg.cluster.backend == "ray":
-            from ttsd import cluster  # ray is imported only here, only for this backend
+            from ttsd.service import ray_backend as cluster  # ray is imported only here, only for this backend
             self._ray_started = cluster.connect(cfg)
             slots = cluster.ray_slots(cfg)
         else:
@@ -391,7 +395,7 @@ class Daemon:
 
         def on_close() -> None:
             if self._ray_started:
-                from ttsd import cluster
+                from ttsd.service import ray_backend as cluster
                 cluster.shutdown(True)
 
         self.pool = workers.WorkerPool(cfg, slots, self.batch_q, self.write_q, self.stop,

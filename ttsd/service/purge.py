@@ -28,8 +28,8 @@ from typing import Any
 from ttsd.config import PathsConfig
 from ttsd.errors import ConfigError
 from ttsd.log import get_logger
-from ttsd.status import human_bytes
-from ttsd.store import Store
+from ttsd.service.status import human_bytes
+from ttsd.store.journal import Store
 
 log = get_logger(__name__)
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import psutil
 
-from ttsd import sitelock
+from ttsd.service import sitelock
 from ttsd.config import PathsConfig
 from ttsd.errors import ConfigError, StoreDamagedError
-from ttsd.store import DONE_AUDIO_US, DONE_CACHED, Store, damaged
+from ttsd.store.journal import DONE_AUDIO_US, DONE_CACHED, Store, damaged
 
 LATENCY_WINDOW = 1000
 """Batch latency percentiles are taken over this many most recent batches."""

@@ -205,7 +205,7 @@ def render(r: dict[str, Any]) -> str:
             f"over {r['status_calls']} calls ({r['status_failures']} failed)")
 
 
-if __name__ == "__main__":  # python -m ttsd.loadbench LINES [FILES]
+if __name__ == "__main__":  # python -m ttsd.bench.load LINES [FILES]
     import json
     args = [int(a) for a in sys.argv[1:]]
     res = run_load(*args) if args else run_load()

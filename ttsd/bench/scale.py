@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ttsd.config import Config
-from ttsd.workers import ProcessHandle, WorkerDied, cpu_threads, spec_for
+from ttsd.service.workers import ProcessHandle, WorkerDied, cpu_threads, spec_for
 
 
 def devices_for(spec: str) -> list[str]:
@@ -38,7 +38,7 @@ def devices_for(spec: str) -> list[str]:
 
 def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0,
         end_to_end: bool = False) -> dict[str, Any]:
-    from ttsd.bench import bench_lines
+    from ttsd.bench.run import bench_lines
     from ttsd.engine.records import Request
     from ttsd.engine.runtime import GPU_BATCH, Engine
     from ttsd.engine.voice import discover
@@ -77,7 +77,7 @@ def end_to_end_rows(cfg: Config, devs: list[str], texts: list[str]) -> list[dict
     """The whole daemon (`ttsd run --once`: inbox → WAVs fsynced → rows committed) with
     engine.devices = the first k devices, k = 1..N; x-realtime from the file's claim to
     its last WAV. k = 1 runs the model inside the daemon, as a one-GPU install does."""
-    from ttsd.bench import bench_end_to_end
+    from ttsd.bench.run import bench_end_to_end
 
     rows: list[dict[str, Any]] = []
     for k in range(1, len(devs) + 1):
@@ -160,7 +160,7 @@ def _scale_row(cfg: Config, devs: list[str], batches: list[list], audio_by_key: 
 
 def _host_limits(cfg: Config, engine: Any, reqs: list, audio_by_key: dict,
                  texts: list[str]) -> dict[str, Any]:
-    from ttsd.writer import fsync_dir, write_wav
+    from ttsd.output.fsio import fsync_dir, write_wav
 
     audio_s = sum(len(a) for a in audio_by_key.values()) / 22050 if audio_by_key else 0.0
     per_line = audio_s / max(1, len(audio_by_key))
