@@ -13,10 +13,10 @@ import threading
 import unicodedata
 from pathlib import Path
 
-from ttsd.ingest import files as ingest
 from ttsd.config import from_dict
 from ttsd.engine.runtime import ENGINE_VERSION
 from ttsd.errors import VoiceError
+from ttsd.ingest import files as ingest
 from ttsd.ingest.files import Ingest, VoiceFacts, cache_key
 from ttsd.records import Line
 
@@ -168,7 +168,6 @@ def test_a_changed_sentence_silence_is_not_answered_from_the_cache(tmp_path: Pat
     """The real daemon: after engine.sentence_silence_s changes, the same line is
     synthesized again with the new silence instead of coming back from the cache."""
     import soundfile as sf
-
     from harness import Site, assert_invariant
 
     text = "The first sentence is here. The second one follows it.\n"

@@ -23,9 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from harness import ROOT, Site, assert_invariant, assert_no_redo, restart_until_finished, snapshot
 
-from harness import (ROOT, Site, assert_invariant, assert_no_redo, restart_until_finished,
-                     snapshot)
 from ttsd import crash
 
 LINES = ["Good morning.", "The cat sat on the mat.", "Rain again today.", "One more."]

@@ -445,7 +445,7 @@ def test_pcm16_engine_gives_the_int16_of_its_floats(engine):
     """``pcm16=True`` (the daemon with PCM_16 WAVs): the conversion happens on the
     device, sample for sample the writer's own rule applied to the float result."""
     from ttsd.engine.runtime import Engine
-    from ttsd.output.fsio import pcm16
+    from ttsd.output.wav import pcm16
 
     ints = Engine(discover(None), device="cpu", dtype="float32", max_batch=16, pcm16=True)
     reqs = _requests(LINES[:4] + ["Two sentences here. And the second one."])

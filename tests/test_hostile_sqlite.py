@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from harness import ROOT, Site, assert_invariant
+
 from ttsd.store.journal import Store
 
 

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import Site, assert_invariant
+
 from ttsd.bench.load import run_load
 
 

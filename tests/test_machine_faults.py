@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from harness import Site, assert_invariant
 
 EXIT_TEMPFAIL = 75

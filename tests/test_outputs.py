@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from harness import Site, assert_invariant
 
 LINE = "The cache keeps what was said."

@@ -15,11 +15,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ttsd.ingest import parse as parse_module
 from ttsd.config import InputConfig
 from ttsd.errors import InputError
+from ttsd.ingest import parse as parse_module
 from ttsd.ingest.names import name_key, safe_stem
-from ttsd.ingest.parse import ParsedInput, ParseLimits, decode, normalize_text, parse, sniff_delimiter
+from ttsd.ingest.parse import (
+    ParsedInput,
+    ParseLimits,
+    decode,
+    normalize_text,
+    parse,
+    sniff_delimiter,
+)
 from ttsd.records import Line, LineError
 
 LIMITS = ParseLimits()

@@ -15,7 +15,8 @@ import ttsd.output.fsio as writer
 from ttsd.config import CacheConfig, Config, PathsConfig
 from ttsd.engine.records import Result
 from ttsd.engine.runtime import Engine
-from ttsd.pipeline.sink import Batch, Sink, wav_path
+from ttsd.pipeline.batcher import Batch, wav_path
+from ttsd.pipeline.sink import Sink
 from ttsd.store.journal import NewLine, Store
 
 SR = 22050

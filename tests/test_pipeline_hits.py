@@ -13,11 +13,13 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ttsd.pipeline import sink as pipeline
+from ttsd import cache
+from ttsd.cache import cache_path
 from ttsd.config import CacheConfig, Config, PathsConfig
-from ttsd.pipeline.sink import Feeder, Sink, cache_path, wav_path
+from ttsd.output.wav import write_wav
+from ttsd.pipeline.batcher import Feeder, wav_path
+from ttsd.pipeline.sink import Sink
 from ttsd.store.journal import NewLine, Store
-from ttsd.output.fsio import write_wav
 
 SR = 22050
 VOICE = "v"
@@ -130,8 +132,8 @@ def test_a_hit_on_an_unchanged_stamped_file_reads_no_header(tmp_path: Path,
     texts = ["Kept.", "Edited.", "Replaced."]
     cfg, store = _site(tmp_path, texts, cached=texts)
     full: list[str] = []
-    real = pipeline.wav_ok
-    monkeypatch.setattr(pipeline, "wav_ok", lambda p, **kw: full.append(p) or real(p, **kw))
+    real = cache.wav_ok
+    monkeypatch.setattr(cache, "wav_ok", lambda p, **kw: full.append(p) or real(p, **kw))
     feeder = Feeder(cfg, _engine(), {VOICE: SR}, size=8)
 
     def take() -> tuple:
@@ -190,14 +192,14 @@ def test_inode_numbers_past_2_63_fit_the_store(tmp_path: Path) -> None:
     """NFS, CIFS, FUSE and overlay file systems hand out inode numbers of 2**63 and
     above, which SQLite's signed INTEGER cannot hold (the commit raised OverflowError,
     killing the sink on every batch). They are stored two's-complement, one to one."""
-    assert [pipeline.sqlite_ino(i) for i in (0, 2**63 - 1, 2**63, 2**64 - 1)] == \
+    assert [cache.sqlite_ino(i) for i in (0, 2**63 - 1, 2**63, 2**64 - 1)] == \
         [0, 2**63 - 1, -2**63, -1]
     store = Store(tmp_path / "db.sqlite")
     store.complete([], [], [{"key": "k", "path": "/c/k.wav", "bytes": 100, "seconds": 1.0,
-                             "voice": VOICE, "ino": pipeline.sqlite_ino(2**64 - 5),
+                             "voice": VOICE, "ino": cache.sqlite_ino(2**64 - 5),
                              "mtime_ns": 2**62}], None, {})
-    store.cache_stamp([("k", pipeline.sqlite_ino(2**63 + 7), 2**62 + 1)])
-    assert store.cache_get_many(["k"])["k"]["ino"] == pipeline.sqlite_ino(2**63 + 7)
+    store.cache_stamp([("k", cache.sqlite_ino(2**63 + 7), 2**62 + 1)])
+    assert store.cache_get_many(["k"])["k"]["ino"] == cache.sqlite_ino(2**63 + 7)
 
 
 def test_a_retried_line_adopts_its_wav_in_the_feeder(tmp_path: Path) -> None:
@@ -224,7 +226,7 @@ def test_a_partial_take_after_answered_batches_does_not_wait_for_more_lines(
     cfg, store = _site(tmp_path, texts, cached=texts)
     cfg = dataclasses.replace(cfg, batching=dataclasses.replace(cfg.batching, max_wait_ms=500))
     slept: list[float] = []
-    monkeypatch.setattr("ttsd.pipeline.sink.time.sleep", slept.append)
+    monkeypatch.setattr("ttsd.pipeline.batcher.time.sleep", slept.append)
     feeder = Feeder(cfg, _engine(), {VOICE: SR}, size=256)
     first = feeder.next_batch(store, threading.Event())
     assert len(first.hits) == 256 and not slept    # a full batch of hits: no wait
@@ -253,7 +255,7 @@ def test_lines_answered_as_parsed_go_in_done_and_count_once(tmp_path: Path) -> N
         return [NewLine(i, t, out_name=f"{i:04d}", voice=VOICE, cache_key=_key(t))
                 for i, t in enumerate(["Known one.", "Brand new.", "Known two."], 1)]
     first = chunk()
-    pipeline.answer_new_lines(store, first, out_dir, {VOICE: SR})
+    cache.answer_new_lines(store, first, out_dir, {VOICE: SR})
     assert store.add_lines(fid, first) == 2
     rows = {r[0]: r[1:] for r in store.conn.execute(
         "SELECT number, state, cached, wav FROM lines WHERE file_id = ?", (fid,))}
@@ -269,7 +271,7 @@ def test_lines_answered_as_parsed_go_in_done_and_count_once(tmp_path: Path) -> N
     assert hits == {_key("Known one."): 1, _key("Known two."): 1}
     assert store.counters()["cache_hits"] == 2
     again = chunk()   # parsed again: the very copies are found ("placed"), not re-counted
-    pipeline.answer_new_lines(store, again, out_dir, {VOICE: SR})
+    cache.answer_new_lines(store, again, out_dir, {VOICE: SR})
     assert [ln.cached for ln in again] == [True, False, True]
     assert store.add_lines(fid, again) == 0
     assert dict(store.conn.execute("SELECT key, hits FROM cache")) == hits
@@ -289,7 +291,7 @@ def test_answering_a_chunk_sends_the_odd_hits_the_full_way(tmp_path: Path) -> No
         return [NewLine(i, t, out_name=f"{i:04d}", voice=VOICE, cache_key=_key(t))
                 for i, t in enumerate(texts, 1)]
     warm = chunk()
-    pipeline.answer_new_lines(store, warm, cfg.paths.outbox / "warm", {VOICE: SR})
+    cache.answer_new_lines(store, warm, cfg.paths.outbox / "warm", {VOICE: SR})
     assert all(ln.cached for ln in warm)
     assert store.one("SELECT COUNT(*) FROM cache WHERE ino IS NOT NULL") == 300
     edited = cache_path(cfg.paths.cache, _key(texts[10]))
@@ -302,7 +304,7 @@ def test_answering_a_chunk_sends_the_odd_hits_the_full_way(tmp_path: Path) -> No
     (out_dir / "0201.wav").write_bytes(b"not mine")            # line 201: taken
     write_wav(out_dir / "0251.wav", _tone(0.3), SR)             # line 251: adopted
     lines = chunk()
-    pipeline.answer_new_lines(store, lines, out_dir, {VOICE: SR})
+    cache.answer_new_lines(store, lines, out_dir, {VOICE: SR})
     by_number = {ln.number: ln for ln in lines}
     assert by_number[11].wav is None and not by_number[11].cached          # edited: a miss
     assert store.one("SELECT COUNT(*) FROM cache WHERE key = ?", (_key(texts[10]),)) == 0

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from harness import ROOT, Site, assert_invariant
 
-from ttsd.service import repair
 from ttsd.config import PathsConfig
 from ttsd.errors import StoreDamagedError
+from ttsd.service import repair
 from ttsd.store.journal import DONE_AUDIO_US, DONE_CACHED, NewLine, Store, damaged
 
 LINES = 200

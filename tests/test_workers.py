@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-
 from harness import ROOT, Site, assert_invariant, assert_no_redo, snapshot
 
 POOL = '[engine]\ndevices = ["cpu", "cpu"]\n[batching]\nmax_batch_size = 2\n'
@@ -200,8 +199,8 @@ def test_int16_wire_gives_the_same_wav_bytes() -> None:
     """Workers send int16; the WAV written from it equals the one written from float32,
     and only a 16-bit output gets int16 (PCM_24/32/FLOAT outputs get float32)."""
     from ttsd.config import Config, OutputConfig
+    from ttsd.output.wav import encode_wav
     from ttsd.service.daemon import build_engine
-    from ttsd.output.fsio import encode_wav
 
     rng = np.random.default_rng(7)
     audio = rng.uniform(-1.05, 1.05, 50_000).astype(np.float32)
@@ -217,7 +216,7 @@ def test_int16_wire_gives_the_same_wav_bytes() -> None:
 def test_int16_wire_is_exact_for_values_near_zero() -> None:
     """The wire uses libsndfile's rounding, not floor(x × 32768): tiny negatives become
     0 and values just under a step round up, exactly as the written WAV has them."""
-    from ttsd.output.fsio import encode_wav
+    from ttsd.output.wav import encode_wav
 
     audio = np.array([-1e-10, -(2.0**-33), (65536 - 0.5) / 2**31, -(65536 * 3 + 0.25) / 2**31,
                       -0.0, 0.0, 1.0, -1.0, 2.0**-40], dtype=np.float32)
@@ -397,9 +396,9 @@ def test_the_stand_in_model_keeps_the_int16_contract(monkeypatch) -> None:
     """``TTSD_FAULTS=fast`` (the pipeline tests' stand-in model) returns what the real
     model would for a 16-bit output: int16, so workers and the writer see one kind."""
     from ttsd.config import Config
-    from ttsd.service.daemon import build_engine
     from ttsd.engine import faults
     from ttsd.engine.records import Request
+    from ttsd.service.daemon import build_engine
 
     monkeypatch.setenv("TTSD_FAULTS", "fast")
     engine = build_engine(Config(), "cpu", phonemizers=0)

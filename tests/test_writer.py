@@ -16,19 +16,12 @@ import pytest
 import soundfile as sf
 
 import ttsd.output.fsio as writer
-from ttsd.output.fsio import (
-    Folder,
-    ManifestRow,
-    dispose,
-    link_or_copy,
-    remove_stale_temps,
-    rename_noreplace,
-    replace_with_link,
-    wav_info,
-    wav_ok,
-    write_manifest,
-    write_wav,
-)
+from ttsd.output import dispose as dispose_module
+from ttsd.output import wav
+from ttsd.output.dispose import dispose, remove_stale_temps
+from ttsd.output.fsio import Folder, link_or_copy, rename_noreplace, replace_with_link
+from ttsd.output.manifest import ManifestRow, write_manifest
+from ttsd.output.wav import wav_info, wav_ok, write_wav
 
 SR = 22050
 
@@ -167,7 +160,7 @@ def test_crash_inside_pcm16_encoder_leaves_nothing(tmp_path: Path,
     def exploding(clipped: object) -> None:
         raise MemoryError("simulated crash inside the PCM_16 encoder")
 
-    monkeypatch.setattr(writer, "pcm16", exploding)
+    monkeypatch.setattr(wav, "pcm16", exploding)
     with pytest.raises(MemoryError, match="simulated"):
         write_wav(tmp_path / "x.wav", tone(0.1), SR)
     assert list(tmp_path.iterdir()) == []
@@ -478,7 +471,7 @@ def test_dispose_across_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
             raise OSError(errno.EXDEV, "Invalid cross-device link")
         real(src, dst, *dir_fd)
 
-    monkeypatch.setattr(writer, "rename_noreplace", exdev)
+    monkeypatch.setattr(dispose_module, "rename_noreplace", exdev)
     (done).mkdir()
     (done / "a.txt").write_text("existing")
     src = work / "x--a.txt"
@@ -535,11 +528,11 @@ def test_remove_stale_temps(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("frozen_heap")
 def test_encode_is_pure_bytes() -> None:
     """Row 23: encoding happens in memory before any file exists."""
-    data = writer.encode_wav(tone(0.1), SR)
+    data = wav.encode_wav(tone(0.1), SR)
     info = sf.info(io.BytesIO(data))
     assert data[:4] == b"RIFF" and info.samplerate == SR and info.frames == int(SR * 0.1)
     t0 = time.monotonic()
-    writer.encode_wav(tone(10.0), SR)
+    wav.encode_wav(tone(10.0), SR)
     assert time.monotonic() - t0 < 1.0
 
 
@@ -595,7 +588,7 @@ def test_pcm16_encoder_is_byte_identical_to_libsndfile(
 
     monkeypatch.setattr(sf, "write", no_soundfile)
     for x, want in zip(signals, expected):
-        got = writer.encode_wav(x, rate)
+        got = wav.encode_wav(x, rate)
         assert got[:44] == want[:44], (rate, len(x))
         if got != want:
             a, b = np.frombuffer(got[44:], "<i2"), np.frombuffer(want[44:], "<i2")
@@ -613,7 +606,7 @@ def _check_bit_patterns(start: int, stop: int, step: int = 1) -> None:
         for lo in range(start, stop, chunk):
             bits = np.arange(lo, min(lo + chunk, stop), step, dtype=np.uint32) | np.uint32(sign)
             x = bits.view(np.float32)
-            assert writer.encode_wav(x, SR) == _libsndfile_wav(x, SR), hex(lo | sign)
+            assert wav.encode_wav(x, SR) == _libsndfile_wav(x, SR), hex(lo | sign)
 
 
 def _bits(x: float) -> int:
@@ -641,9 +634,9 @@ def test_other_subtypes_still_use_libsndfile() -> None:
     for subtype in ("PCM_24", "PCM_32", "FLOAT"):
         buf = io.BytesIO()
         sf.write(buf, x, SR, subtype=subtype, format="WAV")
-        assert writer.encode_wav(x, SR, subtype) == buf.getvalue()
+        assert wav.encode_wav(x, SR, subtype) == buf.getvalue()
     with pytest.raises(TypeError):   # soundfile still judges a rate that is not an int
-        writer.encode_wav(x, 22050.0)   # type: ignore[arg-type]
+        wav.encode_wav(x, 22050.0)   # type: ignore[arg-type]
 
 
 def test_write_wav_without_folder_sync_is_complete(tmp_path: Path,
@@ -652,8 +645,8 @@ def test_write_wav_without_folder_sync_is_complete(tmp_path: Path,
     batch): the file's data is fsynced, the file is complete, readable by soundfile
     and the same bytes as with the folder fsync."""
     folder_syncs: list[Path] = []
-    real = writer._fsync_dir
-    monkeypatch.setattr(writer, "_fsync_dir", lambda p: (folder_syncs.append(p), real(p))[1])
+    real = writer.fsync_dir
+    monkeypatch.setattr(writer, "fsync_dir", lambda p: (folder_syncs.append(p), real(p))[1])
     file_syncs: list[str] = []
     real_fsync = writer.os.fsync
 
@@ -697,16 +690,16 @@ def test_int16_pcm_writes_the_bytes_of_its_floats(tmp_path: Path) -> None:
                         rng.uniform(-1, 1, 50_000) * 2**-8]).astype(np.float32)
     pcm = torch_pcm16(torch.from_numpy(x)).numpy()
     assert pcm.dtype == np.int16
-    assert np.array_equal(pcm, writer.pcm16(x))
-    assert writer.encode_wav(pcm, 22050) == writer.encode_wav(x, 22050)
+    assert np.array_equal(pcm, wav.pcm16(x))
+    assert wav.encode_wav(pcm, 22050) == wav.encode_wav(x, 22050)
     for subtype in ("FLOAT", "PCM_24"):
         floats = pcm / np.float32(32768.0)
-        assert writer.encode_wav(pcm, 22050, subtype) == writer.encode_wav(floats, 22050, subtype)
+        assert wav.encode_wav(pcm, 22050, subtype) == wav.encode_wav(floats, 22050, subtype)
     write_wav(tmp_path / "a.wav", pcm, 22050)
     back, sr = sf.read(str(tmp_path / "a.wav"), dtype="int16")
     assert sr == 22050 and np.array_equal(back, pcm)
     with pytest.raises(ValueError, match="1-D"):
-        writer.encode_wav(pcm[:100_000].reshape(2, -1), 22050)
+        wav.encode_wav(pcm[:100_000].reshape(2, -1), 22050)
 
 
 def test_int16_wav_in_parts_survives_short_writes_and_disk_full(
@@ -729,7 +722,7 @@ def test_int16_wav_in_parts_survives_short_writes_and_disk_full(
     monkeypatch.setattr(writer.os, "write", short_write)
     n = write_wav(tmp_path / "a.wav", pcm, SR)
     assert calls and calls[0] == 2   # header and samples, not one joined bytes object
-    assert (tmp_path / "a.wav").read_bytes() == writer.encode_wav(pcm, SR)
+    assert (tmp_path / "a.wav").read_bytes() == wav.encode_wav(pcm, SR)
     assert n == 44 + 2 * pcm.size
     back, sr = sf.read(str(tmp_path / "a.wav"), dtype="int16")
     assert sr == SR and np.array_equal(back, pcm)

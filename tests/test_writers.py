@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from harness import Site, assert_invariant
 
 PAUSE_S = 1.5

@@ -188,9 +188,9 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
     _check_say_output(ns.output)   # before importing torch and loading the voice
     cfg = _override(cfg, ns)
 
-    from ttsd.service.daemon import build_engine
     from ttsd.engine.records import Request
-    from ttsd.output.fsio import write_wav
+    from ttsd.output.wav import write_wav
+    from ttsd.service.daemon import build_engine
 
     e = cfg.engine
     # One line: compiling (tens of seconds) would cost more than it saves.

@@ -29,7 +29,7 @@ from ttsd.config import Config
 from ttsd.engine.graphs import MAX_ROWS
 from ttsd.engine.records import Prepared, Request
 from ttsd.engine.runtime import Engine
-from ttsd.output.fsio import int16_floats
+from ttsd.output.wav import int16_floats
 
 _SUBJECTS = ["The committee", "My neighbour", "A small robot", "The old lighthouse keeper",
              "Our train", "The quarterly report", "Doctor Alvarez", "The red fox"]

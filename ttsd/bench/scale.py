@@ -160,7 +160,8 @@ def _scale_row(cfg: Config, devs: list[str], batches: list[list], audio_by_key: 
 
 def _host_limits(cfg: Config, engine: Any, reqs: list, audio_by_key: dict,
                  texts: list[str]) -> dict[str, Any]:
-    from ttsd.output.fsio import fsync_dir, write_wav
+    from ttsd.output.fsio import fsync_dir
+    from ttsd.output.wav import write_wav
 
     audio_s = sum(len(a) for a in audio_by_key.values()) / 22050 if audio_by_key else 0.0
     per_line = audio_s / max(1, len(audio_by_key))

@@ -26,12 +26,14 @@ from ttsd.config import Config, InputConfig
 from ttsd.engine.runtime import ENGINE_VERSION
 from ttsd.errors import InputError, VoiceError
 from ttsd.ingest.inbox import Claimed, Inbox, Rejected, display_name, writer_open
-from ttsd.log import get_logger
 from ttsd.ingest.names import name_key, safe_stem
 from ttsd.ingest.parse import ParseLimits, parse
+from ttsd.log import get_logger
+from ttsd.output.dispose import dispose
+from ttsd.output.fsio import Folder
+from ttsd.output.manifest import ManifestRow, write_manifest
 from ttsd.records import Line, LineError
 from ttsd.store.journal import NewLine, Store, sqlite_ino
-from ttsd.output.fsio import Folder, ManifestRow, dispose, write_manifest
 
 log = get_logger(__name__)
 CHUNK = 1000
@@ -120,7 +122,7 @@ class Ingest:
         self.on_lines: Callable[[], None] | None = None
         """Called after each chunk of new lines is in the store (wakes the feeder)."""
         self.answer: Callable[[Store, list[NewLine], Path], None] | None = None
-        """Answers a chunk's cache hits before it is inserted (``pipeline.answer_new_lines``:
+        """Answers a chunk's cache hits before it is inserted (``cache.answer_new_lines``:
         links their WAVs and marks those lines done); None: no cache."""
         self.on_answered: Callable[[int], None] | None = None
         """Called with how many lines of a chunk went into the store done (answered)."""

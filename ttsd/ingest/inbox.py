@@ -44,8 +44,9 @@ from watchdog.observers.polling import PollingObserverVFS
 
 from ttsd.config import InputConfig
 from ttsd.errors import InputError
-from ttsd.log import get_logger
 from ttsd.ingest.names import fit_name as _fit
+from ttsd.log import get_logger
+from ttsd.output.fsio import fsync_dir
 
 log = get_logger(__name__)
 
@@ -199,21 +200,6 @@ def _kind(mode: int) -> str | None:
 def _work_name(name: str) -> str:
     """``<16 hex>--name``, the name shortened (suffix kept) to fit NAME_MAX bytes."""
     return f"{secrets.token_hex(8)}--{_fit(name, NAME_MAX - _PREFIX_LEN)}"
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (ignored where directories cannot be synced)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
 
 
 class _Events:
@@ -602,8 +588,8 @@ class Inbox:
             folder = self._fallback_dir()
             dest = folder / dest.name
             os.rename(path, dest)
-        _fsync_dir(folder)
-        _fsync_dir(self._inbox)
+        fsync_dir(folder, gone_ok=True)
+        fsync_dir(self._inbox, gone_ok=True)
         return dest
 
     def _fallback_dir(self) -> Path:

@@ -1,4 +1,4 @@
-"""Writer: WAV files, manifests and input disposition, every one of them atomic.
+"""Files written safely: atomic writes, copies, links and output folders.
 
 A file appears under its final name only when complete: the bytes go to a temp file
 ``.<name>.<8 hex>.tmp`` in the same folder (``O_EXCL``), then ``fsync(tmp)``, a rename
@@ -6,37 +6,27 @@ that never replaces an existing file (``renameat2(RENAME_NOREPLACE)``, else link
 unlink), and ``fsync(folder)`` (for a batch of WAVs, once per folder by the caller:
 ``sync_dir=False``). On any error the temp file is removed before the error
 propagates, so a crash or a full disk leaves no partial file behind; temps left by a
-``kill -9`` are removed by ``remove_stale_temps`` at start. Only this module imports
-soundfile.
+``kill -9`` are removed by ``dispose.remove_stale_temps`` at start. Every output file
+(``wav``, ``manifest``) and every moved input (``dispose``) is written through here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import ctypes
 import errno
 import fcntl
 import functools
-import io
-import operator
 import os
 import secrets
 import stat
-import struct
-import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
-import numpy as np
-import soundfile as sf
-
 from ttsd import crash
-from ttsd.log import get_logger
-from ttsd.ingest.names import csv_cell
 from ttsd.ingest.names import fit_name as _fit
+from ttsd.log import get_logger
 
 if TYPE_CHECKING:
     from collections.abc import Buffer  # Python 3.12
@@ -44,33 +34,16 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 NAME_MAX = 255
-ERROR_SUFFIX = ".error.txt"
-MANIFEST_COLUMNS = ("id", "line", "text", "wav", "seconds", "cached", "error")
-MANIFEST = "manifest.csv"
 CHUNK = 1024 * 1024
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 _NO_DIR_FSYNC = (errno.EINVAL, errno.ENOTSUP, errno.EBADF)
 
 
-@dataclass(frozen=True)
-class ManifestRow:
-    """One line of ``manifest.csv``."""
-
-    id: str
-    line: int
-    text: str
-    wav: str
-    """WAV file name relative to the manifest's folder ('' when the line failed)."""
-    seconds: float | None
-    cached: bool
-    error: str
-
-
 # -- atomic primitives -----------------------------------------------------------------
 
 
-def _tmp_path(path: str | os.PathLike, dir_fd: int | None = None) -> str:
+def tmp_path(path: str | os.PathLike, dir_fd: int | None = None) -> str:
     """``.<name>.<8 hex>.tmp`` beside ``path``, within NAME_MAX bytes (with ``dir_fd``:
     the name alone, in that folder)."""
     p = Path(path)
@@ -78,7 +51,7 @@ def _tmp_path(path: str | os.PathLike, dir_fd: int | None = None) -> str:
     return name if dir_fd is not None else str(p.parent / name)
 
 
-def _lexists(path: str | os.PathLike, dir_fd: int | None = None) -> bool:
+def lexists(path: str | os.PathLike, dir_fd: int | None = None) -> bool:
     """Whether anything (a symlink too, not followed) is at ``path``."""
     try:
         os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
@@ -87,9 +60,16 @@ def _lexists(path: str | os.PathLike, dir_fd: int | None = None) -> bool:
     return True
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make renames in ``folder`` durable (skipped where directories cannot be synced)."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def fsync_dir(folder: str | os.PathLike, *, gone_ok: bool = False) -> None:
+    """Make the links and renames made in ``folder`` durable (one call for many; skipped
+    where directories cannot be synced). ``gone_ok``: a folder that cannot be opened
+    any more (removed under us) is no error."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        if gone_ok:
+            return
+        raise
     try:
         _fsync_fd(fd)
     finally:
@@ -139,14 +119,14 @@ def rename_noreplace(src: str | os.PathLike, dst: str | os.PathLike,
     except OSError as exc:
         if exc.errno in (errno.EEXIST, errno.EXDEV, errno.ENOENT):
             raise
-        if _lexists(dst, dir_fd):
+        if lexists(dst, dir_fd):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst)) from None
         os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return
     os.unlink(src, dir_fd=dir_fd)
 
 
-def _exists_error(path: str | os.PathLike) -> FileExistsError:
+def exists_error(path: str | os.PathLike) -> FileExistsError:
     return FileExistsError(errno.EEXIST, "will not overwrite an existing file", str(path))
 
 
@@ -180,9 +160,9 @@ def write_atomic(path: str | os.PathLike, data: bytes | Sequence[Buffer], *,
     the rename itself is durable only once the caller fsyncs the folder (``fsync_dir``,
     once for a whole batch), which it must do before it relies on the file.
     """
-    if not overwrite and _lexists(path, dir_fd):
-        raise _exists_error(path)
-    tmp = _tmp_path(path, dir_fd)
+    if not overwrite and lexists(path, dir_fd):
+        raise exists_error(path)
+    tmp = tmp_path(path, dir_fd)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
                  dir_fd=dir_fd)
     try:
@@ -198,17 +178,17 @@ def write_atomic(path: str | os.PathLike, data: bytes | Sequence[Buffer], *,
         else:
             rename_noreplace(tmp, path, dir_fd)
     except BaseException:
-        _remove_quietly(tmp, dir_fd)
+        remove_quietly(tmp, dir_fd)
         raise
     if sync_dir:
         if dir_fd is None:
-            _fsync_dir(Path(path).parent)
+            fsync_dir(Path(path).parent)
         else:
             _fsync_fd(dir_fd)
     return written
 
 
-def _remove_quietly(path: str | os.PathLike, dir_fd: int | None = None) -> None:
+def remove_quietly(path: str | os.PathLike, dir_fd: int | None = None) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path, dir_fd=dir_fd)
 
@@ -216,122 +196,8 @@ def _remove_quietly(path: str | os.PathLike, dir_fd: int | None = None) -> None:
 # -- WAV -------------------------------------------------------------------------------
 
 
-def encode_wav(samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> bytes:
-    """Mono WAV bytes of float samples, clipped to [-1, 1], or of int16 PCM (k stands for
-    k / 32768: the engine's ``pcm16`` output); ValueError on NaN/Inf or anything that is
-    not 1-D."""
-    if isinstance(samples, np.ndarray) and samples.dtype == np.int16:
-        return _encode_int16(samples, sample_rate, subtype)
-    audio = np.asarray(samples, dtype=np.float32)
-    if audio.ndim != 1:
-        raise ValueError(f"expected 1-D mono samples, got shape {audio.shape}")
-    if not np.isfinite(audio).all():
-        raise ValueError("samples contain NaN or Inf; refusing to write them")
-    if sample_rate <= 0:
-        raise ValueError(f"sample rate must be positive, got {sample_rate}")
-    clipped = np.clip(audio, -1.0, 1.0)
-    if subtype == "PCM_16":
-        data = _pcm16_wav(clipped, sample_rate)
-        if data is not None:
-            return data
-    buf = io.BytesIO()
-    sf.write(buf, clipped, sample_rate, subtype=subtype, format="WAV")
-    return buf.getvalue()
-
-
-_WAV_PCM16_HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
 """RIFF/WAVE with one 16-byte ``fmt `` chunk (PCM, mono, 16-bit) then ``data``: the
 44 bytes libsndfile writes for a mono PCM_16 WAV (no PEAK, fact or LIST chunk)."""
-_RATE_MAX = 2**31 - 1
-"""Past this soundfile refuses the rate (a C int); the fast path leaves it to it."""
-
-
-def pcm16(clipped: np.ndarray) -> np.ndarray:
-    """Little-endian int16 samples of float32 ``clipped`` (already in [-1, 1]), exactly as
-    libsndfile converts them for PCM_16 with clipping on (soundfile turns it on):
-    ``lrintf(x × 2³¹) >> 16``, with 1.0 saturating at 32767.
-
-    That is floor(x × 32768) except for |x| < 2⁻⁸, where x × 2³¹ still has a fraction
-    and the round-to-nearest-even before the shift can carry into the next step (e.g.
-    -1e-10 → 0, not -1; (65536 - 0.5) / 2³¹ → 1, not 0). Every step below is exact in
-    float32: a power-of-two scale, rint of a float32, floor of a float32.
-    """
-    y = np.multiply(clipped, np.float32(2.0**31), dtype=np.float32)
-    np.rint(y, out=y)                       # lrintf, round half to even
-    np.multiply(y, np.float32(2.0**-16), out=y)
-    np.floor(y, out=y)                      # the arithmetic shift right by 16
-    np.minimum(y, np.float32(32767.0), out=y)   # +1.0: 2³¹ → 32768 saturates
-    return y.astype("<i2")
-
-
-def _encode_int16(samples: np.ndarray, sample_rate: int, subtype: str) -> bytes:
-    """int16 PCM as it is for PCM_16 (the same bytes as its float k / 32768 through
-    ``pcm16``); other subtypes through libsndfile from the exact floats."""
-    return b"".join(_int16_parts(samples, sample_rate, subtype))
-
-
-def _int16_parts(samples: np.ndarray, sample_rate: int, subtype: str) -> list[Buffer]:
-    """``_encode_int16``'s WAV in parts: for PCM_16 its 44-byte header and the samples
-    themselves (written with writev: copying them into one bytes object was a tenth of
-    a daemon's time holding the GIL); else the whole WAV."""
-    if samples.ndim != 1:
-        raise ValueError(f"expected 1-D mono samples, got shape {samples.shape}")
-    if sample_rate <= 0:
-        raise ValueError(f"sample rate must be positive, got {sample_rate}")
-    if subtype == "PCM_16":
-        header = _pcm16_header(samples.size, sample_rate)
-        if header is not None:
-            return [header, np.ascontiguousarray(samples, dtype="<i2")]
-    return [encode_wav(int16_floats(samples), sample_rate, subtype)]
-
-
-def int16_floats(samples: np.ndarray) -> np.ndarray:
-    """int16 PCM as the float32 samples it stands for (k → k / 32768, exact)."""
-    return samples.astype(np.float32) / np.float32(32768.0)
-
-
-def _pcm16_header(frames: int, sample_rate: int) -> bytes | None:
-    """The 44 bytes libsndfile writes before ``frames`` mono PCM_16 samples; None where
-    libsndfile must decide (a rate that is not a C int, over 4 GiB)."""
-    try:
-        rate = operator.index(sample_rate)
-    except TypeError:
-        return None
-    size = 2 * frames
-    if not 0 < rate <= _RATE_MAX or size + 36 > 0xFFFFFFFF:
-        return None
-    return _WAV_PCM16_HEADER.pack(b"RIFF", 36 + size, b"WAVE", b"fmt ", 16, 1, 1, rate,
-                                  2 * rate, 2, 16, b"data", size)
-
-
-def _pcm16_wav(clipped: np.ndarray, sample_rate: int) -> bytes | None:
-    """The mono PCM_16 WAV libsndfile would write, byte for byte, without libsndfile;
-    None where libsndfile must decide (a rate that is not a C int, over 4 GiB)."""
-    header = _pcm16_header(clipped.size, sample_rate)
-    return None if header is None else header + pcm16(clipped).tobytes()
-
-
-def write_wav(path: str | os.PathLike, samples: np.ndarray, sample_rate: int,
-              subtype: str = "PCM_16", *, overwrite: bool = False, sync_dir: bool = True,
-              dir_fd: int | None = None) -> int:
-    """Encode and write one WAV atomically; returns the bytes written.
-
-    Raises FileExistsError rather than overwrite (unless ``overwrite``), ValueError for
-    NaN/Inf samples, OSError (ENOSPC, EIO…) after removing the temp file.
-    ``sync_dir=False``: the caller fsyncs the folder itself (once for a whole batch)
-    before recording the line as done; the file's own data is synced here either way.
-    """
-    if isinstance(samples, np.ndarray) and samples.dtype == np.int16:
-        # no encoding to spare: write_atomic's own check refuses an existing path
-        data: bytes | list[Buffer] = _int16_parts(samples, sample_rate, subtype)
-    else:
-        if not overwrite and _lexists(path, dir_fd):
-            raise _exists_error(path)
-        data = encode_wav(samples, sample_rate, subtype)
-    written = write_atomic(path, data, overwrite=overwrite, crash_at="after_tmp",
-                           sync_dir=sync_dir, dir_fd=dir_fd)
-    log.debug("writer.wav", path=str(path), bytes=written)
-    return written
 
 
 _FICLONE = 0x40049409
@@ -370,9 +236,9 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike, *, src_dir_fd: int
         st = os.fstat(sfd)
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{src}: not a regular file")
-        if not replace and _lexists(dst, dst_dir_fd):
-            raise _exists_error(dst)
-        tmp = _tmp_path(dst, dst_dir_fd)
+        if not replace and lexists(dst, dst_dir_fd):
+            raise exists_error(dst)
+        tmp = tmp_path(dst, dst_dir_fd)
         dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                       0o644, dir_fd=dst_dir_fd)
         try:
@@ -391,7 +257,7 @@ def copy_file(src: str | os.PathLike, dst: str | os.PathLike, *, src_dir_fd: int
             else:
                 rename_noreplace(tmp, dst, dst_dir_fd)
         except BaseException:
-            _remove_quietly(tmp, dst_dir_fd)
+            remove_quietly(tmp, dst_dir_fd)
             raise
     finally:
         os.close(sfd)
@@ -417,11 +283,6 @@ def _copy_bytes(sfd: int, dfd: int, size: int) -> None:
         _write_all(dfd, chunk)
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make the links and renames made in ``folder`` durable (one call for many)."""
-    _fsync_dir(Path(folder))
-
-
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike, *, link: bool = True,
                  sync_dir: bool = True, checked: bool = False, dst_dir_fd: int | None = None
                  ) -> None:
@@ -442,18 +303,18 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike, *, link: bool =
         try:
             st = os.lstat(src)
         except FileNotFoundError:
-            if _lexists(dst, dst_dir_fd):   # the same error, in the same order, as a copy
-                raise _exists_error(dst) from None
+            if lexists(dst, dst_dir_fd):   # the same error, in the same order, as a copy
+                raise exists_error(dst) from None
             raise
         if not stat.S_ISREG(st.st_mode):
-            if _lexists(dst, dst_dir_fd):
-                raise _exists_error(dst)
+            if lexists(dst, dst_dir_fd):
+                raise exists_error(dst)
             raise ValueError(f"{src}: not a regular file")
     if link:
         try:
             os.link(src, dst, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
         except FileExistsError:
-            raise _exists_error(dst) from None
+            raise exists_error(dst) from None
         except FileNotFoundError:
             raise
         except OSError as exc:
@@ -462,8 +323,8 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike, *, link: bool =
             if sync_dir:
                 _sync_folder_of(dst, dst_dir_fd)
             return
-    if _lexists(dst, dst_dir_fd):
-        raise _exists_error(dst)
+    if lexists(dst, dst_dir_fd):
+        raise exists_error(dst)
     copy_file(src, dst, dst_dir_fd=dst_dir_fd)
     if sync_dir:
         _sync_folder_of(dst, dst_dir_fd)
@@ -471,7 +332,7 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike, *, link: bool =
 
 def _sync_folder_of(path: str | os.PathLike, dir_fd: int | None) -> None:
     if dir_fd is None:
-        _fsync_dir(Path(path).parent)
+        fsync_dir(Path(path).parent)
     else:
         _fsync_fd(dir_fd)
 
@@ -485,115 +346,16 @@ def replace_with_link(src: str | os.PathLike, dst: str | os.PathLike, *,
     if not link:
         copy_file(src, dst, src_dir_fd=src_dir_fd, replace=True)
         return
-    tmp = _tmp_path(dst)
+    tmp = tmp_path(dst)
     os.link(src, tmp, src_dir_fd=src_dir_fd, follow_symlinks=False)
     try:
         os.replace(tmp, dst)
     except BaseException:
-        _remove_quietly(tmp)
+        remove_quietly(tmp)
         raise
-
-
-def _riff_header(head: bytes, size: int) -> tuple[int, int] | None:
-    """(sample rate, data bytes) from the first bytes ``head`` of a RIFF/WAVE file of
-    ``size`` bytes, when its header's own length fits in the file (catches truncation);
-    None when the first 4 KiB hold no complete header. Checking a cached WAV must cost
-    a stat and one small read, not a libsndfile open (that was most of a cache hit's
-    time)."""
-    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-        raise ValueError("not a RIFF/WAVE file")
-    (riff_len,) = struct.unpack_from("<I", head, 4)
-    if riff_len + 8 > size:
-        raise ValueError("truncated")
-    rate, pos = None, 12
-    while pos + 8 <= len(head):
-        cid, clen = head[pos:pos + 4], struct.unpack_from("<I", head, pos + 4)[0]
-        if cid == b"fmt " and pos + 16 <= len(head):
-            (rate,) = struct.unpack_from("<I", head, pos + 12)
-        elif cid == b"data":
-            if rate is None or pos + 8 + clen > size:
-                raise ValueError("no format chunk, or data past the end")
-            return rate, clen
-        pos += 8 + clen + (clen & 1)
-    return None
-
-
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-def wav_ok(path: str | os.PathLike, *, sample_rate: int | None = None, min_bytes: int = 45,
-           size: int | None = None, dir_fd: int | None = None) -> bool:
-    """Cache check: a regular file (not a symlink) of at least ``min_bytes`` (exactly
-    ``size`` when given), complete RIFF/WAVE, frames > 0, and the expected rate.
-
-    One open (never following a symlink), one fstat and one read of 4 KiB: ≈ 5 µs for
-    the usual 44-byte header, called once per cache hit."""
-    try:
-        fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size < min_bytes:
-                return False
-            if size is not None and st.st_size != size:
-                return False
-            head = os.read(fd, 4096)
-            parsed = _riff_header(head, st.st_size)
-            if parsed is None:   # not a plain header in the first 4 KiB: ask libsndfile
-                os.lseek(fd, 0, os.SEEK_SET)
-                with os.fdopen(os.dup(fd), "rb") as f:
-                    info = sf.info(f)
-                if info.frames <= 0:
-                    return False
-                rate = info.samplerate
-            else:
-                rate, data = parsed
-                if data <= 0:
-                    return False
-        finally:
-            os.close(fd)
-    except (OSError, RuntimeError, ValueError, struct.error, TypeError):
-        return False
-    return sample_rate is None or rate == sample_rate
-
-
-def wav_info(path: str | os.PathLike, dir_fd: int | None = None) -> tuple[int, int, float]:
-    """(sample_rate, frames, seconds) of a WAV; OSError if missing, ValueError if unreadable."""
-    fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
-    try:
-        with os.fdopen(fd, "rb") as f:
-            info = sf.info(f)
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: not a readable WAV file: {exc}") from None
-    return info.samplerate, info.frames, info.frames / info.samplerate
 
 
 # -- manifest --------------------------------------------------------------------------
-
-
-def manifest_bytes(rows: Iterable[ManifestRow]) -> bytes:
-    """The manifest as UTF-8 CSV (RFC 4180: CRLF records, so a CR or LF inside a cell is
-    always quoted)."""
-    out = io.StringIO()
-    writer = csv.writer(out)
-    writer.writerow(MANIFEST_COLUMNS)
-    for r in rows:
-        writer.writerow([
-            csv_cell(r.id), r.line, csv_cell(r.text), csv_cell(r.wav),
-            "" if r.seconds is None else f"{r.seconds:.3f}",
-            "true" if r.cached else "false", csv_cell(r.error),
-        ])
-    return out.getvalue().encode("utf-8")
-
-
-def write_manifest(folder: Folder, rows: Iterable[ManifestRow]) -> None:
-    """Write (or atomically replace) ``manifest.csv`` in ``folder``. An OSError names
-    the manifest's full path (the write itself goes through the folder's descriptor)."""
-    try:
-        write_atomic(MANIFEST, manifest_bytes(rows), overwrite=True, dir_fd=folder.fd)
-    except OSError as exc:
-        exc.filename, exc.filename2 = str(folder.path / MANIFEST), None
-        raise
-    log.debug("writer.manifest", folder=str(folder.path))
 
 
 class NotAFolderError(OSError):
@@ -654,116 +416,3 @@ class Folder:
 # -- input disposition -----------------------------------------------------------------
 
 
-def _candidates(name: str) -> Iterable[str]:
-    """``name``, ``stem-2.suffix``, ``stem-3.suffix``… (the scheme of the outbox's
-    folders: ``outbox/stem-2/``), each leaving room for ``.error.txt`` within NAME_MAX
-    bytes."""
-    limit = NAME_MAX - len(ERROR_SUFFIX)
-    dot = name.rfind(".")
-    stem, suffix = (name[:dot], name[dot:]) if dot > 0 else (name, "")
-    yield _fit(name, limit)
-    for k in range(2, 100_000):
-        tag = f"-{k}{suffix}"
-        yield _fit(stem, limit - len(os.fsencode(tag))) + tag
-    raise FileExistsError(errno.EEXIST, "no free name left", name)
-
-
-def _move_across(src: Path, dst: Path) -> None:
-    """Cross-device move without following or opening anything but a regular file."""
-    st = os.lstat(src)
-    tmp = _tmp_path(dst)
-    if stat.S_ISREG(st.st_mode):
-        copy_file(src, dst)
-        _fsync_dir(dst.parent)
-    else:
-        try:
-            if stat.S_ISLNK(st.st_mode):
-                os.symlink(os.readlink(src), tmp)
-            elif stat.S_ISFIFO(st.st_mode):
-                os.mkfifo(tmp, 0o600)
-            else:  # sockets, devices, directories: keep a named placeholder
-                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
-                                 0o600))
-            rename_noreplace(tmp, dst)
-        except BaseException:
-            _remove_quietly(tmp)
-            raise
-        _fsync_dir(dst.parent)
-    if stat.S_ISDIR(st.st_mode):
-        os.rmdir(src)
-    else:
-        os.unlink(src)
-
-
-def _error_text(name: str, error: str) -> str:
-    """The error file's text: the reason, led by the input's name unless it already is."""
-    text = error.strip("\n")
-    if not text.startswith(name):
-        text = f"{name}: {text}"
-    return text + "\n"
-
-
-def dispose(path: Path, folder: Path, name: str, *, error: str | None = None) -> Path:
-    """Move an input out of the work folder into ``folder`` (done/ or failed/) as ``name``,
-    adding "-2", "-3"… before the suffix rather than overwrite. With ``error``, ``<final name>.error.txt``
-    (the reason, led by ``name`` unless it already is) is written beside it first, so the
-    input is never there without its reason. Symlinks and FIFOs are renamed, never
-    opened; across filesystems they are recreated, regular files copied. Returns the path.
-    """
-    path, folder = Path(path), Path(folder)
-    if not name or "/" in name or "\0" in name or name in (".", ".."):
-        raise ValueError(f"not a plain file name: {name!r}")
-    folder.mkdir(parents=True, exist_ok=True)
-    for candidate in _candidates(name):
-        dst = folder / candidate
-        note = folder / (candidate + ERROR_SUFFIX)
-        if os.path.lexists(dst) or (error is not None and os.path.lexists(note)):
-            continue
-        if error is not None:
-            try:
-                write_atomic(note, _error_text(name, error).encode("utf-8"))
-            except FileExistsError:
-                continue
-        try:
-            try:
-                rename_noreplace(path, dst)
-            except OSError as exc:
-                if exc.errno != errno.EXDEV:
-                    raise
-                _move_across(path, dst)
-        except FileExistsError:
-            if error is not None:
-                _remove_quietly(note)
-            continue
-        except BaseException:
-            if error is not None:
-                _remove_quietly(note)
-            raise
-        _fsync_dir(folder)
-        _fsync_dir(path.parent)
-        log.info("writer.disposed", name=name, to=str(dst), failed=error is not None)
-        return dst
-    raise AssertionError("unreachable")  # pragma: no cover - _candidates raises first
-
-
-def remove_stale_temps(folder: Path, older_than_s: float = 0.0) -> int:
-    """Remove ``.*.tmp`` files under ``folder`` (recursively, links not followed) that a
-    crash left behind; returns how many. Call at start, before any writer runs; in a
-    folder other processes write too (the shared voice cache), only temps untouched
-    for ``older_than_s``."""
-    removed = 0
-    cutoff = time.time() - older_than_s
-    for root, _dirs, files in os.walk(folder, followlinks=False):
-        for fname in files:
-            if fname.startswith(".") and fname.endswith(".tmp") and len(fname) > 5:
-                path = os.path.join(root, fname)
-                try:
-                    if older_than_s and os.lstat(path).st_mtime > cutoff:
-                        continue
-                    os.unlink(path)
-                    removed += 1
-                except FileNotFoundError:
-                    continue
-    if removed:
-        log.info("writer.stale_temps_removed", folder=str(folder), count=removed)
-    return removed

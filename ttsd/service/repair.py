@@ -40,10 +40,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ttsd.service import sitelock
 from ttsd.config import PathsConfig
 from ttsd.errors import ConfigError, TtsdError
 from ttsd.log import get_logger
+from ttsd.service import sitelock
 from ttsd.store.journal import DONE_AUDIO_US, DONE_CACHED, Store, damaged, recount_done
 
 log = get_logger(__name__)

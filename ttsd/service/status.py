@@ -30,9 +30,9 @@ from typing import Any
 
 import psutil
 
-from ttsd.service import sitelock
 from ttsd.config import PathsConfig
 from ttsd.errors import ConfigError, StoreDamagedError
+from ttsd.service import sitelock
 from ttsd.store.journal import DONE_AUDIO_US, DONE_CACHED, Store, damaged
 
 LATENCY_WINDOW = 1000

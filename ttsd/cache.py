@@ -1,0 +1,222 @@
+"""The cache: a line said before is answered with the WAV it got then.
+
+An entry is keyed by everything that changes a line's audio (``cache_key``); its WAV is
+kept under ``state/cache/`` by the sink, and a hit is placed at the line's outbox path as
+a copy that shares nothing with the cache (a reflink where the filesystem has them), or
+with ``cache.link`` a hard link. A hit is checked before it is used (``HitCheck``): a
+file that changed since ttsd wrote it is a miss, never served. Most hits are answered as
+their file is parsed (``answer_new_lines``); the rest by the feeder.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from concurrent.futures import Executor
+from pathlib import Path
+
+from ttsd import crash
+from ttsd.health import fault
+from ttsd.log import get_logger
+from ttsd.output.fsio import Folder, link_or_copy
+from ttsd.output.wav import wav_info, wav_ok
+from ttsd.store.journal import NewLine, Store, sqlite_ino
+
+log = get_logger(__name__)
+
+
+def cache_path(cache_dir: Path, key: str) -> Path:
+    return cache_dir / key[:2] / f"{key}.wav"
+
+
+class HitCheck:
+    """Cache entries checked for one batch or chunk: one file check per key
+    (``_cache_file_ok``); the damaged or missing are evicted and the newly checked
+    stamped by ``save``."""
+
+    def __init__(self) -> None:
+        self.checked: dict[str, bool] = {}
+        self.evict: list[str] = []
+        self.stamps: list[tuple[str, int, int]] = []
+
+    def ok(self, entry: dict, sample_rate: int | None) -> bool:
+        key = entry["key"]
+        ok = self.checked.get(key)
+        if ok is None:
+            ok = self.checked[key] = _cache_file_ok(entry, sample_rate, self.stamps)
+            if not ok:
+                self.evict.append(key)   # damaged or missing: a miss
+        return ok
+
+    def gone(self, key: str) -> None:
+        """The entry's file went away after its check (purged): a miss from now on."""
+        if self.checked.get(key) is not False:
+            self.checked[key] = False
+            self.evict.append(key)
+
+    def save(self, store: Store) -> None:
+        """Record the evictions and stamps (both only spare later checks: a journal that
+        cannot take them now is no reason to stop)."""
+        try:
+            if self.evict:
+                store.cache_evict(self.evict)
+            if self.stamps:
+                store.cache_stamp(self.stamps)
+        except sqlite3.OperationalError as exc:
+            if fault(exc) is None:
+                raise
+            log.warning("cache.check_not_recorded", error=str(exc))
+
+
+def place_hit(src: str, folder: Folder, name: str, sample_rate: int | None, link: bool,
+              checked: bool = False) -> tuple[str, float | None]:
+    """Put a cache hit's file at its line's WAV ``name`` in ``folder``: a copy that shares
+    nothing with the cache (or, with ``cache.link``, a hard link). No folder fsync: the
+    caller's. Returns ("placed", None), also when the path holds those very bytes
+    already (placed before a crash); ("adopted", seconds): another whole WAV of an
+    earlier attempt was there already and is kept; ("gone", None): the cache file was
+    purged or is no longer a regular file (a miss: synthesize the line); ("taken",
+    None): something that is not its WAV holds the path (never overwritten: the line
+    fails, ``occupied``); ("error", None): the copy failed (disk full, I/O error: the
+    line stays pending). ``checked``: ``src`` was just found a regular file."""
+    try:
+        link_or_copy(src, name, link=link, sync_dir=False, checked=checked, dst_dir_fd=folder.fd)
+        return "placed", None
+    except (FileNotFoundError, ValueError):
+        return "gone", None
+    except FileExistsError:
+        if _same_bytes(src, folder, name):   # placed before a crash
+            return "placed", None
+        if wav_ok(name, sample_rate=sample_rate, dir_fd=folder.fd):
+            return "adopted", wav_info(name, folder.fd)[2]
+        return "taken", None
+    except OSError as exc:
+        log.error("wav.place_failed", path=str(folder.path / name), error=str(exc))
+        return "error", None
+
+
+def _same_bytes(src: str, folder: Folder, name: str) -> bool:
+    """The file at ``name`` holds ``src``'s bytes: the same file (a link), or a copy of
+    it (compared byte for byte; only a restart after a crash gets here)."""
+    try:
+        a = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        b = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                    dir_fd=folder.fd)
+    except OSError:
+        os.close(a)
+        return False
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+        if not stat.S_ISREG(sb.st_mode) or sa.st_size != sb.st_size:
+            return False
+        if (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino):
+            return True
+        while True:
+            x, y = os.read(a, 1 << 20), os.read(b, 1 << 20)
+            if x != y:
+                return False
+            if not x:
+                return True
+    except OSError:
+        return False
+    finally:
+        os.close(a)
+        os.close(b)
+
+
+def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
+                     sample_rates: dict[str, int], link: bool = False,
+                     pool: Executor | None = None) -> None:
+    """Answer the cache hits among a file's lines as they are parsed, before they reach
+    the store: each hit's WAV placed in ``out_dir`` (``place_hit``; several at a time on
+    ``pool``), the folder fsynced once, and the line marked done (``wav``; ``cached``
+    for the cache's audio) so that ``Store.add_lines`` inserts it done and counts its
+    cache use.
+
+    A known line then costs one insert instead of an insert, a take and a completion
+    (three transactions' worth of row writes). The lines not answered here (misses, a
+    cache file that went away, a path already taken, an outbox that cannot be written)
+    stay pending: the feeder and sink meet them as they would have. A crash after the
+    copies and before the insert leaves them, and the restart's re-parse finds them
+    again: ``place_hit`` counts the cache's very bytes at the path as placed."""
+    todo = [ln for ln in lines if ln.cache_key and not ln.error and ln.out_name]
+    cached = store.cache_get_many([ln.cache_key for ln in todo]) if todo else {}
+    if not cached:
+        return
+    check = HitCheck()
+    hits = []
+    for ln in todo:
+        entry = cached.get(ln.cache_key)
+        sr = sample_rates.get(ln.voice or "")
+        if entry is not None and check.ok(entry, sr):
+            hits.append((ln, entry, sr))
+    if not hits:
+        check.save(store)
+        return
+    try:
+        folder = Folder.open(out_dir)
+    except OSError as exc:   # the sink meets the folder again, and reports it
+        log.warning("wav.folder_unusable", folder=str(out_dir), error=str(exc))
+        check.save(store)
+        return
+    answered: list[NewLine] = []
+    try:
+        # The entry's check has just lstat'ed the cache file (``checked``): a file swapped
+        # for a symlink in the microseconds between would be placed as one; the cache
+        # folder is the daemon's own.
+        def place(hit: tuple) -> tuple[str, float | None]:
+            ln, entry, sr = hit
+            return place_hit(entry["path"], folder, f"{ln.out_name}.wav", sr, link,
+                             checked=True)
+        outcomes = pool.map(place, hits) if pool is not None else map(place, hits)
+        for (ln, entry, _sr), (outcome, seconds) in zip(hits, outcomes):
+            dst = str(folder.path / f"{ln.out_name}.wav")
+            if outcome == "placed":
+                ln.wav, ln.seconds, ln.cached = dst, float(entry["seconds"]), True
+                answered.append(ln)
+            elif outcome == "adopted":
+                ln.wav, ln.seconds, ln.cached = dst, seconds, False
+                answered.append(ln)
+            elif outcome == "gone":
+                check.gone(entry["key"])
+        check.save(store)
+        if answered:
+            crash.point("after_hit_links")
+            try:   # the copies are durable before their lines are done
+                folder.sync()
+            except OSError as exc:
+                log.error("wav.folder_sync_failed", folder=str(out_dir), error=str(exc))
+                for ln in answered:   # pending: the feeder meets them again (and adopts)
+                    ln.wav, ln.seconds, ln.cached = None, None, False
+    finally:
+        folder.close()
+
+
+def _cache_file_ok(entry: dict, sample_rate: int | None,
+                   stamps: list[tuple[str, int, int]]) -> bool:
+    """Whether a cache entry's file can answer a hit: the file the sink wrote (or last
+    checked), unchanged: same inode, mtime and size, one lstat. A stamped file that no
+    longer has its stamp was changed by someone since (an edit in place, with
+    ``cache.link`` through an outbox WAV linked to it, or a replacement) and is a miss:
+    the line is synthesized again, and nothing done outside ttsd is ever served. (An
+    edit that restores the old mtime and keeps the size is not seen.) An entry from
+    before stamps gets the full check — regular, the entry's size, a whole RIFF/WAVE
+    header at the voice's rate — and, if it passes, a new stamp in ``stamps`` (key,
+    inode, mtime_ns)."""
+    path = entry["path"]
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_size != entry["bytes"]:
+        return False
+    if entry.get("ino") is not None:   # stamped: unchanged since, or changed by someone
+        return sqlite_ino(st.st_ino) == entry["ino"] and st.st_mtime_ns == entry["mtime_ns"]
+    if not wav_ok(path, sample_rate=sample_rate, size=entry["bytes"]):
+        return False
+    stamps.append((entry["key"], sqlite_ino(st.st_ino), st.st_mtime_ns))
+    return True
