@@ -1,4 +1,6 @@
-"""Config: which file is used (--config, $TTSD_CONFIG, ./config.toml, defaults).
+"""Config: which file is used (--config, $TTSD_CONFIG, ./config.toml, defaults), and the
+documented file: the repository's config.toml is the one shipped in the package and
+written by `ttsd init`, and it holds every key at its default with its meaning.
 (What each key accepts: test_config_validation.py.)"""
 
 from __future__ import annotations
@@ -7,11 +9,12 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from ttsd.config import Config
+from ttsd.config import Config, default_text, from_dict
 from ttsd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,6 +128,70 @@ def test_load_without_a_path_reads_env_then_local(tmp_path: Path,
     monkeypatch.setenv("TTSD_CONFIG", str(tmp_path / "gone.toml"))
     with pytest.raises(ConfigError, match=r"\$TTSD_CONFIG names .*gone.toml"):
         Config.load()
+
+
+# ------------------------------------------------------------------ the documented file
+
+
+def documented_lines() -> dict[str, str]:
+    """Each "section.key" of the documented file and its whole line."""
+    out, section = {}, ""
+    for line in default_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif line and not line[0].isspace() and not line.startswith("#"):
+            out[f"{section}.{line.split('=')[0].strip()}"] = line
+    return out
+
+
+def test_the_repository_config_is_the_shipped_one() -> None:
+    shipped = ROOT / "ttsd" / "config" / "default.toml"
+    assert (ROOT / "config.toml").read_bytes() == shipped.read_bytes()
+    assert default_text().encode("utf-8") == shipped.read_bytes()
+
+
+def test_the_documented_file_holds_every_key_at_its_default() -> None:
+    """Every key of the records is in the file with its default value (of its type),
+    and the file holds no other key."""
+    written = tomllib.loads(default_text())
+    defaults = Config().to_dict()
+    assert list(written) == list(defaults)
+    for section, table in defaults.items():
+        assert list(written[section]) == list(table), section
+        for key, value in table.items():
+            got = written[section][key]
+            assert (type(got), got) == (type(value), value), f"{section}.{key}"
+    assert from_dict(written) == Config()
+
+
+def test_every_key_of_the_documented_file_says_what_it_means() -> None:
+    lines = documented_lines()
+    assert set(lines) == {f"{s}.{k}" for s, t in Config().to_dict().items() for k in t}
+    for key, line in lines.items():
+        meaning = line.partition("#")[2].strip()
+        assert len(meaning) > 10, f"{key}: {line!r}"
+
+
+def test_init_writes_the_documented_file_and_its_folders(tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    out = ttsd(tmp_path, "init", str(target))
+    assert out.returncode == 0, out.stderr
+    assert (target / "config.toml").read_bytes() == (ROOT / "config.toml").read_bytes()
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.toml", "done", "failed", "inbox", "outbox", "state", "voices"]
+    assert store_used(tmp_path, "--config", str(target / "config.toml")) \
+        == target / "state" / "ttsd.db"
+
+
+def test_init_keeps_an_existing_config_unless_forced(tmp_path: Path) -> None:
+    config = config_file(tmp_path / "config.toml", "mine")
+    out = ttsd(tmp_path, "init", str(tmp_path))
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert out.stderr == f"ttsd: {config} exists; use --force to overwrite it\n"
+    assert config.read_text(encoding="utf-8") == '[paths]\nstate = "mine"\n'
+    out = ttsd(tmp_path, "init", "--force", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert config.read_text(encoding="utf-8") == default_text()
 
 
 def test_init_writes_the_config_that_ttsd_config_names(tmp_path: Path) -> None:
