@@ -1,23 +1,23 @@
-"""Config: which file is used (--config, $TTSD_CONFIG, ./config.toml, defaults) and the
-five folders of [paths], which must be distinct and none inside another."""
+"""Config: which file is used (--config, $TTSD_CONFIG, ./config.toml, defaults), and the
+documented file: the repository's config.toml is the one shipped in the package and
+written by `ttsd init`, and it holds every key at its default with its meaning.
+(What each key accepts: test_config_validation.py.)"""
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
-from ttsd.config import Config, from_dict, validate
+from ttsd.config import Config, default_text, from_dict
 from ttsd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-KEYS = ("inbox", "outbox", "done", "failed", "state")
 
 
 def ttsd(cwd: Path, *args: str, env_config: str | None = None
@@ -130,129 +130,68 @@ def test_load_without_a_path_reads_env_then_local(tmp_path: Path,
         Config.load()
 
 
-# ------------------------------------------------------------------ distinct folders
+# ------------------------------------------------------------------ the documented file
 
 
-def paths_table(**paths: str) -> str:
-    """A [paths] table setting ``paths``."""
-    return "[paths]\n" + "".join(f'{k} = "{v}"\n' for k, v in paths.items())
+def documented_lines() -> dict[str, str]:
+    """Each "section.key" of the documented file and its whole line."""
+    out, section = {}, ""
+    for line in default_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif line and not line[0].isspace() and not line.startswith("#"):
+            out[f"{section}.{line.split('=')[0].strip()}"] = line
+    return out
 
 
-def paths_dict(**paths: str) -> dict[str, dict[str, str]]:
-    """Parsed TOML setting ``paths``."""
-    return {"paths": paths}
+def test_the_repository_config_is_the_shipped_one() -> None:
+    shipped = ROOT / "ttsd" / "config" / "default.toml"
+    assert (ROOT / "config.toml").read_bytes() == shipped.read_bytes()
+    assert default_text().encode("utf-8") == shipped.read_bytes()
 
 
-@pytest.mark.parametrize("a, b", list(itertools.combinations(KEYS, 2)))
-def test_two_keys_naming_one_folder_are_refused(tmp_path: Path, a: str, b: str) -> None:
-    shared = tmp_path / "shared"
-    raw = {"paths": {k: str(tmp_path / k) for k in KEYS}}
-    raw["paths"][a] = raw["paths"][b] = str(shared)
-    with pytest.raises(ConfigError) as info:
-        from_dict(raw, where="c.toml")
-    assert str(info.value) == (f"c.toml: paths.{a} and paths.{b} are the same folder "
-                               f"({shared}): each must be its own folder, none inside another")
+def test_the_documented_file_holds_every_key_at_its_default() -> None:
+    """Every key of the records is in the file with its default value (of its type),
+    and the file holds no other key."""
+    written = tomllib.loads(default_text())
+    defaults = Config().to_dict()
+    assert list(written) == list(defaults)
+    for section, table in defaults.items():
+        assert list(written[section]) == list(table), section
+        for key, value in table.items():
+            got = written[section][key]
+            assert (type(got), got) == (type(value), value), f"{section}.{key}"
+    assert from_dict(written) == Config()
 
 
-@pytest.mark.parametrize("outer, inner", list(itertools.permutations(KEYS, 2)))
-def test_a_folder_inside_another_is_refused(tmp_path: Path, outer: str, inner: str) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text(paths_table(**{outer: "top", inner: "top/sub"}), encoding="utf-8")
-    with pytest.raises(ConfigError) as info:
-        Config.load(config)
-    message = str(info.value)
-    assert message.startswith(f"{config}: paths.{inner} ({tmp_path / 'top' / 'sub'}) lies "
-                              f"inside paths.{outer} ({tmp_path / 'top'})"), message
+def test_every_key_of_the_documented_file_says_what_it_means() -> None:
+    lines = documented_lines()
+    assert set(lines) == {f"{s}.{k}" for s, t in Config().to_dict().items() for k in t}
+    for key, line in lines.items():
+        meaning = line.partition("#")[2].strip()
+        assert len(meaning) > 10, f"{key}: {line!r}"
 
 
-def test_done_and_failed_set_to_the_inbox_are_refused(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    config.write_text(paths_table(done="inbox", failed="inbox"), encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"paths\.inbox, paths\.done and paths\.failed are "
-                                          r"the same folder"):
-        Config.load(config)
+def test_init_writes_the_documented_file_and_its_folders(tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    out = ttsd(tmp_path, "init", str(target))
+    assert out.returncode == 0, out.stderr
+    assert (target / "config.toml").read_bytes() == (ROOT / "config.toml").read_bytes()
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.toml", "done", "failed", "inbox", "outbox", "state", "voices"]
+    assert store_used(tmp_path, "--config", str(target / "config.toml")) \
+        == target / "state" / "ttsd.db"
 
 
-def test_a_symlinked_alias_is_the_same_folder(tmp_path: Path) -> None:
-    real, alias = tmp_path / "real", tmp_path / "alias"
-    real.mkdir()
-    alias.symlink_to(real)
-    rest = {k: str(tmp_path / k) for k in ("inbox", "outbox", "state")}
-    with pytest.raises(ConfigError) as info:
-        from_dict({"paths": {**rest, "done": str(real), "failed": str(alias)}}, where="c.toml")
-    assert str(info.value).startswith(
-        f"c.toml: paths.done and paths.failed ({alias}) are the same folder ({real}):"), \
-        str(info.value)
-    config = tmp_path / "c.toml"
-    config.write_text(paths_table(done="real", failed="alias"), encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"paths\.done and paths\.failed are the same folder "
-                                          r"\(.*/real\)"):
-        Config.load(config)
-
-
-def test_a_folder_inside_another_through_a_symlink_is_refused(tmp_path: Path) -> None:
-    inbox, link = tmp_path / "inbox", tmp_path / "link"
-    inbox.mkdir()
-    link.symlink_to(inbox)
-    rest = {k: str(tmp_path / k) for k in ("outbox", "done", "failed")}
-    with pytest.raises(ConfigError) as info:
-        from_dict({"paths": {**rest, "inbox": str(inbox), "state": str(link / "state")}},
-                  where="c.toml")
-    assert str(info.value).startswith(
-        f"c.toml: paths.state ({link / 'state'}, which is {inbox / 'state'}) lies inside "
-        f"paths.inbox ({inbox}):"), str(info.value)
-    config = tmp_path / "c.toml"
-    config.write_text(paths_table(state="link/state"), encoding="utf-8")
-    with pytest.raises(ConfigError, match=r"paths\.state \(.*/inbox/state\) lies inside "
-                                          r"paths\.inbox"):
-        Config.load(config)
-
-
-def test_defaults_are_checked_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("TTSD_CONFIG", raising=False)
-    assert Config.load().paths.inbox == tmp_path / "inbox"
-    (tmp_path / "state").mkdir()
-    (tmp_path / "inbox").symlink_to(tmp_path / "state")
-    with pytest.raises(ConfigError) as info:
-        Config.load()
-    assert str(info.value).startswith(f"built-in defaults: paths.inbox and paths.state are "
-                                      f"the same folder ({tmp_path / 'state'}):"), str(info.value)
-
-
-def test_resolved_checks_relative_paths(tmp_path: Path) -> None:
-    cfg = from_dict(paths_dict(outbox="out", done="out/done"))
-    with pytest.raises(ConfigError, match=r"paths\.done .* lies inside paths\.outbox"):
-        cfg.resolved(tmp_path)
-
-
-def test_validate_checks_absolute_paths(tmp_path: Path) -> None:
-    cfg = Config.load(config_file(tmp_path / "c.toml", "state"))
-    clash = dataclasses.replace(cfg.paths, failed=cfg.paths.done)
-    with pytest.raises(ConfigError, match=r"command line: paths\.done and paths\.failed"):
-        validate(dataclasses.replace(cfg, paths=clash), "command line")
-
-
-def test_distinct_folders_are_accepted(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    elsewhere = tmp_path / "elsewhere" / "failed"
-    config.write_text(paths_table(inbox="in", outbox="in2", done="in.done",
-                                  failed=str(elsewhere), state="st")
-                      + '[engine]\nvoices_dir = "in/voices"\n', encoding="utf-8")
-    cfg = Config.load(config)
-    assert cfg.paths.inbox == tmp_path / "in"
-    assert cfg.paths.failed == elsewhere
-    assert cfg.engine.voices_dir == tmp_path / "in" / "voices"
-
-
-def test_run_refuses_overlapping_folders_at_once(tmp_path: Path) -> None:
-    config = tmp_path / "config.toml"
-    config.write_text(paths_table(done="inbox", failed="inbox"), encoding="utf-8")
-    out = ttsd(tmp_path, "run", "--once")
+def test_init_keeps_an_existing_config_unless_forced(tmp_path: Path) -> None:
+    config = config_file(tmp_path / "config.toml", "mine")
+    out = ttsd(tmp_path, "init", str(tmp_path))
     assert out.returncode == 2, (out.stdout, out.stderr)
-    assert "paths.done" in out.stderr and "paths.failed" in out.stderr, out.stderr
-    assert "same folder" in out.stderr, out.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.toml"]
+    assert out.stderr == f"ttsd: {config} exists; use --force to overwrite it\n"
+    assert config.read_text(encoding="utf-8") == '[paths]\nstate = "mine"\n'
+    out = ttsd(tmp_path, "init", "--force", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert config.read_text(encoding="utf-8") == default_text()
 
 
 def test_init_writes_the_config_that_ttsd_config_names(tmp_path: Path) -> None:

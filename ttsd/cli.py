@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ttsd import __version__
-from ttsd.config import Config, dump
+from ttsd.config import Config, default_text
 from ttsd.errors import ConfigError, StoreDamagedError, TtsdError
 
 
@@ -270,13 +270,13 @@ def cmd_repair(cfg: Config, ns: argparse.Namespace) -> int:
 
 
 def cmd_init(cfg: Config, ns: argparse.Namespace) -> int:
+    """Write the documented default config (every key, its default and meaning) into
+    DIR, and make the folders it names."""
     target = ns.dir / "config.toml"
     if target.exists() and not ns.force:
         raise ConfigError(f"{target} exists; use --force to overwrite it")
     ns.dir.mkdir(parents=True, exist_ok=True)
-    fresh = Config()
-    target.write_text("# ttsd configuration (see `ttsd --help`; every key is optional)\n"
-                      + dump(fresh), encoding="utf-8")
+    target.write_text(default_text(), encoding="utf-8")
     resolved = Config.load(target)
     for p in (resolved.paths.inbox, resolved.paths.outbox, resolved.paths.done,
               resolved.paths.failed, resolved.paths.state, resolved.engine.voices_dir):
