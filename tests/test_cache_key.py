@@ -98,6 +98,7 @@ NOT_AUDIO = {
     "engine.warmup", "engine.phonemizer_processes",
     "batching.max_batch_size", "batching.lines_per_batch", "batching.max_wait_ms",
     "batching.max_phonemes", "batching.prefetch", "batching.writer_threads",
+    "batching.idle_batch",
     "output.manifest", "cache.enabled", "cache.link",
     "memory.free_memory_every_s", "memory.idle_s",
     "daemon.log_level", "daemon.heartbeat_s", "daemon.max_attempts", "daemon.stop_timeout_s",

@@ -66,6 +66,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batching.max_wait_ms": _AT_LEAST_0,
     "batching.max_phonemes": _ABOVE_0,
     "batching.prefetch": _AT_LEAST_1,
+    "batching.idle_batch": ((lambda v: 0 < v <= 1), "must be > 0 and <= 1"),
     "batching.writer_threads": _AUTO_0,
     "output.subtype": _one_of(SUBTYPES),
     "memory.free_memory_every_s": ((lambda v: v >= 0), "must be >= 0 (0 = never)"),

@@ -32,7 +32,6 @@ RETIRED: dict[str, object] = {
     "engine.cuda_graphs": "auto",
     "engine.audio_graphs": "auto",
     "engine.overlap_halves": "auto",
-    "batching.idle_batch": 0.5,
     "batching.stream_writes": True,
     "daemon.gil_switch_ms": 1.0,
 }

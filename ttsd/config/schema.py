@@ -147,6 +147,9 @@ class BatchingConfig:
     """Phoneme budget of one batch (padded length × lines)."""
     prefetch: int = 2
     """Batches prepared ahead of the GPU (and finished batches waiting for the sink)."""
+    idle_batch: float = 0.5
+    """Share of a batch taken while the model is idle (a burst's first batch): its
+    WAVs come sooner; 1.0 = whole batches from the first."""
     writer_threads: int = 0
     """Threads encoding, writing and fsyncing WAV files; 0 = auto (two per core, at
     most 32: see ``writers``)."""
