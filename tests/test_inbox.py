@@ -17,19 +17,12 @@ from structlog.testing import capture_logs
 from watchdog.events import FileClosedEvent, FileCreatedEvent, FileModifiedEvent
 
 import ttsd.ingest.inbox as inbox_mod
+import ttsd.ingest.watch as watch_mod
 from ttsd.config import InputConfig
 from ttsd.errors import InputError
-from ttsd.ingest.inbox import (
-    Claimed,
-    FileState,
-    Inbox,
-    Rejected,
-    Seen,
-    claimed_name,
-    eligible_name,
-    human_bytes,
-    settled,
-)
+from ttsd.ingest.inbox import Claimed, Inbox, Rejected, claimed_name, human_bytes
+from ttsd.ingest.names import eligible_name
+from ttsd.ingest.watch import FileState, Seen, settled
 
 SETTLE = 0.2
 
@@ -238,7 +231,7 @@ def test_inotify_enospc_falls_back_to_polling(tmp_path: Path,
     def no_watches(self: object) -> None:
         raise OSError(errno.ENOSPC, "inotify watch limit reached")
 
-    monkeypatch.setattr(inbox_mod.Observer, "start", no_watches)
+    monkeypatch.setattr(watch_mod.Observer, "start", no_watches)
     ib = make(tmp_path, rescan_s=600.0)
     with capture_logs() as logs:
         ib.start()
@@ -259,8 +252,8 @@ def test_no_observer_at_all_still_finds_files(tmp_path: Path,
     def broken(self: object) -> None:
         raise OSError(errno.EIO, "broken")
 
-    monkeypatch.setattr(inbox_mod.Observer, "start", broken)
-    monkeypatch.setattr(inbox_mod.PollingObserverVFS, "start", broken)
+    monkeypatch.setattr(watch_mod.Observer, "start", broken)
+    monkeypatch.setattr(watch_mod.PollingObserverVFS, "start", broken)
     ib = make(tmp_path, rescan_s=600.0)
     with ib:
         assert ib.mode == "rescan-only"

@@ -25,9 +25,10 @@ from ttsd import crash
 from ttsd.config import Config, InputConfig
 from ttsd.engine.runtime import ENGINE_VERSION
 from ttsd.errors import InputError, VoiceError
-from ttsd.ingest.inbox import Claimed, Inbox, Rejected, display_name, writer_open
-from ttsd.ingest.names import name_key, safe_stem
+from ttsd.ingest.inbox import Claimed, Inbox, Rejected
+from ttsd.ingest.names import display_name, name_key, safe_stem
 from ttsd.ingest.parse import ParseLimits, parse
+from ttsd.ingest.watch import writer_open
 from ttsd.log import get_logger
 from ttsd.output.dispose import dispose
 from ttsd.output.fsio import Folder

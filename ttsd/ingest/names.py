@@ -104,3 +104,19 @@ def fit_name(name: str, limit: int) -> str:
     while head and len(os.fsencode(head + tail)) > limit:
         head = head[:-1]
     return head + tail
+
+
+def eligible_name(name: str, suffixes: tuple[str, ...]) -> bool:
+    """True for names ttsd may pick up; temp, hidden and editor names wait to be renamed."""
+    lower = name.lower()
+    if name.startswith(".") or lower.endswith((".tmp", ".part", "~", ".swp")):
+        return False
+    return lower.endswith(tuple(s.lower() for s in suffixes))
+
+
+def display_name(name: str) -> str:
+    """A file name as ttsd records and reports it: the name itself when it is valid
+    UTF-8, else its bytes decoded with each byte that is not written ``\\xNN`` (a
+    Latin-1 ``café.txt`` becomes ``caf\\xe9.txt``), so that it can be stored, logged and
+    used for the outbox and done/ names."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")

@@ -83,15 +83,12 @@ def build_engine(cfg: Config, device: str | None = None, *, dtype: str | None = 
     ``phonemizers=0`` phonemizes in this process."""
     e = cfg.engine
     return Engine(discover(e.voices_dir), device=device or e.device, dtype=dtype or e.dtype,
-                  memory_fraction=e.memory_fraction, cudnn_benchmark=e.cudnn_benchmark,
+                  memory_fraction=e.memory_fraction,
                   max_audio_s_per_char=e.max_audio_s_per_char,
                   sentence_silence_s=e.sentence_silence_s, cache_dir=cfg.paths.voices_cache,
                   max_batch=cfg.batching.max_batch_size if max_batch is None else max_batch,
                   token_budget=token_budget or cfg.batching.max_phonemes,
-                  compile=compile or e.compile, compile_text=e.compile_text,
-                  pack_calls=e.pack_calls, warmup_frames=e.warmup_frames,
-                  row_step=e.row_step,
-                  cuda_graphs=e.cuda_graphs, audio_graphs=e.audio_graphs,
+                  compile=compile or e.compile,
                   pcm16=cfg.output.subtype == "PCM_16",
                   phonemizer_processes=phonemizers if phonemizers is not None else
                   (e.phonemizer_processes or max(1, min(4, (os.cpu_count() or 1) // 4))))
