@@ -17,16 +17,11 @@ from hypothesis import strategies as st
 
 from ttsd.config import InputConfig
 from ttsd.errors import InputError
-from ttsd.ingest import parse as parse_module
+from ttsd.ingest import csv_input as csv_input_module
+from ttsd.ingest import text as text_module
 from ttsd.ingest.names import name_key, safe_stem
-from ttsd.ingest.parse import (
-    ParsedInput,
-    ParseLimits,
-    decode,
-    normalize_text,
-    parse,
-    sniff_delimiter,
-)
+from ttsd.ingest.parse import decode, parse
+from ttsd.ingest.text import ParsedInput, ParseLimits, normalize_text, sniff_delimiter
 from ttsd.records import Line, LineError
 
 LIMITS = ParseLimits()
@@ -505,7 +500,7 @@ def test_row10_field_size_limit_never_raised_to_maxsize(monkeypatch: pytest.Monk
         seen.extend(args)
         return real(*args)
 
-    monkeypatch.setattr(parse_module.csv, "field_size_limit", spy)
+    monkeypatch.setattr(csv_input_module.csv, "field_size_limit", spy)
     before = real()
     parsed = parse(b"text\na\nb\nc\n", "a.csv", LIMITS)
     iterator = iter(parsed)
@@ -598,9 +593,9 @@ def _check_records(parsed: ParsedInput, limits: ParseLimits) -> None:
         if isinstance(item, Line):
             assert item.text and item.text == item.text.strip()
             assert len(item.text) <= limits.max_line_chars
-            assert not parse_module._ANY_CONTROL.search(item.text)
+            assert not text_module.ANY_CONTROL.search(item.text)
             for value in (item.id, item.voice, item.speaker):
-                assert value is None or not parse_module._ANY_CONTROL.search(value)
+                assert value is None or not text_module.ANY_CONTROL.search(value)
             if item.speed is not None:
                 assert limits.min_speed <= item.speed <= limits.max_speed
         else:

@@ -27,7 +27,8 @@ from ttsd.engine.runtime import ENGINE_VERSION
 from ttsd.errors import InputError, VoiceError
 from ttsd.ingest.inbox import Claimed, Inbox, Rejected
 from ttsd.ingest.names import display_name, name_key, safe_stem
-from ttsd.ingest.parse import ParseLimits, parse
+from ttsd.ingest.parse import parse
+from ttsd.ingest.text import ParseLimits
 from ttsd.ingest.watch import writer_open
 from ttsd.log import get_logger
 from ttsd.output.dispose import dispose

@@ -7,7 +7,7 @@ Threads (data flows one way, through queues bounded in whole batches):
               (engine.overlap_halves: → the text half too, on a side stream)
     model   ─ Synth: the engine on the device; pings the systemd watchdog  ─┐ queue
               (several devices or Ray: a WorkerPool, one driver thread per worker
-               process/actor; see ttsd/workers.py)
+               process/actor; see service/pool.py)
     sink    ─ Sink: WAVs (a small pool) → one store transaction per batch (or piece:
               lines complete before their batch)
     main    ─ signals, heartbeat, sd_notify STATUS, --once completion, SIGHUP reload
@@ -58,6 +58,7 @@ from ttsd.service.control import (
 )
 from ttsd.service.loops import StageLoops
 from ttsd.service.notify import Notifier
+from ttsd.service.pool import WorkerPool
 from ttsd.service.progress import Bar
 from ttsd.store.journal import NewLine, Store, damaged
 
@@ -325,7 +326,7 @@ class Daemon(StageLoops, Control):
                 from ttsd.service import ray_backend as cluster
                 cluster.shutdown(True)
 
-        self.pool = workers.WorkerPool(cfg, slots, self.batch_q, self.write_q, self.stop,
+        self.pool = WorkerPool(cfg, slots, self.batch_q, self.write_q, self.stop,
                                        forget, on_close)
         self.pool.start()
         log.info("workers.started", backend=cfg.cluster.backend, workers=len(slots),
