@@ -13,11 +13,13 @@ import threading
 import unicodedata
 from pathlib import Path
 
+from ttsd import cache
 from ttsd.config import from_dict
 from ttsd.engine.runtime import ENGINE_VERSION
 from ttsd.errors import VoiceError
 from ttsd.ingest import files as ingest
-from ttsd.ingest.files import Ingest, VoiceFacts, cache_key
+from ttsd.ingest.files import Ingest
+from ttsd.jobs import Job, VoiceFacts
 from ttsd.records import Line
 
 
@@ -38,6 +40,11 @@ def _formula(text: str, voice: VoiceFacts, sid: int, length_scale: float, noise_
               repr(round(length_scale, 6)), repr(round(noise_scale, 6)),
               repr(round(noise_w, 6)), str(seed), fmt, unicodedata.normalize("NFC", text)]
     return hashlib.sha256("\x1f".join(fields).encode()).hexdigest()
+
+
+def cache_key(text: str, voice: VoiceFacts, sid: int, length_scale: float, noise_scale: float,
+              noise_w: float, seed: int, fmt: str) -> str:
+    return cache.cache_key(text, Job(voice, sid, length_scale, noise_scale, noise_w, seed), fmt)
 
 
 def test_cache_key_is_the_documented_formula() -> None:
@@ -83,12 +90,12 @@ def test_ingest_keys_match_cache_key_for_every_voice_speaker_and_speed(tmp_path:
     # Equal numbers that print differently hash differently (cache_key's text), so the
     # prefixes Ingest keeps must not be shared between them.
     for ns, nw in ((0.0, 0.8), (-0.0, 0.8), (0, 0.8), (1, 1), (1.0, 1.0), (True, 1.0)):
-        assert ing._cache_key("Same line.", VOICE, 0, 1.0, ns, nw) == \
+        assert ing._cache_key("Same line.", Job(VOICE, 0, 1.0, ns, nw, 7)) == \
             cache_key("Same line.", VOICE, 0, 1.0, ns, nw, 7, "wav/PCM_16"), (ns, nw)
 
 
 # Config keys that do not change a line's audio bytes. A key added to the config must
-# be added here or to ingest.AUDIO_KEYS (and then to the cache key): the test below
+# be added here or to cache.AUDIO_KEYS (and then to the cache key): the test below
 # fails until it is.
 NOT_AUDIO = {
     "paths.inbox", "paths.outbox", "paths.done", "paths.failed", "paths.state",
@@ -109,7 +116,7 @@ NOT_AUDIO = {
     "cluster.failure_window_s",
 }
 
-CHANGED = {   # for each key of ingest.AUDIO_KEYS: (value, other value)
+CHANGED = {   # for each key of cache.AUDIO_KEYS: (value, other value)
     "engine.voice": ("joe", "amy"), "engine.speaker": ("alice", "bob"),
     "engine.speed": (1.0, 1.25), "engine.noise_scale": (-1.0, 0.3),
     "engine.noise_w": (-1.0, 0.3), "engine.seed": (0, 1),
@@ -128,7 +135,7 @@ def _config_keys() -> set[str]:
 
 def test_every_config_key_is_known_to_change_the_audio_or_not() -> None:
     keys = _config_keys()
-    audio = set(ingest.AUDIO_KEYS)
+    audio = set(cache.AUDIO_KEYS)
     assert not audio & NOT_AUDIO, audio & NOT_AUDIO
     assert keys == audio | NOT_AUDIO, (sorted(keys - audio - NOT_AUDIO),
                                        sorted((audio | NOT_AUDIO) - keys))
@@ -143,14 +150,14 @@ def _key(tmp_path: Path, values: dict[str, object], gpu: bool) -> str:
         raw.setdefault(section, {})[name] = value
     cfg = from_dict(raw)
     ing = Ingest(cfg, {"joe": VOICE, "amy": OTHER}, threading.Event(),
-                 fmt=ingest.audio_format(cfg, gpu))
+                 fmt=cache.audio_format(cfg, gpu))
     got = ing._new_line(Line(1, "One sentence. And another one."), 4, {})
     assert got.error is None, got.error
     return got.cache_key
 
 
 def test_every_setting_that_changes_the_audio_changes_the_cache_key(tmp_path: Path) -> None:
-    assert set(CHANGED) | set(BY_DEVICE) == set(ingest.AUDIO_KEYS)
+    assert set(CHANGED) | set(BY_DEVICE) == set(cache.AUDIO_KEYS)
     for key, (a, b) in CHANGED.items():
         for gpu in (False, True):
             assert _key(tmp_path, {key: a}, gpu) != _key(tmp_path, {key: b}, gpu), (key, gpu)

@@ -10,14 +10,19 @@ their file is parsed (``answer_new_lines``); the rest by the feeder.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import stat
+import unicodedata
 from concurrent.futures import Executor
 from pathlib import Path
 
 from ttsd import crash
+from ttsd.config import Config
+from ttsd.engine.runtime import ENGINE_VERSION
 from ttsd.health import fault
+from ttsd.jobs import Job
 from ttsd.log import get_logger
 from ttsd.output.fsio import Folder, link_or_copy
 from ttsd.output.wav import wav_info, wav_ok
@@ -220,3 +225,42 @@ def _cache_file_ok(entry: dict, sample_rate: int | None,
         return False
     stamps.append((entry["key"], sqlite_ino(st.st_ino), st.st_mtime_ns))
     return True
+
+
+AUDIO_KEYS = ("engine.voice", "engine.speaker", "engine.speed", "engine.noise_scale",
+              "engine.noise_w", "engine.seed", "engine.sentence_silence_s", "engine.dtype",
+              "engine.device", "engine.devices", "engine.compile", "output.subtype")
+"""The config keys that change a line's audio bytes, each one in its cache key: voice,
+speaker, speed, noise and seed as the line's own fields, the others through
+``audio_format`` (device and devices by the kind of device they resolve to). A new
+setting must be added here or to the test's list of those that do not."""
+
+
+def audio_format(cfg: Config, gpu: bool) -> str:
+    """The settings besides the line's own that decide its audio bytes, as one string
+    of the cache key: the output format, the silence between sentences, and the
+    numerics (device kind, decoder dtype, compiled audio half) of an engine on a GPU or
+    not (``gpu``). Audio is not identical across devices, dtypes or compiled kernels."""
+    e = cfg.engine
+    dtype = e.dtype if e.dtype != "auto" else ("bfloat16" if gpu else "float32")
+    compiled = e.compile == "on" or (e.compile == "auto" and gpu)
+    return (f"wav/{cfg.output.subtype}|silence={e.sentence_silence_s!r}|"
+            f"{'cuda' if gpu else 'cpu'}/{dtype}/compile={'on' if compiled else 'off'}")
+
+
+def cache_key(text: str, job: Job, fmt: str) -> str:
+    """Everything that decides a line's WAV bytes, hashed: its text, its job and the
+    audio format (``audio_format``)."""
+    h = hashlib.sha256(key_prefix(job, fmt))
+    h.update(unicodedata.normalize("NFC", text).encode())
+    return h.hexdigest()
+
+
+def key_prefix(job: Job, fmt: str) -> bytes:
+    """What ``cache_key`` hashes before the text: the same for every line of a voice,
+    speaker and speed (``Ingest`` hashes it once and copies the hash for each line)."""
+    v = job.voice
+    parts = [ENGINE_VERSION, v.name, v.digest, str(v.sample_rate), str(job.speaker_id),
+             repr(round(job.length_scale, 6)), repr(round(job.noise_scale, 6)),
+             repr(round(job.noise_w, 6)), str(job.seed), fmt, ""]
+    return "\x1f".join(parts).encode()

@@ -188,7 +188,7 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
     _check_say_output(ns.output)   # before importing torch and loading the voice
     cfg = _override(cfg, ns)
 
-    from ttsd.engine.records import Request
+    from ttsd.jobs import VoiceFacts, resolve
     from ttsd.output.wav import write_wav
     from ttsd.service.daemon import build_engine
 
@@ -197,13 +197,8 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
     engine = build_engine(cfg, compile="off" if e.compile == "auto" else e.compile,
                           phonemizers=0)
     lv = engine.voice(e.voice)
-    info = lv.info
-    inf = info.inference
-    req = Request(0, ns.text.strip(), e.voice, info.speaker_id(e.speaker or None),
-                  inf["length_scale"] / e.speed,
-                  e.noise_scale if e.noise_scale >= 0 else inf["noise_scale"],
-                  e.noise_w if e.noise_w >= 0 else inf["noise_w"], e.seed)
-    res = engine.synthesize([req])[0]
+    job = resolve(e, {e.voice: VoiceFacts.of(e.voice, lv.digest, lv.info)})
+    res = engine.synthesize([job.request(0, ns.text.strip())])[0]
     if res.error:
         print(f"ttsd: {res.error}", file=sys.stderr)
         return 1

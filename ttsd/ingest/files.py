@@ -17,19 +17,19 @@ import threading
 import time
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ttsd import crash
+from ttsd.cache import key_prefix
 from ttsd.config import Config, InputConfig
-from ttsd.engine.runtime import ENGINE_VERSION
-from ttsd.errors import InputError, VoiceError
+from ttsd.errors import InputError
 from ttsd.ingest.inbox import Claimed, Inbox, Rejected
 from ttsd.ingest.names import display_name, name_key, safe_stem
 from ttsd.ingest.parse import parse
 from ttsd.ingest.text import ParseLimits
 from ttsd.ingest.watch import writer_open
+from ttsd.jobs import Job, JobError, VoiceFacts, resolve
 from ttsd.log import get_logger
 from ttsd.output.dispose import dispose
 from ttsd.output.fsio import Folder
@@ -44,61 +44,6 @@ FIRST_CHUNK = 256
 """A file's first chunk is smaller, so the feeder starts on its first lines while the
 rest is parsed: half the GPU's default batch (``batching.idle_batch`` of 512, the
 first batch of a burst), ready after about a tenth of a 2,000-line file's parse."""
-
-
-@dataclass(frozen=True)
-class VoiceFacts:
-    """What ingest needs to know of a voice to resolve a line's parameters."""
-
-    name: str
-    digest: str
-    sample_rate: int
-    speaker_id: Callable[[str | None], int]
-    """The voice's own resolver (VoiceInfo.speaker_id): name or id → id, VoiceError if
-    unknown; empty → the voice's default speaker."""
-    noise_scale: float
-    noise_w: float
-    length_scale: float
-
-
-AUDIO_KEYS = ("engine.voice", "engine.speaker", "engine.speed", "engine.noise_scale",
-              "engine.noise_w", "engine.seed", "engine.sentence_silence_s", "engine.dtype",
-              "engine.device", "engine.devices", "engine.compile", "output.subtype")
-"""The config keys that change a line's audio bytes, each one in its cache key: voice,
-speaker, speed, noise and seed as the line's own fields, the others through
-``audio_format`` (device and devices by the kind of device they resolve to). A new
-setting must be added here or to the test's list of those that do not."""
-
-
-def audio_format(cfg: Config, gpu: bool) -> str:
-    """The settings besides the line's own that decide its audio bytes, as one string
-    of the cache key: the output format, the silence between sentences, and the
-    numerics (device kind, decoder dtype, compiled audio half) of an engine on a GPU or
-    not (``gpu``). Audio is not identical across devices, dtypes or compiled kernels."""
-    e = cfg.engine
-    dtype = e.dtype if e.dtype != "auto" else ("bfloat16" if gpu else "float32")
-    compiled = e.compile == "on" or (e.compile == "auto" and gpu)
-    return (f"wav/{cfg.output.subtype}|silence={e.sentence_silence_s!r}|"
-            f"{'cuda' if gpu else 'cpu'}/{dtype}/compile={'on' if compiled else 'off'}")
-
-
-def cache_key(text: str, voice: VoiceFacts, speaker_id: int, length_scale: float,
-              noise_scale: float, noise_w: float, seed: int, fmt: str) -> str:
-    """Everything that decides a line's WAV bytes, hashed."""
-    h = hashlib.sha256(_key_prefix(voice, speaker_id, length_scale, noise_scale, noise_w, seed,
-                                   fmt))
-    h.update(unicodedata.normalize("NFC", text).encode())
-    return h.hexdigest()
-
-
-def _key_prefix(voice: VoiceFacts, speaker_id: int, length_scale: float, noise_scale: float,
-                noise_w: float, seed: int, fmt: str) -> bytes:
-    """What ``cache_key`` hashes before the text: the same for every line of a voice,
-    speaker and speed (``Ingest`` hashes it once and copies the hash for each line)."""
-    parts = [ENGINE_VERSION, voice.name, voice.digest, str(voice.sample_rate), str(speaker_id),
-             repr(round(length_scale, 6)), repr(round(noise_scale, 6)), repr(round(noise_w, 6)),
-             str(seed), fmt, ""]
-    return "\x1f".join(parts).encode()
 
 
 NAME_REUSE_S = 60.0
@@ -283,38 +228,28 @@ class Ingest:
                            error=f"duplicate id {item.id or out_name!r}: line {number} already "
                                  f"writes {taken}.wav")
         seen[key] = (item.number, out_name)
-        e = self.cfg.engine
-        vname = item.voice or e.voice
-        voice = self.voices.get(vname)
-        if voice is None:
-            known = ", ".join(sorted(self.voices)) or "none"
-            return NewLine(item.number, item.text, item.id,
-                           error=f"unknown voice {vname!r} (known: {known})")
         try:
-            sid = voice.speaker_id(item.speaker if item.speaker is not None else e.speaker)
-        except VoiceError as exc:
+            job = resolve(self.cfg.engine, self.voices, voice=item.voice, speaker=item.speaker,
+                          speed=item.speed)
+        except JobError as exc:
             return NewLine(item.number, item.text, item.id, error=str(exc))
-        speed = item.speed if item.speed is not None else e.speed
-        length_scale = voice.length_scale / speed
-        noise_scale = e.noise_scale if e.noise_scale >= 0 else voice.noise_scale
-        noise_w = e.noise_w if e.noise_w >= 0 else voice.noise_w
-        key_c = self._cache_key(item.text, voice, sid, length_scale, noise_scale, noise_w)
-        return NewLine(item.number, item.text, item.id, out_name, key, vname, sid, length_scale,
-                       noise_scale, noise_w, e.seed, key_c)
+        key_c = self._cache_key(item.text, job)
+        return NewLine(item.number, item.text, item.id, out_name, key, job.voice.name,
+                       job.speaker_id, job.length_scale, job.noise_scale, job.noise_w, job.seed,
+                       key_c)
 
-    def _cache_key(self, text: str, voice: VoiceFacts, sid: int, length_scale: float,
-                   noise_scale: float, noise_w: float) -> str:
+    def _cache_key(self, text: str, job: Job) -> str:
         """``cache_key`` of a line, from the prefix's hash kept for its voice and
         parameters: 2,000 keys 14.5 → 7.5 ms (medians of 30 on 2 x86 cores; best 7.0 →
         3.8 ms). The table is keyed on the numbers' reprs, not their values: 0.0 and
-        -0.0, or 1 and 1.0, are equal but give ``_key_prefix`` different text."""
-        params = (voice.name, sid, repr(length_scale), repr(noise_scale), repr(noise_w))
+        -0.0, or 1 and 1.0, are equal but give ``key_prefix`` different text."""
+        params = (job.voice.name, job.speaker_id, repr(job.length_scale),
+                  repr(job.noise_scale), repr(job.noise_w))
         kept = self._prefixes.get(params)
-        if kept is None or kept[0] is not voice:
+        if kept is None or kept[0] is not job.voice:
             if len(self._prefixes) >= KEY_PREFIXES:
                 self._prefixes.clear()
-            kept = self._prefixes[params] = (voice, hashlib.sha256(_key_prefix(
-                voice, sid, length_scale, noise_scale, noise_w, self.cfg.engine.seed, self.fmt)))
+            kept = self._prefixes[params] = (job.voice, hashlib.sha256(key_prefix(job, self.fmt)))
         h = kept[1].copy()
         h.update(unicodedata.normalize("NFC", text).encode())
         return h.hexdigest()

@@ -38,13 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from ttsd import __version__
-from ttsd.cache import answer_new_lines
+from ttsd.cache import answer_new_lines, audio_format
 from ttsd.config import Config
 from ttsd.engine.runtime import Engine
 from ttsd.engine.voice import discover
 from ttsd.errors import ConfigError, DeviceLostError, StoreDamagedError
 from ttsd.health import MAX_RETRY_S, Health, fault, probe
-from ttsd.ingest.files import Ingest, VoiceFacts, audio_format
+from ttsd.ingest.files import Ingest
+from ttsd.jobs import VoiceFacts
 from ttsd.log import get_logger
 from ttsd.output.dispose import remove_stale_temps
 from ttsd.pipeline.batcher import Batch, Feeder
@@ -97,10 +98,7 @@ def build_engine(cfg: Config, device: str | None = None, *, dtype: str | None = 
 
 def voice_facts(engine: Engine, name: str) -> VoiceFacts:
     lv = engine.voice(name)
-    info = lv.info
-    inf = info.inference
-    return VoiceFacts(name, lv.digest, info.sample_rate, info.speaker_id, inf["noise_scale"],
-                      inf["noise_w"], inf["length_scale"])
+    return VoiceFacts.of(name, lv.digest, lv.info)
 
 
 class Daemon(StageLoops, Control):

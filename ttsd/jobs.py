@@ -1,0 +1,77 @@
+"""A line plus the config → a job: the voice, speaker, speed, noise and seed it is said
+with. The one place that resolves them, for every input: the daemon's ingest, ``ttsd
+say`` and ``ttsd bench``. A line's own fields (CSV ``voice``, ``speaker``, ``speed``)
+come first, then the config's ``[engine]`` values, then the voice's own defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ttsd.engine.records import Request
+from ttsd.errors import VoiceError
+
+if TYPE_CHECKING:
+    from ttsd.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class VoiceFacts:
+    """What resolving a line needs to know of a voice (no model, no torch)."""
+
+    name: str
+    digest: str
+    sample_rate: int
+    speaker_id: Callable[[str | None], int]
+    """The voice's own resolver (VoiceInfo.speaker_id): name or id → id, VoiceError if
+    unknown; empty → the voice's default speaker."""
+    noise_scale: float
+    noise_w: float
+    length_scale: float
+
+    @staticmethod
+    def of(name: str, digest: str, info) -> VoiceFacts:
+        """The facts of a loaded voice (``engine.voice.VoiceInfo`` and its digest)."""
+        inf = info.inference
+        return VoiceFacts(name, digest, info.sample_rate, info.speaker_id,
+                          inf["noise_scale"], inf["noise_w"], inf["length_scale"])
+
+
+@dataclass(frozen=True)
+class Job:
+    """How one text is said: everything the model takes besides the text."""
+
+    voice: VoiceFacts
+    speaker_id: int
+    length_scale: float
+    noise_scale: float
+    noise_w: float
+    seed: int
+
+    def request(self, key: int, text: str) -> Request:
+        return Request(key, text, self.voice.name, self.speaker_id, self.length_scale,
+                       self.noise_scale, self.noise_w, self.seed)
+
+
+class JobError(VoiceError):
+    """A line that names a voice or speaker that does not exist: the line fails alone."""
+
+
+def resolve(e: EngineConfig, voices: Mapping[str, VoiceFacts], *, voice: str | None = None,
+            speaker: str | None = None, speed: float | None = None) -> Job:
+    """The job of a line with these own fields (None: not given) under the config's
+    ``[engine]`` section ``e``. Raises JobError naming an unknown voice or speaker."""
+    vname = voice or e.voice
+    facts = voices.get(vname)
+    if facts is None:
+        known = ", ".join(sorted(voices)) or "none"
+        raise JobError(f"unknown voice {vname!r} (known: {known})")
+    try:
+        sid = facts.speaker_id(speaker if speaker is not None else (e.speaker or None))
+    except VoiceError as exc:
+        raise JobError(str(exc)) from None
+    return Job(facts, sid, facts.length_scale / (speed if speed is not None else e.speed),
+               e.noise_scale if e.noise_scale >= 0 else facts.noise_scale,
+               e.noise_w if e.noise_w >= 0 else facts.noise_w, e.seed)
