@@ -17,9 +17,7 @@ import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
-
-from watchdog.observers.api import BaseObserver
+from typing import TYPE_CHECKING, Self
 
 from ttsd.config import InputConfig
 from ttsd.errors import InputError
@@ -28,6 +26,9 @@ from ttsd.ingest.names import fit_name as _fit
 from ttsd.ingest.watch import EventHandler, FileState, OverflowHook, Seen, WatchEvents, Watching
 from ttsd.log import get_logger
 from ttsd.output.fsio import fsync_dir
+
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
 
 log = get_logger(__name__)
 
