@@ -1,4 +1,4 @@
-"""RELIABILITY.md section D, row 24: kill -9 at each named crash point and at random
+"""kill -9 (docs/reliability.md, kill-9) at each named crash point and at random
 moments, restart, and the invariant holds with no line synthesized twice.
 
 The real daemon runs as a subprocess. ``TTSD_CRASH_AT=NAME[:N]`` makes it
@@ -48,7 +48,7 @@ def _restart_and_finish(site: Site, files: int) -> None:
 
 
 def test_every_crash_point_is_reached_in_the_code() -> None:
-    """Row 24: each name in crash.POINTS is passed to crash.point() somewhere in ttsd/."""
+    """kill-9: each name in crash.POINTS is passed to crash.point() somewhere in ttsd/."""
     source = "\n".join(p.read_text() for p in (ROOT / "ttsd").rglob("*.py"))
     named = set(re.findall(r"crash\.point\(\"(\w+)\"\)", source))
     named |= set(re.findall(r"crash_at=\"(\w+)\"", source))
@@ -58,7 +58,7 @@ def test_every_crash_point_is_reached_in_the_code() -> None:
 @pytest.mark.parametrize("spec", ["after_claim", "mid_batch:2", "after_tmp:2", "after_rename:1",
                                   "before_commit:2", "after_commit:1"])
 def test_kill_at_crash_point_then_restart(tmp_path: Path, spec: str) -> None:
-    """Row 24: kill -9 at each named crash point (real voice on the CPU, batches of 2);
+    """kill-9: kill -9 at each named crash point (real voice on the CPU, batches of 2);
     the restart removes orphan temps, puts claimed work back, adopts WAVs renamed but not
     committed, never marks anything done early and never redoes a finished line."""
     # Batches of exactly 2 lines, the first one too (idle_batch = 1.0), and one writer
@@ -100,7 +100,7 @@ def test_kill_at_crash_point_then_restart(tmp_path: Path, spec: str) -> None:
 
 
 def test_kill_after_hit_links_then_restart_records_each_hit_once(tmp_path: Path) -> None:
-    """Row 24 for lines answered from the cache as their file is parsed: kill -9 after
+    """kill-9 for lines answered from the cache as their file is parsed: kill -9 after
     their WAVs are linked into the outbox and before the lines are in the store. The
     restart parses the file again, finds those very links, and records every line
     done once, as a cache hit, with the cached audio; no line reaches the model."""
@@ -194,7 +194,7 @@ def _random_kills(root: Path, seed: int, kills: int) -> tuple[int, int]:
 
 
 def test_random_kills_then_restart_finish_each_line_once(tmp_path: Path) -> None:
-    """Row 24: 20 SIGKILLs at seeded random moments (two sites side by side, 10 each,
+    """kill-9: 20 SIGKILLs at seeded random moments (two sites side by side, 10 each,
     one per core), new files dropped while the daemon is down; after every kill nothing
     finished is redone, and the last run finishes every line exactly once."""
     with ThreadPoolExecutor(2) as pool:
@@ -205,7 +205,7 @@ def test_random_kills_then_restart_finish_each_line_once(tmp_path: Path) -> None
 
 
 def test_a_line_that_kills_the_process_every_time_fails_alone(tmp_path: Path) -> None:
-    """Row 25: ``{{fault:exit}}`` makes the process die (status 137) whenever the line
+    """poison-line: ``{{fault:exit}}`` makes the process die (status 137) whenever the line
     is synthesized. The attempt is committed before synthesis, so after max_attempts
     starts the line fails with a reason and the file goes on; its batch-mates and the
     lines prefetched behind it each lose at most one attempt (a crash suspect runs

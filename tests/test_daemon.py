@@ -70,7 +70,7 @@ def test_end_to_end_files_before_start_slow_writer_and_csv(tmp_path: Path) -> No
 
 
 def test_kill9_mid_batch_then_restart_finishes_each_line_once(tmp_path: Path) -> None:
-    """Row 24: kill -9 while batches are in flight; a restart finishes the rest, and no
+    """kill-9: kill -9 while batches are in flight; a restart finishes the rest, and no
     line finished before the kill is synthesized again."""
     site = Site(tmp_path, extra_config="[batching]\nmax_batch_size = 2\n",
                 env={"TTSD_FAULTS": "1"})
@@ -104,7 +104,8 @@ def test_kill9_mid_batch_then_restart_finishes_each_line_once(tmp_path: Path) ->
 
 
 def test_notify_socket_ready_watchdog_stopping(tmp_path: Path) -> None:
-    """Rows 33/34: READY=1 after load and scan, WATCHDOG=1 from the work loop, STOPPING=1."""
+    """notify-protocol and watchdog: READY=1 after load and scan, WATCHDOG=1 from the work loop,
+    STOPPING=1."""
     sock_path = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(sock_path)
@@ -170,7 +171,7 @@ def test_cache_hit_then_purge_while_running(tmp_path: Path) -> None:
 
 
 def test_damaged_cache_files_among_many_hits(tmp_path: Path) -> None:
-    """Row 27 at volume (fast stand-in model): 300 known lines come back, answered from
+    """damaged-cache-file at volume (fast stand-in model): 300 known lines come back, answered from
     the cache as their file is parsed; a deleted, a truncated (44 B) and a replaced
     cache file (another line's valid WAV) among them are evicted and synthesized again
     (only they reach the model), the others are hard links of their cached WAVs. A third run is all hits again, each with its own
@@ -309,7 +310,8 @@ def _check_foreign_file_kept_and_line_failed(site: Site, note: bytes, cached: bo
 
 
 def test_a_foreign_file_at_a_cache_hits_path_fails_that_line_only(tmp_path: Path) -> None:
-    """Row 20/27: a file that is not a WAV at a cache hit's output path is never
+    """id-collision and damaged-cache-file: a file that is not a WAV at a cache hit's output path is
+    never
     overwritten; that line fails with an error naming the path, the other hits of the
     batch are done, and the daemon goes on (it used to stop: the sink re-raised)."""
     site, note = _foreign_file_at_an_output_path(tmp_path, cached=True)

@@ -1,5 +1,6 @@
-"""RELIABILITY.md section F, row 35 through the real daemon: SIGTERM mid-batch.
-Rows 33, 34 and 36 are in test_notify.py, test_daemon.py and test_systemd.py."""
+"""SIGTERM mid-batch through the real daemon (docs/reliability.md, sigterm-mid-batch).
+notify-protocol, watchdog and unit-hardening are in test_notify.py, test_daemon.py and
+test_systemd.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from harness import Site, assert_invariant
 
 
 def test_sigterm_mid_batch_finishes_it_requeues_the_rest_exit_0(tmp_path: Path) -> None:
-    """Row 35: SIGTERM while a slow batch is in the model: that batch finishes and is
+    """sigterm-mid-batch: SIGTERM while a slow batch is in the model: that batch finishes and is
     written, batches prepared but not started go back to pending with their attempt
     undone, the exit status is 0; the restart finishes the rest, each line once."""
     site = Site(tmp_path, env={"TTSD_FAULTS": "1"},   # batches of 2, the first one too

@@ -1,4 +1,5 @@
-"""Inbox: watching, stability, claiming and reading (RELIABILITY section A, rows 9 and 43)."""
+"""Inbox: watching, stability, claiming and reading (docs/reliability.md: huge-file,
+appended-after-claim and the arrival cases)."""
 
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def run_with_timeout(fn: Callable[[], object], timeout: float = 5.0) -> object:
 
 
 def test_settled_restarts_on_any_change() -> None:
-    """Row 1: stable = (size, mtime_ns, inode) unchanged for settle_s; any change restarts."""
+    """writer-still-writing: stable = (size, mtime_ns, inode) unchanged for settle_s; any change
+    restarts."""
     a = FileState(10, 1000, 7)
     seen, ok = settled(None, a, 1.0, now=100.0)
     assert seen == Seen(a, 100.0) and not ok
@@ -88,7 +90,8 @@ def test_settled_restarts_on_any_change() -> None:
 
 
 def test_eligible_names() -> None:
-    """Row 2: hidden, temp, partial and editor names wait to be renamed; suffixes ignore case."""
+    """temp-then-rename: hidden, temp, partial and editor names wait to be renamed; suffixes ignore
+    case."""
     sfx = (".txt", ".csv")
     for ok in ("a.txt", "B.TXT", "prompts.csv", "x y.Csv"):
         assert eligible_name(ok, sfx), ok
@@ -98,7 +101,7 @@ def test_eligible_names() -> None:
 
 
 def test_human_bytes_and_claimed_name() -> None:
-    """Row 9: the size in a rejection reads like a person wrote it."""
+    """huge-file: the size in a rejection reads like a person wrote it."""
     assert human_bytes(5 * 1024**3) == "5.0 GB"
     assert human_bytes(256 * 1024**2) == "256 MB"
     assert human_bytes(12) == "12 B"
@@ -110,7 +113,7 @@ def test_human_bytes_and_claimed_name() -> None:
 
 
 def test_file_still_being_written_is_not_ready(tmp_path: Path) -> None:
-    """Row 1: a file written in chunks while held open is ready only once stable; one
+    """writer-still-writing: a file written in chunks while held open is ready only once stable; one
     claim with the full content."""
     ib = make(tmp_path, settle_s=0.3)
     path = tmp_path / "inbox" / "book.txt"
@@ -146,7 +149,7 @@ def test_file_still_being_written_is_not_ready(tmp_path: Path) -> None:
 
 
 def test_temp_names_wait_for_rename(tmp_path: Path) -> None:
-    """Row 2: .x.tmp / *.part are ignored; the rename's target is processed once."""
+    """temp-then-rename: .x.tmp / *.part are ignored; the rename's target is processed once."""
     ib = make(tmp_path)
     inbox = tmp_path / "inbox"
     with ib:
@@ -166,7 +169,7 @@ def test_temp_names_wait_for_rename(tmp_path: Path) -> None:
 
 
 def test_startup_scan_takes_files_dropped_while_down(tmp_path: Path) -> None:
-    """Row 3: 50 files present before start() are all found by the start-up scan."""
+    """dropped-while-down: 50 files present before start() are all found by the start-up scan."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     for i in range(50):
@@ -183,7 +186,7 @@ def test_startup_scan_takes_files_dropped_while_down(tmp_path: Path) -> None:
 
 
 def test_lost_events_are_found_by_rescan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 4: with the handler dropping every event, the periodic rescan finds the files."""
+    """lost-events: with the handler dropping every event, the periodic rescan finds the files."""
     ib = make(tmp_path, rescan_s=0.6)
     inbox = tmp_path / "inbox"
     with ib:
@@ -197,7 +200,7 @@ def test_lost_events_are_found_by_rescan(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_inotify_overflow_triggers_rescan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 4: watchdog's IN_Q_OVERFLOW warning is logged by ttsd and forces a rescan now."""
+    """lost-events: watchdog's IN_Q_OVERFLOW warning is logged by ttsd and forces a rescan now."""
     ib = make(tmp_path, rescan_s=600.0)
     inbox = tmp_path / "inbox"
     with ib:
@@ -215,7 +218,8 @@ def test_inotify_overflow_triggers_rescan(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 def test_polling_from_config(tmp_path: Path) -> None:
-    """Row 5: input.polling = true uses the polling observer (NFS/CIFS) and still sees files."""
+    """inotify-unavailable: input.polling = true uses the polling observer (NFS/CIFS) and still sees
+    files."""
     ib = make(tmp_path, polling=True, rescan_s=600.0)
     with ib:
         assert ib.mode == "polling"
@@ -227,7 +231,8 @@ def test_polling_from_config(tmp_path: Path) -> None:
 
 def test_inotify_enospc_falls_back_to_polling(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 5: observer.start raising OSError(ENOSPC) → polling, a clear warning, no crash."""
+    """inotify-unavailable: observer.start raising OSError(ENOSPC) → polling, a clear warning, no
+    crash."""
     def no_watches(self: object) -> None:
         raise OSError(errno.ENOSPC, "inotify watch limit reached")
 
@@ -248,7 +253,8 @@ def test_inotify_enospc_falls_back_to_polling(tmp_path: Path,
 
 def test_no_observer_at_all_still_finds_files(tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 5: if polling fails too, start() does not raise; ready() rescans every second."""
+    """inotify-unavailable: if polling fails too, start() does not raise; ready() rescans every
+    second."""
     def broken(self: object) -> None:
         raise OSError(errno.EIO, "broken")
 
@@ -283,7 +289,7 @@ def claim_race(ib: Inbox, path: Path) -> list[object]:
 
 
 def test_duplicate_events_and_claims_give_one_claim(tmp_path: Path) -> None:
-    """Row 6: created + modified x5 + closed from 2 threads → one ready path; two threads
+    """duplicate-events: created + modified x5 + closed from 2 threads → one ready path; two threads
     claiming it at once → exactly one Claimed, the other None."""
     ib = make(tmp_path)
     inbox = tmp_path / "inbox"
@@ -313,7 +319,8 @@ def test_duplicate_events_and_claims_give_one_claim(tmp_path: Path) -> None:
 
 
 def test_deleted_between_event_and_claim(tmp_path: Path) -> None:
-    """Row 7: unlinked or renamed away before the claim → None, a debug log, nothing owned."""
+    """deleted-mid-flight: unlinked or renamed away before the claim → None, a debug log, nothing
+    owned."""
     ib = make(tmp_path, settle_s=0.0)
     inbox = tmp_path / "inbox"
     (inbox / "gone.txt").write_text("x\n")
@@ -331,7 +338,8 @@ def test_deleted_between_event_and_claim(tmp_path: Path) -> None:
 
 
 def test_after_claim_only_the_owned_copy_is_read(tmp_path: Path) -> None:
-    """Row 7: a new file dropped under the same name after the claim is not what we read."""
+    """deleted-mid-flight: a new file dropped under the same name after the claim is not what we
+    read."""
     ib = make(tmp_path, settle_s=0.0)
     path = tmp_path / "inbox" / "same.txt"
     path.write_text("original\n")
@@ -343,7 +351,7 @@ def test_after_claim_only_the_owned_copy_is_read(tmp_path: Path) -> None:
 
 
 def test_symlink_hardlink_fifo_directory_rejected(tmp_path: Path) -> None:
-    """Row 8: symlink (to /etc/hostname and to a FIFO), hard link, FIFO and a directory
+    """not-a-regular-file: symlink (to /etc/hostname and to a FIFO), hard link, FIFO and a directory
     named x.txt: never followed or blocked on; rejected with a reason; the dir is ignored."""
     ib = make(tmp_path, settle_s=0.0)
     inbox = tmp_path / "inbox"
@@ -377,7 +385,8 @@ def test_symlink_hardlink_fifo_directory_rejected(tmp_path: Path) -> None:
 
 
 def test_unreadable_file_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 8: a file ttsd may not open is rejected with the OS's reason, not a crash."""
+    """not-a-regular-file: a file ttsd may not open is rejected with the OS's reason, not a
+    crash."""
     ib = make(tmp_path, settle_s=0.0)
     path = tmp_path / "inbox" / "locked.txt"
     path.write_text("x\n")
@@ -396,7 +405,7 @@ def test_unreadable_file_rejected(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.usefixtures("frozen_heap")
 def test_huge_sparse_file_rejected_on_stat(tmp_path: Path) -> None:
-    """Row 9: a 5 GB sparse file is rejected from its size alone; memory stays flat."""
+    """huge-file: a 5 GB sparse file is rejected from its size alone; memory stays flat."""
     ib = make(tmp_path, settle_s=0.0)
     path = tmp_path / "inbox" / "huge.txt"
     with open(path, "wb") as f:
@@ -415,7 +424,7 @@ def test_huge_sparse_file_rejected_on_stat(tmp_path: Path) -> None:
 
 
 def test_limit_checked_while_hashing(tmp_path: Path) -> None:
-    """Row 9: max_file_bytes also holds when the file is exactly at / just over the limit."""
+    """huge-file: max_file_bytes also holds when the file is exactly at / just over the limit."""
     ib = make(tmp_path, settle_s=0.0, max_file_bytes=1000)
     ok, big = tmp_path / "inbox" / "ok.txt", tmp_path / "inbox" / "big.txt"
     ok.write_bytes(b"a" * 1000)
@@ -426,7 +435,8 @@ def test_limit_checked_while_hashing(tmp_path: Path) -> None:
 
 
 def test_append_after_claim_raises_on_read(tmp_path: Path) -> None:
-    """Row 43: appended (through a writer's fd held since before the claim) or rewritten
+    """appended-after-claim: appended (through a writer's fd held since before the claim) or
+    rewritten
     in place after the claim → InputError "file changed while being read"."""
     ib = make(tmp_path, settle_s=0.0)
     path = tmp_path / "inbox" / "grow.txt"
@@ -452,7 +462,8 @@ def test_append_after_claim_raises_on_read(tmp_path: Path) -> None:
 
 
 def test_orphans_and_adopt_after_crash(tmp_path: Path) -> None:
-    """Row 24/3: a claim left in the work folder is listed by a new Inbox and re-adopted."""
+    """kill-9 and dropped-while-down: a claim left in the work folder is listed by a new Inbox and
+    re-adopted."""
     ib = make(tmp_path, settle_s=0.0)
     path = tmp_path / "inbox" / "chapter1.txt"
     path.write_text("a\nb\n")
@@ -467,7 +478,8 @@ def test_orphans_and_adopt_after_crash(tmp_path: Path) -> None:
 
 def test_cross_device_work_folder_falls_back_inside_inbox(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 5/6: work folder on another filesystem (EXDEV) → claim into inbox/.ttsd-work,
+    """inotify-unavailable and duplicate-events: work folder on another filesystem (EXDEV) → claim
+    into inbox/.ttsd-work,
     still one atomic rename; the fallback folder is hidden from the scan."""
     real_rename = os.rename
     work = str(tmp_path / "work")
@@ -498,7 +510,7 @@ def test_claim_refuses_paths_outside_the_inbox(tmp_path: Path) -> None:
 
 
 def test_long_name_claimed(tmp_path: Path) -> None:
-    """Row 21: a 250-byte inbox name still fits under the 16-hex work prefix."""
+    """long-name: a 250-byte inbox name still fits under the 16-hex work prefix."""
     ib = make(tmp_path, settle_s=0.0)
     name = "é" * 123 + ".txt"
     (tmp_path / "inbox" / name).write_text("x\n")
@@ -509,7 +521,8 @@ def test_long_name_claimed(tmp_path: Path) -> None:
 
 def test_unmovable_file_is_not_retried_until_it_changes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 5/8: when the claim's rename fails (e.g. EACCES on the inbox), the file is
+    """inotify-unavailable and not-a-regular-file: when the claim's rename fails (e.g. EACCES on the
+    inbox), the file is
     Rejected in place and not returned again until it changes: no busy retry loop."""
     real_rename = os.rename
     denied = True

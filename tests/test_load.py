@@ -1,5 +1,6 @@
-"""RELIABILITY.md section H (rows 41-42): load. The benchmarks (ttsd/loadbench.py) are
-marked slow and run small sizes; the back-pressure contract of row 42 runs in CI.
+"""Load (docs/reliability.md: one-big-file and burst-of-files). The benchmarks (ttsd/loadbench.py)
+are
+marked slow and run small sizes; the back-pressure contract of burst-of-files runs in CI.
 Both use the real daemon with the fast stand-in model (TTSD_FAULTS=fast)."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from ttsd.bench.load import run_load
 
 
 def test_burst_of_files_each_once_claiming_pauses_under_backpressure(tmp_path: Path) -> None:
-    """Row 42 (contract, small): 30 files of 10 lines dropped at once with
+    """burst-of-files (contract, small): 30 files of 10 lines dropped at once with
     max_pending_lines = 25: claiming pauses while the queue is over the limit (it never
     holds more than the limit plus one file), every file is processed exactly once."""
     site = Site(tmp_path, env={"TTSD_FAULTS": "fast"}, extra_config=(
@@ -51,7 +52,7 @@ def test_burst_of_files_each_once_claiming_pauses_under_backpressure(tmp_path: P
 
 @pytest.mark.slow
 def test_load_one_big_file_peak_rss_does_not_grow_with_size(tmp_path: Path) -> None:
-    """Row 41: one file of 5,000 then 25,000 lines: every line done, the first WAV
+    """one-big-file: one file of 5,000 then 25,000 lines: every line done, the first WAV
     while the file is still being parsed (chunked commits), `ttsd status` under a
     second throughout, and the peak RSS of the bigger input within 40 MB of the
     smaller one (memory bounded whatever the input size)."""
@@ -66,7 +67,7 @@ def test_load_one_big_file_peak_rss_does_not_grow_with_size(tmp_path: Path) -> N
 
 @pytest.mark.slow
 def test_load_burst_of_files(tmp_path: Path) -> None:
-    """Row 42: 200 files of 20 lines dropped at once: each processed once, status fast."""
+    """burst-of-files: 200 files of 20 lines dropped at once: each processed once, status fast."""
     r = run_load(20, files=200, root=tmp_path)
     assert r["done"] == 4000 and r["failed"] == 0, r
     assert r["status_failures"] == 0 and r["status_max_ms"] < 1000, r

@@ -1,5 +1,6 @@
 """Tests of ttsd.ingest.names: safe output stems, duplicate keys, containment, CSV cells
-(RELIABILITY rows 18–22)."""
+(docs/reliability.md: formula-cells, unsafe-id, id-collision, long-name and
+unicode-and-case-twins)."""
 
 from __future__ import annotations
 
@@ -55,30 +56,30 @@ def test_plain_ids_are_kept(raw: str) -> None:
                                  "CON", "con.txt", "Lpt9", "nul.tar.gz", "trailing.", "a\\b",
                                  ".hidden", "...", "--", "C:\\Windows\\system32", "a\nb",
                                  " spaced ", "~/x", "$(rm -rf)", "%2e%2e%2f"])
-def test_row19_traversal_and_reserved_ids_stay_inside(raw: str, tmp_path: Path) -> None:
-    """Row 19: traversal, absolute, NUL, option-like and reserved ids give safe stems."""
+def test_traversal_and_reserved_ids_stay_inside(raw: str, tmp_path: Path) -> None:
+    """unsafe-id: traversal, absolute, NUL, option-like and reserved ids give safe stems."""
     stem = safe_stem(raw, 1, 4)
     assert_safe(stem, tmp_path)
     assert stem != raw
 
 
-def test_row19_reserved_names_get_a_prefix() -> None:
-    """Row 19: Windows device names get a "_" prefix (with or without an extension)."""
+def test_reserved_names_get_a_prefix() -> None:
+    """unsafe-id: Windows device names get a "_" prefix (with or without an extension)."""
     assert safe_stem("CON", 1, 4).startswith("_CON-")
     assert safe_stem("com1.wav", 1, 4).startswith("_com1.wav-")
     assert safe_stem("CONSOLE", 1, 4) == "CONSOLE"
     assert safe_stem("COM10", 1, 4) == "COM10"
 
 
-def test_row19_leading_dots_and_dashes_stripped() -> None:
-    """Row 19: no hidden files or option-like names: leading '.' and '-' go."""
+def test_leading_dots_and_dashes_stripped() -> None:
+    """unsafe-id: no hidden files or option-like names: leading '.' and '-' go."""
     assert safe_stem("-rf", 1, 4) == "rf-" + _sha("-rf")[:8]
     assert safe_stem("..a..", 1, 4) == "a-" + _sha("..a..")[:8]
     assert safe_stem("../../etc/passwd", 1, 4) == "_._etc_passwd-" + _sha("../../etc/passwd")[:8]
 
 
-def test_row19_inside_rejects_escapes(tmp_path: Path) -> None:
-    """Row 19: inside() resolves '..' and symlinks; the base itself is not inside."""
+def test_inside_rejects_escapes(tmp_path: Path) -> None:
+    """unsafe-id: inside() resolves '..' and symlinks; the base itself is not inside."""
     base = tmp_path / "outbox"
     base.mkdir()
     (tmp_path / "elsewhere").mkdir()
@@ -93,23 +94,23 @@ def test_row19_inside_rejects_escapes(tmp_path: Path) -> None:
     assert not inside(base, base / "loop" / "x")
 
 
-def test_row20_empty_after_sanitizing_uses_hash() -> None:
-    """Row 20: ids with nothing usable ("中文", "..", "/") get id-<sha256[:12]>."""
+def test_empty_after_sanitizing_uses_hash() -> None:
+    """id-collision: ids with nothing usable ("中文", "..", "/") get id-<sha256[:12]>."""
     for raw in ("中文", "..", "/", "", "___", "...---", "😀"):
         nfc = unicodedata.normalize("NFC", raw)
         assert safe_stem(raw, 1, 4) == "id-" + _sha(nfc)[:12]
     assert safe_stem("中文", 1, 4) != safe_stem("日本", 1, 4)
 
 
-def test_row20_ids_differing_in_disallowed_chars_differ() -> None:
-    """Row 20: "a?" and "a*" never share a stem; neither equals the literal "a_"."""
+def test_ids_differing_in_disallowed_chars_differ() -> None:
+    """id-collision: "a?" and "a*" never share a stem; neither equals the literal "a_"."""
     stems = {safe_stem(raw, 1, 4) for raw in ("a?", "a*", "a/", "a_", "a", "a??")}
     assert len(stems) == 6
     assert safe_stem("a?", 1, 4) == "a_-" + _sha("a?")[:8]
 
 
-def test_row21_long_ids_truncated_with_hash() -> None:
-    """Row 21: a 300-char id and 86×'–' (258 bytes) fit ≤ 255 bytes with a hash."""
+def test_long_ids_truncated_with_hash() -> None:
+    """long-name: a 300-char id and 86×'–' (258 bytes) fit ≤ 255 bytes with a hash."""
     long_ascii = "x" * 300
     stem = safe_stem(long_ascii, 1, 4)
     assert len(stem) == MAX_STEM_BYTES
@@ -123,8 +124,9 @@ def test_row21_long_ids_truncated_with_hash() -> None:
     assert safe_stem("y" * MAX_STEM_BYTES, 1, 4) == "y" * MAX_STEM_BYTES
 
 
-def test_row22_nfc_first_then_case_fold_for_duplicates() -> None:
-    """Row 22: NFC and NFD "café" share a stem; "A" and "a" collide under name_key."""
+def test_nfc_first_then_case_fold_for_duplicates() -> None:
+    """unicode-and-case-twins: NFC and NFD "café" share a stem; "A" and "a" collide under
+    name_key."""
     nfc, nfd = "caf\u00e9", "cafe\u0301"
     assert safe_stem(nfc, 1, 4) == safe_stem(nfd, 2, 4)
     assert safe_stem("A", 1, 4) != safe_stem("a", 1, 4)
@@ -140,8 +142,8 @@ def test_row22_nfc_first_then_case_fold_for_duplicates() -> None:
     (-1, "-1"), (2.5, "2.5"), (-0.5, "-0.5"), (None, ""), (True, "True"),
     (Path("=x"), "'=x"),
 ])
-def test_row18_csv_cell_guards_formulas(value: object, cell: str) -> None:
-    """Row 18: cells starting with = + - @ TAB CR get a leading quote; numbers do not."""
+def test_csv_cell_guards_formulas(value: object, cell: str) -> None:
+    """formula-cells: cells starting with = + - @ TAB CR get a leading quote; numbers do not."""
     assert csv_cell(value) == cell
 
 
@@ -156,7 +158,8 @@ _DISALLOWED = st.characters(exclude_characters="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdef
        number=st.integers(0, 10**7), width=st.integers(1, 8))
 def test_property_safe_stem_never_escapes(raw: str | None, number: int, width: int,
                                           tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Rows 19–21: any id gives a non-empty stem without separators, ≤ 255 bytes, inside."""
+    """unsafe-id, id-collision and long-name: any id gives a non-empty stem without separators, ≤
+    255 bytes, inside."""
     base = tmp_path_factory.getbasetemp() / "outbox"
     stem = safe_stem(raw, number, width)
     assert_safe(stem, base)
@@ -168,7 +171,7 @@ def test_property_safe_stem_never_escapes(raw: str | None, number: int, width: i
        pair=st.lists(_DISALLOWED, min_size=2, max_size=2, unique=True))
 def test_property_ids_differing_only_in_disallowed_chars_differ(
         prefix: str, suffix: str, pair: list[str]) -> None:
-    """Row 20: two ids that differ only in a disallowed character map to different stems."""
+    """id-collision: two ids that differ only in a disallowed character map to different stems."""
     first, second = (unicodedata.normalize("NFC", prefix + c + suffix) for c in pair)
     if first != second:
         assert safe_stem(first, 1, 4) != safe_stem(second, 1, 4)
@@ -177,7 +180,8 @@ def test_property_ids_differing_only_in_disallowed_chars_differ(
 @settings(max_examples=300, deadline=None)
 @given(a=_ANY_TEXT, b=_ANY_TEXT)
 def test_property_distinct_nfc_ids_get_distinct_stems(a: str, b: str) -> None:
-    """Rows 20, 22: ids that differ after NFC never share a stem (NFC twins always do)."""
+    """id-collision and unicode-and-case-twins: ids that differ after NFC never share a stem (NFC
+    twins always do)."""
     if unicodedata.normalize("NFC", a) == unicodedata.normalize("NFC", b):
         assert safe_stem(a, 1, 4) == safe_stem(b, 1, 4)
     else:

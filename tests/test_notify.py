@@ -1,6 +1,6 @@
 """ttsd.service.notify against a real AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET.
 
-RELIABILITY.md rows 33 (Type=notify: READY, STATUS, STOPPING on a path and an
+docs/reliability.md: notify-protocol (Type=notify: READY, STATUS, STOPPING on a path and an
 ``@abstract`` socket) and 34 (watchdog pings come only from the caller's loop).
 """
 
@@ -85,7 +85,7 @@ class FakeClock:
 
 
 def test_ready_sends_ready_and_status(systemd: FakeSystemd) -> None:
-    """Row 33: READY=1 with a STATUS= line, in one datagram."""
+    """notify-protocol: READY=1 with a STATUS= line, in one datagram."""
     n = Notifier(systemd.env())
     assert n.enabled
     assert n.ready("queue 12") is True
@@ -107,14 +107,15 @@ def test_status_line_cannot_smuggle_other_fields(systemd: FakeSystemd) -> None:
 
 
 def test_stopping(systemd: FakeSystemd) -> None:
-    """Row 33: STOPPING=1 on SIGTERM."""
+    """notify-protocol: STOPPING=1 on SIGTERM."""
     n = Notifier(systemd.env())
     n.stopping()
     assert systemd.recv() == "STOPPING=1"
 
 
 def test_extend_timeout_is_in_microseconds(systemd: FakeSystemd) -> None:
-    """Rows 33/35: the batch in flight may finish after SIGTERM if it asks for more time."""
+    """notify-protocol and sigterm-mid-batch: the batch in flight may finish after SIGTERM if it
+    asks for more time."""
     n = Notifier(systemd.env())
     n.extend_timeout(90)
     assert systemd.recv() == "EXTEND_TIMEOUT_USEC=90000000"
@@ -125,7 +126,7 @@ def test_extend_timeout_is_in_microseconds(systemd: FakeSystemd) -> None:
 
 
 def test_watchdog_interval_is_half_of_watchdog_usec(systemd: FakeSystemd) -> None:
-    """Row 34: WATCHDOG_USEC=2000000 → ping every second (sd_watchdog_enabled(3))."""
+    """watchdog: WATCHDOG_USEC=2000000 → ping every second (sd_watchdog_enabled(3))."""
     n = Notifier(systemd.env(WATCHDOG_USEC="2000000"))
     assert n.watchdog_interval_s == 1.0
     assert Notifier(systemd.env(WATCHDOG_USEC="2000000",
@@ -144,7 +145,7 @@ def test_watchdog_for_another_pid_or_garbage_is_off(systemd: FakeSystemd) -> Non
 
 
 def test_watchdog_pings_are_rate_limited(systemd: FakeSystemd) -> None:
-    """Row 34: called on every loop turn, it pings at most every interval/2 seconds."""
+    """watchdog: called on every loop turn, it pings at most every interval/2 seconds."""
     clock = FakeClock()
     n = Notifier(systemd.env(WATCHDOG_USEC="2000000"), clock=clock)
     assert n.watchdog() is True
@@ -159,7 +160,7 @@ def test_watchdog_pings_are_rate_limited(systemd: FakeSystemd) -> None:
 
 
 def test_watchdog_pings_stop_when_the_loop_stops(systemd: FakeSystemd) -> None:
-    """Row 34: no timer thread pings for us, so a hung work loop starves systemd's watchdog."""
+    """watchdog: no timer thread pings for us, so a hung work loop starves systemd's watchdog."""
     threads_before = threading.active_count()
     n = Notifier(systemd.env(WATCHDOG_USEC="20000"))   # 20 ms watchdog, 10 ms interval
     assert n.watchdog()
@@ -171,7 +172,7 @@ def test_watchdog_pings_stop_when_the_loop_stops(systemd: FakeSystemd) -> None:
 
 
 def test_disabled_without_notify_socket() -> None:
-    """Row 33: outside systemd every call is a quiet no-op."""
+    """notify-protocol: outside systemd every call is a quiet no-op."""
     for env in ({}, {"NOTIFY_SOCKET": ""}, {"NOTIFY_SOCKET": "@"},
                 {"NOTIFY_SOCKET": "vsock:2:1234"}, {"WATCHDOG_USEC": "2000000"}):
         n = Notifier(env)
@@ -216,7 +217,8 @@ def test_failed_ping_is_retried_on_the_next_call(tmp_path: Path) -> None:
 
 
 def test_reads_the_process_environment(path_socket: FakeSystemd) -> None:
-    """Row 33: a child process finds $NOTIFY_SOCKET in its environment, as under systemd."""
+    """notify-protocol: a child process finds $NOTIFY_SOCKET in its environment, as under
+    systemd."""
     code = ("from ttsd.service.notify import Notifier; n = Notifier(); "
             "assert n.watchdog_interval_s == 1.0, n.watchdog_interval_s; "
             "n.ready('queue 0'); n.watchdog(); n.stopping()")

@@ -1,4 +1,5 @@
-"""Tests of ttsd.ingest.parse: bytes → Line / LineError (RELIABILITY rows 9–17)."""
+"""Tests of ttsd.ingest.parse: bytes → Line / LineError (docs/reliability.md, the
+content and parsing cases: huge-file to bad-voice-or-speed)."""
 
 from __future__ import annotations
 
@@ -66,8 +67,8 @@ def test_other_extensions_rejected(name: str) -> None:
     assert ".txt or .csv" in info.value.message
 
 
-def test_row9_size_over_limit_rejected() -> None:
-    """Row 9: a file over max_file_bytes is rejected (the daemon checks on stat too)."""
+def test_size_over_limit_rejected() -> None:
+    """huge-file: a file over max_file_bytes is rejected (the daemon checks on stat too)."""
     limits = ParseLimits(max_file_bytes=10)
     assert [i.text for i in parse(b"0123456789", "a.txt", limits)] == ["0123456789"]
     with pytest.raises(InputError, match="limit is 10"):
@@ -138,8 +139,9 @@ def test_txt_line_at_limit_ok_over_limit_fails() -> None:
     assert out[2] == Line(number=3, text="ok")
 
 
-def test_row10_huge_txt_line_is_a_row_error() -> None:
-    """Row 10: a 1 MB line gives a row error with a short preview; other lines go on."""
+def test_huge_txt_line_is_a_row_error() -> None:
+    """huge-line-or-open-quote: a 1 MB line gives a row error with a short preview; other lines go
+    on."""
     data = b"first\n" + b"x" * 1_000_000 + b"\nlast\n"
     out = items(data)
     assert [type(i) for i in out] == [Line, LineError, Line]
@@ -156,8 +158,8 @@ def test_iteration_is_repeatable() -> None:
     assert len(list(parsed)) == 2
 
 
-def test_row41_iteration_is_lazy() -> None:
-    """Row 41: the first record of 100,000 lines comes without building the others."""
+def test_iteration_is_lazy() -> None:
+    """one-big-file: the first record of 100,000 lines comes without building the others."""
     data = "".join(f"Line number {i} of the book.\n" for i in range(100_000)).encode()
     for name, body in (("big.txt", data), ("big.csv", b"text\n" + data)):
         parsed = parse(body, name, LIMITS)
@@ -174,8 +176,8 @@ def test_row41_iteration_is_lazy() -> None:
 # --- encodings ---------------------------------------------------------------------
 
 
-def test_row11_binary_file_rejected() -> None:
-    """Row 11: 4 KB of random bytes with NULs is rejected as binary."""
+def test_binary_file_rejected() -> None:
+    """binary-file: 4 KB of random bytes with NULs is rejected as binary."""
     rng = random.Random(11)
     blob = bytes(rng.randrange(256) for _ in range(4096)) + b"\x00"
     blob = blob.replace(b"\xff\xfe", b"xx").replace(b"\xfe\xff", b"xx").replace(b"\xef\xbb", b"xx")
@@ -184,8 +186,8 @@ def test_row11_binary_file_rejected() -> None:
             parse(blob, name, LIMITS)
 
 
-def test_row11_nul_after_probe_fails_only_its_line() -> None:
-    """Row 11: a NUL past the first 8000 bytes is not a binary file, but its line fails."""
+def test_nul_after_probe_fails_only_its_line() -> None:
+    """binary-file: a NUL past the first 8000 bytes is not a binary file, but its line fails."""
     data = b"abc\n" * 2000 + b"ok\nx\x00y\n"
     out = items(data)
     assert out[2000] == Line(number=2001, text="ok")
@@ -193,8 +195,8 @@ def test_row11_nul_after_probe_fails_only_its_line() -> None:
     assert len(out) == 2002
 
 
-def test_row12_utf8_bom_stripped() -> None:
-    """Row 12: a UTF-8 BOM is stripped; it never reaches text or a header name."""
+def test_utf8_bom_stripped() -> None:
+    """bom-and-utf16: a UTF-8 BOM is stripped; it never reaches text or a header name."""
     assert texts(codecs.BOM_UTF8 + "héllo\n".encode()) == ["héllo"]
     out = items(codecs.BOM_UTF8 + b"id,text\nA1,hi\n", "a.csv")
     assert out == [Line(number=2, text="hi", id="A1")]
@@ -207,8 +209,8 @@ def test_row12_utf8_bom_stripped() -> None:
     lambda s: s.encode("utf-32"),
     lambda s: codecs.BOM_UTF32_BE + s.encode("utf-32-be"),
 ], ids=["utf16", "utf16le", "utf16be", "utf32", "utf32be"])
-def test_row12_utf16_and_utf32_with_bom(encode) -> None:
-    """Row 12: UTF-16/32 with a BOM decode (the BOM is seen before the NUL test)."""
+def test_utf16_and_utf32_with_bom(encode) -> None:
+    """bom-and-utf16: UTF-16/32 with a BOM decode (the BOM is seen before the NUL test)."""
     text = "voice,TEXT\nen_US-joe-medium,Grüße 😀\n"
     assert b"\x00" in encode(text)
     out = list(parse(encode(text), "a.csv", LIMITS))
@@ -216,14 +218,14 @@ def test_row12_utf16_and_utf32_with_bom(encode) -> None:
     assert [i.text for i in parse(encode("one\r\ntwo\n"), "a.txt", LIMITS)] == ["one", "two"]
 
 
-def test_row12_utf16_without_bom_is_binary() -> None:
-    """Row 12: UTF-16 without a BOM has NULs and no BOM: rejected with a hint."""
+def test_utf16_without_bom_is_binary() -> None:
+    """bom-and-utf16: UTF-16 without a BOM has NULs and no BOM: rejected with a hint."""
     with pytest.raises(InputError, match="binary"):
         parse("hello\n".encode("utf-16-le"), "a.txt", LIMITS)
 
 
-def test_row13_latin1_rejected_with_position() -> None:
-    """Row 13: Latin-1 'café' fails strict UTF-8 with byte offset, line and column."""
+def test_latin1_rejected_with_position() -> None:
+    """bad-encoding: Latin-1 'café' fails strict UTF-8 with byte offset, line and column."""
     with pytest.raises(InputError) as info:
         parse("café".encode("latin-1"), "menu.txt", LIMITS)
     error = info.value
@@ -233,8 +235,8 @@ def test_row13_latin1_rejected_with_position() -> None:
     assert "\ufffd" not in str(error)
 
 
-def test_row13_invalid_utf8_position_counts_all_newline_styles() -> None:
-    """Row 13: the position counts CRLF, CR and LF lines and characters, not bytes."""
+def test_invalid_utf8_position_counts_all_newline_styles() -> None:
+    """bad-encoding: the position counts CRLF, CR and LF lines and characters, not bytes."""
     data = "one\r\ntwo\rthré".encode() + b"\xff" + b"\n"
     with pytest.raises(InputError) as info:
         parse(data, "a.txt", LIMITS)
@@ -243,8 +245,8 @@ def test_row13_invalid_utf8_position_counts_all_newline_styles() -> None:
     assert f"byte {offset} " in info.value.message
 
 
-def test_row13_utf8_bom_offset_and_bad_utf16() -> None:
-    """Row 13: offsets count the BOM; a lone surrogate in UTF-16 is rejected too."""
+def test_utf8_bom_offset_and_bad_utf16() -> None:
+    """bad-encoding: offsets count the BOM; a lone surrogate in UTF-16 is rejected too."""
     with pytest.raises(InputError, match="byte 4 "):
         parse(codecs.BOM_UTF8 + b"a\xc3(", "a.txt", LIMITS)
     with pytest.raises(InputError, match="UTF-16"):
@@ -253,7 +255,7 @@ def test_row13_utf8_bom_offset_and_bad_utf16() -> None:
 
 
 def test_decode_never_substitutes() -> None:
-    """Row 13: decoding is strict — an overlong or surrogate UTF-8 sequence is an error."""
+    """bad-encoding: decoding is strict — an overlong or surrogate UTF-8 sequence is an error."""
     for bad in (b"\xc0\xaf", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"):
         with pytest.raises(InputError):
             decode(b"ok " + bad, "a.txt")
@@ -262,13 +264,13 @@ def test_decode_never_substitutes() -> None:
 # --- newlines and blank files ------------------------------------------------------------
 
 
-def test_row14_crlf_cr_lf_and_trailing_spaces() -> None:
-    """Row 14: b'a\\r\\nb\\rc  \\n' gives three clean lines and no CR anywhere."""
+def test_crlf_cr_lf_and_trailing_spaces() -> None:
+    """line-endings: b'a\\r\\nb\\rc  \\n' gives three clean lines and no CR anywhere."""
     assert items(b"a\r\nb\rc  \n") == [Line(1, "a"), Line(2, "b"), Line(3, "c")]
 
 
-def test_row14_no_cr_in_csv_fields() -> None:
-    """Row 14: CR line ends and CRLF inside quoted fields never reach text or ids."""
+def test_no_cr_in_csv_fields() -> None:
+    """line-endings: CR line ends and CRLF inside quoted fields never reach text or ids."""
     out = items(b'id,text\r\n a1 ,"x\r\ny"\rb2,z\r', "a.csv")
     assert out == [Line(2, "x y", id="a1"), Line(4, "z", id="b2")]
 
@@ -276,16 +278,16 @@ def test_row14_no_cr_in_csv_fields() -> None:
 @pytest.mark.parametrize("data,note", [(b"", "empty file"), (b"\n \n", "no text lines"),
                                        (codecs.BOM_UTF8, "empty file"),
                                        (b" \t\r\n\r\n", "no text lines")])
-def test_row15_empty_or_blank_txt(data: bytes, note: str) -> None:
-    """Row 15: an empty or blank-only file yields nothing and carries a note."""
+def test_empty_or_blank_txt(data: bytes, note: str) -> None:
+    """empty-file: an empty or blank-only file yields nothing and carries a note."""
     parsed = parse(data, "a.txt", LIMITS)
     assert list(parsed) == []
     assert parsed.note == note
 
 
 @pytest.mark.parametrize("data", [b"", b"\n \n", b"id,text\n", b"id,text\n\n  \n"])
-def test_row15_empty_or_header_only_csv(data: bytes) -> None:
-    """Row 15: an empty CSV, or one with only a header, yields nothing with a note."""
+def test_empty_or_header_only_csv(data: bytes) -> None:
+    """empty-file: an empty CSV, or one with only a header, yields nothing with a note."""
     parsed = parse(data, "a.csv", LIMITS)
     assert list(parsed) == []
     assert parsed.note
@@ -300,15 +302,15 @@ def test_note_is_none_when_lines_exist() -> None:
 # --- csv dialect ---------------------------------------------------------------------------
 
 
-def test_row16_quoted_newline_numbers_the_record_start() -> None:
-    """Row 16: quoted newlines are allowed; Line.number is the line the record starts on."""
+def test_quoted_newline_numbers_the_record_start() -> None:
+    """csv-dialect: quoted newlines are allowed; Line.number is the line the record starts on."""
     data = 'id,text\n1,"first\nsecond\nthird"\n2,"He said ""hi"", twice"\n'
     assert items(data, "a.csv") == [Line(2, "first second third", id="1"),
                                      Line(5, 'He said "hi", twice', id="2")]
 
 
-def test_row16_header_names_stripped_case_insensitive() -> None:
-    """Row 16: header names are stripped and case-insensitive; order is free."""
+def test_header_names_stripped_case_insensitive() -> None:
+    """csv-dialect: header names are stripped and case-insensitive; order is free."""
     data = " Speed ; TEXT;Id ;VOICE;speaker\n1.5;Hallo;a;de_DE-x-low;3\n"
     parsed = parse(data.encode(), "a.csv", LIMITS)
     assert parsed.columns == ("speed", "text", "id", "voice", "speaker")
@@ -320,13 +322,13 @@ def test_row16_header_names_stripped_case_insensitive() -> None:
 @pytest.mark.parametrize("header,delimiter", [("id,text", ","), ("id;text", ";"),
                                               ("id\ttext", "\t"), ("id|text", "|"),
                                               ("text", ","), ("a;b;c,d", ";"), ("id;text,x", ",")])
-def test_row16_delimiter_sniffed_from_header(header: str, delimiter: str) -> None:
-    """Row 16: the delimiter is the most frequent of , ; TAB | in the header (default ,)."""
+def test_delimiter_sniffed_from_header(header: str, delimiter: str) -> None:
+    """csv-dialect: the delimiter is the most frequent of , ; TAB | in the header (default ,)."""
     assert sniff_delimiter(header) == delimiter
 
 
-def test_row16_tab_and_pipe_files() -> None:
-    """Row 16: a TSV or pipe-separated file parses; other delimiters stay in the text."""
+def test_tab_and_pipe_files() -> None:
+    """csv-dialect: a TSV or pipe-separated file parses; other delimiters stay in the text."""
     assert items("id\ttext\n1\tHello, world; yes\n", "a.csv") == [
         Line(2, "Hello, world; yes", id="1")]
     assert items("id|text\n1|a, b\n", "a.csv") == [Line(2, "a, b", id="1")]
@@ -340,24 +342,24 @@ def test_row16_tab_and_pipe_files() -> None:
     ("id,,text", "has no name", 2),
     ("Hello world", "unknown column 'Hello world'", 1),
 ])
-def test_row16_bad_header_rejects_file(header: str, fragment: str, column: int | None) -> None:
-    """Row 16: unknown, duplicate, empty or missing columns reject the file at line 1."""
+def test_bad_header_rejects_file(header: str, fragment: str, column: int | None) -> None:
+    """csv-dialect: unknown, duplicate, empty or missing columns reject the file at line 1."""
     with pytest.raises(InputError) as info:
         parse(f"{header}\n1,hi\n".encode(), "a.csv", LIMITS)
     assert fragment in info.value.message
     assert (info.value.file, info.value.line, info.value.column) == ("a.csv", 1, column)
 
 
-def test_row16_header_after_blank_lines_and_bad_quote_in_header() -> None:
-    """Row 16: the header is the first non-blank line; a broken header is a file error."""
+def test_header_after_blank_lines_and_bad_quote_in_header() -> None:
+    """csv-dialect: the header is the first non-blank line; a broken header is a file error."""
     assert items("\n\ntext\nhi\n", "a.csv") == [Line(4, "hi")]
     with pytest.raises(InputError) as info:
         parse(b'\nid,"text\n1,x\n', "a.csv", LIMITS)
     assert info.value.line == 2
 
 
-def test_row16_wrong_field_count_is_a_row_error() -> None:
-    """Row 16: too many or too few fields fail that row alone, naming its line."""
+def test_wrong_field_count_is_a_row_error() -> None:
+    """csv-dialect: too many or too few fields fail that row alone, naming its line."""
     out = items("id,text\n1,a,b\n2\n3,ok\n", "a.csv")
     assert [type(i) for i in out] == [LineError, LineError, Line]
     assert [i.number for i in out] == [2, 3, 4]
@@ -365,8 +367,8 @@ def test_row16_wrong_field_count_is_a_row_error() -> None:
     assert "found 1" in out[1].message
 
 
-def test_row16_blank_rows_skipped_empty_text_fails() -> None:
-    """Row 16: blank and all-empty rows are skipped; a row with an id but no text fails."""
+def test_blank_rows_skipped_empty_text_fails() -> None:
+    """csv-dialect: blank and all-empty rows are skipped; a row with an id but no text fails."""
     out = items('id,text\n\n,\n "",""\n7,   \n8,ok\n', "a.csv")
     assert len(out) == 2
     assert isinstance(out[0], LineError) and out[0].number == 5 and out[0].id == "7"
@@ -374,21 +376,22 @@ def test_row16_blank_rows_skipped_empty_text_fails() -> None:
     assert out[1] == Line(6, "ok", id="8")
 
 
-def test_row16_spaces_before_quotes_allowed() -> None:
-    """Row 16: `1, "a, b"` reads the quoted field (space after the delimiter skipped)."""
+def test_spaces_before_quotes_allowed() -> None:
+    """csv-dialect: `1, "a, b"` reads the quoted field (space after the delimiter skipped)."""
     assert items('id,text\n1, "a, b"\n', "a.csv") == [Line(2, "a, b", id="1")]
 
 
-def test_row16_text_after_closing_quote_is_a_row_error() -> None:
-    """Row 16: `"a"b` fails its row; the next row is read normally."""
+def test_text_after_closing_quote_is_a_row_error() -> None:
+    """csv-dialect: `"a"b` fails its row; the next row is read normally."""
     out = items('id,text\n1,"a"b\n2,c\n', "a.csv")
     assert isinstance(out[0], LineError) and out[0].number == 2
     assert "closing quote" in out[0].message
     assert out[1] == Line(3, "c", id="2")
 
 
-def test_row16_duplicate_ids_are_yielded_and_collide_by_name_key() -> None:
-    """Row 16/22: duplicate ids both come out; their stems collide under name_key."""
+def test_duplicate_ids_are_yielded_and_collide_by_name_key() -> None:
+    """csv-dialect and unicode-and-case-twins: duplicate ids both come out; their stems collide
+    under name_key."""
     out = items("id,text\nA,one\na,two\ncafe\u0301,x\ncafé,y\n", "a.csv")
     ids = [i.id for i in out if isinstance(i, Line)]
     assert ids == ["A", "a", "café", "café"]
@@ -426,8 +429,9 @@ def test_csv_text_control_character_fails_row_with_id() -> None:
 
 @pytest.mark.parametrize("voice", ["../x", "..", "a..b", "/etc/passwd", "-x", ".hidden",
                                    "a b", "x" * 101, "voice\x07", "ünï"])
-def test_row17_bad_voice_is_a_row_error(voice: str) -> None:
-    """Row 17: a voice must look like a voice name (no path, no '..'); else a row error."""
+def test_bad_voice_is_a_row_error(voice: str) -> None:
+    """bad-voice-or-speed: a voice must look like a voice name (no path, no '..'); else a row
+    error."""
     out = io.StringIO()
     csv.writer(out).writerows([["id", "text", "voice"], ["v1", "hello", voice]])
     error = only_error(out.getvalue())
@@ -435,15 +439,15 @@ def test_row17_bad_voice_is_a_row_error(voice: str) -> None:
 
 
 @pytest.mark.parametrize("voice", ["en_US-joe-medium", "x", "A1.b-c_d", "x" * 100])
-def test_row17_good_voice_accepted(voice: str) -> None:
-    """Row 17: plausible voice names pass (the daemon checks the known list later)."""
+def test_good_voice_accepted(voice: str) -> None:
+    """bad-voice-or-speed: plausible voice names pass (the daemon checks the known list later)."""
     assert items(f"text,voice\nhi, {voice} \n", "a.csv") == [Line(2, "hi", voice=voice)]
 
 
 @pytest.mark.parametrize("speed", ["nan", "NaN", "inf", "-inf", "-1", "0", "1e308", "1e999",
                                    "0.09", "10.01", "fast", "1_0", "0x1", "１", "1.5.2", "1,5,0"])
-def test_row17_bad_speed_is_a_row_error(speed: str) -> None:
-    """Row 17: speed must be a finite number within [0.1, 10]; nan/inf/-1/1e308 fail."""
+def test_bad_speed_is_a_row_error(speed: str) -> None:
+    """bad-voice-or-speed: speed must be a finite number within [0.1, 10]; nan/inf/-1/1e308 fail."""
     error = only_error(f'text,speed\nhi,"{speed}"\n')
     assert "not a finite number between 0.1 and 10" in error.message
     assert error.text == "hi"
@@ -452,13 +456,14 @@ def test_row17_bad_speed_is_a_row_error(speed: str) -> None:
 @pytest.mark.parametrize("speed,value", [("1", 1.0), (" 1.5 ", 1.5), ("0.1", 0.1), ("10", 10.0),
                                          ("1e0", 1.0), (".5", 0.5), ("+2.", 2.0), ("", None),
                                          ("1,25", 1.25)])
-def test_row17_good_speed(speed: str, value: float | None) -> None:
-    """Row 17: good speeds parse (a decimal comma too); an empty one means the default."""
+def test_good_speed(speed: str, value: float | None) -> None:
+    """bad-voice-or-speed: good speeds parse (a decimal comma too); an empty one means the
+    default."""
     assert items(f'text,speed\nhi,"{speed}"\n', "a.csv") == [Line(2, "hi", speed=value)]
 
 
-def test_row17_speed_limits_follow_parse_limits() -> None:
-    """Row 17: the speed range comes from ParseLimits."""
+def test_speed_limits_follow_parse_limits() -> None:
+    """bad-voice-or-speed: the speed range comes from ParseLimits."""
     limits = ParseLimits(min_speed=0.5, max_speed=2)
     out = list(parse(b"text,speed\na,0.4\nb,2\n", "a.csv", limits))
     assert isinstance(out[0], LineError) and "between 0.5 and 2" in out[0].message
@@ -478,11 +483,11 @@ def test_several_problems_in_one_row_are_reported_together() -> None:
     assert "voice" in error.message and "speed" in error.message
 
 
-# --- huge fields and unclosed quotes (row 10) ------------------------------------------------
+# --- huge fields and unclosed quotes (huge-line-or-open-quote) ------------------------------------------------
 
 
-def test_row10_huge_csv_field_is_a_row_error() -> None:
-    """Row 10: a 1 MB field fails its row; field_size_limit is left as it was."""
+def test_huge_csv_field_is_a_row_error() -> None:
+    """huge-line-or-open-quote: a 1 MB field fails its row; field_size_limit is left as it was."""
     before = csv.field_size_limit()
     data = b"id,text\n1,ok\n2," + b"y" * 1_000_000 + b'\n3,"' + b"z" * 1_000_000 + b'"\n4,end\n'
     out = items(data, "a.csv")
@@ -491,8 +496,9 @@ def test_row10_huge_csv_field_is_a_row_error() -> None:
     assert csv.field_size_limit() == before
 
 
-def test_row10_field_size_limit_never_raised_to_maxsize(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 10: field_size_limit is set to max_record_chars per record and restored."""
+def test_field_size_limit_never_raised_to_maxsize(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huge-line-or-open-quote: field_size_limit is set to max_record_chars per record and
+    restored."""
     seen: list[int] = []
     real = csv.field_size_limit
 
@@ -513,8 +519,9 @@ def test_row10_field_size_limit_never_raised_to_maxsize(monkeypatch: pytest.Monk
     assert set(seen) <= {LIMITS.max_record_chars, before}
 
 
-def test_row10_unclosed_quote_then_10k_rows() -> None:
-    """Row 10: `"abc` then 10k rows: one error naming line 2, then every row is read."""
+def test_unclosed_quote_then_10k_rows() -> None:
+    """huge-line-or-open-quote: `"abc` then 10k rows: one error naming line 2, then every row is
+    read."""
     rows = "".join(f"{i},row {i}\n" for i in range(10_000))
     out = items(f'id,text\n1,"abc\n{rows}', "a.csv")
     assert isinstance(out[0], LineError) and out[0].number == 2
@@ -525,8 +532,9 @@ def test_row10_unclosed_quote_then_10k_rows() -> None:
     assert out[-1] == Line(10_002, "row 9999", id="9999")
 
 
-def test_row10_unclosed_quote_at_end_of_small_file() -> None:
-    """Row 10: an unclosed quote that reaches the end of the file fails its row only."""
+def test_unclosed_quote_at_end_of_small_file() -> None:
+    """huge-line-or-open-quote: an unclosed quote that reaches the end of the file fails its row
+    only."""
     out = items('id,text\n1,"abc\n2,x\n3,y\n', "a.csv")
     assert [type(i) for i in out] == [LineError, Line, Line]
     assert out[0].number == 2 and "never closed" in out[0].message
@@ -536,16 +544,18 @@ def test_row10_unclosed_quote_at_end_of_small_file() -> None:
     assert isinstance(last[1], LineError) and last[1].number == 3 and len(last) == 2
 
 
-def test_row10_two_stray_quotes_cost_two_rows() -> None:
-    """Row 10: a stray quote closed by another stray quote: only those two rows fail."""
+def test_two_stray_quotes_cost_two_rows() -> None:
+    """huge-line-or-open-quote: a stray quote closed by another stray quote: only those two rows
+    fail."""
     out = items('id,text\n1,"abc\n2,def\n3,"ghi\n4,jkl\n', "a.csv")
     assert [(type(i).__name__, i.number) for i in out] == [
         ("LineError", 2), ("Line", 3), ("LineError", 4), ("Line", 5)]
     assert "stray quote" in out[0].message
 
 
-def test_row10_long_quoted_field_that_closes_resumes_after_it() -> None:
-    """Row 10: a well-formed but too long multi-line field fails once; parsing resumes after."""
+def test_long_quoted_field_that_closes_resumes_after_it() -> None:
+    """huge-line-or-open-quote: a well-formed but too long multi-line field fails once; parsing
+    resumes after."""
     limits = ParseLimits(max_line_chars=100)
     body = "\n".join(["word, " * 30] * 20)  # 20 lines of 180 chars: > max_record_chars
     data = f'id,text\n1,"{body}"\n2,next\n'.encode()
@@ -555,13 +565,14 @@ def test_row10_long_quoted_field_that_closes_resumes_after_it() -> None:
     assert out[1] == Line(22, "next", id="2")
 
 
-def test_row10_blank_huge_line_is_skipped() -> None:
-    """Row 10: a huge line of spaces is a blank row, skipped silently."""
+def test_blank_huge_line_is_skipped() -> None:
+    """huge-line-or-open-quote: a huge line of spaces is a blank row, skipped silently."""
     assert items(b"text\n" + b" " * 100_000 + b"\nhi\n", "a.csv") == [Line(3, "hi")]
 
 
-def test_row10_many_stray_quotes_stay_fast() -> None:
-    """Row 10: thousands of stray quotes finish (no re-read blow-up); each fails its row."""
+def test_many_stray_quotes_stay_fast() -> None:
+    """huge-line-or-open-quote: thousands of stray quotes finish (no re-read blow-up); each fails
+    its row."""
     rows = "".join(f'{i},"x\n{i},plain {i}\n' for i in range(3000))
     out = items("id,text\n" + rows, "a.csv")
     numbers = [i.number for i in out]
@@ -612,7 +623,8 @@ def _check_records(parsed: ParsedInput, limits: ParseLimits) -> None:
        limits=st.sampled_from([LIMITS, _SMALL]))
 def test_property_parse_yields_records_or_raises_input_error(
         data: bytes, name: str, limits: ParseLimits) -> None:
-    """Rows 10–16: any bytes give Line/LineError records in line order, or InputError."""
+    """huge-line-or-open-quote, binary-file, bom-and-utf16, bad-encoding, line-endings, empty-file
+    and csv-dialect: any bytes give Line/LineError records in line order, or InputError."""
     before = csv.field_size_limit()
     try:
         parsed = parse(data, name, limits)
@@ -659,7 +671,8 @@ _ENCODERS = {
        newline=st.sampled_from(["\n", "\r\n", "\r"]), final=st.booleans())
 def test_property_txt_round_trips_in_every_encoding(
         lines: list, encoding: str, newline: str, final: bool) -> None:
-    """Rows 12, 14: text in UTF-8/UTF-8-sig/UTF-16/32 round-trips its non-empty lines."""
+    """bom-and-utf16 and line-endings: text in UTF-8/UTF-8-sig/UTF-16/32 round-trips its non-empty
+    lines."""
     rendered = [_render(line) for line in lines]
     text = newline.join(raw for raw, _ in rendered) + (newline if final and lines else "")
     parsed = parse(_ENCODERS[encoding](text), "f.txt", LIMITS)
@@ -679,7 +692,7 @@ _CSV_TEXT = st.lists(st.one_of(_WORDS, st.sampled_from(['"', ",", ";", '""', "'"
 @given(rows=st.lists(st.tuples(_IDS, _CSV_TEXT), max_size=15),
        encoding=st.sampled_from(sorted(_ENCODERS)))
 def test_property_csv_written_by_csv_module_round_trips(rows: list, encoding: str) -> None:
-    """Row 16: whatever csv.writer writes (quotes, commas) parses back to the same rows."""
+    """csv-dialect: whatever csv.writer writes (quotes, commas) parses back to the same rows."""
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(["id", "text"])
@@ -691,7 +704,7 @@ def test_property_csv_written_by_csv_module_round_trips(rows: list, encoding: st
 
 
 def test_parse_speed_100k_lines() -> None:
-    """Row 41: 100,000 lines parse in one pass (timing printed, not asserted)."""
+    """one-big-file: 100,000 lines parse in one pass (timing printed, not asserted)."""
     data = "".join(f"{i},Sentence number {i}, with some words.\n" for i in range(100_000))
     for name, body in (("a.txt", data), ("a.csv", "id,text\n" + data.replace(", with", " with"))):
         t0 = os.times().elapsed

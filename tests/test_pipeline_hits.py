@@ -1,6 +1,6 @@
 """The lines stage without a model: how the feeder sorts a take (a WAV of an earlier
 attempt, a cache hit, work for the model) and how the sink commits cache hits
-(RELIABILITY rows 24 and 27). A stub engine stands in: all-hit batches never reach it."""
+(docs/reliability.md: kill-9 and damaged-cache-file). A stub engine stands in: all-hit batches never reach it."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def _lines(store: Store) -> dict[str, tuple]:
 
 
 def test_damaged_cache_files_in_a_big_take_are_misses_and_evicted(tmp_path: Path) -> None:
-    """Row 27 inside one big take of hits: a deleted, a truncated (44 B) and a replaced
+    """damaged-cache-file inside one big take of hits: a deleted, a truncated (44 B) and a replaced
     (other sample rate) cache file each make their lines misses for the model and lose
     their cache rows; every other line, repeats included, is a hit checked once."""
     texts = [f"Line {i}." for i in range(40)] + ["Line 3.", "Line 5.", "Line 7."]
@@ -203,7 +203,7 @@ def test_inode_numbers_past_2_63_fit_the_store(tmp_path: Path) -> None:
 
 
 def test_a_retried_line_adopts_its_wav_in_the_feeder(tmp_path: Path) -> None:
-    """Row 24: a line taken again after a crash (attempts > 1) whose WAV was renamed
+    """kill-9: a line taken again after a crash (attempts > 1) whose WAV was renamed
     into place before the crash is answered from the outbox, not the cache."""
     cfg, store = _site(tmp_path, ["Hello."], cached=["Hello."])
     feeder = Feeder(cfg, _engine(), {VOICE: SR}, size=8)

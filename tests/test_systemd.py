@@ -1,4 +1,5 @@
-"""systemd/ttsd.service and its companions (RELIABILITY.md row 36, issue 3 "systemd").
+"""systemd/ttsd.service and its companions (docs/reliability.md,
+unit-hardening).
 
 The unit is read as text (a unit file repeats keys such as DeviceAllow=, which
 configparser cannot hold), then checked by systemd's own tools where they exist:
@@ -95,7 +96,8 @@ def test_parse_unit_keeps_repeated_keys() -> None:
 
 
 def test_unit_life_cycle(unit: dict[str, dict[str, list[str]]]) -> None:
-    """Row 33/36: Type=notify from the main process, watchdog, graceful stop, restart on failure."""
+    """notify-protocol and unit-hardening: Type=notify from the main process, watchdog, graceful
+    stop, restart on failure."""
     assert one(unit, "Type") == "notify"
     assert one(unit, "NotifyAccess") == "main"
     assert seconds(one(unit, "WatchdogSec")) == 60
@@ -112,7 +114,8 @@ def test_unit_life_cycle(unit: dict[str, dict[str, list[str]]]) -> None:
 
 
 def test_unit_identity_and_files(unit: dict[str, dict[str, list[str]]]) -> None:
-    """Row 36: dedicated user; ProtectSystem=strict; writable = /var/lib/ttsd; PrivateTmp."""
+    """unit-hardening: dedicated user; ProtectSystem=strict; writable = /var/lib/ttsd;
+    PrivateTmp."""
     assert one(unit, "User") == "ttsd"
     assert one(unit, "Group") == "ttsd"
     assert one(unit, "StateDirectory") == "ttsd"
@@ -132,7 +135,8 @@ def test_unit_identity_and_files(unit: dict[str, dict[str, list[str]]]) -> None:
 
 
 def test_unit_keeps_the_gpu_reachable(unit: dict[str, dict[str, list[str]]]) -> None:
-    """Row 36: GPU devices reachable: allowed through the device cgroup, /dev not replaced."""
+    """unit-hardening: GPU devices reachable: allowed through the device cgroup, /dev not
+    replaced."""
     allowed = {entry.split()[0]: entry.split()[1] for entry in unit["Service"]["DeviceAllow"]}
     for node in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/nvidia-uvm"):
         assert "rw" in allowed.get(node, ""), node
@@ -159,7 +163,8 @@ def test_unit_system_call_filter(unit: dict[str, dict[str, list[str]]]) -> None:
 
 
 def test_stop_timeout_fits_inside_timeout_stop_sec(unit: dict[str, dict[str, list[str]]]) -> None:
-    """Row 35: the batch in flight gets stop_timeout_s; systemd waits longer before SIGKILL."""
+    """sigterm-mid-batch: the batch in flight gets stop_timeout_s; systemd waits longer before
+    SIGKILL."""
     cfg = Config.load(SYSTEMD / "config.toml")
     assert cfg.daemon.stop_timeout_s + 10 <= seconds(one(unit, "TimeoutStopSec"))
 

@@ -1,4 +1,5 @@
-"""Writer: atomic WAVs, cache links, manifests, disposition (RELIABILITY rows 18, 23, 26-28)."""
+"""Writer: atomic WAVs, cache links, manifests, disposition (docs/reliability.md:
+formula-cells, atomic-wav, disk-full-outbox, damaged-cache-file and input-disposition)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def run_with_timeout(fn: Callable[[], object], timeout: float = 5.0) -> object:
 
 
 def test_write_wav_roundtrip_and_clip(tmp_path: Path) -> None:
-    """Row 23: the returned size is the file's; samples are clipped to [-1, 1]."""
+    """atomic-wav: the returned size is the file's; samples are clipped to [-1, 1]."""
     x = tone()
     x[:10] = 3.0
     x[10:20] = -3.0
@@ -69,7 +70,7 @@ def test_write_wav_roundtrip_and_clip(tmp_path: Path) -> None:
 
 
 def test_write_wav_never_overwrites(tmp_path: Path) -> None:
-    """Row 20/23: an existing WAV is never replaced unless asked."""
+    """id-collision and atomic-wav: an existing WAV is never replaced unless asked."""
     out = tmp_path / "a.wav"
     write_wav(out, tone(0.1), SR)
     before = out.read_bytes()
@@ -82,7 +83,7 @@ def test_write_wav_never_overwrites(tmp_path: Path) -> None:
 
 
 def test_write_wav_rejects_nan_and_bad_shapes(tmp_path: Path) -> None:
-    """Row 38: NaN/Inf audio is never written; nothing is left behind."""
+    """nan-audio: NaN/Inf audio is never written; nothing is left behind."""
     out = tmp_path / "nan.wav"
     for bad in (np.array([0.1, np.nan], dtype=np.float32),
                 np.array([np.inf], dtype=np.float32), np.zeros((2, 10), dtype=np.float32)):
@@ -93,7 +94,7 @@ def test_write_wav_rejects_nan_and_bad_shapes(tmp_path: Path) -> None:
 
 def test_tmp_is_hidden_in_same_folder_and_final_appears_complete(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 23: order is write → fsync(tmp) → rename → fsync(dir); the tmp is ".<name>.*.tmp"
+    """atomic-wav: order is write → fsync(tmp) → rename → fsync(dir); the tmp is ".<name>.*.tmp"
     in the same folder, and the final name does not exist until the data is synced."""
     out = tmp_path / "sub" / "0001.wav"
     out.parent.mkdir()
@@ -116,7 +117,7 @@ def test_tmp_is_hidden_in_same_folder_and_final_appears_complete(
 
 
 def test_concurrent_reader_never_sees_partial_wav(tmp_path: Path) -> None:
-    """Row 23: a reader polling the folder while 40 WAVs are written only ever sees
+    """atomic-wav: a reader polling the folder while 40 WAVs are written only ever sees
     complete files under a .wav name."""
     stop = threading.Event()
     bad: list[str] = []
@@ -141,7 +142,7 @@ def test_concurrent_reader_never_sees_partial_wav(tmp_path: Path) -> None:
 
 def test_crash_inside_soundfile_leaves_nothing(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 23: an exception raised inside soundfile's write (after it wrote some bytes)
+    """atomic-wav: an exception raised inside soundfile's write (after it wrote some bytes)
     leaves no partial WAV and no tmp. (PCM_24: PCM_16 no longer goes through soundfile;
     its own encoder is covered by the next test.)"""
     def exploding(file: object, data: object, *args: object, **kw: object) -> None:
@@ -156,7 +157,7 @@ def test_crash_inside_soundfile_leaves_nothing(tmp_path: Path,
 
 def test_crash_inside_pcm16_encoder_leaves_nothing(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 23: the same for the PCM_16 encoder (numpy, no soundfile)."""
+    """atomic-wav: the same for the PCM_16 encoder (numpy, no soundfile)."""
     def exploding(clipped: object) -> None:
         raise MemoryError("simulated crash inside the PCM_16 encoder")
 
@@ -194,7 +195,7 @@ def _fail_tmp_writes(monkeypatch: pytest.MonkeyPatch, err: int, after_bytes: int
 
 
 def test_disk_full_wav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 26: ENOSPC mid-write → OSError(ENOSPC) after cleanup; no partial file, no tmp;
+    """disk-full-outbox: ENOSPC mid-write → OSError(ENOSPC) after cleanup; no partial file, no tmp;
     the same write succeeds once space is back."""
     _fail_tmp_writes(monkeypatch, errno.ENOSPC)
     out = tmp_path / "full.wav"
@@ -208,7 +209,7 @@ def test_disk_full_wav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_io_error_on_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 26: EIO from fsync(tmp) → OSError; the final name never appears."""
+    """disk-full-outbox: EIO from fsync(tmp) → OSError; the final name never appears."""
     def broken(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
@@ -220,7 +221,8 @@ def test_io_error_on_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_wav_ok_detects_damage(tmp_path: Path) -> None:
-    """Row 27: deleted, truncated to 44 B, truncated mid-data, garbage, symlink, directory,
+    """damaged-cache-file: deleted, truncated to 44 B, truncated mid-data, garbage, symlink,
+    directory,
     wrong rate and wrong expected size all fail the cache check."""
     good = tmp_path / "good.wav"
     size = write_wav(good, tone(0.5), SR)
@@ -256,7 +258,7 @@ def test_wav_ok_detects_damage(tmp_path: Path) -> None:
 
 
 def test_wav_ok_reads_headers_like_libsndfile(tmp_path: Path) -> None:
-    """Row 27: the cache check parses the RIFF header itself (no libsndfile open); it
+    """damaged-cache-file: the cache check parses the RIFF header itself (no libsndfile open); it
     must agree with libsndfile on every format ttsd writes, on chunks before the data
     (also past the first 4 KiB) and on headers that lie about their data."""
     import struct
@@ -294,7 +296,8 @@ def test_wav_ok_reads_headers_like_libsndfile(tmp_path: Path) -> None:
 
 
 def test_link_or_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 27/20: a cache hit is hard-linked, or copied (verified) when linking fails;
+    """damaged-cache-file and id-collision: a cache hit is hard-linked, or copied (verified) when
+    linking fails;
     never overwrites; never follows a symlinked source."""
     cache = tmp_path / "cache" / "ab.wav"
     cache.parent.mkdir()
@@ -329,7 +332,7 @@ def test_link_or_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_replace_with_link_repairs_a_cache_file(tmp_path: Path) -> None:
-    """Row 27: the cache file of an evicted entry (truncated, or a symlink planted in
+    """damaged-cache-file: the cache file of an evicted entry (truncated, or a symlink planted in
     its place) is replaced by the fresh WAV in one rename; a symlink's target and other
     links to the old inode are left alone; no temp file stays."""
     fresh = tmp_path / "out" / "0001.wav"
@@ -356,7 +359,7 @@ def test_replace_with_link_repairs_a_cache_file(tmp_path: Path) -> None:
 
 
 def test_copy_disk_full_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 26: ENOSPC while copying a cache hit → OSError; no partial WAV, no tmp."""
+    """disk-full-outbox: ENOSPC while copying a cache hit → OSError; no partial WAV, no tmp."""
     cache = tmp_path / "hit.wav"
     write_wav(cache, tone(1.0), SR)
     out = tmp_path / "out"
@@ -372,7 +375,7 @@ def test_copy_disk_full_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_manifest_columns_and_formula_guard(tmp_path: Path) -> None:
-    """Row 18: id, text, wav and error cells starting with = + - @ TAB CR get a "'"."""
+    """formula-cells: id, text, wav and error cells starting with = + - @ TAB CR get a "'"."""
     rows = [
         ManifestRow("0001", 1, "Hello, world", "0001.wav", 1.23456, False, ""),
         ManifestRow("=HYPERLINK(\"http://x\")", 2, "@SUM(A1)", "", None, False,
@@ -401,7 +404,8 @@ def test_manifest_columns_and_formula_guard(tmp_path: Path) -> None:
 
 
 def test_dispose_done_and_failed(tmp_path: Path) -> None:
-    """Row 28: inputs move to done/ or failed/ (+ NAME.error.txt); names never overwritten."""
+    """input-disposition: inputs move to done/ or failed/ (+ NAME.error.txt); names never
+    overwritten."""
     work = tmp_path / "work"
     work.mkdir()
     done, failed = tmp_path / "done", tmp_path / "failed"
@@ -432,7 +436,8 @@ def test_dispose_done_and_failed(tmp_path: Path) -> None:
 
 
 def test_dispose_symlink_fifo_and_odd_names(tmp_path: Path) -> None:
-    """Row 8/28: a symlink or FIFO is renamed as itself (never followed or opened);
+    """not-a-regular-file and input-disposition: a symlink or FIFO is renamed as itself (never
+    followed or opened);
     suffix-less, hidden and very long names work."""
     work, failed = tmp_path / "work", tmp_path / "failed"
     work.mkdir()
@@ -460,7 +465,8 @@ def test_dispose_symlink_fifo_and_odd_names(tmp_path: Path) -> None:
 
 
 def test_dispose_across_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 28: done/ on another filesystem (EXDEV) → atomic copy then unlink; symlinks are
+    """input-disposition: done/ on another filesystem (EXDEV) → atomic copy then unlink; symlinks
+    are
     recreated as links, FIFOs as FIFOs; never overwrites."""
     work, done = tmp_path / "work", tmp_path / "done"
     work.mkdir()
@@ -491,7 +497,7 @@ def test_dispose_across_devices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_rename_noreplace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Row 20: the no-replace rename refuses to clobber, with and without renameat2."""
+    """id-collision: the no-replace rename refuses to clobber, with and without renameat2."""
     a, b = tmp_path / "a", tmp_path / "b"
     for use_renameat2 in (True, False):
         if not use_renameat2:
@@ -511,7 +517,7 @@ def test_rename_noreplace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_remove_stale_temps(tmp_path: Path) -> None:
-    """Row 24: ".*.tmp" files a crash left (at any depth) are removed; nothing else is."""
+    """kill-9: ".*.tmp" files a crash left (at any depth) are removed; nothing else is."""
     (tmp_path / "book" / "deep").mkdir(parents=True)
     stale = [tmp_path / ".manifest.csv.0a1b2c3d.tmp", tmp_path / "book" / ".0001.wav.ffff0000.tmp",
              tmp_path / "book" / "deep" / ".x.tmp"]
@@ -527,7 +533,7 @@ def test_remove_stale_temps(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("frozen_heap")
 def test_encode_is_pure_bytes() -> None:
-    """Row 23: encoding happens in memory before any file exists."""
+    """atomic-wav: encoding happens in memory before any file exists."""
     data = wav.encode_wav(tone(0.1), SR)
     info = sf.info(io.BytesIO(data))
     assert data[:4] == b"RIFF" and info.samplerate == SR and info.frames == int(SR * 0.1)
@@ -706,7 +712,7 @@ def test_int16_wav_in_parts_survives_short_writes_and_disk_full(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An int16 WAV goes out as its header and its samples (writev, no joined copy): a
     short write (a signal, a pipe-like file system) resumes where it stopped, and the
-    file is byte for byte encode_wav's; ENOSPC mid-write leaves nothing (row 26)."""
+    file is byte for byte encode_wav's; ENOSPC mid-write leaves nothing (disk-full-outbox)."""
     pcm = (np.random.default_rng(9).integers(-32768, 32768, 150_001)).astype(np.int16)
     real_writev, real_write = os.writev, os.write
     calls = []

@@ -310,7 +310,7 @@ class Inbox(Watching):
         """The owned copy's bytes, after checking it is still exactly what was claimed.
 
         Raises InputError("file changed while being read") when inode, size, mtime or
-        sha256 differ from the claim (RELIABILITY row 43).
+        sha256 differ from the claim (docs/reliability.md, appended-after-claim).
         """
         changed = InputError("file changed while being read", file=claimed.name)
         try:

@@ -35,15 +35,11 @@ import codecs
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import TYPE_CHECKING
 
 from ttsd.errors import InputError
 from ttsd.ingest.csv_input import csv_input
 from ttsd.ingest.text import ParsedInput, ParseLimits, clean_text, is_blank, line_end
 from ttsd.records import Line, LineError
-
-if TYPE_CHECKING:
-    pass
 
 KINDS = {".txt": "txt", ".csv": "csv"}
 """File extension (lower case) → input kind."""
