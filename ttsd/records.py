@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -50,3 +51,21 @@ class BatchStats:
     padded_frames: int = 0
     used_frames: int = 0
     extra: dict = field(default_factory=dict)
+
+
+class Done(NamedTuple):
+    """A line that has its WAV in the outbox, as the sink hands it to the journal."""
+
+    line_id: int
+    wav: str
+    """The WAV's path."""
+    seconds: float
+    cached: bool
+    """Its audio came from the cache (a copy of an earlier line's WAV)."""
+
+
+class Failed(NamedTuple):
+    """A line that fails, with the reason the manifest and the log give."""
+
+    line_id: int
+    error: str

@@ -26,7 +26,7 @@ from ttsd.log import get_logger
 from ttsd.output.fsio import Folder, replace_with_link
 from ttsd.output.wav import wav_info, wav_ok, write_wav
 from ttsd.pipeline.batcher import Batch, occupied, wav_path
-from ttsd.records import BatchStats
+from ttsd.records import BatchStats, Done, Failed
 from ttsd.store.journal import LineRow, Store, sqlite_ino
 
 log = get_logger(__name__)
@@ -78,8 +78,8 @@ class Sink:
 
     def write(self, store: Store, batch: Batch) -> dict[str, int]:
         t0 = time.perf_counter()
-        done: list[tuple[int, str, float, bool]] = []
-        failed: list[tuple[int, str]] = []
+        done: list[Done] = []
+        failed: list[Failed] = []
         requeue: list[int] = []
         hit_keys: list[str] = []
         folders = _Folders(self._outbox_failed)
@@ -93,10 +93,10 @@ class Sink:
             folders.close()
         if folders.used and not requeue:
             self.health.clear("outbox", "sink")
-        finished = {d[0] for d in done}
+        finished = {d.line_id for d in done}
         cache_rows = [e for row_id, e in entries if row_id in finished] + self._kept()
         stats = None
-        audio_s = sum(d[2] for d in done)
+        audio_s = sum(d.seconds for d in done)
         if batch.part_of is not None:   # a piece: its batch's stats come with the batch
             tally = batch.part_of.tally
             for k, v in (("audio_s", audio_s), ("write_ms", (time.perf_counter() - t0) * 1000),
@@ -139,7 +139,7 @@ class Sink:
         return counts
 
     @staticmethod
-    def _adopt(batch: Batch, folders: _Folders, done: list, requeue: list[int]) -> None:
+    def _adopt(batch: Batch, folders: _Folders, done: list[Done], requeue: list[int]) -> None:
         """Lines whose whole WAV an earlier attempt wrote (the feeder saw it): done."""
         for row in batch.existing:
             folder = folders.get(row.out_dir)
@@ -151,10 +151,10 @@ class Sink:
                 requeue.append(row.id)
                 continue
             folders.touch(folder)
-            done.append((row.id, str(wav_path(row)), seconds, False))
+            done.append(Done(row.id, str(wav_path(row)), seconds, False))
 
-    def _place_hits(self, store: Store, batch: Batch, folders: _Folders, done: list,
-                    failed: list, requeue: list[int], hit_keys: list[str]) -> None:
+    def _place_hits(self, store: Store, batch: Batch, folders: _Folders, done: list[Done],
+                    failed: list[Failed], requeue: list[int], hit_keys: list[str]) -> None:
         """The batch's cache hits, placed in their folders on the writer threads."""
         link = self.cfg.cache.link
         jobs = []
@@ -171,11 +171,11 @@ class Sink:
             dst = str(wav_path(row))
             if outcome == "placed":
                 folders.touch(folder)
-                done.append((row.id, dst, float(entry["seconds"]), True))
+                done.append(Done(row.id, dst, float(entry["seconds"]), True))
                 hit_keys.append(entry["key"])
             elif outcome == "adopted":   # a whole WAV of an earlier attempt
                 folders.touch(folder)
-                done.append((row.id, dst, seconds, False))
+                done.append(Done(row.id, dst, seconds, False))
             elif outcome == "gone":   # purged since the feeder looked: synthesize it after all
                 gone = HitCheck()
                 gone.evict.append(entry["key"])
@@ -183,14 +183,14 @@ class Sink:
                 requeue.append(row.id)
             elif outcome == "taken":   # anything else at the path stays, and the line fails
                 log.error("wav.path_taken", path=dst, line=row.id)
-                failed.append((row.id, occupied(dst, batch.sample_rate)))
+                failed.append(Failed(row.id, occupied(dst, batch.sample_rate)))
             else:   # disk full, I/O error: the line stays pending
                 self.health.trouble("outbox", folder.path, "a cache hit could not be placed",
                                     "sink")
                 requeue.append(row.id)
 
     def _write_wavs(self, batch: Batch, groups: list[tuple[int, list[LineRow]]],
-                    folders: _Folders, done: list, failed: list, requeue: list[int]
+                    folders: _Folders, done: list[Done], failed: list[Failed], requeue: list[int]
                     ) -> list[tuple[int, dict]]:
         """The synthesized lines' WAVs, on the writer threads; the first line of each
         group also leaves the cache its own copy. Returns (line id, cache entry)."""
@@ -220,10 +220,10 @@ class Sink:
                 continue
             if refused:   # for good: pending again, it would be refused again, forever
                 log.error("wav.path_taken", path=str(wav_path(row)), line=row.id)
-                failed.append((row.id, refused))
+                failed.append(Failed(row.id, refused))
                 continue
             folders.touch(folder)
-            done.append((row.id, str(wav_path(row)), res.seconds, False))
+            done.append(Done(row.id, str(wav_path(row)), res.seconds, False))
             if entry is not None:
                 entries.append((row.id, entry))
             crash.point("after_rename")
@@ -311,7 +311,7 @@ class _Folders:
         """``folder`` holds a WAV of this batch: synced before its line is done."""
         self._touched[str(folder.path)] = folder
 
-    def sync(self, done: list[tuple[int, str, float, bool]], requeue: list[int]
+    def sync(self, done: list[Done], requeue: list[int]
              ) -> list[tuple[int, str, float, bool]]:
         """One fsync per touched folder, so every rename is durable before its line is
         done; lines in a folder that cannot be synced go back to pending."""
@@ -327,8 +327,8 @@ class _Folders:
             return done
         keep = []
         for d in done:
-            if os.path.dirname(d[1]) in failed:
-                requeue.append(d[0])
+            if os.path.dirname(d.wav) in failed:
+                requeue.append(d.line_id)
             else:
                 keep.append(d)
         return keep
