@@ -38,7 +38,7 @@ def add_entry(store: Store, paths: PathsConfig, key: str, size: int,
 
 
 def keys(store: Store) -> set[str]:
-    return {r["key"] for r in store.cache_entries()}
+    return {r.key for r in store.cache_entries()}
 
 
 @pytest.fixture()
