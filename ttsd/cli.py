@@ -236,10 +236,10 @@ def cmd_voices(cfg: Config, ns: argparse.Namespace) -> int:
 
 
 def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
-    from ttsd.service import status
+    from ttsd.service import status, status_text
 
     report = status.collect(cfg.paths)
-    print(json.dumps(report, indent=2) if ns.json else status.render(report))
+    print(json.dumps(report.to_json(), indent=2) if ns.json else status_text.render(report))
     return 0
 
 
