@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ttsd.service.status import StatusReport, finite, on_gpu
+from ttsd.service.status_report import StatusReport, finite, on_gpu
 from ttsd.units import human_bytes, human_duration
 
 
