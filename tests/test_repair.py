@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from harness import ROOT, Site, assert_invariant
 
-from ttsd.service import repair
 from ttsd.config import PathsConfig
 from ttsd.errors import StoreDamagedError
+from ttsd.service import repair
 from ttsd.store.journal import DONE_AUDIO_US, DONE_CACHED, NewLine, Store, damaged
 
 LINES = 200
@@ -265,7 +265,7 @@ def test_one_bad_page_loses_only_its_rows(tmp_path: Path, where: str) -> None:
     conn.close()
     lines = report.table("lines")
     assert (lines.salvaged, lines.lost) == (len(before) - len(lost), len(lost))
-    assert report.reparse == ["book.txt"]
+    assert report.salvage.reparse == ["book.txt"]
     text = repair.render(report)
     assert str(copy) in text and f"{len(lost):,} lost" in text
 
