@@ -46,6 +46,7 @@ from ttsd.config import InputConfig
 from ttsd.errors import InputError
 from ttsd.log import get_logger
 from ttsd.ingest.names import fit_name as _fit
+from ttsd.units import human_bytes
 
 log = get_logger(__name__)
 
@@ -140,18 +141,6 @@ def claimed_name(path: Path) -> str:
     if sep and len(head) == 16 and all(c in "0123456789abcdef" for c in head) and rest:
         return rest
     return path.name
-
-
-def human_bytes(n: int) -> str:
-    """``5368709120`` → ``5.0 GB``; ``268435456`` → ``256 MB`` (binary multiples)."""
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1024 or unit == "TB":
-            break
-        value /= 1024
-    if unit == "B":
-        return f"{n} B"
-    return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
 
 
 def writer_open(path: Path | str) -> bool | None:
