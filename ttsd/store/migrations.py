@@ -132,7 +132,7 @@ def migrate(conn: sqlite3.Connection, path: Path,
     if unknown:
         raise JournalTooNewError(
             f"the journal {path} was written by a newer ttsd (it has the migrations "
-            f"{', '.join(sorted(unknown))}, which this version {_version()} does not know): "
+            f"{', '.join(sorted(unknown))}, which ttsd {_version()} does not know): "
             "run that newer ttsd on it; this one will not write to it")
     todo = [m for m in migrations if m.__name__ not in done]
     if not todo:
