@@ -1,5 +1,5 @@
 """``ttsd purge-cache``: options, LRU order, dry run, missing and tampered files, and
-purging while another connection holds the write lock (RELIABILITY rows 30, 31)."""
+purging while another connection holds the write lock."""
 
 from __future__ import annotations
 
@@ -293,7 +293,7 @@ def test_files_still_linked_from_the_outbox_free_nothing(paths: PathsConfig,
 
 
 def test_purge_waits_for_a_writer_holding_the_lock(paths: PathsConfig, store: Store) -> None:
-    """RELIABILITY rows 30, 31: another connection (the daemon) holds a write
+    """Another connection (the daemon) holds a write
     transaction for 2 s; purge waits through busy_timeout and succeeds, and the
     daemon's connection never sees "database is locked"."""
     files = [add_entry(store, paths, f"w{i}", 10) for i in range(3)]

@@ -334,7 +334,7 @@ def test_unit_and_cli_say_what_exit_4_means() -> None:
 # ---------------------------------------------------------------------- the real daemon
 
 def test_damaged_journal_stops_run_status_and_purge_with_exit_4(tmp_path: Path) -> None:
-    """Row 49: bytes overwritten in the middle of a journal the daemon made. `ttsd run`
+    """Bytes overwritten in the middle of a journal the daemon made. `ttsd run`
     exits 4 at once (before claiming anything), as do `status` and `purge-cache`: one
     line naming the file, no traceback, and the file is not written to."""
     site = fast_site(tmp_path)

@@ -1,5 +1,5 @@
 """``ttsd status``: daemon liveness from the heartbeat and psutil, counts, cache, speed,
-device facts, and answering fast while the daemon writes (RELIABILITY row 30)."""
+device facts, and answering fast while the daemon writes."""
 
 from __future__ import annotations
 
@@ -499,7 +499,7 @@ def test_latency_uses_the_last_1000_batches(paths: PathsConfig, store: Store) ->
     assert sp.latency_p95_ms == pytest.approx(950.05)
 
 
-# ---------------------------------------------------------------------- row 30: fast, never blocked
+# ---------------------------------------------------------------------- fast, never blocked
 
 @pytest.mark.usefixtures("frozen_heap")
 def test_status_is_fast_with_100k_lines(paths: PathsConfig, store: Store,
@@ -529,7 +529,7 @@ def test_status_is_fast_with_100k_lines(paths: PathsConfig, store: Store,
 @pytest.mark.usefixtures("frozen_heap")
 def test_status_answers_while_another_connection_holds_the_write_lock(
         paths: PathsConfig, store: Store, tmp_path: Path) -> None:
-    """Row 30: a reader in WAL mode is not blocked by a writer holding the lock 2 s."""
+    """A reader in WAL mode is not blocked by a writer holding the lock 2 s."""
     add_file(store, tmp_path, "a.txt", 100)
     locked, release = threading.Event(), threading.Event()
 
@@ -556,7 +556,7 @@ def test_status_answers_while_another_connection_holds_the_write_lock(
 @pytest.mark.usefixtures("frozen_heap")
 def test_status_in_a_loop_during_100k_inserts(paths: PathsConfig, store: Store,
                                               tmp_path: Path) -> None:
-    """Row 30: status polled while the daemon inserts 100k lines in chunks; every
+    """Status polled while the daemon inserts 100k lines in chunks; every
     answer is quick, and the writer never sees "database is locked"."""
     errors: list[BaseException] = []
     finished = threading.Event()
