@@ -329,6 +329,23 @@ def test_done_totals_are_counters_kept_with_the_rows(paths: PathsConfig, store: 
     assert collect(paths).audio.seconds == 16.0
 
 
+def test_progress_of_a_run_counts_its_files_lines_and_the_audio_made_since(
+        store: Store, tmp_path: Path) -> None:
+    """What ``run --once``'s bar shows: the lines of the files claimed since the start,
+    those done or failed, and the audio made since the start (the done counters then
+    and now, not a sum over the rows)."""
+    old = line_ids(store, add_file(store, tmp_path, "old.txt", 2))
+    store.complete([(old[0], "o/1.wav", 4.0, False)], [], [], None, {})
+    start, since = store.done_totals(), time.time()
+    new = line_ids(store, add_file(store, tmp_path, "new.txt", 4))
+    store.complete([(new[0], "n/1.wav", 1.5, False), (old[1], "o/2.wav", 2.0, True)],
+                   [(new[1], "bad")], [], None, {})
+    got = store.progress(since, start)
+    assert (got.lines, got.finished) == (4, 2)
+    assert got.audio_s == pytest.approx(3.5)   # every line done since the start
+    assert store.run_progress(since)[:2] == (got.lines, got.finished)
+
+
 def test_x_realtime_while_working_leaves_out_idle_gaps(paths: PathsConfig,
                                                        store: Store) -> None:
     """Working x-realtime: audio seconds ÷ the seconds the batches ran (each batch from
