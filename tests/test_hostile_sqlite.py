@@ -1,5 +1,5 @@
-"""RELIABILITY.md section E (rows 29, 32): the SQLite store's settings and a state
-folder the daemon cannot write. Rows 30-31 are in test_status.py and test_purge.py."""
+"""The SQLite store's settings and a state folder the daemon cannot write (reading
+and purging beside a writer are in test_status.py and test_purge.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ttsd.store.journal import Store
 
 
 def test_store_settings_wal_full_sync_busy_timeout(tmp_path: Path) -> None:
-    """Row 29: every read-write connection (one per daemon thread) is in WAL mode with
+    """Every read-write connection (one per daemon thread) is in WAL mode with
     synchronous=FULL and busy_timeout >= 5000 ms, and writes use BEGIN IMMEDIATE; the
     database file the daemon leaves is a WAL database (header bytes 18-19 = 2)."""
     site = Site(tmp_path)
@@ -67,7 +67,7 @@ def _can_unshare() -> bool:
 @pytest.mark.parametrize("existing_db", [False, True])
 def test_readonly_state_folder_is_a_clear_error_at_start(tmp_path: Path,
                                                           existing_db: bool) -> None:
-    """Row 32: a read-only state folder (empty, or holding a database from an earlier
+    """A read-only state folder (empty, or holding a database from an earlier
     run) stops `ttsd run` at start with one clear line naming the folder - exit 2, no
     traceback - before any input is claimed (WAL needs to create files beside the DB)."""
     site = Site(tmp_path)

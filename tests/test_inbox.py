@@ -102,8 +102,8 @@ def test_eligible_names() -> None:
 
 def test_human_bytes_and_claimed_name() -> None:
     """huge-file: the size in a rejection reads like a person wrote it."""
-    assert human_bytes(5 * 1024**3) == "5.0 GB"
-    assert human_bytes(256 * 1024**2) == "256 MB"
+    assert human_bytes(5 * 1024**3) == "5.0 GiB"
+    assert human_bytes(256 * 1024**2) == "256.0 MiB"
     assert human_bytes(12) == "12 B"
     assert claimed_name(Path("work/0123456789abcdef--chapter1.txt")) == "chapter1.txt"
     assert claimed_name(Path("work/a--b.txt")) == "a--b.txt"
@@ -419,7 +419,7 @@ def test_huge_sparse_file_rejected_on_stat(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     assert isinstance(r, Rejected)
-    assert r.reason == "is 5.0 GB, over input.max_file_bytes (256 MB)"
+    assert r.reason == "is 5.0 GiB, over input.max_file_bytes (256.0 MiB)"
     assert peak < 2 * 1024**2 and time.monotonic() - t0 < 1.0
 
 

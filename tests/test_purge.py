@@ -1,9 +1,12 @@
 """``ttsd purge-cache``: options, LRU order, dry run, missing and tampered files, and
-purging while another connection holds the write lock (RELIABILITY rows 30, 31)."""
+purging while another connection holds the write lock."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -38,7 +41,7 @@ def add_entry(store: Store, paths: PathsConfig, key: str, size: int,
 
 
 def keys(store: Store) -> set[str]:
-    return {r["key"] for r in store.cache_entries()}
+    return {r.key for r in store.cache_entries()}
 
 
 @pytest.fixture()
@@ -82,6 +85,38 @@ def test_parse_size(text: str, size: int) -> None:
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="unit"):
         parse_size(text)
+
+
+def test_decimal_and_binary_sizes_differ() -> None:
+    """GB is 10^9 bytes and GiB 2^30, as --max-size's help says."""
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("2GiB") == 2 * 2**30
+    assert parse_size("2 gib") == parse_size("2GiB") and parse_size("2gb") == parse_size("2GB")
+    assert "2GB is 2*10^9 bytes, 2GiB 2*2^30" in " ".join(_cli("purge-cache", "--help").split())
+
+
+def _cli(*args: str, config: Path | None = None) -> str:
+    cmd = [sys.executable, "-m", "ttsd.cli"]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    out = subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=60, check=True)
+    return out.stdout
+
+
+@pytest.mark.parametrize("size, removed", [("2kB", 2), ("2KiB", 1)])
+def test_max_size_on_the_command_line_reads_both_units(paths: PathsConfig, store: Store,
+                                                       tmp_path: Path, size: str,
+                                                       removed: int) -> None:
+    """Three entries of 1,010 bytes: 2kB (2,000 bytes) keeps one, 2KiB (2,048) two."""
+    for i, key in enumerate(("k1", "k2", "k3")):
+        add_entry(store, paths, key, 1010, last_used=100.0 + i)
+    config = tmp_path / "config.toml"
+    config.write_text(f'[paths]\nstate = "{paths.state}"\n', encoding="utf-8")
+    got = json.loads(_cli("purge-cache", "--max-size", size, "--json", config=config))
+    assert (got["removed"], got["kept"]) == (removed, 3 - removed)
+    assert keys(store) == {"k1", "k2", "k3"}.difference(["k1", "k2"][:removed])
+    text = _cli("purge-cache", "--all", "--dry-run", config=config)
+    assert text.startswith(f"would remove {3 - removed} cache entries, would free "
+                           f"{'1010 B' if removed == 2 else '2.0 KiB'}"), text
 
 
 def test_option_errors_are_user_errors(paths: PathsConfig) -> None:
@@ -258,7 +293,7 @@ def test_files_still_linked_from_the_outbox_free_nothing(paths: PathsConfig,
 
 
 def test_purge_waits_for_a_writer_holding_the_lock(paths: PathsConfig, store: Store) -> None:
-    """RELIABILITY rows 30, 31: another connection (the daemon) holds a write
+    """Another connection (the daemon) holds a write
     transaction for 2 s; purge waits through busy_timeout and succeeds, and the
     daemon's connection never sees "database is locked"."""
     files = [add_entry(store, paths, f"w{i}", 10) for i in range(3)]

@@ -265,7 +265,7 @@ def test_one_bad_page_loses_only_its_rows(tmp_path: Path, where: str) -> None:
     conn.close()
     lines = report.table("lines")
     assert (lines.salvaged, lines.lost) == (len(before) - len(lost), len(lost))
-    assert report.reparse == ["book.txt"]
+    assert report.salvage.reparse == ["book.txt"]
     text = repair.render(report)
     assert str(copy) in text and f"{len(lost):,} lost" in text
 
@@ -334,7 +334,7 @@ def test_unit_and_cli_say_what_exit_4_means() -> None:
 # ---------------------------------------------------------------------- the real daemon
 
 def test_damaged_journal_stops_run_status_and_purge_with_exit_4(tmp_path: Path) -> None:
-    """Row 49: bytes overwritten in the middle of a journal the daemon made. `ttsd run`
+    """Bytes overwritten in the middle of a journal the daemon made. `ttsd run`
     exits 4 at once (before claiming anything), as do `status` and `purge-cache`: one
     line naming the file, no traceback, and the file is not written to."""
     site = fast_site(tmp_path)

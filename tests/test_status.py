@@ -1,5 +1,5 @@
 """``ttsd status``: daemon liveness from the heartbeat and psutil, counts, cache, speed,
-device facts, and answering fast while the daemon writes (RELIABILITY row 30)."""
+device facts, and answering fast while the daemon writes."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 
 from ttsd.config import PathsConfig
 from ttsd.records import BatchStats
-from ttsd.service.status import collect, percentile, render, stale_after
+from ttsd.service.status import collect, percentile, stale_after
+from ttsd.service.status_text import render
 from ttsd.store.journal import NewLine, Store
 
 INFO = {"device": "cuda:0", "dtype": "float16", "gpu_name": "NVIDIA H100",
@@ -91,12 +92,12 @@ def dead_pid() -> int:
 
 def test_no_store_means_never_ran(paths: PathsConfig) -> None:
     report = collect(paths)
-    assert report["daemon"]["state"] == "down"
-    assert "never ran" in report["daemon"]["reason"]
-    assert report["store"] == {"path": str(paths.db), "exists": False}
-    assert report["queue_depth"] == 0 and report["cache"]["entries"] == 0
+    assert report.daemon.state == "down"
+    assert "never ran" in report.daemon.reason
+    assert report.to_json()["store"] == {"path": str(paths.db), "exists": False}
+    assert report.queue_depth == 0 and report.cache.entries == 0
     assert not paths.state.exists()  # status creates nothing
-    json.dumps(report)
+    json.dumps(report.to_json())
     text = render(report)
     assert "DOWN" in text and "never ran" in text and "no batches yet" in text
 
@@ -105,16 +106,16 @@ def test_live_pid_with_fresh_heartbeat_is_up(paths: PathsConfig, store: Store) -
     started = psutil.Process().create_time() + 0.5  # as the daemon records it
     store.heartbeat(os.getpid(), started, "running", INFO)
     report = collect(paths)
-    d, dev = report["daemon"], report["device"]
-    assert d["state"] == "up" and d["reason"] is None and d["pid"] == os.getpid()
-    assert d["uptime_s"] == pytest.approx(report["now"] - started)
-    assert 0 <= d["heartbeat_age_s"] < 5
-    assert d["rss_bytes"] == pytest.approx(psutil.Process().memory_info().rss, rel=0.5)
-    assert d["cpu_percent"] is not None and d["cpu_percent"] >= 0
-    assert d["version"] == "0.1.0" and d["status"] == INFO["status"]
-    assert dev == {k: INFO[k] for k in ("device", "dtype", "gpu_name", "gpu_allocated",
+    d = report.daemon
+    assert d.state == "up" and d.reason is None and d.pid == os.getpid()
+    assert d.uptime_s == pytest.approx(report.now - started)
+    assert 0 <= d.heartbeat_age_s < 5
+    assert d.rss_bytes == pytest.approx(psutil.Process().memory_info().rss, rel=0.5)
+    assert d.cpu_percent is not None and d.cpu_percent >= 0
+    assert d.version == "0.1.0" and d.status == INFO["status"]
+    assert report.to_json()["device"] == {k: INFO[k] for k in ("device", "dtype", "gpu_name", "gpu_allocated",
                                         "gpu_reserved", "gpu_peak")}
-    json.dumps(report)
+    json.dumps(report.to_json())
     text = render(report)
     assert text.startswith("daemon    up · pid ")
     assert "cuda:0 float16 · NVIDIA H100 · GPU memory 3.0 GiB allocated, 4.0 GiB reserved, " \
@@ -125,10 +126,10 @@ def test_live_pid_with_fresh_heartbeat_is_up(paths: PathsConfig, store: Store) -
 def test_dead_pid_is_down(paths: PathsConfig, store: Store) -> None:
     store.heartbeat(dead_pid(), time.time() - 5, "running", INFO)
     report = collect(paths)
-    d = report["daemon"]
-    assert d["state"] == "down" and "not running" in d["reason"]
-    assert d["uptime_s"] is None and d["rss_bytes"] is None and d["cpu_percent"] is None
-    assert report["device"]["device"] == "cuda:0"  # the last known facts stay visible
+    d = report.daemon
+    assert d.state == "down" and "not running" in d.reason
+    assert d.uptime_s is None and d.rss_bytes is None and d.cpu_percent is None
+    assert report.device.device == "cuda:0"  # the last known facts stay visible
     assert "DOWN" in render(report)
 
 
@@ -136,12 +137,12 @@ def test_stale_heartbeat_from_a_live_pid(paths: PathsConfig, store: Store) -> No
     store.heartbeat(os.getpid(), time.time(), "running", INFO)
     later = time.time() + 60
     report = collect(paths, now=later)
-    assert report["daemon"]["state"] == "stale"
-    assert "hung" in report["daemon"]["reason"]
+    assert report.daemon.state == "stale"
+    assert "hung" in report.daemon.reason
     assert "STALE" in render(report)
     # a daemon that beats every 30 s is still up after 60 s (limit 5 × 30 s)
     store.heartbeat(os.getpid(), time.time(), "running", {**INFO, "heartbeat_s": 30})
-    assert collect(paths, now=later)["daemon"]["state"] == "up"
+    assert collect(paths, now=later).daemon.state == "up"
 
 
 def test_stale_limit() -> None:
@@ -151,8 +152,8 @@ def test_stale_limit() -> None:
 
 def test_clean_stop_is_down(paths: PathsConfig, store: Store) -> None:
     store.heartbeat(os.getpid(), time.time(), "stopped", INFO)
-    d = collect(paths)["daemon"]
-    assert d["state"] == "down" and d["reason"] == "stopped cleanly"
+    d = collect(paths).daemon
+    assert d.state == "down" and d.reason == "stopped cleanly"
 
 
 def test_reused_pid_is_down(paths: PathsConfig, store: Store) -> None:
@@ -160,18 +161,18 @@ def test_reused_pid_is_down(paths: PathsConfig, store: Store) -> None:
     the daemon died and the pid went to someone else."""
     born = psutil.Process().create_time()
     store.heartbeat(os.getpid(), born - 3600, "running", INFO)
-    assert collect(paths)["daemon"]["state"] == "down"
+    assert collect(paths).daemon.state == "down"
 
 
 def test_garbage_heartbeat_info_is_tolerated(paths: PathsConfig, store: Store) -> None:
     store.heartbeat(os.getpid(), time.time(), "running", {})
     store.conn.execute("UPDATE heartbeat SET info = 'not json'")
     report = collect(paths)
-    assert report["daemon"]["state"] == "up" and report["device"]["device"] is None
+    assert report.daemon.state == "up" and report.device.device is None
     store.conn.execute("UPDATE heartbeat SET info = ?",
                        (json.dumps({"gpu_peak": "lots", "heartbeat_s": "x", "device": 3}),))
     report = collect(paths)
-    assert report["device"]["gpu_peak"] is None and report["device"]["device"] == "3"
+    assert report.device.gpu_peak is None and report.device.device == "3"
     render(report)
 
 
@@ -195,27 +196,28 @@ def test_counts_cache_and_speed(paths: PathsConfig, store: Store, tmp_path: Path
     store.record_release(512 * 2**20, "timer", "cuda:0")
 
     report = collect(paths)
-    assert report["lines"] == {"done": 6, "failed": 1, "pending": 2, "running": 1, "cached": 1}
-    assert report["queue_depth"] == 3
-    assert report["files"] == {"done": 1, "failed": 1, "in_progress": 3}
-    assert report["audio"]["seconds"] == 4 * 3600 + 5
-    assert report["audio"]["hours"] == pytest.approx(4 + 5 / 3600)
+    assert report.to_json()["lines"] == {"done": 6, "failed": 1, "pending": 2, "running": 1,
+                                         "cached": 1}
+    assert report.queue_depth == 3
+    assert report.to_json()["files"] == {"done": 1, "failed": 1, "in_progress": 3}
+    assert report.audio.seconds == 4 * 3600 + 5
+    assert report.audio.hours == pytest.approx(4 + 5 / 3600)
     # per line: 1 done from the cache, 5 done by synthesis (the cache_misses counter is 7)
-    assert report["cache"] == {"entries": 1, "bytes": 4096, "hits": 1, "misses": 5,
-                               "hit_rate": 1 / 6}
-    sp = report["speed"]
-    assert sp["batches"] == 2 and sp["ms_per_line"] == pytest.approx(200 / 6)
-    assert sp["latency_batches"] == 2
-    assert sp["latency_p50_ms"] == pytest.approx(100) and sp["latency_p95_ms"] == 154
-    assert sp["model_x_realtime"] == pytest.approx((4 * 3600 + 5) / 0.2)
-    assert sp["padding_efficiency"] == pytest.approx(0.8)
-    assert sp["x_realtime_working_last_hour"] == sp["x_realtime_working_overall"] > 0
-    assert sp["audio_s_last_hour"] == 4 * 3600 + 5
-    assert report["device"]["device"] == "cpu"  # no heartbeat: the last batch's device
-    rel = report["memory_releases"]
-    assert (rel["count"], rel["total_bytes"], rel["last_bytes"], rel["last_reason"]) == \
+    assert report.to_json()["cache"] == {"entries": 1, "bytes": 4096, "hits": 1, "misses": 5,
+                                         "hit_rate": 1 / 6}
+    sp = report.speed
+    assert sp.batches == 2 and sp.ms_per_line == pytest.approx(200 / 6)
+    assert sp.latency_batches == 2
+    assert sp.latency_p50_ms == pytest.approx(100) and sp.latency_p95_ms == 154
+    assert sp.model_x_realtime == pytest.approx((4 * 3600 + 5) / 0.2)
+    assert sp.padding_efficiency == pytest.approx(0.8)
+    assert sp.x_realtime_working_last_hour == sp.x_realtime_working_overall > 0
+    assert sp.audio_s_last_hour == 4 * 3600 + 5
+    assert report.device.device == "cpu"  # no heartbeat: the last batch's device
+    rel = report.memory_releases
+    assert (rel.count, rel.total_bytes, rel.last_bytes, rel.last_reason) == \
         (2, 1536 * 2**20, 512 * 2**20, "timer")
-    json.dumps(report)
+    json.dumps(report.to_json())
     text = render(report)
     for part in ("3 lines (2 pending, 1 running)", "1 done · 1 failed · 3 in progress",
                  "6 done (1 from the cache) · 1 failed", "4.00 h",
@@ -223,6 +225,61 @@ def test_counts_cache_and_speed(paths: PathsConfig, store: Store, tmp_path: Path
                  "4.0 KiB", "batch p50 100 ms, p95 154 ms (last 2 batches)",
                  "last release", "512.0 MiB, timer", "2 releases"):
         assert part in text, part
+
+
+JSON_SHAPE = {
+    "now": None,
+    "store": ["path", "exists"],
+    "daemon": ["state", "reason", "pid", "started_at", "uptime_s", "heartbeat_at",
+               "heartbeat_age_s", "heartbeat_state", "status", "version", "rss_bytes",
+               "cpu_percent"],
+    "device": ["device", "dtype", "gpu_name", "gpu_allocated", "gpu_reserved", "gpu_peak"],
+    "queue_depth": None,
+    "files": ["done", "failed", "in_progress"],
+    "lines": ["done", "failed", "pending", "running", "cached"],
+    "audio": ["seconds", "hours"],
+    "cache": ["entries", "bytes", "hits", "misses", "hit_rate"],
+    "speed": ["batches", "ms_per_line", "latency_batches", "latency_p50_ms", "latency_p95_ms",
+              "x_realtime_working_last_hour", "x_realtime_working_overall",
+              "working_s_last_hour", "working_s_overall", "audio_s_last_hour",
+              "model_x_realtime", "padding_efficiency"],
+    "memory_releases": ["count", "total_bytes", "last_at", "last_bytes", "last_reason"],
+    "workers": ["slot", "device", "backend", "host", "pid", "state", "batches", "lines",
+                "audio_s", "x_realtime", "restarts", "failures", "last_error", "gpu_name",
+                "gpu_total", "gpu_allocated", "gpu_reserved", "gpu_peak", "releases",
+                "released_bytes", "last_release_at"],
+    "blocked": None,
+}
+"""``ttsd status --json``: its sections and their keys, in the order printed."""
+
+
+def test_json_output_keeps_its_shape(paths: PathsConfig, store: Store, tmp_path: Path) -> None:
+    """What scripts read from ``ttsd status --json``: every section and key, in order,
+    with the numbers as numbers."""
+    ids = line_ids(store, add_file(store, tmp_path, "a.txt", 3))
+    store.worker_set(0, device="cuda:0", state="ready")
+    store.complete([(ids[0], "a/1.wav", 2.5, False)], [], [],
+                   batch(1, 40.0, 2.5), {"cache_misses": 1})
+    store.record_release(2**20, "idle", "cuda:0", worker=0)
+    store.heartbeat(os.getpid(), time.time(), "stopped", INFO)
+    (tmp_path / "config.toml").write_text(f'[paths]\nstate = "{paths.state}"\n',
+                                          encoding="utf-8")
+    out = subprocess.run([sys.executable, "-m", "ttsd.cli", "--config",
+                          str(tmp_path / "config.toml"), "status", "--json"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60, check=True)
+    got = json.loads(out.stdout)
+    assert list(got) == list(JSON_SHAPE)
+    for section, keys in JSON_SHAPE.items():
+        if section == "workers":
+            assert [list(w) for w in got[section]] == [keys]
+        elif keys is not None:
+            assert list(got[section]) == keys, section
+    assert got["lines"] == {"done": 1, "failed": 0, "pending": 2, "running": 0, "cached": 0}
+    assert got["audio"] == {"seconds": 2.5, "hours": 2.5 / 3600}
+    assert got["memory_releases"]["count"] == 1 and got["workers"][0]["releases"] == 1
+    assert got["daemon"]["state"] == "down" and got["daemon"]["reason"] == "stopped cleanly"
+    assert got["blocked"] == [] and got["store"]["exists"] is True
+    assert out.stdout == json.dumps(collect(paths, now=got["now"]).to_json(), indent=2) + "\n"
 
 
 def test_done_totals_are_counters_kept_with_the_rows(paths: PathsConfig, store: Store,
@@ -251,14 +308,14 @@ def test_done_totals_are_counters_kept_with_the_rows(paths: PathsConfig, store: 
     counters = store.counters()
     assert counters["done_audio_us"] == 5_000_000 and counters["done_cached"] == 2
     report = collect(paths)
-    assert report["audio"]["seconds"] == 5.0 and report["lines"]["cached"] == 2
+    assert report.audio.seconds == 5.0 and report.lines.cached == 2
 
     # A store from before the counters: status sums the rows; a writer migrates it.
     with store.tx() as c:
         c.execute("DELETE FROM counters WHERE name IN ('done_audio_us', 'done_cached')")
         c.execute("DELETE FROM _migrations WHERE name = 'm004_done_totals'")
     report = collect(paths)
-    assert report["audio"]["seconds"] == 5.0 and report["lines"]["cached"] == 2
+    assert report.audio.seconds == 5.0 and report.lines.cached == 2
     again = Store(paths.db)
     assert again.counters()["done_audio_us"] == 5_000_000
     assert again.counters()["done_cached"] == 2
@@ -266,10 +323,26 @@ def test_done_totals_are_counters_kept_with_the_rows(paths: PathsConfig, store: 
     store.complete([(ids[3], "a/4.wav", 10.0, True)], [], [], None, {})
     assert sums() == (15.0, 3)
     report = collect(paths)
-    assert report["audio"]["seconds"] == 15.0 and report["lines"]["cached"] == 3
+    assert report.audio.seconds == 15.0 and report.lines.cached == 3
     with store.tx() as c:   # status reads the counter, not the rows
         c.execute("UPDATE counters SET value = value + 1000000 WHERE name = 'done_audio_us'")
-    assert collect(paths)["audio"]["seconds"] == 16.0
+    assert collect(paths).audio.seconds == 16.0
+
+
+def test_progress_of_a_run_counts_its_files_lines_and_the_audio_made_since(
+        store: Store, tmp_path: Path) -> None:
+    """What ``run --once``'s bar shows: the lines of the files claimed since the start,
+    those done or failed, and the audio made since the start (the done counters then
+    and now, not a sum over the rows)."""
+    old = line_ids(store, add_file(store, tmp_path, "old.txt", 2))
+    store.complete([(old[0], "o/1.wav", 4.0, False)], [], [], None, {})
+    start, since = store.done_totals(), time.time()
+    new = line_ids(store, add_file(store, tmp_path, "new.txt", 4))
+    store.complete([(new[0], "n/1.wav", 1.5, False), (old[1], "o/2.wav", 2.0, True)],
+                   [(new[1], "bad")], [], None, {})
+    got = store.progress(since, start)
+    assert (got.lines, got.finished) == (4, 2)
+    assert got.audio_s == pytest.approx(3.5)   # every line done since the start
 
 
 def test_x_realtime_while_working_leaves_out_idle_gaps(paths: PathsConfig,
@@ -278,28 +351,28 @@ def test_x_realtime_while_working_leaves_out_idle_gaps(paths: PathsConfig,
     at − (model_ms + write_ms) to at); an idle gap between two batches is not counted."""
     timed_batches(store, [(1000.0, 1500.0, 500.0, 25.0),     # works 998 … 1000
                           (8200.0, 3000.0, 1000.0, 50.0)])   # 2 h idle, then 8196 … 8200
-    sp = collect(paths, now=8200.0 + 60)["speed"]
-    assert sp["working_s_overall"] == pytest.approx(6.0)
-    assert sp["x_realtime_working_overall"] == pytest.approx(75 / 6)   # not 75 / 7202
-    assert sp["working_s_last_hour"] == pytest.approx(4.0)
-    assert sp["x_realtime_working_last_hour"] == pytest.approx(50 / 4)
-    assert sp["audio_s_last_hour"] == pytest.approx(50.0)
-    assert sp["model_x_realtime"] == pytest.approx(75 / 4.5)
+    sp = collect(paths, now=8200.0 + 60).speed
+    assert sp.working_s_overall == pytest.approx(6.0)
+    assert sp.x_realtime_working_overall == pytest.approx(75 / 6)   # not 75 / 7202
+    assert sp.working_s_last_hour == pytest.approx(4.0)
+    assert sp.x_realtime_working_last_hour == pytest.approx(50 / 4)
+    assert sp.audio_s_last_hour == pytest.approx(50.0)
+    assert sp.model_x_realtime == pytest.approx(75 / 4.5)
     text = render(collect(paths, now=8200.0 + 60))
     assert "12.5× realtime while working (last hour) · 12.5× overall · 16.7× model only" \
         in text
     assert "50s of audio in the last hour" in text
 
     # both batches in the last hour: still the time worked, not the span
-    sp = collect(paths, now=1000.0 + 3000)["speed"]
-    assert sp["x_realtime_working_last_hour"] == pytest.approx(75 / 6)
+    sp = collect(paths, now=1000.0 + 3000).speed
+    assert sp.x_realtime_working_last_hour == pytest.approx(75 / 6)
 
     # nothing committed in the last hour: no recent speed, none of its audio
     report = collect(paths, now=8200.0 + 7200)
-    sp = report["speed"]
-    assert sp["x_realtime_working_last_hour"] is None and sp["working_s_last_hour"] == 0
-    assert sp["audio_s_last_hour"] == 0
-    assert sp["x_realtime_working_overall"] == pytest.approx(75 / 6)
+    sp = report.speed
+    assert sp.x_realtime_working_last_hour is None and sp.working_s_last_hour == 0
+    assert sp.audio_s_last_hour == 0
+    assert sp.x_realtime_working_overall == pytest.approx(75 / 6)
     assert "- realtime while working (last hour)" in render(report)
 
 
@@ -313,15 +386,15 @@ def test_working_time_counts_overlapping_batches_once(paths: PathsConfig,
                           (123.0, 1500.0, 500.0, 20.0),     # 121 … 123, inside the one above
                           (125.0, 5000.0, 0.0, 30.0),       # 120 … 125 again
                           (130.0, 0.0, 0.0, 0.0)])          # an instant: no time
-    sp = collect(paths, now=200.0)["speed"]
-    assert sp["working_s_overall"] == pytest.approx(15 + 5)
-    assert sp["x_realtime_working_overall"] == pytest.approx(300 / 20)
-    assert sp["x_realtime_working_last_hour"] == pytest.approx(300 / 20)
+    sp = collect(paths, now=200.0).speed
+    assert sp.working_s_overall == pytest.approx(15 + 5)
+    assert sp.x_realtime_working_overall == pytest.approx(300 / 20)
+    assert sp.x_realtime_working_last_hour == pytest.approx(300 / 20)
     # the window holds the batches committed in it, each with its whole interval
-    sp = collect(paths, now=122.0 + 3600)["speed"]
-    assert sp["working_s_last_hour"] == pytest.approx(5.0)   # 120 … 125, twice and inside
-    assert sp["audio_s_last_hour"] == pytest.approx(100.0)
-    assert sp["x_realtime_working_last_hour"] == pytest.approx(100 / 5)
+    sp = collect(paths, now=122.0 + 3600).speed
+    assert sp.working_s_last_hour == pytest.approx(5.0)   # 120 … 125, twice and inside
+    assert sp.audio_s_last_hour == pytest.approx(100.0)
+    assert sp.x_realtime_working_last_hour == pytest.approx(100 / 5)
 
 
 def test_working_time_of_many_batches_matches_a_plain_union(paths: PathsConfig,
@@ -336,9 +409,9 @@ def test_working_time_of_many_batches_matches_a_plain_union(paths: PathsConfig,
     for lo, hi in spans:
         total += max(0.0, hi - max(lo, cover))
         cover = max(cover, hi)
-    sp = collect(paths, now=2000.0)["speed"]
-    assert sp["working_s_overall"] == pytest.approx(total)
-    assert sp["x_realtime_working_overall"] == pytest.approx(300 / total)
+    sp = collect(paths, now=2000.0).speed
+    assert sp.working_s_overall == pytest.approx(total)
+    assert sp.x_realtime_working_overall == pytest.approx(300 / total)
 
 
 def test_cache_counts_lines_not_synthesis_attempts(paths: PathsConfig, store: Store,
@@ -354,8 +427,8 @@ def test_cache_counts_lines_not_synthesis_attempts(paths: PathsConfig, store: St
                    batch(5, 40.0, 10.0), {"cache_misses": 8})
     assert store.counters()["cache_misses"] == 158
     report = collect(paths)
-    assert report["cache"]["hits"] == 0 and report["cache"]["misses"] == 5
-    assert report["cache"]["hit_rate"] == 0
+    assert report.cache.hits == 0 and report.cache.misses == 5
+    assert report.cache.hit_rate == 0
     assert "hit rate 0.0% (0 lines from the cache, 5 synthesized)" in render(report)
 
     b = store.add_file("b.txt", tmp_path / "work" / "b.txt", 1, "0" * 64, tmp_path / "b")
@@ -363,8 +436,8 @@ def test_cache_counts_lines_not_synthesis_attempts(paths: PathsConfig, store: St
                                 wav=f"/b/{n:04d}.wav", seconds=2.0, cached=True)
                         for n in (1, 2)])
     report = collect(paths)
-    assert report["cache"]["hits"] == 2 and report["cache"]["misses"] == 5
-    assert report["cache"]["hit_rate"] == pytest.approx(2 / 7)
+    assert report.cache.hits == 2 and report.cache.misses == 5
+    assert report.cache.hit_rate == pytest.approx(2 / 7)
     assert "hit rate 28.6% (2 lines from the cache, 5 synthesized)" in render(report)
 
 
@@ -377,9 +450,9 @@ def test_cpu_daemon_shows_no_gpu_memory_and_no_release_row(paths: PathsConfig,
     for info in (CPU_INFO, CPU_INFO_AS_WRITTEN):
         store.heartbeat(os.getpid(), time.time(), "running", info)
         report = collect(paths)
-        assert report["daemon"]["state"] == "up" and report["device"]["device"] == "cpu"
-        assert report["memory_releases"]["count"] == 0
-        json.dumps(report)
+        assert report.daemon.state == "up" and report.device.device == "cpu"
+        assert report.memory_releases.count == 0
+        json.dumps(report.to_json())
         shown = [line for line in render(report).splitlines() if not line.startswith("store")]
         assert next(line for line in shown if line.startswith("device")).startswith(
             "device    cpu float32")
@@ -395,8 +468,8 @@ def test_cuda_daemon_shows_gpu_memory_and_its_releases(paths: PathsConfig,
     store.record_release(0, "timer", "cpu")
     store.heartbeat(os.getpid(), time.time(), "running", INFO)
     report = collect(paths)
-    rel = report["memory_releases"]
-    assert (rel["count"], rel["total_bytes"], rel["last_bytes"], rel["last_reason"]) == \
+    rel = report.memory_releases
+    assert (rel.count, rel.total_bytes, rel.last_bytes, rel.last_reason) == \
         (1, 2**30, 2**30, "idle")
     text = render(report)
     assert "cuda:0 float16 · NVIDIA H100 · GPU memory 3.0 GiB allocated, 4.0 GiB reserved, " \
@@ -414,8 +487,8 @@ def test_worker_releases_count_gpu_releases_only(paths: PathsConfig, store: Stor
     store.record_release(0, "idle", "cpu", worker=0)
     store.record_release(512 * 2**20, "idle", "cuda:1", worker=1)
     store.heartbeat(os.getpid(), time.time(), "running", {**CPU_INFO, "device": "workers"})
-    workers = collect(paths)["workers"]
-    assert [(w["slot"], w["releases"], w["released_bytes"]) for w in workers] == \
+    workers = collect(paths).workers
+    assert [(w.slot, w.releases, w.released_bytes) for w in workers] == \
         [(0, 0, 0), (1, 1, 512 * 2**20)]
     rows = [line for line in render(collect(paths)).splitlines() if "#" in line]
     assert "release" not in rows[0] and "1 release (512.0 MiB)" in rows[1]
@@ -436,13 +509,13 @@ def test_latency_uses_the_last_1000_batches(paths: PathsConfig, store: Store) ->
     stats = [batch(1, 10_000.0, 1.0)] * 200 + [batch(1, float(ms), 1.0) for ms in range(1, 1001)]
     for s in stats:
         store.complete([], [], [], s, {})
-    sp = collect(paths)["speed"]
-    assert sp["latency_batches"] == 1000
-    assert sp["latency_p50_ms"] == pytest.approx(500.5)
-    assert sp["latency_p95_ms"] == pytest.approx(950.05)
+    sp = collect(paths).speed
+    assert sp.latency_batches == 1000
+    assert sp.latency_p50_ms == pytest.approx(500.5)
+    assert sp.latency_p95_ms == pytest.approx(950.05)
 
 
-# ---------------------------------------------------------------------- row 30: fast, never blocked
+# ---------------------------------------------------------------------- fast, never blocked
 
 @pytest.mark.usefixtures("frozen_heap")
 def test_status_is_fast_with_100k_lines(paths: PathsConfig, store: Store,
@@ -464,15 +537,15 @@ def test_status_is_fast_with_100k_lines(paths: PathsConfig, store: Store,
     report = collect(paths)
     elapsed = time.perf_counter() - start
     assert elapsed < 1.0, f"status took {elapsed:.2f} s"
-    assert report["lines"]["done"] == 50_000 and report["lines"]["pending"] == 49_000
-    assert report["cache"]["entries"] == 10_000 and report["speed"]["batches"] == 2000
-    assert report["daemon"]["state"] == "up"
+    assert report.lines.done == 50_000 and report.lines.pending == 49_000
+    assert report.cache.entries == 10_000 and report.speed.batches == 2000
+    assert report.daemon.state == "up"
 
 
 @pytest.mark.usefixtures("frozen_heap")
 def test_status_answers_while_another_connection_holds_the_write_lock(
         paths: PathsConfig, store: Store, tmp_path: Path) -> None:
-    """Row 30: a reader in WAL mode is not blocked by a writer holding the lock 2 s."""
+    """A reader in WAL mode is not blocked by a writer holding the lock 2 s."""
     add_file(store, tmp_path, "a.txt", 100)
     locked, release = threading.Event(), threading.Event()
 
@@ -493,13 +566,13 @@ def test_status_answers_while_another_connection_holds_the_write_lock(
     release.set()
     t.join()
     assert elapsed < 1.0
-    assert report["lines"]["pending"] == 100  # the committed snapshot, not the open write
+    assert report.lines.pending == 100  # the committed snapshot, not the open write
 
 
 @pytest.mark.usefixtures("frozen_heap")
 def test_status_in_a_loop_during_100k_inserts(paths: PathsConfig, store: Store,
                                               tmp_path: Path) -> None:
-    """Row 30: status polled while the daemon inserts 100k lines in chunks; every
+    """Status polled while the daemon inserts 100k lines in chunks; every
     answer is quick, and the writer never sees "database is locked"."""
     errors: list[BaseException] = []
     finished = threading.Event()
@@ -521,13 +594,13 @@ def test_status_in_a_loop_during_100k_inserts(paths: PathsConfig, store: Store,
         start = time.perf_counter()
         report = collect(paths)
         worst = max(worst, time.perf_counter() - start)
-        seen.append(report["lines"]["pending"])
+        seen.append(report.lines.pending)
         polls += 1
     t.join()
     assert not errors
     assert worst < 1.0, f"slowest status took {worst:.2f} s"
     assert seen == sorted(seen)  # snapshots only grow
-    assert collect(paths)["lines"]["pending"] == 100_000
+    assert collect(paths).lines.pending == 100_000
 
 
 def test_a_daemon_starting_on_a_full_disk_is_shown_not_an_error(tmp_path: Path) -> None:

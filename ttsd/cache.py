@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 import stat
 import unicodedata
 from concurrent.futures import Executor
@@ -26,6 +25,7 @@ from ttsd.jobs import Job
 from ttsd.log import get_logger
 from ttsd.output.fsio import Folder, link_or_copy
 from ttsd.output.wav import wav_info, wav_ok
+from ttsd.store.errors import OperationalError
 from ttsd.store.journal import NewLine, Store, sqlite_ino
 
 log = get_logger(__name__)
@@ -68,7 +68,7 @@ class HitCheck:
                 store.cache_evict(self.evict)
             if self.stamps:
                 store.cache_stamp(self.stamps)
-        except sqlite3.OperationalError as exc:
+        except OperationalError as exc:
             if fault(exc) is None:
                 raise
             log.warning("cache.check_not_recorded", error=str(exc))

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import sys
 from pathlib import Path
 
 from ttsd import __version__
 from ttsd.config import Config, default_text
 from ttsd.errors import ConfigError, StoreDamagedError, TtsdError
+from ttsd.store.errors import DatabaseError, damaged
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -84,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     pc = sub.add_parser("purge-cache", help="remove cached WAVs")
     pc.add_argument("--all", action="store_true")
     pc.add_argument("--older-than", help="e.g. 30d, 12h")
-    pc.add_argument("--max-size", help="keep at most this much, least recently used go first (e.g. 2GB)")
+    pc.add_argument("--max-size", help="keep at most this much, least recently used go "
+                    "first: 2GB is 2*10^9 bytes, 2GiB 2*2^30 (kB, MB, GB, TB or KiB, MiB, "
+                    "GiB, TiB)")
     pc.add_argument("--dry-run", action="store_true")
     pc.add_argument("--json", action="store_true")
 
@@ -145,9 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     except TtsdError as exc:
         print(f"ttsd: {exc}", file=sys.stderr)
         return getattr(exc, "exit_status", 2)
-    except sqlite3.DatabaseError as exc:
-        from ttsd.store.journal import damaged
-
+    except DatabaseError as exc:
         if ns.command not in JOURNAL_COMMANDS or not damaged(exc):
             raise
         err = StoreDamagedError(cfg.paths.db, str(exc))   # met past the open's checks
@@ -231,10 +231,10 @@ def cmd_voices(cfg: Config, ns: argparse.Namespace) -> int:
 
 
 def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
-    from ttsd.service import status
+    from ttsd.service import status, status_text
 
     report = status.collect(cfg.paths)
-    print(json.dumps(report, indent=2) if ns.json else status.render(report))
+    print(json.dumps(report.to_json(), indent=2) if ns.json else status_text.render(report))
     return 0
 
 

@@ -20,7 +20,6 @@ import contextlib
 import errno
 import os
 import secrets
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from ttsd.log import get_logger
 from ttsd.output.fsio import Folder
+from ttsd.store.errors import OperationalError, machine_fault
 
 log = get_logger(__name__)
 
@@ -40,8 +40,6 @@ FAULT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
 PROBE_BYTES = 256 * 1024
 """What ``probe`` writes: about one WAV, so that a disk with a few KiB left is not taken
 for a writable one."""
-_SQLITE_FAULTS = ("database or disk is full", "disk i/o error", "readonly database",
-                  "unable to open database file", "database is locked")
 
 
 def fault(exc: BaseException) -> str | None:
@@ -50,11 +48,7 @@ def fault(exc: BaseException) -> str | None:
     if isinstance(exc, OSError) and exc.errno in FAULT_ERRNOS:
         where = exc.filename
         return f"{exc.strerror or exc}" + (f": {os.fsdecode(where)}" if where else "")
-    if isinstance(exc, sqlite3.OperationalError):
-        text = str(exc)
-        if any(words in text.lower() for words in _SQLITE_FAULTS):
-            return text
-    return None
+    return machine_fault(exc)
 
 
 @dataclass
@@ -161,7 +155,7 @@ class Health:
         while True:
             try:
                 write()
-            except (OSError, sqlite3.OperationalError) as exc:
+            except (OSError, OperationalError) as exc:
                 why = fault(exc)
                 if why is None:
                     raise

@@ -20,17 +20,23 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
+
+from ttsd.errors import ConfigError
+from ttsd.store.errors import OperationalError
+from ttsd.store.journal import Store
+
+T = TypeVar("T")
 
 CONFIG = """[input]
 settle_s = 0.2
@@ -59,12 +65,14 @@ def _write_inputs(staging: Path, lines: int, files: int) -> int:
     return count * lines
 
 
-def _query(db: Path, sql: str) -> Any:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+def _read(db: Path, read: Callable[[Store], T]) -> T:
+    """One read of the daemon's journal through a read-only connection of its own
+    (ConfigError while the journal does not exist yet)."""
+    store = Store(db, readonly=True)
     try:
-        return conn.execute(sql).fetchone()[0]
+        return read(store)
     finally:
-        conn.close()
+        store.close()
 
 
 def _wait_started(log: Path, proc: subprocess.Popen, timeout: float) -> None:
@@ -147,12 +155,13 @@ def _run(root: Path, lines: int, files: int, batch: int, sample_s: float,
             samples.append((now - t_drop, _tree_rss(ps)))
             if first_wav is None and any((root / "outbox").rglob("*.wav")):
                 first_wav = now - t_drop
-                still_parsing = _query(db, "SELECT COUNT(*) FROM files WHERE state='parsing'")
+                still_parsing = _read(db, lambda s: s.file_states().parsing)
             if now - last_check > 0.5:
                 last_check = now
                 try:
-                    n = _query(db, "SELECT COUNT(*) FROM files WHERE state IN ('done','failed')")
-                except sqlite3.OperationalError:
+                    states = _read(db, Store.file_states)
+                    n = states.done + states.failed
+                except (ConfigError, OperationalError):   # no journal, or no tables yet
                     n = 0
                 if n >= max(1, files):
                     finished = now - t_drop
@@ -164,10 +173,9 @@ def _run(root: Path, lines: int, files: int, batch: int, sample_s: float,
         poller.join(timeout=60)
         if finished is None:
             raise RuntimeError(f"not finished in {timeout_s}s")
-        done = _query(db, "SELECT COUNT(*) FROM lines WHERE state='done'")
-        failed = _query(db, "SELECT COUNT(*) FROM lines WHERE state='failed'")
-        t_last = _query(db, "SELECT MAX(l.finished_at) - MIN(f.created_at) FROM lines l "
-                            "JOIN files f ON f.id = l.file_id")
+        lines_by_state = _read(db, Store.line_states)
+        done, failed = lines_by_state.done, lines_by_state.failed
+        t_last = _read(db, Store.work_span)
         peak = max(r for _t, r in samples)
         return {
             "lines": total, "files": max(1, files), "batch": batch,

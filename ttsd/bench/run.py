@@ -278,35 +278,29 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
                         "stderr_tail": proc.stderr[-2000:] if proc.returncode else ""}
         from ttsd.store.journal import Store
         store = Store(root / "state" / "ttsd.db")
-        rows = store.q("SELECT SUM(model_ms) m, SUM(prepare_ms) p, SUM(write_ms) w, "
-                       "SUM(audio_s) a, COUNT(*) n, SUM(used_frames) used, "
-                       "SUM(padded_frames) padded FROM batches")
+        t = store.batch_totals()
+        totals = {"m": t.model_ms, "p": t.prepare_ms, "w": t.write_ms, "a": t.audio_s,
+                  "n": t.batches, "used": t.used_frames, "padded": t.padded_frames}
         spans = {}
         for run in runs:   # claim of the file → its last WAV done
-            got = store.q(
-                "SELECT MAX(l.finished_at) - f.created_at AS span, COUNT(*) AS n, "
-                "SUM(l.cached) AS cached FROM lines l JOIN files f ON f.id = l.file_id "
-                "WHERE f.name = ? GROUP BY f.id", (f"{run}.txt",))
-            spans[run] = got[0] if got else {"span": None, "n": 0, "cached": 0}
+            got = store.file_span(f"{run}.txt")
+            spans[run] = ({"span": got.span, "n": got.lines, "cached": got.cached} if got
+                          else {"span": None, "n": 0, "cached": 0})
         # Where each run's span went: per batch, when it was committed (s after the
         # file's claim), its lines, and its prepare / model / write milliseconds (write:
         # its streamed pieces' too, which ran beside the model).
         for run in runs:
-            out[run]["timeline"] = [list(r) for r in store.conn.execute(
-                "SELECT ROUND(b.at - f.created_at, 3), b.size, ROUND(b.prepare_ms), "
-                "ROUND(b.model_ms), ROUND(b.write_ms) FROM batches b JOIN files f "
-                "ON f.name = ? WHERE b.at >= f.created_at AND b.at <= "
-                "(SELECT MAX(finished_at) FROM lines WHERE file_id = f.id) ORDER BY b.id",
-                (f"{run}.txt",))]
+            out[run]["timeline"] = [[m.at_s, m.size, m.prepare_ms, m.model_ms, m.write_ms]
+                                    for m in store.batch_marks(f"{run}.txt")]
         store.close()
         synth = spans["synthesize"]
         out["synthesize"]["x_realtime_claim_to_last_wav"] = (
             round(out["synthesize"]["audio_s"] / synth["span"], 1) if synth["span"] else None)
         out["synthesize"]["claim_to_last_wav_s"] = \
             round(synth["span"], 3) if synth["span"] else None   # None: the daemon failed
-        out["batches"] = rows[0]
-        if rows[0]["padded"]:
-            out["padding_efficiency"] = round(rows[0]["used"] / rows[0]["padded"], 3)
+        out["batches"] = totals
+        if totals["padded"]:
+            out["padding_efficiency"] = round(totals["used"] / totals["padded"], 3)
         if not cache_run:
             return out
         hits = spans["cache_hits"]

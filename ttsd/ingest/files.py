@@ -102,7 +102,7 @@ class Ingest:
                 continue
             claimed = Claimed(row["name"], path, row["size"], row["sha256"], path.stat().st_mtime)
             self._parse_into(store, row["id"], claimed, Path(row["out_dir"]))
-        known = {r["work_path"] for r in store.q("SELECT work_path FROM files")}
+        known = store.work_paths()
         for path in self.inbox.orphans():
             if str(path) not in known:
                 got = self.inbox.adopt(path)

@@ -26,6 +26,7 @@ from ttsd.ingest.names import fit_name as _fit
 from ttsd.ingest.watch import EventHandler, FileState, OverflowHook, Seen, WatchEvents, Watching
 from ttsd.log import get_logger
 from ttsd.output.fsio import fsync_dir
+from ttsd.units import human_bytes
 
 if TYPE_CHECKING:
     from watchdog.observers.api import BaseObserver
@@ -74,18 +75,6 @@ def claimed_name(path: Path) -> str:
     if sep and len(head) == 16 and all(c in "0123456789abcdef" for c in head) and rest:
         return rest
     return path.name
-
-
-def human_bytes(n: int) -> str:
-    """``5368709120`` → ``5.0 GB``; ``268435456`` → ``256 MB`` (binary multiples)."""
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if value < 1024 or unit == "TB":
-            break
-        value /= 1024
-    if unit == "B":
-        return f"{n} B"
-    return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
 
 
 def _kind(mode: int) -> str | None:
@@ -386,5 +375,4 @@ class Inbox(Watching):
             except FileNotFoundError:
                 continue
         return sorted(out)
-
 

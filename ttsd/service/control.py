@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import os
 import signal
-import sqlite3
 import sys
 import threading
 import time
@@ -19,6 +18,7 @@ from ttsd.health import fault
 from ttsd.log import get_logger
 from ttsd.log import setup as log_setup
 from ttsd.service import sitelock
+from ttsd.store.errors import OperationalError
 from ttsd.store.journal import Store
 
 log = get_logger(__name__)
@@ -191,7 +191,7 @@ class Control:
                                         "blocked": info["blocked"]})
         try:
             store.heartbeat(os.getpid(), self.started_at, state, info)
-        except sqlite3.OperationalError as exc:
+        except OperationalError as exc:
             why = fault(exc)
             if why is None:
                 raise
@@ -202,11 +202,12 @@ class Control:
 
     def _print_progress(self, store: Store, final: bool = False) -> None:
         """Draw the progress bar: the lines of the files taken since the start, done or
-        failed of all of them, and the audio made per second."""
+        failed of all of them, and the audio made per second (from the journal's
+        counters: no line rows are read)."""
         if self.bar is None:
             return
-        total, finished, audio = store.run_progress(self.started_at)
-        self.bar.show(finished, total, audio, time.time() - self.started_at)
+        p = store.progress(self.started_at, self.progress_from)
+        self.bar.show(p.finished, p.lines, p.audio_s, time.time() - self.started_at)
         if final:
             self.bar.close()
 

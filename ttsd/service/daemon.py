@@ -27,7 +27,6 @@ import gc
 import math
 import os
 import queue
-import sqlite3
 import sys
 import threading
 import time
@@ -61,6 +60,7 @@ from ttsd.service.loops import StageLoops
 from ttsd.service.notify import Notifier
 from ttsd.service.pool import WorkerPool
 from ttsd.service.progress import Bar
+from ttsd.store.errors import OperationalError
 from ttsd.store.journal import NewLine, Store, damaged
 
 log = get_logger(__name__)
@@ -163,6 +163,7 @@ class Daemon(StageLoops, Control):
             raise ConfigError(f"state folder {cfg.paths.state} is not writable: its lock file "
                               f"cannot be created ({exc.strerror})") from None
         store = self._open_store()   # a clear error first if the state folder is unusable
+        self.progress_from = store.done_totals() if self.bar is not None else None
         for p in (cfg.paths.inbox, cfg.paths.outbox, cfg.paths.done, cfg.paths.failed,
                   cfg.paths.work, cfg.paths.cache):
             try:
@@ -276,7 +277,7 @@ class Daemon(StageLoops, Control):
         while True:
             try:
                 store = Store(self.cfg.paths.db)
-            except sqlite3.OperationalError as exc:
+            except OperationalError as exc:
                 why = fault(exc)
                 if why is None:
                     raise

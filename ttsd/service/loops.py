@@ -7,7 +7,6 @@ queue; a place that cannot be written is waited out through ``health``.
 from __future__ import annotations
 
 import queue
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from ttsd.pipeline.batcher import Feeder
 from ttsd.pipeline.runner import Synth
 from ttsd.pipeline.sink import Sink
 from ttsd.service import workers
+from ttsd.store.errors import OperationalError
 from ttsd.store.journal import Store
 
 log = get_logger(__name__)
@@ -41,7 +41,7 @@ class StageLoops:
                 self.ingest.resume = False
                 self.ingest.recover(store)
             step(store)
-        except (OSError, sqlite3.OperationalError) as exc:
+        except (OSError, OperationalError) as exc:
             # Any OSError: a folder ttsd cannot write now, for whatever reason (a user's
             # folder named manifest.csv too) is reported and retried, never a crash.
             why = fault(exc) or (str(exc) if isinstance(exc, OSError) else None)
@@ -98,7 +98,7 @@ class StageLoops:
                 # gets whole batches: halving them would only pad more)
                 try:
                     batch = feeder.next_batch(store, self.stop, idle=idle)
-                except sqlite3.OperationalError as exc:
+                except OperationalError as exc:
                     why = fault(exc)
                     if why is None:
                         raise
@@ -165,7 +165,7 @@ class StageLoops:
         take it, the journal marked blocked and False (a restart puts them back)."""
         try:
             store.release(line_ids)
-        except sqlite3.OperationalError as exc:
+        except OperationalError as exc:
             why = fault(exc)
             if why is None:
                 raise
@@ -240,7 +240,7 @@ class StageLoops:
         self.last_release = now
         try:
             store.record_release(freed, reason, str(self.engine.device))
-        except sqlite3.OperationalError as exc:
+        except OperationalError as exc:
             if fault(exc) is None:
                 raise
         log.info("gpu.memory_released", bytes=freed, reason=reason)

@@ -1,13 +1,13 @@
 """``ttsd purge-cache``: drop cache entries (all, older than, or least recently used
-first down to a size), safely while the daemon runs (RELIABILITY rows 30 and 31).
+first down to a size), safely while the daemon runs.
 
 Order of work, page by page (500 entries): the rows are deleted in one transaction
 first (``Store.cache_evict``, which waits on the daemon's write lock through
 ``busy_timeout`` instead of failing), then their files are unlinked. A daemon that
 read a row just before it went and then finds the file gone treats it as a miss and
-synthesizes the line again (row 31); the daemon never sees a row whose file was
-removed before the row. Short transactions per page keep the write lock brief, so
-the daemon's own writes never wait long (row 30).
+synthesizes the line again; the daemon never sees a row whose file was removed before
+the row. Short transactions per page keep the write lock brief, so the daemon's own
+writes never wait long.
 
 Only files that lie inside the cache folder are unlinked: a row whose path leads
 elsewhere (absolute, ``..``, or through a symlinked folder) is dropped from the
@@ -23,13 +23,14 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from ttsd import units
 from ttsd.config import PathsConfig
 from ttsd.errors import ConfigError
 from ttsd.log import get_logger
-from ttsd.service.status import human_bytes
 from ttsd.store.journal import Store
+from ttsd.store.records import CacheFile
+from ttsd.units import human_bytes
 
 log = get_logger(__name__)
 
@@ -57,25 +58,13 @@ def parse_age(text: str) -> float:
     return sum(float(n) * _AGE_UNITS[u.lower()] for n, u in _AGE_PART.findall(s))
 
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-    "t": 10**12, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)", re.IGNORECASE)
-
-
 def parse_size(text: str) -> int:
     """``2GB``, ``500MB``, ``100k`` (decimal), ``1.5GiB``, ``64MiB`` (binary), ``4096`` →
-    bytes (rounded down)."""
-    m = _SIZE.fullmatch(text.strip())
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in _SIZE_UNITS:
-        raise PurgeOptionError(
-            f"size {text!r}: expected a number with an optional unit: B, kB, MB, GB, TB "
-            "(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 2GB")
-    return math.floor(float(m.group(1)) * _SIZE_UNITS[unit])
+    bytes (rounded down); see ``ttsd.units``."""
+    try:
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise PurgeOptionError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------- purge
@@ -107,7 +96,7 @@ def purge(paths: PathsConfig, *, all: bool = False, older_than_s: float | None =
     """Remove cache entries: every one (``all``), those last used more than
     ``older_than_s`` ago, and least recently used ones until the total is at most
     ``max_bytes``. Options combine (union). ``dry_run`` changes nothing and reports
-    what would go. RELIABILITY rows 30, 31: safe while the daemon runs.
+    what would go. Safe while the daemon runs (see the module's docstring).
     """
     if not all and older_than_s is None and max_bytes is None:
         raise PurgeOptionError("nothing to purge: say --all, --older-than or --max-size")
@@ -125,7 +114,8 @@ def purge(paths: PathsConfig, *, all: bool = False, older_than_s: float | None =
     try:
         gone_bytes = _purge(store, paths.cache, report, all=all, max_bytes=max_bytes,
                             cutoff=None if older_than_s is None else now - older_than_s)
-        count, size = _totals(store)
+        totals = store.cache_totals()
+        count, size = totals.entries, totals.bytes
         if dry_run:
             count, size = count - report.removed, size - gone_bytes
         report.kept, report.kept_bytes = count, size
@@ -137,12 +127,6 @@ def purge(paths: PathsConfig, *, all: bool = False, older_than_s: float | None =
     return report
 
 
-def _totals(store: Store) -> tuple[int, int]:
-    count, size = store.conn.execute(
-        "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM cache").fetchone()
-    return int(count), int(size)
-
-
 def _purge(store: Store, cache_dir: Path, report: PurgeReport, *, all: bool,
            max_bytes: int | None, cutoff: float | None) -> int:
     """Walk entries least recently used first, a page at a time (keyset on
@@ -152,54 +136,47 @@ def _purge(store: Store, cache_dir: Path, report: PurgeReport, *, all: bool,
     the rowids present at the start (entries the daemon adds meanwhile stay).
     Returns the bytes (as the store records them) of the entries removed.
     """
-    snapshot_rowid = store.one("SELECT MAX(rowid) FROM cache") or 0
-    total = _totals(store)[1]
+    snapshot_rowid = store.cache_last_rowid()
+    total = store.cache_totals().bytes
     root = os.path.realpath(cache_dir)
     after: tuple[float, int] = (-math.inf, -1)
     gone_bytes = 0
     while True:
-        page = store.conn.execute(
-            "SELECT key, path, bytes, last_used, rowid FROM cache "
-            "WHERE (last_used, rowid) > (?, ?) ORDER BY last_used, rowid LIMIT ?",
-            (*after, PAGE)).fetchall()
+        page = store.cache_page(after, PAGE)
         if not page:
             return gone_bytes
-        after = (page[-1][3], page[-1][4])
-        victims: list[tuple[str, str, int]] = []
+        after = (page[-1].last_used, page[-1].rowid)
+        victims: list[CacheFile] = []
         done = False
-        for key, path, size, last_used, rowid in page:
+        for entry in page:
             if all:
-                if rowid > snapshot_rowid:
+                if entry.rowid > snapshot_rowid:
                     continue  # added while we purge: keep it, look further
-            elif not ((cutoff is not None and last_used < cutoff)
+            elif not ((cutoff is not None and entry.last_used < cutoff)
                       or (max_bytes is not None and total > max_bytes)):
                 done = True  # this and everything used later stay
                 break
-            victims.append((key, path, size))
-            total -= size
+            victims.append(CacheFile(entry.key, entry.path, entry.bytes))
+            total -= entry.bytes
         gone_bytes += _remove(store, victims, root, report)
         if done:
             return gone_bytes
 
 
-def _remove(store: Store, victims: list[tuple[str, str, int]], root: str,
-            report: PurgeReport) -> int:
+def _remove(store: Store, victims: list[CacheFile], root: str, report: PurgeReport) -> int:
     """Rows first (one transaction), then files; returns the rows' recorded bytes."""
     if not victims:
         return 0
-    if report.dry_run:
-        rows: list[dict[str, Any]] = [{"key": k, "path": p, "bytes": b} for k, p, b in victims]
-    else:
-        rows = store.cache_evict([k for k, _, _ in victims])
+    rows = victims if report.dry_run else store.cache_evict([v.key for v in victims])
     for r in rows:
         report.removed += 1
-        _unlink(Path(r["path"]), root, report)
-    return sum(int(r["bytes"]) for r in rows)
+        _unlink(Path(r.path), root, report)
+    return sum(int(r.bytes) for r in rows)
 
 
 def _unlink(path: Path, root: str, report: PurgeReport) -> None:
     """Unlink one cached file (only inside ``root``, the cache folder's real path)."""
-    target = inside(path, root)
+    target = unlink_target(path, root)
     if target is None:
         report.refused += 1
         report.refused_paths.append(str(path))
@@ -228,10 +205,12 @@ def _unlink(path: Path, root: str, report: PurgeReport) -> None:
         report.freed_bytes += st.st_size
 
 
-def inside(path: Path, root: str) -> str | None:
+def unlink_target(path: Path, root: str) -> str | None:
     """The real path to unlink for ``path`` (relative paths are taken from ``root``) if
     it lies inside ``root``; None otherwise. The folders are resolved (symlinks and
-    ``..``); the last component is not followed, so a symlink is removed, not its target.
+    ``..``); the last component is not followed, so a symlink is removed, not its target
+    (``ingest.names.inside``, which asks whether a path *resolves* below a folder,
+    follows it).
     """
     full = Path(root) / path if not path.is_absolute() else path
     name = full.name

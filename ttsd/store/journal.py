@@ -1,8 +1,7 @@
-"""The SQLite store (sqlite-utils): files, lines, cache, batches, heartbeat, releases.
-
-The store is the truth: every line's state lives here, so a restart after ``kill -9``
-resumes from it. WAL mode, ``synchronous=FULL``, ``busy_timeout`` 10 s; writers use
-``BEGIN IMMEDIATE``. One ``Store`` per thread (sqlite3 connections are not shared).
+"""The journal (SQLite): every line's state, so a restart after ``kill -9`` resumes
+from it. ``Store`` is one connection to it: files, lines and batches here, the cache
+rows (``cache``) and the whole-journal reports (``report``) through its bases; the
+schema is ``migrations``'s, the connection's settings ``base``'s.
 
 Line states: pending → running (attempts + 1, saved before synthesis) → done | failed.
 File states: parsing → queued (all lines stored) → done | failed.
@@ -10,182 +9,34 @@ File states: parsing → queued (all lines stored) → done | failed.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import os
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ttsd.errors import ConfigError, StoreDamagedError
 from ttsd.records import BatchStats
+from ttsd.store.base import add_counters, sqlite_ino
+from ttsd.store.cache import CacheTable, count_hits
+from ttsd.store.errors import damaged
+from ttsd.store.migrations import DONE_AUDIO_US, DONE_CACHED, MIGRATIONS, recount_done
+from ttsd.store.records import LineRow, NewLine
+from ttsd.store.report import Reports
 
-if TYPE_CHECKING:
-    import sqlite_utils
-
-OPEN_STATES = ("pending", "running")
-
-
-def m001_initial(db: sqlite_utils.Database) -> None:
-    db.execute("""CREATE TABLE files (
-        id INTEGER PRIMARY KEY, name TEXT NOT NULL, work_path TEXT NOT NULL,
-        size INTEGER NOT NULL, sha256 TEXT NOT NULL, out_dir TEXT NOT NULL,
-        state TEXT NOT NULL DEFAULT 'parsing', kind TEXT, total_lines INTEGER DEFAULT 0,
-        error TEXT, note TEXT, dest TEXT, created_at REAL NOT NULL, finished_at REAL)""")
-    db.execute("""CREATE TABLE lines (
-        id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL REFERENCES files(id),
-        number INTEGER NOT NULL, out_name TEXT, name_key TEXT, line_id TEXT,
-        text TEXT NOT NULL, voice TEXT, speaker_id INTEGER DEFAULT 0,
-        length_scale REAL DEFAULT 1, noise_scale REAL DEFAULT 0.667, noise_w REAL DEFAULT 0.8,
-        seed INTEGER DEFAULT 0, cache_key TEXT, state TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0, synth_count INTEGER NOT NULL DEFAULT 0,
-        error TEXT, wav TEXT, seconds REAL, cached INTEGER NOT NULL DEFAULT 0,
-        finished_at REAL, UNIQUE(file_id, number))""")
-    db.execute("CREATE UNIQUE INDEX lines_name ON lines(file_id, name_key) "
-               "WHERE name_key IS NOT NULL")
-    db.execute("CREATE INDEX lines_state ON lines(state, id)")
-    db.execute("CREATE INDEX lines_file_state ON lines(file_id, state)")
-    db.execute("""CREATE TABLE cache (
-        key TEXT PRIMARY KEY, path TEXT NOT NULL, bytes INTEGER NOT NULL,
-        seconds REAL NOT NULL, voice TEXT, created_at REAL NOT NULL,
-        last_used REAL NOT NULL, hits INTEGER NOT NULL DEFAULT 0)""")
-    db.execute("CREATE INDEX cache_lru ON cache(last_used)")
-    db.execute("""CREATE TABLE batches (
-        id INTEGER PRIMARY KEY, at REAL NOT NULL, size INTEGER, phonemes INTEGER,
-        audio_s REAL, prepare_ms REAL, model_ms REAL, write_ms REAL, device TEXT,
-        dtype TEXT, voice TEXT, padded_frames INTEGER, used_frames INTEGER)""")
-    db.execute("CREATE INDEX batches_at ON batches(at)")
-    db.execute("""CREATE TABLE heartbeat (
-        id INTEGER PRIMARY KEY CHECK (id = 1), pid INTEGER, started_at REAL, at REAL,
-        state TEXT, info TEXT)""")
-    db.execute("""CREATE TABLE releases (
-        id INTEGER PRIMARY KEY, at REAL NOT NULL, bytes INTEGER NOT NULL, reason TEXT,
-        device TEXT)""")
-    db.execute("CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-
-
-def m002_workers(db: sqlite_utils.Database) -> None:
-    """Several devices: one row per worker slot (written by the daemon only), and the
-    slot behind each batch and memory release."""
-    db.execute("""CREATE TABLE workers (
-        slot INTEGER PRIMARY KEY, device TEXT NOT NULL, backend TEXT, host TEXT,
-        pid INTEGER, state TEXT NOT NULL, batches INTEGER NOT NULL DEFAULT 0,
-        lines INTEGER NOT NULL DEFAULT 0, audio_s REAL NOT NULL DEFAULT 0,
-        model_ms REAL NOT NULL DEFAULT 0, restarts INTEGER NOT NULL DEFAULT 0,
-        failures INTEGER NOT NULL DEFAULT 0, last_error TEXT, gpu_name TEXT,
-        gpu_allocated INTEGER, gpu_reserved INTEGER, gpu_peak INTEGER, gpu_total INTEGER,
-        started_at REAL, updated_at REAL)""")
-    db.execute("ALTER TABLE batches ADD COLUMN worker INTEGER")
-    db.execute("ALTER TABLE releases ADD COLUMN worker INTEGER")
-
-
-def m003_cache_stamp(db: sqlite_utils.Database) -> None:
-    """The cache file's inode and mtime as the daemon last verified it: a hit whose file
-    still has them (and its size) is checked with one lstat instead of reading its
-    header. NULL (entries from before): the header check, then the stamp."""
-    db.execute("ALTER TABLE cache ADD COLUMN ino INTEGER")
-    db.execute("ALTER TABLE cache ADD COLUMN mtime_ns INTEGER")
-
-
-def m004_done_totals(db: sqlite_utils.Database) -> None:
-    """The done lines' audio (µs) and cache-linked count as counters, kept by the
-    transactions that mark lines done (``DONE_AUDIO_US``, ``DONE_CACHED``): ``ttsd
-    status`` read them as a sum over every done row, 0.47 s per million lines."""
-    recount_done(db.conn)
-
-
-def recount_done(c: sqlite3.Connection) -> None:
-    """Set ``DONE_AUDIO_US`` and ``DONE_CACHED`` to the sums over the done rows (a
-    migration, and a journal rebuilt by ``ttsd repair-store``)."""
-    c.execute("INSERT OR REPLACE INTO counters SELECT ?, COALESCE(CAST(ROUND(SUM(seconds) "
-              "* 1000000) AS INTEGER), 0) FROM lines WHERE state = 'done'", [DONE_AUDIO_US])
-    c.execute("INSERT OR REPLACE INTO counters SELECT ?, COALESCE(SUM(cached), 0) FROM lines "
-              "WHERE state = 'done'", [DONE_CACHED])
-
-
-def m005_file_stamp(db: sqlite_utils.Database) -> None:
-    """The claimed copy's mtime and inode as claimed: before a file is finished, a copy
-    that no longer has them was written to after the claim (``Ingest._finish``)."""
-    db.execute("ALTER TABLE files ADD COLUMN mtime_ns INTEGER")
-    db.execute("ALTER TABLE files ADD COLUMN ino INTEGER")
-
-
-MIGRATIONS = [m001_initial, m002_workers, m003_cache_stamp, m004_done_totals, m005_file_stamp]
-
-DONE_AUDIO_US = "done_audio_us"
-"""Counter: the audio of every done line, in microseconds (each line's rounded)."""
-DONE_CACHED = "done_cached"
-"""Counter: done lines whose WAV is a link to the cache."""
+__all__ = ["DONE_AUDIO_US", "DONE_CACHED", "MIGRATIONS", "LineRow", "NewLine", "Store",
+           "damaged", "gave_up", "recount_done", "sqlite_ino"]
 
 WORKER_FIELDS = ("device", "backend", "host", "pid", "state", "restarts", "failures",
                  "last_error", "gpu_name", "gpu_allocated", "gpu_reserved", "gpu_peak",
                  "gpu_total", "started_at")
 
 
-@dataclass(frozen=True)
-class LineRow:
-    id: int
-    file_id: int
-    number: int
-    text: str
-    voice: str
-    speaker_id: int
-    length_scale: float
-    noise_scale: float
-    noise_w: float
-    seed: int
-    cache_key: str | None
-    out_name: str
-    out_dir: str
-    attempts: int
-    file: str = ""
-    """The input's name (for reports: ``prompts.csv line 3``)."""
-
-
-@dataclass
-class NewLine:
-    """A parsed line ready for the store: pending, failed with ``error``, or done with
-    ``wav`` (a cache hit answered as it was parsed, ``pipeline.answer_new_lines``)."""
-
-    number: int
-    text: str
-    line_id: str | None = None
-    out_name: str | None = None
-    name_key: str | None = None
-    voice: str | None = None
-    speaker_id: int = 0
-    length_scale: float = 1.0
-    noise_scale: float = 0.667
-    noise_w: float = 0.8
-    seed: int = 0
-    cache_key: str | None = None
-    error: str | None = None
-    wav: str | None = None
-    seconds: float | None = None
-    cached: bool = False
-    """With ``wav``: the WAV is a link to the cache entry (False: a whole WAV of an
-    earlier attempt was already at the path, and was kept)."""
-
-
 def gave_up(attempts: int) -> str:
     """The error of a line whose synthesis killed the process ``attempts`` times."""
     return (f"synthesis was started {attempts} times and never finished (the process died "
             "each time); giving up")
-
-
-_HIT_NAMES = ("key", "path", "bytes", "seconds", "ino", "mtime_ns")
-_HIT_COLUMNS = ", ".join(_HIT_NAMES)
-
-
-def _add_counters(c: sqlite3.Connection, counts: Iterable[tuple[str, int]]) -> None:
-    """Add to named counters (created at their first use)."""
-    c.executemany("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) "
-                  "DO UPDATE SET value = value + excluded.value", counts)
 
 
 def _count_done(c: sqlite3.Connection, done: Iterable[tuple[float | None, bool]]) -> None:
@@ -195,179 +46,11 @@ def _count_done(c: sqlite3.Connection, done: Iterable[tuple[float | None, bool]]
     for seconds, linked in done:
         audio += round((seconds or 0.0) * 1_000_000)
         cached += bool(linked)
-    _add_counters(c, ((DONE_AUDIO_US, audio), (DONE_CACHED, cached)))
+    add_counters(c, ((DONE_AUDIO_US, audio), (DONE_CACHED, cached)))
 
 
-def _count_hits(c: sqlite3.Connection, keys: Iterable[str], now: float) -> None:
-    """The cache entries' use (a key used twice counts twice) and the cache_hits counter.
-    Keys used once each (the usual case) skip the GROUP BY: 2,000 keys 5.7-7.8 → 4.5-4.9
-    ms."""
-    keys = list(keys)
-    if len(set(keys)) == len(keys):
-        c.execute("UPDATE cache SET hits = hits + 1, last_used = ? "
-                  "WHERE key IN (SELECT value FROM json_each(?))", (now, json.dumps(keys)))
-    else:
-        c.execute("UPDATE cache SET hits = hits + j.n, last_used = ? FROM "
-                  "(SELECT value AS key, COUNT(*) AS n FROM json_each(?) GROUP BY value)"
-                  " AS j WHERE cache.key = j.key", (now, json.dumps(keys)))
-    _add_counters(c, (("cache_hits", len(keys)),))
-
-
-_DAMAGE_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
-_DAMAGE_WORDS = ("database disk image is malformed", "malformed database schema",
-                 "not a database")
-
-
-def damaged(exc: BaseException) -> bool:
-    """SQLite says the database file itself is damaged (SQLITE_CORRUPT and its extended
-    codes) or is not a database (SQLITE_NOTADB), as opposed to a busy lock, a full disk
-    or a constraint. Python raises these as ``sqlite3.DatabaseError``; its subclasses
-    (IntegrityError, OperationalError, ...) are damage only with those codes or words
-    ("malformed JSON" from ``json_each`` is not). For code that meets an error mid-run:
-    such an error is for a person (``StoreDamagedError``), never a retry."""
-    if not isinstance(exc, sqlite3.DatabaseError):
-        return False
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None and code & 0xFF in _DAMAGE_CODES:
-        return True
-    text = str(exc).lower()
-    return any(w in text for w in _DAMAGE_WORDS)
-
-
-def sqlite_ino(ino: int) -> int:
-    """An inode number as SQLite's signed 64-bit INTEGER can hold it (NFS, CIFS, FUSE
-    and overlay file systems hand out numbers of 2**63 and above)."""
-    return ino - 2**64 if ino >= 2**63 else ino
-
-
-_WRITE_LOCKS: dict[str, threading.RLock] = {}
-_WRITE_LOCKS_GUARD = threading.Lock()
-
-
-def _write_lock(path: Path) -> threading.RLock:
-    """One lock per database file in this process (see ``Store.tx``). Re-entrant: a
-    thread nesting transactions of two connections fails in SQLite's busy timeout, as
-    it would without the lock, instead of hanging."""
-    key = os.path.realpath(path)
-    with _WRITE_LOCKS_GUARD:
-        lock = _WRITE_LOCKS.get(key)
-        if lock is None:
-            lock = _WRITE_LOCKS[key] = threading.RLock()
-        return lock
-
-
-class Store:
-    def __init__(self, path: Path, *, readonly: bool = False) -> None:
-        self.path = path
-        if not readonly:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"state folder {path.parent} cannot be created: {exc}") from None
-            if not os.access(path.parent, os.W_OK):
-                raise ConfigError(f"state folder {path.parent} is not writable (SQLite's WAL "
-                                  "needs to create files beside the database)")
-        uri = f"file:{path}?mode=ro" if readonly else f"file:{path}"
-        try:
-            conn = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None,
-                                   check_same_thread=False)
-        except sqlite3.OperationalError as exc:
-            raise ConfigError(f"cannot open the store {path}: {exc}") from None
-        self.conn = conn
-        self._write_lock = _write_lock(path)
-        try:
-            conn.execute("PRAGMA busy_timeout = 10000")
-            if not readonly:
-                conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = FULL")
-                conn.execute("PRAGMA foreign_keys = ON")
-            self._probe()
-            if not readonly:
-                self._migrate()
-        except sqlite3.DatabaseError as exc:
-            if not damaged(exc):
-                raise
-            conn.close()
-            raise StoreDamagedError(path, str(exc)) from None
-
-    @classmethod
-    def open_readonly(cls, path: Path) -> Store | None:
-        return cls(path, readonly=True) if path.exists() else None
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def check(self) -> None:
-        """Read the whole journal (``PRAGMA quick_check``: every page, not the indexes'
-        agreement with their tables): StoreDamagedError for damage anywhere. The daemon
-        runs it once at start, before it writes anything (1.4 s for a 346 MB journal of
-        a million lines on 2 CPU cores); the other commands rely on ``_probe``."""
-        try:
-            problems = [r for (r,) in self.conn.execute("PRAGMA quick_check(5)")]
-        except sqlite3.DatabaseError as exc:
-            if not damaged(exc):
-                raise
-            problems = [str(exc)]
-        if problems != ["ok"]:
-            raise StoreDamagedError(self.path, "; ".join(problems))
-
-    def _probe(self) -> None:
-        """Read the schema and each table's first and last row, before anything is
-        written. SQLite finds a damaged page only when it reads it; this reads a few
-        pages per table (its root, its inner pages down to both ends), whatever the
-        journal's size, so damage to the schema, to a table's root or inner pages (the
-        way to many rows) or to its ends stops every open. A full check would read the
-        whole file at each open; damage elsewhere is met when its rows are read
-        (``damaged``)."""
-        tables = [name for (name,) in self.conn.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")]
-        for name in tables:
-            for order in ("", " DESC"):
-                self.conn.execute(f'SELECT * FROM "{name}" ORDER BY rowid{order} LIMIT 1'
-                                  ).fetchall()
-
-    def _migrate(self) -> None:
-        with self.tx():
-            self.conn.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, at REAL)")
-            done = {r[0] for r in self.conn.execute("SELECT name FROM _migrations")}
-            todo = [m for m in MIGRATIONS if m.__name__ not in done]
-            if not todo:
-                return
-            # Imported only to migrate: sqlite_utils pulls in numpy, click and dateutil
-            # (≈ 0.2 s), which `ttsd status` and a daemon's restart never need.
-            import sqlite_utils
-
-            db = sqlite_utils.Database(self.conn)
-            for m in todo:
-                m(db)
-                self.conn.execute("INSERT INTO _migrations VALUES (?, ?)", (m.__name__, time.time()))
-
-    @contextlib.contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE … COMMIT (ROLLBACK on error), holding this process's write
-        lock of the database. The daemon's threads (ingest, feeder, sink) each write
-        through their own connection; without the lock, a thread meeting another's
-        transaction waits in SQLite's busy handler, which sleeps 1, 2, 5, 10, … ms
-        between tries (a take of 1,024 lines measured 42 ms beside the sink's commit
-        and the parser's inserts). The lock hands over at once. Other processes
-        (``ttsd status``, ``purge-cache``) still meet the busy handler."""
-        with self._write_lock:
-            self.conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self.conn
-            except BaseException:
-                self.conn.execute("ROLLBACK")
-                raise
-            self.conn.execute("COMMIT")
-
-    def q(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        cur = self.conn.execute(sql, tuple(params))
-        cols = [c[0] for c in cur.description or ()]
-        return [dict(zip(cols, row)) for row in cur.fetchall()]  # type: ignore[misc]
-
-    def one(self, sql: str, params: Iterable[Any] = ()) -> Any:
-        row = self.conn.execute(sql, tuple(params)).fetchone()
-        return row[0] if row else None
+class Store(CacheTable, Reports):
+    """One connection to the journal (one per thread)."""
 
     # ------------------------------------------------------------------ files
 
@@ -438,7 +121,7 @@ class Store:
                   int(ln.cached)) for ln in lines])
             keys = [ln.cache_key for ln in answered if ln.cached]
             if keys:
-                _count_hits(c, keys, now)
+                count_hits(c, keys, now)
             if answered:
                 _count_done(c, [(ln.seconds, ln.cached) for ln in answered])
         return len(answered)
@@ -469,37 +152,6 @@ class Store:
         with self.tx() as c:
             c.execute("UPDATE files SET state='done', finished_at=? WHERE id=?",
                       (time.time(), file_id))
-
-    def run_summary(self, since: float, examples: int = 20) -> dict[str, Any]:
-        """What became of the files finished at or after ``since`` (``run --once``'s
-        report): files done and failed, their lines done and failed, and the first
-        ``examples`` failures as (file, line or None, reason)."""
-        files = dict(self.conn.execute(
-            "SELECT state, COUNT(*) FROM files WHERE finished_at >= ? "
-            "AND state IN ('done', 'failed') GROUP BY state", (since,)).fetchall())
-        lines = dict(self.conn.execute(
-            "SELECT l.state, COUNT(*) FROM lines l JOIN files f ON f.id = l.file_id "
-            "WHERE f.finished_at >= ? AND f.state IN ('done', 'failed') GROUP BY l.state",
-            (since,)).fetchall())
-        failures = [(name, None, error) for name, error in self.conn.execute(
-            "SELECT name, error FROM files WHERE finished_at >= ? AND state = 'failed' "
-            "ORDER BY id LIMIT ?", (since, examples))]
-        failures += self.conn.execute(
-            "SELECT f.name, l.number, l.error FROM lines l JOIN files f ON f.id = l.file_id "
-            "WHERE f.finished_at >= ? AND f.state = 'done' AND l.state = 'failed' "
-            "ORDER BY f.id, l.number LIMIT ?", (since, examples)).fetchall()
-        return {"files_done": files.get("done", 0), "files_failed": files.get("failed", 0),
-                "lines_done": lines.get("done", 0), "lines_failed": lines.get("failed", 0),
-                "failures": failures[:examples]}
-
-    def run_progress(self, since: float) -> tuple[int, int, float]:
-        """(lines, lines done or failed, audio seconds done) of the files claimed at or
-        after ``since``: what ``run --once``'s progress bar shows."""
-        total, finished, audio = self.conn.execute(
-            "SELECT COUNT(*), COALESCE(SUM(state IN ('done', 'failed')), 0), "
-            "COALESCE(SUM(CASE WHEN state = 'done' THEN seconds END), 0) FROM lines "
-            "WHERE file_id IN (SELECT id FROM files WHERE created_at >= ?)", (since,)).fetchone()
-        return int(total), int(finished), float(audio)
 
     def manifest_rows(self, file_id: int) -> Iterator[dict]:
         cur = self.conn.execute(
@@ -598,7 +250,7 @@ class Store:
         now = time.time()
         with self.tx() as c:
             if cache_hits:
-                _count_hits(c, cache_hits, now)
+                count_hits(c, cache_hits, now)
             if done:
                 c.execute("UPDATE lines SET state='done', wav=json_extract(j.value, '$[1]'), "
                           "seconds=json_extract(j.value, '$[2]'), "
@@ -631,45 +283,7 @@ class Store:
                               "gpu_reserved=?, gpu_peak=?, updated_at=? WHERE slot=?",
                               (batch.size, batch.audio_s, batch.model_ms, mem.get("allocated"),
                                mem.get("reserved"), mem.get("peak"), now, worker))
-            _add_counters(c, counters.items())
-
-    # ------------------------------------------------------------------ cache
-
-    def cache_get(self, key: str) -> dict | None:
-        rows = self.q("SELECT * FROM cache WHERE key=?", (key,))
-        return rows[0] if rows else None
-
-    def cache_get_many(self, keys: list[str]) -> dict[str, dict]:
-        """The cache rows a hit needs (key, path, bytes, seconds, ino, mtime_ns) by key,
-        for many keys in one query (the keys as one JSON array: 1,024 keys, 2.4 → 1.8 ms
-        against one ``IN (?, …)`` query per 500; these six columns instead of all ten:
-        2,000 keys 8.3 → 6.3 ms)."""
-        if not keys:
-            return {}
-        cur = self.conn.execute(f"SELECT {_HIT_COLUMNS} FROM cache WHERE key IN "
-                                "(SELECT value FROM json_each(?))",
-                                (json.dumps(list(dict.fromkeys(keys))),))
-        return {row[0]: dict(zip(_HIT_NAMES, row)) for row in cur}
-
-    def cache_stamp(self, stamps: list[tuple[str, int, int]]) -> None:
-        """(key, inode, mtime_ns) of cache files whose header was just checked."""
-        with self.tx() as c:
-            c.executemany("UPDATE cache SET ino=?, mtime_ns=? WHERE key=?",
-                          [(ino, mtime, key) for key, ino, mtime in stamps])
-
-    def cache_evict(self, keys: list[str]) -> list[dict]:
-        """Delete cache rows (in one transaction) and return them; the caller unlinks files."""
-        if not keys:
-            return []
-        with self.tx() as c:
-            marks = ",".join("?" * len(keys))
-            cur = c.execute(f"SELECT key, path, bytes FROM cache WHERE key IN ({marks})", keys)
-            rows = [dict(zip(("key", "path", "bytes"), r)) for r in cur.fetchall()]
-            c.execute(f"DELETE FROM cache WHERE key IN ({marks})", keys)
-        return rows
-
-    def cache_entries(self, order: str = "last_used") -> list[dict]:
-        return self.q(f"SELECT key, path, bytes, last_used, hits FROM cache ORDER BY {order}")
+            add_counters(c, counters.items())
 
     # ------------------------------------------------------------------ daemon facts
 
@@ -706,5 +320,3 @@ class Store:
                 c.execute(f"INSERT INTO workers (slot, {', '.join(row)}, updated_at) VALUES "
                           f"({','.join('?' * (len(row) + 2))})", (slot, *row.values(), now))
 
-    def counters(self) -> dict[str, int]:
-        return {r["name"]: r["value"] for r in self.q("SELECT name, value FROM counters")}
