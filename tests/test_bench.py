@@ -6,24 +6,24 @@ from __future__ import annotations
 
 import tomllib
 
-from ttsd.bench import run as bench
+from ttsd.bench import corpus, e2e
 from ttsd.config import Config
 
 
 def test_compare_pairs_override_the_base_sections() -> None:
-    text = bench._toml("engine.overlap_halves=\"on\",batching.writer_threads=2,engine.dtype=\"float32\"",
-                       {"engine": {"device": '"cpu"', "dtype": '"bfloat16"'},
+    text = e2e.toml_text("engine.compile=\"off\",batching.writer_threads=2,engine.dtype=\"float32\"",
+                        {"engine": {"device": '"cpu"', "dtype": '"bfloat16"'},
                         "input": {"settle_s": "0.0"}})
     assert tomllib.loads(text) == {
-        "engine": {"device": "cpu", "dtype": "float32", "overlap_halves": "on"},
+        "engine": {"device": "cpu", "dtype": "float32", "compile": "off"},
         "input": {"settle_s": 0.0}, "batching": {"writer_threads": 2}}
 
 
 def test_end_to_end_compare_row_of_an_engine_key(monkeypatch) -> None:
     monkeypatch.setenv("TTSD_FAULTS", "fast")   # the stand-in model: the daemon is tested
-    lines = bench.bench_lines(6)
-    row = bench.bench_end_to_end(Config(), lines, "float32", cache_run=False,
-                                 compare='engine.overlap_halves="on",batching.writer_threads=2')
+    lines = corpus.bench_lines(6)
+    row = e2e.bench_end_to_end(Config(), lines, "float32", cache_run=False,
+                               compare='engine.compile="off",batching.writer_threads=2')
     run = row["synthesize"]
     assert run["rc"] == 0 and run["wavs"] == run["lines"] == 6, run
     assert run["x_realtime_claim_to_last_wav"] > 0

@@ -13,11 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,44 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from ttsd.bench.corpus import bench_lines
+from ttsd.bench.e2e import bench_end_to_end
+from ttsd.bench.numerics import quality, roofline
+from ttsd.bench.piper import bench_piper, bench_piper_one_session
 from ttsd.config import Config
 from ttsd.engine.graphs import MAX_ROWS
 from ttsd.engine.records import Prepared, Request
 from ttsd.engine.runtime import Engine
-from ttsd.output.wav import int16_floats
-
-_SUBJECTS = ["The committee", "My neighbour", "A small robot", "The old lighthouse keeper",
-             "Our train", "The quarterly report", "Doctor Alvarez", "The red fox"]
-_VERBS = ["announced", "noticed", "explained", "forgot", "remembered", "measured", "painted"]
-_OBJECTS = ["that the bridge would reopen on March 3rd", "a strange light over the harbour",
-            "why 42 is not always the answer", "the price: $1,299.99, taxes included",
-            "three hundred and twelve reasons to stay", "the difference between 7.5% and 75%",
-            "an error at 10:45 p.m."]
-_TAILS = ["", " Nobody was surprised.", " Was it worth it?", " What a day!",
-          (" However, the data, which was collected over 18 months in 12 cities, told a "
-           "different story; some said so, others did not."),
-          " It rained; then it stopped, and then, quite suddenly, it began again."]
-
-
-def bench_lines(n: int) -> list[str]:
-    """A fixed, varied set of distinct English lines: short to long, one to three
-    sentences, punctuation, numbers, in a shuffled (but fixed) order. Every line is
-    different, so the daemon's de-duplication and cache do not flatter it (before
-    2026-11-26 the set repeated 903 distinct lines)."""
-    import random
-
-    combos = [(s, v, o, t) for s in _SUBJECTS for v in _VERBS for o in _OBJECTS
-              for t in _TAILS]
-    random.Random(2026).shuffle(combos)
-    out = []
-    for i in range(n):
-        if i % 11 == 0:
-            out.append(["Yes, {}.", "Hello there, number {}!", "Line {}."][i % 3].format(i))
-            continue
-        s, v, o, t = combos[i % len(combos)]
-        again = f" That was take {i // len(combos) + 1}." if i >= len(combos) else ""
-        out.append(f"{s} {v} {o}.{t}{again}")
-    return out
+from ttsd.jobs import VoiceFacts, resolve
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -80,11 +46,11 @@ def _engine(cfg: Config, dtype: str, max_batch: int, compile: str | None = None)
 
 
 def _requests(cfg: Config, engine: Engine, lines: list[str]) -> list[Request]:
-    info = engine.voice(cfg.engine.voice).info
-    inf = info.inference
-    return [Request(i, t, cfg.engine.voice, info.speaker_id(cfg.engine.speaker or None),
-                    inf["length_scale"] / cfg.engine.speed, inf["noise_scale"], inf["noise_w"],
-                    cfg.engine.seed) for i, t in enumerate(lines)]
+    """The bench's lines said as the daemon would say them under this config."""
+    lv = engine.voice(cfg.engine.voice)
+    job = resolve(cfg.engine, {cfg.engine.voice: VoiceFacts.of(cfg.engine.voice, lv.digest,
+                                                               lv.info)})
+    return [job.request(i, t) for i, t in enumerate(lines)]
 
 
 def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
@@ -136,97 +102,10 @@ _OTHER_WAY = {True: "x_realtime_halves_one_after_other", False: "x_realtime_halv
 """A row's A/B column: the halves run the other way than the row's own ``overlap``."""
 
 
-def _stft_mag(a: np.ndarray, n_fft: int = 1024, hop: int = 256) -> np.ndarray:
-    if len(a) < n_fft:
-        a = np.pad(a, (0, n_fft - len(a)))
-    frames = np.lib.stride_tricks.sliding_window_view(a, n_fft)[::hop]
-    return np.abs(np.fft.rfft(frames * np.hanning(n_fft), axis=-1))
-
-
-def _floats(audio: np.ndarray) -> np.ndarray:
-    """The engine's int16 PCM (``pcm16``) as the floats it stands for."""
-    return int16_floats(audio) if audio.dtype == np.int16 else audio
-
-
-def _quality(ref: list, other: list) -> dict[str, Any]:
-    same_len = sum(len(a.audio) == len(b.audio) for a, b in zip(ref, other)
-                   if a.audio is not None and b.audio is not None)
-    errs = []
-    for a, b in zip(ref, other):
-        if a.audio is None or b.audio is None or len(a.audio) != len(b.audio):
-            continue
-        ma, mb = _stft_mag(_floats(a.audio)), _stft_mag(_floats(b.audio))
-        errs.append(float(np.linalg.norm(ma - mb) / max(np.linalg.norm(ma), 1e-9)))
-    return {"lines": len(ref), "same_length": same_len,
-            "stft_rel_error_mean": round(statistics.fmean(errs), 5) if errs else None,
-            "stft_rel_error_max": round(max(errs), 5) if errs else None}
-
-
 # ---------------------------------------------------------------------- piper
 
 
-def _piper_worker(args: tuple[str, list[list[int]], int]) -> float:
-    onnx, id_lists, threads = args
-    import onnxruntime
-    from piper.config import SynthesisConfig
-    from piper.voice import PiperVoice
-
-    opts = onnxruntime.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    voice = PiperVoice.load(onnx)
-    voice.session = onnxruntime.InferenceSession(onnx, sess_options=opts,
-                                                 providers=["CPUExecutionProvider"])
-    syn = SynthesisConfig()
-    voice.phoneme_ids_to_audio(id_lists[0], syn)  # warm-up
-    samples = 0
-    for ids in id_lists:
-        samples += len(voice.phoneme_ids_to_audio(ids, syn))
-    return samples / voice.config.sample_rate
-
-
-def bench_piper(onnx: Path, sentences: list[list[int]], procs: int) -> dict[str, Any]:
-    """Piper onnxruntime: ``procs`` single-thread processes, sentences dealt round-robin."""
-    import multiprocessing as mp
-
-    shards = [sentences[i::procs] for i in range(procs)]
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(procs) as pool:
-        pool.map(_piper_worker, [(str(onnx), s[:1], 1) for s in shards])  # start + load
-        t0 = time.perf_counter()
-        audio = sum(pool.map(_piper_worker, [(str(onnx), s, 1) for s in shards if s]))
-        wall = time.perf_counter() - t0
-    return {"processes": procs, "threads_each": 1, "audio_s": round(audio, 2),
-            "wall_s": round(wall, 3), "x_realtime": round(audio / wall, 1),
-            "note": "wall includes each process loading its session once"}
-
-
-def bench_piper_one_session(onnx: Path, sentences: list[list[int]], threads: int) -> dict:
-    t0 = time.perf_counter()
-    audio = _piper_worker((str(onnx), sentences, threads))
-    wall = time.perf_counter() - t0
-    return {"processes": 1, "threads_each": threads, "audio_s": round(audio, 2),
-            "wall_s": round(wall, 3), "x_realtime": round(audio / wall, 1),
-            "note": "wall includes loading the session once"}
-
-
 # ---------------------------------------------------------------------- end to end
-
-
-def _toml(pairs: str, base: dict[str, dict[str, str]] | None = None) -> str:
-    """"a.b=1,a.c=x" over ``base`` ({section: {key: TOML value}}) → TOML text (values as
-    written; quote strings). A pair overrides the same key of ``base``: a section appears
-    once (TOML refuses a second ``[engine]``, which made every --e2e-compare of an
-    engine key fail before)."""
-    sections = {k: dict(v) for k, v in (base or {}).items()}
-    for pair in filter(None, (p.strip() for p in pairs.split(","))):
-        key, _, value = pair.partition("=")
-        section, _, name = key.strip().partition(".")
-        if not name or not value:
-            raise ValueError(f"--e2e-compare: expected SECTION.KEY=VALUE, got {pair!r}")
-        sections.setdefault(section, {})[name] = value.strip()
-    return "".join(f"[{s}]\n" + "".join(f"{k} = {v}\n" for k, v in kvs.items())
-                   for s, kvs in sections.items())
 
 
 def _eager_text(engine: Engine, prepared: list[Prepared], size: int) -> float:
@@ -240,136 +119,7 @@ def _eager_text(engine: Engine, prepared: list[Prepared], size: int) -> float:
         engine.cuda_graphs, engine.compile_text = saved
 
 
-def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
-                     devices: list[str] | None = None, cache_run: bool = True,
-                     compare: str = "") -> dict[str, Any]:
-    """The real daemon (`ttsd run --once`) on a temp folder (removed after); then
-    (``cache_run``) the same file again, every line a cache hit. The daemon reuses the
-    bench's converted voices (``paths.voices_cache``) instead of converting the voice
-    into the temp folder. ``devices``: engine.devices for the daemon (one worker process
-    per device; one device runs in the daemon as by default); ``compare``:
-    "SECTION.KEY=VALUE,..." over the bench's config (``_toml``)."""
-    root = Path(tempfile.mkdtemp(prefix="ttsd-bench-"))
-    try:
-        conf = root / "config.toml"
-        engine = {"device": f'"{cfg.engine.device}"', "dtype": f'"{dtype}"',
-                  "voices_dir": json.dumps(str(cfg.engine.voices_dir))}
-        if devices:
-            engine["devices"] = "[" + ", ".join(f'"{d}"' for d in devices) + "]"
-        paths = {"voice_cache": json.dumps(str(cfg.paths.voices_cache.absolute()))}
-        conf.write_text(_toml(compare, {"paths": paths, "engine": engine,
-                                        "input": {"settle_s": "0.0"}}), encoding="utf-8")
-        out = {}
-        runs = ("synthesize", "cache_hits") if cache_run else ("synthesize",)
-        for run in runs:
-            (root / "inbox").mkdir(exist_ok=True)
-            (root / "inbox" / f"{run}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-            t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "ttsd.cli", "--config", str(conf),
-                                   "--log-level", "warning", "run", "--once", "--no-progress"],
-                                  cwd=root, capture_output=True, text=True, timeout=900,
-                                  check=False)   # a failed run is reported, not raised
-            wall = time.perf_counter() - t0
-            wavs = list((root / "outbox" / run).glob("*.wav"))
-            import soundfile as sf
-            audio = sum(sf.info(str(w)).duration for w in wavs)
-            out[run] = {"lines": len(lines), "wavs": len(wavs), "audio_s": round(audio, 2),
-                        "wall_s_including_start": round(wall, 2), "rc": proc.returncode,
-                        "stderr_tail": proc.stderr[-2000:] if proc.returncode else ""}
-        from ttsd.store.journal import Store
-        store = Store(root / "state" / "ttsd.db")
-        t = store.batch_totals()
-        totals = {"m": t.model_ms, "p": t.prepare_ms, "w": t.write_ms, "a": t.audio_s,
-                  "n": t.batches, "used": t.used_frames, "padded": t.padded_frames}
-        spans = {}
-        for run in runs:   # claim of the file → its last WAV done
-            got = store.file_span(f"{run}.txt")
-            spans[run] = ({"span": got.span, "n": got.lines, "cached": got.cached} if got
-                          else {"span": None, "n": 0, "cached": 0})
-        # Where each run's span went: per batch, when it was committed (s after the
-        # file's claim), its lines, and its prepare / model / write milliseconds (write:
-        # its streamed pieces' too, which ran beside the model).
-        for run in runs:
-            out[run]["timeline"] = [[m.at_s, m.size, m.prepare_ms, m.model_ms, m.write_ms]
-                                    for m in store.batch_marks(f"{run}.txt")]
-        store.close()
-        synth = spans["synthesize"]
-        out["synthesize"]["x_realtime_claim_to_last_wav"] = (
-            round(out["synthesize"]["audio_s"] / synth["span"], 1) if synth["span"] else None)
-        out["synthesize"]["claim_to_last_wav_s"] = \
-            round(synth["span"], 3) if synth["span"] else None   # None: the daemon failed
-        out["batches"] = totals
-        if totals["padded"]:
-            out["padding_efficiency"] = round(totals["used"] / totals["padded"], 3)
-        if not cache_run:
-            return out
-        hits = spans["cache_hits"]
-        out["cache_hits"]["lines_cached"] = hits["cached"]
-        out["cache_hits"]["claim_to_last_wav_s"] = round(hits["span"], 3) if hits["span"] else None
-        if synth["span"] and hits["n"]:
-            out["cache_hit_cost_ratio"] = round((hits["span"] / hits["n"]) /
-                                                (synth["span"] / synth["n"]), 4)
-        return out
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------- roofline
-
-H100_SXM = {"name": "H100 SXM", "bf16_tflops": 989.0, "fp16_tflops": 989.0,
-            "tf32_tflops": 494.0, "fp32_tflops": 67.0, "hbm_tb_s": 3.35}
-"""Dense peak numbers from NVIDIA's H100 SXM datasheet (no sparsity)."""
-
-
-def roofline(model, sample_rate: int, tokens_per_audio_s: float, dtype: str,
-             peak: dict[str, float] = H100_SXM) -> dict[str, Any]:
-    """FLOPs and activation bytes per second of audio, counted from the layer shapes,
-    and the x-realtime limit they imply on ``peak``. Bytes are the floor of a fully
-    fused model: each convolution reads its input and writes its output once."""
-    a = model.args
-    frames_s = sample_rate / a.hop
-    act = 2 if dtype in ("float16", "bfloat16") else 4
-
-    def conv(cin, cout, k, t_in, t_out):   # (flops, bytes) per second of audio
-        return 2 * cin * cout * k * t_out, (cin * t_in + cout * t_out)
-
-    dec_f = dec_b = 0.0
-    ch, rate = a.upsample_initial, frames_s
-    f, b = conv(a.inter, ch, 7, rate, rate)
-    dec_f, dec_b = dec_f + f, dec_b + b
-    for i, (k, st, _p) in enumerate(a.ups):
-        cin, cout = ch // 2 ** i, ch // 2 ** (i + 1)
-        f, b = conv(cin, cout, k / st, rate, rate * st)   # transposed: k/s taps per output
-        dec_f, dec_b = dec_f + f, dec_b + b
-        rate *= st
-        for rk, rd in zip(a.rb_kernels, a.rb_dilations):
-            n = len(rd) * (2 if a.resblock == "1" else 1)
-            f, b = conv(cout, cout, rk, rate, rate)
-            dec_f, dec_b = dec_f + n * f, dec_b + n * b
-    f, b = conv(ch // 2 ** len(a.ups), 1, 7, rate, rate)
-    dec_f, dec_b = dec_f + f, dec_b + b
-    h, half = a.hidden, a.inter // 2
-    per_layer = 2 * half * h + sum(2 * h * 2 * h * a.wn_kernel + 2 * h * 2 * h
-                                   for _ in a.wn_dilations) + 2 * h * half
-    flow_f = a.n_flows * per_layer * frames_s
-    flow_b = a.n_flows * (len(a.wn_dilations) * 6 * h + 2 * a.inter) * frames_s * 4
-    enc_tok = a.n_layers * 2 * (4 * h * h + 2 * a.ffn_kernel * h * a.filter)
-    text_f = enc_tok * tokens_per_audio_s
-    flops = dec_f + flow_f + text_f
-    bytes_ = dec_b * act + flow_b + a.n_layers * 10 * h * 4 * tokens_per_audio_s
-    peak_dec = peak["bf16_tflops" if act == 2 else "tf32_tflops"] * 1e12
-    t_compute = dec_f / peak_dec + flow_f / (peak["tf32_tflops"] * 1e12) + \
-        text_f / (peak["fp32_tflops"] * 1e12)
-    t_memory = bytes_ / (peak["hbm_tb_s"] * 1e12)
-    return {"gflop_per_audio_s": {"decoder": round(dec_f / 1e9, 3),
-                                  "flows": round(flow_f / 1e9, 3),
-                                  "text": round(text_f / 1e9, 3),
-                                  "total": round(flops / 1e9, 3)},
-            "activation_mb_per_audio_s": round(bytes_ / 1e6, 2),
-            "peak": peak,
-            "x_realtime_limit_compute": round(1 / t_compute),
-            "x_realtime_limit_memory": round(1 / t_memory),
-            "x_realtime_limit": round(1 / max(t_compute, t_memory))}
 
 
 # ---------------------------------------------------------------------- driver
@@ -418,10 +168,10 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
         eng.max_batch = max(sizes)
         mine = eng.run(prepared[:64])[0]   # also compiles (engine.compile) the big shapes
         report.setdefault("first_call_s", {})[dtype] = round(time.perf_counter() - t0, 1)
-        report["quality_vs_float32"][dtype] = _quality(ref, mine)
+        report["quality_vs_float32"][dtype] = quality(ref, mine)
         eng.max_batch = 1
         alone = [eng.run([p])[0][0] for p in prepared[:64]]
-        report.setdefault("batched_vs_alone", {})[dtype] = _quality(alone, mine)
+        report.setdefault("batched_vs_alone", {})[dtype] = quality(alone, mine)
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         # One line at a time: both ways of running the halves, the better one is the

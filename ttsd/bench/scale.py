@@ -38,10 +38,10 @@ def devices_for(spec: str) -> list[str]:
 
 def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0,
         end_to_end: bool = False) -> dict[str, Any]:
-    from ttsd.bench.run import bench_lines
-    from ttsd.engine.records import Request
+    from ttsd.bench.corpus import bench_lines
     from ttsd.engine.runtime import GPU_BATCH, Engine
     from ttsd.engine.voice import discover
+    from ttsd.jobs import VoiceFacts, resolve
 
     devs = devices_for(devices)
     gpu = any(d.startswith("cuda") for d in devs)
@@ -50,11 +50,9 @@ def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0,
     texts = bench_lines(n_lines)
     e = cfg.engine
     facts = Engine(discover(e.voices_dir), device="cpu", cache_dir=cfg.paths.voices_cache)
-    info = facts.voice(e.voice).info
-    inf = info.inference
-    reqs = [Request(i, t, e.voice, info.speaker_id(e.speaker or None),
-                    inf["length_scale"] / e.speed, inf["noise_scale"], inf["noise_w"], e.seed)
-            for i, t in enumerate(texts)]
+    lv = facts.voice(e.voice)
+    job = resolve(e, {e.voice: VoiceFacts.of(e.voice, lv.digest, lv.info)})
+    reqs = [job.request(i, t) for i, t in enumerate(texts)]
     batches = [reqs[i:i + size] for i in range(0, len(reqs), size)]
     rows = []
     audio_by_key: dict[int, Any] = {}
@@ -67,7 +65,7 @@ def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0,
         r["efficiency"] = r["speedup"] / r["devices"] if base else None
     host = _host_limits(cfg, facts, reqs, audio_by_key, texts)
     report = {"devices": devs, "lines": n_lines, "batch": size, "rows": rows, "host": host,
-              "audio_s": sum(len(a) / info.sample_rate for a in audio_by_key.values())}
+              "audio_s": sum(len(a) / lv.info.sample_rate for a in audio_by_key.values())}
     if end_to_end:
         report["end_to_end"] = end_to_end_rows(cfg, devs, texts)
     return report
@@ -77,7 +75,7 @@ def end_to_end_rows(cfg: Config, devs: list[str], texts: list[str]) -> list[dict
     """The whole daemon (`ttsd run --once`: inbox → WAVs fsynced → rows committed) with
     engine.devices = the first k devices, k = 1..N; x-realtime from the file's claim to
     its last WAV. k = 1 runs the model inside the daemon, as a one-GPU install does."""
-    from ttsd.bench.run import bench_end_to_end
+    from ttsd.bench.e2e import bench_end_to_end
 
     rows: list[dict[str, Any]] = []
     for k in range(1, len(devs) + 1):
