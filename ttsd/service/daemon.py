@@ -151,6 +151,18 @@ class Daemon(StageLoops, Control):
     # ------------------------------------------------------------------ run
 
     def run(self) -> int:
+        """Open the site, build and warm the stages, serve until stopped; the exit status."""
+        store = self._open_site()
+        removed = self._build(store)
+        requeued = self._recover(store)
+        if requeued is None:
+            store.close()
+            return EXIT_OK   # stopped while waiting for the journal
+        self._serve(store, requeued, removed)
+        return self._exit_status()
+
+    def _open_site(self) -> Store:
+        """The site's folders, its lock and its journal; the outbox tried once."""
         cfg = self.cfg
         try:
             cfg.paths.state.mkdir(parents=True, exist_ok=True)
@@ -175,6 +187,12 @@ class Daemon(StageLoops, Control):
             probe(cfg.paths.outbox, root=True)
         except OSError as exc:
             self.health.trouble("outbox", cfg.paths.outbox, fault(exc) or str(exc), "sink")
+        return store
+
+    def _build(self, store: Store) -> int:
+        """The engine (or worker pool), warmed up, and the ingest stage; how many stale
+        temp files were removed."""
+        cfg = self.cfg
         self._signals()
         t0 = time.perf_counter()
         # A kill -9 while the converted voice was being cached leaves its temp behind;
@@ -218,16 +236,24 @@ class Daemon(StageLoops, Control):
         # and then (one every ~12,000 cached lines).
         gc.collect()
         gc.freeze()
-        removed += (self._remove_stale_temps(cfg.paths.outbox)
-                    + self._remove_stale_temps(cfg.paths.cache))
+        return removed + (self._remove_stale_temps(cfg.paths.outbox)
+                          + self._remove_stale_temps(cfg.paths.cache))
+
+    def _recover(self, store: Store) -> int | None:
+        """Lines left running by the last process go back to pending (waiting out a
+        journal that cannot be written); how many, or None if stopped meanwhile."""
         requeued = 0
 
         def recover() -> None:
             nonlocal requeued
-            requeued = store.recover(cfg.daemon.max_attempts)
-        if not self.health.retry("state", cfg.paths.db, recover, self.stop, "start"):
-            store.close()
-            return EXIT_OK   # stopped while waiting for the journal
+            requeued = store.recover(self.cfg.daemon.max_attempts)
+        if not self.health.retry("state", self.cfg.paths.db, recover, self.stop, "start"):
+            return None
+        return requeued
+
+    def _serve(self, store: Store, requeued: int, removed: int) -> None:
+        """Start the stage threads and the watcher, then run the main loop until stopped;
+        everything is shut down on the way out."""
         self._files_step(store, self.ingest.recover)
         self.ingest.inbox.start()
         # The lines stage starts before the start-up scan, so that the first lines of a
@@ -255,6 +281,11 @@ class Daemon(StageLoops, Control):
             if files.ident is None:   # never started (its loop stops the inbox)
                 self.ingest.inbox.stop()
             self._shutdown(store, threads)
+
+    def _exit_status(self) -> int:
+        """How the run ended: a damaged journal is raised (exit 4), a crashed thread or
+        lost device, ``--once`` giving up or its report."""
+        cfg = self.cfg
         if isinstance(self.fatal, StoreDamagedError):
             raise self.fatal
         if damaged(self.fatal):   # met mid-run, past the open's checks
