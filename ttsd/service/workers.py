@@ -142,6 +142,60 @@ class WorkerCore:
         return self.engine.release_memory()
 
 
+# ---------------------------------------------------------------------- messages
+# Daemon → worker: Run, Release, Stop. Worker → daemon: Ready, Answer, Released, Failure.
+
+@dataclass(frozen=True)
+class Run:
+    requests: list
+
+
+@dataclass(frozen=True)
+class Release:
+    pass
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True)
+class Ready:
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Answer:
+    reply: dict[str, Any]
+    """``WorkerCore.run_prepared``'s: results, stats, memory."""
+
+
+@dataclass(frozen=True)
+class Released:
+    freed: int
+    memory: dict
+
+
+@dataclass(frozen=True)
+class Failure:
+    text: str
+    """What went wrong, then the traceback."""
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A Run whose requests the reader thread has phonemized."""
+
+    prepared: list
+    prepare_ms: float
+
+
+@dataclass(frozen=True)
+class _ReaderFailed:
+    error: BaseException
+
+
 def worker_main(conn: Any, spec: WorkerSpec) -> None:
     """A local worker process: a reader thread prepares requests as they arrive (so
     phonemizing overlaps the model), the main thread runs them in order and answers.
@@ -152,48 +206,47 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
     try:
         core = WorkerCore(spec)
     except BaseException as exc:  # noqa: BLE001 - reported to the daemon, then exit
-        conn.send(("error", f"worker failed to start: {exc!r}\n{traceback.format_exc()}"))
+        conn.send(Failure(f"worker failed to start: {exc!r}\n{traceback.format_exc()}"))
         os._exit(3)
-    conn.send(("ready", core.info()))
+    conn.send(Ready(core.info()))
     todo: queue.Queue = queue.Queue()
 
     def reader() -> None:
         try:
             while True:
                 msg = conn.recv()
-                if msg[0] != "run":
+                if not isinstance(msg, Run):
                     todo.put(msg)
                     continue
                 try:
-                    todo.put(("run", *core.prepare(msg[1])))
+                    todo.put(_Prepared(*core.prepare(msg.requests)))
                 except Exception as exc:  # noqa: BLE001 - raised again by the main thread
-                    todo.put(("failed", exc))
+                    todo.put(_ReaderFailed(exc))
                     return
         except (EOFError, OSError):
             os._exit(0)   # the daemon is gone: so are we, whatever the main thread does
         except BaseException as exc:  # noqa: BLE001
-            todo.put(("crash", repr(exc)))
+            todo.put(Failure(f"worker reader failed: {exc!r}"))
 
     threading.Thread(target=reader, name="ttsd-worker-reader", daemon=True).start()
     while True:
         msg = todo.get()
-        kind = msg[0]
         try:
-            if kind == "failed":
-                raise msg[1]
-            if kind == "run":
-                conn.send(("ok", core.run_prepared(msg[1], msg[2])))
-            elif kind == "release":
-                conn.send(("released", core.release(), core.engine.memory()))
-            elif kind == "stop":
+            if isinstance(msg, _ReaderFailed):
+                raise msg.error
+            if isinstance(msg, _Prepared):
+                conn.send(Answer(core.run_prepared(msg.prepared, msg.prepare_ms)))
+            elif isinstance(msg, Release):
+                conn.send(Released(core.release(), core.engine.memory()))
+            elif isinstance(msg, Stop):
                 break
-            else:
-                conn.send(("error", f"worker reader failed: {msg[1]}"))
+            else:   # the reader's own Failure
+                conn.send(msg)
                 break
         except BaseException as exc:  # noqa: BLE001 - a device error or a bug: restart us
             what = "device lost" if isinstance(exc, DeviceLostError) else "engine error"
             try:
-                conn.send(("error", f"{what}: {exc}\n{traceback.format_exc()}"))
+                conn.send(Failure(f"{what}: {exc}\n{traceback.format_exc()}"))
             finally:
                 os._exit(75 if isinstance(exc, DeviceLostError) else 1)
     os._exit(0)
@@ -247,12 +300,12 @@ class ProcessHandle:
         if msg is None:
             self.kill()
             raise WorkerDied(f"not ready within {timeout:.0f} s")
-        if msg[0] != "ready":
+        if not isinstance(msg, Ready):
             self.kill()
-            raise WorkerDied(msg[1])
-        return msg[1]
+            raise WorkerDied(msg.text if isinstance(msg, Failure) else repr(msg))
+        return msg.info
 
-    def _recv(self, timeout: float, what: str) -> tuple | None:
+    def _recv(self, timeout: float, what: str) -> Any:
         """The next message; None after ``timeout``; WorkerDied once the process is gone
         (a message it sent before dying is still delivered first)."""
         deadline = time.monotonic() + timeout
@@ -272,7 +325,7 @@ class ProcessHandle:
 
     def submit(self, requests: list) -> None:
         try:
-            self.conn.send(("run", requests))
+            self.conn.send(Run(requests))
         except (OSError, EOFError) as exc:
             raise WorkerDied(f"process {self.proc.pid}: cannot send ({exc})") from None
 
@@ -280,20 +333,20 @@ class ProcessHandle:
         msg = self._recv(timeout, "a batch")
         if msg is None:
             return None
-        if msg[0] == "error":
+        if isinstance(msg, Failure):
             self.proc.join(5.0)
-            raise WorkerDied(msg[1].splitlines()[0])
-        return msg[1]
+            raise WorkerDied(msg.text.splitlines()[0])
+        return msg.reply
 
     def release(self, timeout: float) -> tuple[int, dict]:
         try:
-            self.conn.send(("release",))
+            self.conn.send(Release())
         except (OSError, EOFError) as exc:
             raise WorkerDied(f"process {self.proc.pid}: cannot send ({exc})") from None
         msg = self._recv(timeout, "a memory release")
-        if msg is None or msg[0] != "released":
+        if not isinstance(msg, Released):
             raise WorkerDied("no answer to a memory release")
-        return msg[1], msg[2]
+        return msg.freed, msg.memory
 
     def kill(self) -> None:
         if self.proc.pid is not None and self.proc.is_alive():
@@ -310,7 +363,7 @@ class ProcessHandle:
             self.kill()
             return
         try:
-            self.conn.send(("stop",))
+            self.conn.send(Stop())
         except (OSError, EOFError):
             pass
         self.proc.join(10.0)
