@@ -65,7 +65,6 @@ class Ingest:
         self.inbox = Inbox(cfg.paths.inbox, cfg.paths.work, cfg.input)
         self.failed_files = 0
         self.finished_files = 0
-        self.on_file_done: Callable[[dict], None] | None = None
         self.on_lines: Callable[[], None] | None = None
         """Called after each chunk of new lines is in the store (wakes the feeder)."""
         self.answer: Callable[[Store, list[NewLine], Path], None] | None = None
@@ -350,5 +349,3 @@ class Ingest:
         info = {"name": row["name"], "done": counts.get("done", 0),
                 "failed": counts.get("failed", 0), "out_dir": str(out_dir)}
         log.info("file.done", note=row["note"], **info)
-        if self.on_file_done:
-            self.on_file_done(info)

@@ -87,10 +87,6 @@ class Store(CacheTable, Reports):
     def out_dir_taken(self, out_dir: Path) -> bool:
         return bool(self.one("SELECT 1 FROM files WHERE out_dir = ? LIMIT 1", (str(out_dir),)))
 
-    def file_by_work_path(self, work_path: Path) -> dict | None:
-        rows = self.q("SELECT * FROM files WHERE work_path = ?", (str(work_path),))
-        return rows[0] if rows else None
-
     def files_in(self, *states: str) -> list[dict]:
         marks = ",".join("?" * len(states))
         return self.q(f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY id", states)
