@@ -188,14 +188,18 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
     _check_say_output(ns.output)   # before importing torch and loading the voice
     cfg = _override(cfg, ns)
 
-    from ttsd.service.daemon import build_engine
+    from ttsd.engine.device import configure_process
+    from ttsd.engine.options import EngineOptions
     from ttsd.engine.records import Request
+    from ttsd.engine.runtime import open_engine
     from ttsd.output.fsio import write_wav
 
     e = cfg.engine
     # One line: compiling (tens of seconds) would cost more than it saves.
-    engine = build_engine(cfg, compile="off" if e.compile == "auto" else e.compile,
-                          phonemizers=0)
+    options = EngineOptions.from_config(cfg, compile="off" if e.compile == "auto" else e.compile,
+                                        phonemizer_processes=0)
+    configure_process(options)
+    engine = open_engine(options)
     lv = engine.voice(e.voice)
     info = lv.info
     inf = info.inference

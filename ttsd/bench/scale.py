@@ -39,9 +39,9 @@ def devices_for(spec: str) -> list[str]:
 def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0,
         end_to_end: bool = False) -> dict[str, Any]:
     from ttsd.bench.run import bench_lines
+    from ttsd.engine.options import EngineOptions
     from ttsd.engine.records import Request
-    from ttsd.engine.runtime import GPU_BATCH, Engine
-    from ttsd.engine.voice import discover
+    from ttsd.engine.runtime import GPU_BATCH, open_engine
 
     devs = devices_for(devices)
     gpu = any(d.startswith("cuda") for d in devs)
@@ -49,7 +49,7 @@ def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0,
     size = batch or cfg.batching.max_batch_size or (GPU_BATCH if gpu else 1)
     texts = bench_lines(n_lines)
     e = cfg.engine
-    facts = Engine(discover(e.voices_dir), device="cpu", cache_dir=cfg.paths.voices_cache)
+    facts = open_engine(EngineOptions.from_config(cfg, device="cpu", phonemizer_processes=0))
     info = facts.voice(e.voice).info
     inf = info.inference
     reqs = [Request(i, t, e.voice, info.speaker_id(e.speaker or None),

@@ -25,7 +25,6 @@ class Prepared:
     request: Request
     sentences: list[list[int]]
     error: str | None = None
-    fault: str | None = None
 
     @property
     def phonemes(self) -> int:
@@ -72,6 +71,11 @@ class RunStats:
     @property
     def padding_efficiency(self) -> float:
         return self.frames / self.frame_slots if self.frame_slots else 1.0
+
+
+def failure(p: Prepared, error: str, sample_rate: int = 0) -> Result:
+    """The result of a line that failed: no audio, ``error`` says why."""
+    return Result(p.request.key, None, sample_rate, error, p.phonemes)
 
 
 Stream = Callable[[list[Result]], None]

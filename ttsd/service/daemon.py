@@ -47,8 +47,9 @@ from ttsd.service import sitelock
 
 from ttsd.service import workers
 from ttsd.config import Config
-from ttsd.engine.runtime import Engine
-from ttsd.engine.voice import discover
+from ttsd.engine.device import configure_process
+from ttsd.engine.options import EngineOptions
+from ttsd.engine.runtime import Engine, open_engine
 from ttsd.errors import ConfigError, DeviceLostError, StoreDamagedError, TtsdError
 from ttsd.health import MAX_RETRY_S, Health, fault, probe
 from ttsd.ingest.files import Ingest, VoiceFacts, audio_format
@@ -81,28 +82,6 @@ class Progress:
     lines_failed: int = 0
     audio_s: float = 0.0
     started: float = field(default_factory=time.monotonic)
-
-
-def build_engine(cfg: Config, device: str | None = None, *, dtype: str | None = None,
-                 max_batch: int | None = None, token_budget: int | None = None,
-                 compile: str | None = None, phonemizers: int | None = None) -> Engine:
-    """The engine the config describes; the one constructor for the daemon, its worker
-    processes, ``say`` and ``bench``. Keyword arguments override the config;
-    ``phonemizers=0`` phonemizes in this process."""
-    e = cfg.engine
-    return Engine(discover(e.voices_dir), device=device or e.device, dtype=dtype or e.dtype,
-                  memory_fraction=e.memory_fraction, cudnn_benchmark=e.cudnn_benchmark,
-                  max_audio_s_per_char=e.max_audio_s_per_char,
-                  sentence_silence_s=e.sentence_silence_s, cache_dir=cfg.paths.voices_cache,
-                  max_batch=cfg.batching.max_batch_size if max_batch is None else max_batch,
-                  token_budget=token_budget or cfg.batching.max_phonemes,
-                  compile=compile or e.compile, compile_text=e.compile_text,
-                  pack_calls=e.pack_calls, warmup_frames=e.warmup_frames,
-                  row_step=e.row_step,
-                  cuda_graphs=e.cuda_graphs, audio_graphs=e.audio_graphs,
-                  pcm16=cfg.output.subtype == "PCM_16",
-                  phonemizer_processes=phonemizers if phonemizers is not None else
-                  (e.phonemizer_processes or max(1, min(4, (os.cpu_count() or 1) // 4))))
 
 
 def voice_facts(engine: Engine, name: str) -> VoiceFacts:
@@ -192,7 +171,9 @@ class Daemon:
         pooled = workers.pool_wanted(cfg)
         devices = workers.local_devices(cfg)
         # With a worker pool the daemon's own engine only answers voice facts (CPU).
-        self.engine = build_engine(cfg, "cpu" if pooled else devices[0])
+        options = EngineOptions.from_config(cfg, device="cpu" if pooled else devices[0])
+        configure_process(options)
+        self.engine = open_engine(options)
         if cfg.daemon.gil_switch_ms:
             sys.setswitchinterval(cfg.daemon.gil_switch_ms / 1000)
         default = cfg.engine.voice

@@ -3,7 +3,7 @@
 The daemon stays the only process that touches the store, the inbox and the outbox.
 A worker holds an Engine on one device (its own warmed voices, its own memory
 fraction) and answers ``run(requests)`` with its engine's samples, int16 when the
-output is 16-bit (``Engine.pcm16``: converted on the device, written as they are, so
+output is 16-bit (``EngineOptions.pcm16``: converted on the device, written as they are, so
 the WAV bytes equal those of the in-process path); it phonemizes its own requests, so
 host-side text work scales with the workers.
 
@@ -93,15 +93,20 @@ class WorkerCore:
     def __init__(self, spec: WorkerSpec) -> None:
         import torch
 
-        from ttsd.service.daemon import build_engine  # here: the daemon module imports this one
+        from ttsd.engine.device import configure_process
+        from ttsd.engine.options import EngineOptions
+        from ttsd.engine.runtime import open_engine
 
         t0 = time.perf_counter()
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         voice = spec.cfg.engine.voice
-        # Each worker phonemizes its own batches in its own process (phonemizers=0).
-        self.engine = build_engine(spec.cfg, spec.device, phonemizers=0)
+        # Each worker phonemizes its own batches in its own process (no processes).
+        options = EngineOptions.from_config(spec.cfg, device=spec.device,
+                                            phonemizer_processes=0)
+        configure_process(options)
+        self.engine = open_engine(options)
         self.engine.voice(voice)
         self.load_s = time.perf_counter() - t0
         self.warmup_s = 0.0
