@@ -19,6 +19,13 @@ import soundfile as sf
 
 ROOT = Path(__file__).resolve().parent.parent
 
+FAULTS = {"TTSD_ENGINE_FACTORY": str(ROOT / "tests" / "faults.py")}
+"""A daemon's environment: its engine misbehaves for the lines holding a fault token
+(tests/faults.py)."""
+TONE = {**FAULTS, "TTSD_MODEL": "tone"}
+"""A daemon's environment: the tone model (``ttsd.engine.tone``) instead of the voice's
+network, faults as with ``FAULTS``."""
+
 TEST_CACHE = Path(tempfile.gettempdir()) / f"ttsd-test-cache-{os.getuid()}"
 """$XDG_CACHE_HOME of the daemons and commands the tests start (unless a test sets its
 own): they share one converted voice, converted once instead of once per site, and
@@ -186,10 +193,10 @@ def assert_invariant(site: Site) -> None:
 
 
 def run_once(root: Path, texts: list[str], extra_config: str,
-             name: str = "lines.txt") -> Site:
+             name: str = "lines.txt", env: dict[str, str] | None = None) -> Site:
     """The real daemon (``run --once``) on one file of ``texts`` with a config
-    fragment; it must exit 0 with every line accounted for."""
-    site = Site(root, extra_config=extra_config)
+    fragment (and ``env``); it must exit 0 with every line accounted for."""
+    site = Site(root, extra_config=extra_config, env=env or {})
     site.inbox.mkdir(parents=True)
     (site.inbox / name).write_text("\n".join(texts) + "\n", encoding="utf-8")
     site.start("--once")

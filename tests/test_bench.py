@@ -20,7 +20,7 @@ def test_compare_pairs_override_the_base_sections() -> None:
 
 
 def test_end_to_end_compare_row_of_an_engine_key(monkeypatch) -> None:
-    monkeypatch.setenv("TTSD_FAULTS", "fast")   # the stand-in model: the daemon is tested
+    monkeypatch.setenv("TTSD_MODEL", "tone")   # the stand-in model: the daemon is tested
     lines = corpus.bench_lines(6)
     row = e2e.bench_end_to_end(Config(), lines, "float32", cache_run=False,
                                compare='engine.compile="off",batching.writer_threads=2')

@@ -23,7 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from harness import ROOT, Site, assert_invariant, assert_no_redo, restart_until_finished, snapshot
+from harness import (
+    FAULTS,
+    ROOT,
+    TONE,
+    Site,
+    assert_invariant,
+    assert_no_redo,
+    restart_until_finished,
+    snapshot,
+)
 
 from ttsd import crash
 
@@ -104,7 +113,7 @@ def test_kill_after_hit_links_then_restart_records_each_hit_once(tmp_path: Path)
     their WAVs are linked into the outbox and before the lines are in the store. The
     restart parses the file again, finds those very links, and records every line
     done once, as a cache hit, with the cached audio; no line reaches the model."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     site.write_config()
     site.inbox.mkdir(parents=True)
     text = "\n".join(LINES) + "\n"
@@ -162,7 +171,7 @@ def _random_kills(root: Path, seed: int, kills: int) -> tuple[int, int]:
     kills during imports would test nothing), check no finished
     line was redone, repeat; finally run to the end and check the invariant."""
     rng = random.Random(seed)
-    site = Site(root, env={"TTSD_FAULTS": "fast"}, extra_config=(
+    site = Site(root, env=TONE, extra_config=(
         "[batching]\nmax_batch_size = 8\nmax_wait_ms = 5\n[input]\nsettle_s = 0.1\n"
         "[daemon]\nmax_attempts = 50\n"))
     site.inbox.mkdir(parents=True)
@@ -210,7 +219,7 @@ def test_a_line_that_kills_the_process_every_time_fails_alone(tmp_path: Path) ->
     starts the line fails with a reason and the file goes on; its batch-mates and the
     lines prefetched behind it each lose at most one attempt (a crash suspect runs
     alone) and are written once."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "1"}, extra_config=(
+    site = Site(tmp_path, env=FAULTS, extra_config=(
         "[batching]\nmax_batch_size = 3\nmax_wait_ms = 100\n[daemon]\nmax_attempts = 3\n"))
     site.inbox.mkdir(parents=True)
     text = [f"Innocent line {i}." for i in range(1, 10)]

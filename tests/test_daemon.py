@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from harness import Site, assert_invariant
+from harness import FAULTS, TONE, Site, assert_invariant
 
 
 def _check_wav(path: Path, text: str) -> None:
@@ -73,7 +73,7 @@ def test_kill9_mid_batch_then_restart_finishes_each_line_once(tmp_path: Path) ->
     """kill-9: kill -9 while batches are in flight; a restart finishes the rest, and no
     line finished before the kill is synthesized again."""
     site = Site(tmp_path, extra_config="[batching]\nmax_batch_size = 2\n",
-                env={"TTSD_FAULTS": "1"})
+                env=FAULTS)
     site.inbox.mkdir(parents=True)
     lines = [f"Line number {i} {{{{fault:slow:700}}}}" for i in range(10)]
     (site.inbox / "book.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -176,7 +176,7 @@ def test_damaged_cache_files_among_many_hits(tmp_path: Path) -> None:
     cache file (another line's valid WAV) among them are evicted and synthesized again
     (only they reach the model), the others are hard links of their cached WAVs. A third run is all hits again, each with its own
     line's audio: the cache holds the fresh WAVs, not the damaged files."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     site.write_config()
     site.inbox.mkdir(parents=True)
     text = "".join(f"Known line number {i}, said {'again ' * (i % 7)}once.\n"
@@ -259,7 +259,7 @@ def _foreign_file_at_an_output_path(tmp_path: Path, cached: bool) -> tuple[Site,
     they are answered as they are parsed: the process dies after linking their WAVs
     and before inserting them (crash point after_hit_links), and the user's file
     replaces line 2's link."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     site.write_config()
     site.inbox.mkdir(parents=True)
     text = "".join(f"Line {i} of the {'known' if cached else 'new'} file.\n" for i in (1, 2, 3))

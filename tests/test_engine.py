@@ -9,7 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ttsd.engine.voice import DEFAULT_VOICE, discover, load_model, package_voice  # noqa: E402
+from ttsd.engine.options import EngineOptions
+from ttsd.engine.runtime import Engine
+from ttsd.engine.voice import DEFAULT_VOICE, load_model, package_voice  # noqa: E402
 from ttsd.errors import DeviceLostError  # noqa: E402
 
 INFO = package_voice()
@@ -59,10 +61,13 @@ def piper_voice():
     return PiperVoice.load(INFO.onnx)
 
 
+def _options(**kw) -> EngineOptions:
+    return EngineOptions(device="cpu", dtype="float32", **kw)
+
+
 @pytest.fixture(scope="module")
 def engine():
-    from ttsd.engine.runtime import Engine
-    return Engine(discover(None), device="cpu", dtype="float32", max_batch=16)
+    return Engine(_options(max_batch=16))
 
 
 @pytest.mark.parametrize("text", LINES[:12])
@@ -89,9 +94,7 @@ def _requests(texts, seed=7, key0=0):
 
 
 def test_batched_equals_one_at_a_time(engine):
-    from ttsd.engine.runtime import Engine
-
-    single = Engine(discover(None), device="cpu", dtype="float32", max_batch=1)
+    single = Engine(_options(max_batch=1))
     texts = LINES[:6] + LINES[7:16] + ["Short one."]  # 16 lines, the longest left out for speed
     batched = engine.synthesize(_requests(texts))
     alone = single.synthesize(_requests(texts))
@@ -104,18 +107,18 @@ def test_batched_equals_one_at_a_time(engine):
 
 
 def test_packed_calls_give_the_same_audio(engine):
-    """engine.pack_calls cuts the audio half where padding costs least: other calls,
-    the same audio for every line."""
+    """pack_calls cuts the audio half where padding costs least: other calls, the same
+    audio for every line."""
     texts = [LINES[i % 16] if i % 3 else f"Line {i}." for i in range(21)]
     prepared = engine.prepare(_requests(texts, seed=4))
-    saved = engine.pack_calls
+    saved = engine.tuning.pack_calls
     try:
-        engine.pack_calls = False
+        engine.tuning.pack_calls = False
         fixed, fixed_stats = engine.run(prepared)
-        engine.pack_calls = True
+        engine.tuning.pack_calls = True
         packed, packed_stats = engine.run(prepared)
     finally:
-        engine.pack_calls = saved
+        engine.tuning.pack_calls = saved
     # Other cuts (whether they pad less, in padded frames plus a cost per call, is
     # test_packing's; here the audio must not change).
     assert packed_stats.frame_slots != fixed_stats.frame_slots
@@ -125,7 +128,7 @@ def test_packed_calls_give_the_same_audio(engine):
 
 
 def test_padded_rows_give_the_same_audio(engine):
-    """engine.row_step pads an audio-half call's rows (GPU only by default; forced on
+    """row_step pads an audio-half call's rows (GPU only by default; forced on
     here): the padded rows have no frames and are dropped, and every line's audio is
     the one unpadded calls give."""
     texts = [LINES[i % 16] for i in range(7)]
@@ -137,14 +140,15 @@ def test_padded_rows_give_the_same_audio(engine):
     def counted(m_p, *args):   # the real audio half; only its row counts are noted
         rows.append(m_p.size(0))
         return real(m_p, *args)
-    saved = engine.row_step, engine.frame_budget
+    t = engine.tuning
+    saved = t.row_step, t.frame_budget, t.pack_calls
     try:
-        engine.frame_budget = 10**6   # one call of 7 sentences, padded to 8 rows
+        t.frame_budget, t.pack_calls = 10**6, False   # one call of 7 sentences, 8 rows
         plain, _s = engine.run(prepared)
-        engine.row_step, lv.audio_half = 4, counted
+        t.row_step, lv.audio_half = 4, counted
         padded, _s = engine.run(prepared)
     finally:
-        (engine.row_step, engine.frame_budget), lv.audio_half = saved, real
+        (t.row_step, t.frame_budget, t.pack_calls), lv.audio_half = saved, real
     assert rows == [8], rows
     for a, b in zip(padded, plain):
         assert a.error is None and b.error is None and len(a.audio) == len(b.audio)
@@ -218,10 +222,9 @@ def test_unknown_voice_is_an_error_result(engine):
 
 
 @pytest.fixture
-def faulty(monkeypatch):
-    from ttsd.engine.runtime import Engine
-    monkeypatch.setenv("TTSD_FAULTS", "1")
-    return Engine(discover(None), device="cpu", dtype="float32", max_batch=16)
+def faulty():
+    from faults import FaultyEngine
+    return FaultyEngine(_options(max_batch=16))
 
 
 SIX = ["First line here.", "Second line, a bit longer than the first.", "Third.",
@@ -276,11 +279,38 @@ def test_fault_sticky_raises_device_lost(faulty):
         faulty.run(faulty.prepare(_requests(texts)))
 
 
-def test_faults_off_without_env(monkeypatch, engine):
-    monkeypatch.delenv("TTSD_FAULTS", raising=False)
-    from ttsd.engine import faults
-    assert faults.from_env() is None
-    assert engine.faults is None
+def test_faults_come_only_from_the_factory(monkeypatch):
+    """The engine has no faults of its own: ``open_engine`` builds the plain engine,
+    unless $TTSD_ENGINE_FACTORY names another (the tests' daemons: tests/faults.py),
+    whose function may be named too."""
+    from harness import FAULTS
+
+    from ttsd.engine.runtime import open_engine
+
+    monkeypatch.delenv("TTSD_ENGINE_FACTORY", raising=False)
+    assert type(open_engine(_options())) is Engine
+    monkeypatch.setenv("TTSD_ENGINE_FACTORY", FAULTS["TTSD_ENGINE_FACTORY"])
+    assert type(open_engine(_options())).__name__ == "FaultyEngine"
+    monkeypatch.setenv("TTSD_ENGINE_FACTORY", FAULTS["TTSD_ENGINE_FACTORY"] + ":overlapped")
+    assert open_engine(_options()).overlaps and not Engine(_options()).overlaps
+
+
+def test_the_tone_model_follows_the_phonemes():
+    """``model = "tone"``: no network; each phoneme id lasts three frames of a tone, the
+    sentences joined by the usual silence, and its digest is never the voice's own."""
+    from ttsd.engine.tone import FRAMES_PER_TOKEN, HOP
+    from ttsd.engine.voice import file_sha256
+
+    eng = Engine(_options(model="tone", max_batch=4))
+    texts = ["Hi.", "A much longer line of text. It has two sentences."]
+    short, two = eng.synthesize(_requests(texts))
+    lv = eng.voice(DEFAULT_VOICE)
+    ids = [lv.phonemizer.sentences(t) for t in texts]
+    assert len(short.audio) == len(ids[0][0]) * FRAMES_PER_TOKEN * HOP
+    gap = round(0.2 * 22050)
+    assert len(two.audio) == sum(len(s) for s in ids[1]) * FRAMES_PER_TOKEN * HOP + gap
+    assert np.abs(short.audio).max() == pytest.approx(1.0)
+    assert lv.digest != file_sha256(INFO.onnx)
 
 
 # ----------------------------------------------------------------------------- device
@@ -319,9 +349,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     engine logs it once and runs the eager audio half; the audio is the same."""
     import torch._dynamo.exc as dexc
 
-    from ttsd.engine.runtime import Engine
-
-    eng = Engine(discover(None), device="cpu", dtype="float32", max_batch=4, compile="off")
+    eng = Engine(_options(max_batch=4, compile="off"))
     ref = eng.synthesize(_requests(["Hello there.", "A second line."]))
     lv = eng.voice(DEFAULT_VOICE)
     calls = []
@@ -342,10 +370,8 @@ def test_text_compile_failure_falls_back_to_eager():
     it cannot compile here, the engine logs it and runs the eager one, same audio."""
     import torch._dynamo.exc as dexc
 
-    from ttsd.engine.runtime import Engine
-
     texts = [f"Line {i}." for i in range(34)]
-    eng = Engine(discover(None), device="cpu", dtype="float32", max_batch=64, compile="off")
+    eng = Engine(_options(max_batch=64, compile="off"))
     ref = eng.synthesize(_requests(texts))
     lv = eng.voice(DEFAULT_VOICE)
     calls = []
@@ -354,7 +380,7 @@ def test_text_compile_failure_falls_back_to_eager():
         calls.append(len(args[0]))
         raise dexc.TorchDynamoException("simulated: no C compiler")
 
-    eng.compile_text, lv.text_frames = True, broken
+    eng.tuning.compile_text, lv.text_frames = True, broken
     got = eng.synthesize(_requests(texts))
     assert calls == [34] and lv.text_frames == lv.model.text_frames
     for r, g in zip(ref, got):
@@ -367,10 +393,7 @@ def test_compiled_text_half_keeps_every_duration():
     """The compiled text half (what calls over 32 sentences run on a GPU) gives the
     eager one's durations exactly and its means to float32 rounding, on a padded batch
     of varied sentences, and the engine uses it for such calls."""
-    from ttsd.engine.runtime import Engine
-
-    eng = Engine(discover(None), device="cpu", dtype="float32", max_batch=64,
-                 compile="off", compile_text="on")
+    eng = Engine(_options(max_batch=64, compile="off", compile_text="on"))
     lv = eng.voice(DEFAULT_VOICE)
     assert lv.text_frames != lv.model.text_frames
     sents = [s for t in LINES + [f"Number {i}, again." for i in range(24)]
@@ -401,7 +424,6 @@ def test_precision_flags_per_stage_under_one_lock():
     try:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True
         p = Precision(torch.device("cuda"))   # flags only: no GPU needed
-        assert torch.backends.cudnn.deterministic
         inside = threading.Event()
         release = threading.Event()
         seen: list = []
@@ -444,13 +466,39 @@ def test_precision_flags_per_stage_under_one_lock():
 def test_pcm16_engine_gives_the_int16_of_its_floats(engine):
     """``pcm16=True`` (the daemon with PCM_16 WAVs): the conversion happens on the
     device, sample for sample the writer's own rule applied to the float result."""
-    from ttsd.engine.runtime import Engine
-    from ttsd.output.wav import pcm16
+    from ttsd.output.fsio import pcm16
 
-    ints = Engine(discover(None), device="cpu", dtype="float32", max_batch=16, pcm16=True)
+    ints = Engine(_options(max_batch=16, pcm16=True))
     reqs = _requests(LINES[:4] + ["Two sentences here. And the second one."])
     floats = engine.synthesize(reqs)
     got = ints.synthesize(reqs)
     for f, i in zip(floats, got):
         assert i.audio.dtype == np.int16 and len(i.audio) == len(f.audio) > 2000
         assert np.array_equal(i.audio, pcm16(f.audio)), f.key
+
+
+def test_building_an_engine_leaves_the_process_settings_alone():
+    """cuDNN's flags and the memory share are the process's (``configure_process``,
+    called once at start), never set by building an engine."""
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+        Engine(_options(cudnn_benchmark=False))
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == \
+            (True, False)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the settings are for a GPU")
+def test_configure_process_sets_cudnn_for_a_gpu():
+    from ttsd.engine.device import configure_process
+
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = True, False
+        configure_process(EngineOptions(device="cuda"))
+        assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic) == \
+            (False, True)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved

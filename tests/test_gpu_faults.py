@@ -1,7 +1,8 @@
 """RELIABILITY.md section G (rows 37-40): GPU faults through the real daemon on the CPU.
 
-``TTSD_FAULTS=1`` turns a token ``{{fault:...}}`` in a line's text into a misbehaving
-model for that line (ttsd/engine/faults.py); the token is removed before phonemizing.
+The daemon's engine (``harness.FAULTS``: tests/faults.py) turns a token ``{{fault:...}}``
+in a line's text into a misbehaving model for that line; the token is removed before
+phonemizing.
 The real voice runs; only the fault is injected. Each test ends with the invariant.
 The engine-level seams are also tested in tests/test_engine.py.
 """
@@ -10,12 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness import Site, assert_invariant, restart_until_finished
+from harness import FAULTS, Site, assert_invariant, restart_until_finished
 
 
 def _site(tmp_path: Path, batch: int = 8, extra: str = "") -> Site:
     # Whole batches from the first one (idle_batch = 1.0): the tests count them.
-    site = Site(tmp_path, env={"TTSD_FAULTS": "1"},
+    site = Site(tmp_path, env=FAULTS,
                 extra_config=f"[batching]\nmax_batch_size = {batch}\nmax_wait_ms = 200\n"
                              f"idle_batch = 1.0\n{extra}")
     site.inbox.mkdir(parents=True)

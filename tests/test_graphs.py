@@ -14,6 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from ttsd.engine.device import configure_process
 from ttsd.engine.graphs import (
     MAX_ROWS,
     MAX_TOKENS,
@@ -24,11 +25,12 @@ from ttsd.engine.graphs import (
     pad_inputs,
     token_bucket,
 )
+from ttsd.engine.options import EngineOptions
 from ttsd.engine.packing import FRAME_STEP, bucket
 from ttsd.engine.phonemes import Phonemizer
 from ttsd.engine.records import Request
 from ttsd.engine.runtime import Engine
-from ttsd.engine.voice import discover, load_model, package_voice
+from ttsd.engine.voice import load_model, package_voice
 
 TEXTS = ["Hello there.", "A somewhat longer sentence, with a comma in it.",
          "Numbers like 42 and 1999 are read out.", "Short one."]
@@ -77,8 +79,8 @@ def test_padded_bucket_gives_the_eager_rows() -> None:
 
 
 def test_graphs_are_gpu_only() -> None:
-    eng = Engine(discover(None), device="cpu", cuda_graphs="on")
-    assert not eng.cuda_graphs
+    eng = Engine(EngineOptions(device="cpu", cuda_graphs="on"))
+    assert not eng.tuning.cuda_graphs
     assert eng.capture_graphs(next(iter(eng.voices))) == (0, 0.0)
 
 
@@ -130,8 +132,8 @@ def test_audio_graph_inputs_give_the_eager_audio() -> None:
 
 
 def test_audio_graphs_are_gpu_only() -> None:
-    eng = Engine(discover(None), device="cpu", audio_graphs="on")
-    assert not eng.audio_graphs
+    eng = Engine(EngineOptions(device="cpu", audio_graphs="on"))
+    assert not eng.tuning.audio_graphs
     assert eng.voice(next(iter(eng.voices))).audio_graphs is None
 
 
@@ -139,8 +141,10 @@ def test_audio_graphs_are_gpu_only() -> None:
 def test_audio_graphs_replay_the_compiled_audio() -> None:
     """On a GPU: the warm-up captures the audio half's call shapes, and a batch's audio
     from the graphs is the audio of the same batch without them, sample for sample."""
-    eng = Engine(discover(None), device="cuda", dtype="bfloat16", max_batch=16,
-                 warmup_frames=512, row_step=4)
+    options = EngineOptions(device="cuda", dtype="bfloat16", max_batch=16,
+                            warmup_frames=512, row_step=4)
+    configure_process(options)
+    eng = Engine(options)
     name = next(iter(eng.voices))
     eng.warmup(name, sizes=(1,))
     lv = eng.voice(name)

@@ -8,14 +8,14 @@ import signal
 import time
 from pathlib import Path
 
-from harness import Site, assert_invariant
+from harness import FAULTS, Site, assert_invariant
 
 
 def test_sigterm_mid_batch_finishes_it_requeues_the_rest_exit_0(tmp_path: Path) -> None:
     """sigterm-mid-batch: SIGTERM while a slow batch is in the model: that batch finishes and is
     written, batches prepared but not started go back to pending with their attempt
     undone, the exit status is 0; the restart finishes the rest, each line once."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "1"},   # batches of 2, the first one too
+    site = Site(tmp_path, env=FAULTS,   # batches of 2, the first one too
                 extra_config="[batching]\nmax_batch_size = 2\nmax_wait_ms = 5\n"
                              "idle_batch = 1.0\n")
     site.inbox.mkdir(parents=True)

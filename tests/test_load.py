@@ -1,7 +1,7 @@
-"""Load (docs/reliability.md: one-big-file and burst-of-files). The benchmarks (ttsd/loadbench.py)
-are
-marked slow and run small sizes; the back-pressure contract of burst-of-files runs in CI.
-Both use the real daemon with the fast stand-in model (TTSD_FAULTS=fast)."""
+"""Load (docs/reliability.md: one-big-file and burst-of-files). The benchmarks
+(ttsd/bench/load.py) are marked slow and run small sizes; the back-pressure contract of
+burst-of-files runs in CI. Both use the real daemon with the tone model
+(``harness.TONE``, ``TTSD_MODEL=tone``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import Site, assert_invariant
+from harness import TONE, Site, assert_invariant
 
 from ttsd.bench.load import run_load
 
@@ -18,7 +18,7 @@ def test_burst_of_files_each_once_claiming_pauses_under_backpressure(tmp_path: P
     """burst-of-files (contract, small): 30 files of 10 lines dropped at once with
     max_pending_lines = 25: claiming pauses while the queue is over the limit (it never
     holds more than the limit plus one file), every file is processed exactly once."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"}, extra_config=(
+    site = Site(tmp_path, env=TONE, extra_config=(
         "[input]\nmax_pending_lines = 25\nsettle_s = 0.1\n"
         "[batching]\nmax_batch_size = 4\nmax_wait_ms = 5\n"))
     site.start()

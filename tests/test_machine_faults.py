@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Site, assert_invariant
+from harness import FAULTS, TONE, Site, assert_invariant
 
 EXIT_TEMPFAIL = 75
 
@@ -151,7 +151,7 @@ def _each_line_once(site: Site, n: int) -> None:
 def test_an_outbox_turned_read_only_is_waited_out_without_synthesizing_in_a_loop(
         tmp_path: Path, tmpfs) -> None:
     notify = _Notify(tmp_path / "notify.sock")
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast", "NOTIFY_SOCKET": str(notify.sock.getsockname())})
+    site = Site(tmp_path, env={**TONE, "NOTIFY_SOCKET": str(notify.sock.getsockname())})
     outbox = tmpfs(site.outbox)
     try:
         site.start()
@@ -193,7 +193,7 @@ def test_an_outbox_turned_read_only_is_waited_out_without_synthesizing_in_a_loop
 
 def test_once_gives_up_on_an_unwritable_outbox_and_loses_nothing(tmp_path: Path,
                                                                   tmpfs) -> None:
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"},
+    site = Site(tmp_path, env=TONE,
                 extra_config="[daemon]\nonce_blocked_s = 3\n")
     outbox = tmpfs(site.outbox)
     site.write_config()
@@ -216,7 +216,7 @@ def test_once_gives_up_on_an_unwritable_outbox_and_loses_nothing(tmp_path: Path,
 
 
 def test_a_full_outbox_is_waited_out(tmp_path: Path, tmpfs) -> None:
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     outbox = tmpfs(site.outbox, "2m")
     site.start()
     site.wait_ready()
@@ -233,7 +233,7 @@ def test_a_full_outbox_is_waited_out(tmp_path: Path, tmpfs) -> None:
 
 
 def test_a_full_journal_is_waited_out(tmp_path: Path, tmpfs) -> None:
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     state = tmpfs(tmp_path / "state", "16m")
     site.start()
     site.wait_ready()
@@ -254,7 +254,7 @@ def test_a_full_journal_is_waited_out(tmp_path: Path, tmpfs) -> None:
 def test_a_start_on_a_full_disk_waits_instead_of_dying(tmp_path: Path, tmpfs) -> None:
     """The whole site on one volume, full before the daemon starts (a restart while the
     disk is still full): it stays up and says why, then finishes once there is room."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"},
+    site = Site(tmp_path, env=TONE,
                 extra_config='[paths]\ninbox = "data/inbox"\noutbox = "data/outbox"\n'
                              'done = "data/done"\nfailed = "data/failed"\nstate = "data/state"\n')
     data = tmpfs(tmp_path / "data", "16m")
@@ -278,7 +278,7 @@ def test_a_start_on_a_full_disk_waits_instead_of_dying(tmp_path: Path, tmpfs) ->
 
 
 def test_an_outbox_deleted_while_working_is_made_again(tmp_path: Path) -> None:
-    site = Site(tmp_path, env={"TTSD_FAULTS": "1"}, extra_config="[batching]\nmax_batch_size = 1\n")
+    site = Site(tmp_path, env=FAULTS, extra_config="[batching]\nmax_batch_size = 1\n")
     site.start()
     site.wait_ready()
     (site.inbox / "book.txt").write_text(
@@ -295,7 +295,7 @@ def test_an_outbox_deleted_while_working_is_made_again(tmp_path: Path) -> None:
 
 
 def test_a_folder_in_the_way_of_a_manifest_is_reported_and_retried(tmp_path: Path) -> None:
-    site = Site(tmp_path, env={"TTSD_FAULTS": "1"}, extra_config="[batching]\nmax_batch_size = 1\n")
+    site = Site(tmp_path, env=FAULTS, extra_config="[batching]\nmax_batch_size = 1\n")
     site.start()
     site.wait_ready()
     (site.inbox / "a.txt").write_text("A slow line. {{fault:slow:1500}}\n", encoding="utf-8")
@@ -319,7 +319,7 @@ def test_a_restart_on_a_full_outbox_synthesizes_nothing_until_there_is_room(
     """Lines waiting when the daemon starts on a full outbox (a restart while the disk
     is still full): the outbox is tried before any line is taken, so nothing is
     synthesized only to fail; each restart under systemd used to redo a batch."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     outbox = tmpfs(site.outbox, "2m")
     filler = outbox.fill()
     site.write_config()
@@ -341,7 +341,7 @@ def test_an_outbox_that_fills_up_mid_file_backs_off_instead_of_retrying_every_se
     for a batch. Each passing probe lets one batch try, and its failure doubles the
     back-off (it used to unblock and fail again every second); once the volume is
     grown every line is done once."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     outbox = tmpfs(site.outbox, "1m")
     site.start()
     site.wait_ready()

@@ -8,14 +8,14 @@ import shutil
 import time
 from pathlib import Path
 
-from harness import Site, assert_invariant
+from harness import TONE, Site, assert_invariant
 
 
 def test_a_file_name_that_is_not_utf8_is_spoken_and_never_loops(tmp_path: Path) -> None:
     """Latin-1 bytes in a name (café.txt from an old system): the file is taken under
     its name with the bad byte written \\xNN, spoken, and moved to done/; a restart has
     nothing left to do (no crash loop on the claimed copy)."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     site.write_config()
     site.inbox.mkdir(parents=True)
     raw = os.path.join(os.fsencode(site.inbox), b"caf\xe9.txt")
@@ -36,7 +36,7 @@ def test_a_file_name_that_is_not_utf8_is_spoken_and_never_loops(tmp_path: Path) 
 def test_an_inbox_deleted_and_made_again_is_watched_again(tmp_path: Path) -> None:
     """With the periodic rescan far away (60 s), a file dropped into an inbox that was
     removed and made again is taken at once, as in the first one."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"}, extra_config="[input]\nrescan_s = 60\n")
+    site = Site(tmp_path, env=TONE, extra_config="[input]\nrescan_s = 60\n")
     site.start()
     site.wait_ready()
     (site.inbox / "first.txt").write_text("The first file.\n", encoding="utf-8")

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from harness import Site, assert_invariant
+from harness import TONE, Site, assert_invariant
 
 EXIT_OK, EXIT_FAILED = 0, 1
 
@@ -30,7 +30,7 @@ def test_once_finishes_the_file_it_found_every_time(tmp_path: Path) -> None:
     used to think it had nothing left to do.)"""
     for run in range(6):
         root = tmp_path / f"site{run}"
-        site = Site(root, env={"TTSD_FAULTS": "fast"})
+        site = Site(root, env=TONE)
         site.inbox.mkdir(parents=True)
         site.write_config()
         (site.inbox / "one.txt").write_bytes(b"Hello there.\n" + b" " * 40_000_000 + b"\n")
@@ -44,7 +44,7 @@ def test_once_finishes_the_file_it_found_every_time(tmp_path: Path) -> None:
 
 def test_once_with_failed_lines_exits_1_with_a_summary_and_a_warning_per_line(
         tmp_path: Path) -> None:
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     site.write_config()
     site.inbox.mkdir(parents=True)
     rows = ["id,text,speed,voice",
@@ -73,7 +73,7 @@ def test_once_with_failed_lines_exits_1_with_a_summary_and_a_warning_per_line(
 
 
 def test_once_all_done_exits_0_and_says_so(tmp_path: Path) -> None:
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     site.write_config()
     site.inbox.mkdir(parents=True)
     (site.inbox / "a.txt").write_text("One.\nTwo.\n", encoding="utf-8")

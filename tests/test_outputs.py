@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from harness import Site, assert_invariant
+from harness import FAULTS, TONE, Site, assert_invariant
 
 LINE = "The cache keeps what was said."
 
@@ -63,7 +63,7 @@ def test_an_output_edited_in_place_changes_nothing_the_cache_serves(tmp_path: Pa
 def test_a_folder_swapped_for_a_symlink_is_never_written_through(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
-    site = Site(tmp_path, env={"TTSD_FAULTS": "1"},
+    site = Site(tmp_path, env=FAULTS,
                 extra_config="[batching]\nmax_batch_size = 1\n")
     site.start()
     site.wait_ready()
@@ -99,7 +99,7 @@ def test_a_file_dropped_again_is_named_one_way_and_empty_files_are_like_blank_on
     """The second chapter1.txt goes to outbox/chapter1-2/ and done/chapter1-2.txt (one
     scheme for both); an empty file and a blank one both get their outbox folder with
     a manifest of no rows and move to done/."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     site.write_config()
     site.inbox.mkdir(parents=True)
     for _ in range(2):

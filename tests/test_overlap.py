@@ -1,5 +1,5 @@
-"""``engine.overlap_halves``: the feeder runs the next batch's text half beside the
-model thread's audio half. The real daemon, with the real voice on the CPU: the same
+"""``EngineOptions.overlap_halves``: the feeder runs the next batch's text half beside
+the model thread's audio half. The real daemon, with the real voice on the CPU: the same
 WAVs, sample for sample, as with both halves run one after the other in the model
 thread, every line accounted for and the batches' model time still recorded."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from harness import Site, run_once
+from harness import FAULTS, Site, run_once
 
-from ttsd.config import EngineConfig
+from ttsd.engine.options import EngineOptions
 
 TEXTS = ["Yes.", "The first long line goes on for a while, with a comma or two.",
          "No.", "Another line, of middling length.", "Fine, thanks.",
@@ -25,13 +25,17 @@ TEXTS = ["Yes.", "The first long line goes on for a while, with a comma or two."
     ("auto", True, True), ("auto", False, False), ("on", False, True), ("off", True, False)])
 def test_overlap_halves_resolves(value: str, gpu: bool, want: bool) -> None:
     """One resolution for the daemon's feeder and the bench: auto = on with a GPU."""
-    assert EngineConfig(overlap_halves=value).overlaps(gpu) is want
+    assert EngineOptions(overlap_halves=value).overlaps(gpu) is want
+
+
+OVERLAPPED = {"TTSD_ENGINE_FACTORY": FAULTS["TTSD_ENGINE_FACTORY"] + ":overlapped"}
+"""The daemon's engine with overlap_halves "on" (tests/faults.py); the CPU's default is
+off."""
 
 
 def _run(root: Path, overlap: bool) -> Site:
-    return run_once(root, TEXTS, (
-        f"[engine]\noverlap_halves = \"{'on' if overlap else 'off'}\"\n"
-        "[batching]\nmax_batch_size = 2\nlines_per_batch = 2\nprefetch = 2\n"))
+    return run_once(root, TEXTS, "[batching]\nmax_batch_size = 2\nlines_per_batch = 2\n"
+                    "prefetch = 2\n", env=OVERLAPPED if overlap else None)
 
 
 def test_overlapped_halves_write_the_same_wavs(tmp_path: Path) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import psutil
 import pytest
+from faults import CRASH_TEXT, CrashingPhonemizer
 
-from ttsd.engine.phonemes import CRASH_TOKEN, Phonemizer, PhonemizerProcesses
+from ttsd.engine.phonemes import Phonemizer, PhonemizerProcesses
 from ttsd.engine.voice import discover
 
 TEXTS = ["Hello there.", "The price: $1,299.99, taxes included. Was it worth it?",
@@ -65,18 +66,17 @@ def test_processes_are_replaced_and_stay_correct(voice):
     assert len(seen) >= 3, f"expected replaced processes, saw pids {seen}"
 
 
-def test_a_process_that_dies_fails_its_text_alone(voice, monkeypatch):
-    monkeypatch.setenv("TTSD_FAULTS", "1")
+def test_a_process_that_dies_fails_its_text_alone(voice):
     local = Phonemizer(voice.config)
-    procs = PhonemizerProcesses(1)
-    texts = ["First line.", CRASH_TOKEN, "Third line.", "Fourth line."] * 5
+    procs = PhonemizerProcesses(1, front_end=CrashingPhonemizer)
+    texts = ["First line.", CRASH_TEXT, "Third line.", "Fourth line."] * 5
     try:
         got = procs.sentences_many("k", voice.config, texts)
         after = procs.sentences_many("k", voice.config, ["Still working."])
     finally:
         procs.close()
     for text, g in zip(texts, got):
-        if text == CRASH_TOKEN:
+        if text == CRASH_TEXT:
             assert g == "the phonemizer (espeak-ng) crashed on this text"
         else:
             assert g == local.sentences(text)

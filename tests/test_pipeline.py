@@ -13,6 +13,7 @@ import soundfile as sf
 
 import ttsd.output.fsio as writer
 from ttsd.config import CacheConfig, Config, PathsConfig
+from ttsd.engine.options import EngineOptions
 from ttsd.engine.records import Result
 from ttsd.engine.runtime import Engine
 from ttsd.pipeline.batcher import Batch, wav_path
@@ -30,7 +31,7 @@ def site(tmp_path: Path):
     cfg = dataclasses.replace(Config(), paths=paths, cache=CacheConfig(enabled=False))
     paths.state.mkdir(parents=True)
     store = Store(paths.db)
-    sink = Sink(cfg, Engine({}, device="cpu"), threads=4)
+    sink = Sink(cfg, Engine(EngineOptions(device="cpu")), threads=4)
     yield cfg, store, sink
     sink.close()
     store.close()

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import Site, subprocess_env
+from harness import TONE, Site, subprocess_env
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -43,7 +43,7 @@ def _run_on_a_terminal(site: Site, timeout: float = 120) -> tuple[int, str]:
 
 
 def test_the_bar_starts_at_zero_and_log_lines_print_above_it(tmp_path: Path) -> None:
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     site.write_config()
     site.inbox.mkdir(parents=True)
     (site.inbox / "book.txt").write_text(

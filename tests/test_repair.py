@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import ROOT, Site, assert_invariant
+from harness import ROOT, TONE, Site, assert_invariant
 
 from ttsd.config import PathsConfig
 from ttsd.errors import StoreDamagedError
@@ -124,7 +124,7 @@ def rowids_on_page(db: Path, page: int, page_size: int) -> set[int]:
 
 def fast_site(root: Path) -> Site:
     """A site whose daemon uses the fast stand-in model (a tone, no neural network)."""
-    return Site(root, env={"TTSD_FAULTS": "fast", "PYTHONPATH": str(ROOT)})
+    return Site(root, env={**TONE, "PYTHONPATH": str(ROOT)})
 
 
 def drop(site: Site, name: str = "a.txt", n: int = LINES) -> None:

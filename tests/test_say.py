@@ -164,7 +164,6 @@ def test_bench_keeps_nothing_where_it_runs_and_reuses_the_converted_voice(
     assert list(work.iterdir()) == []
     # Gone, so that the daemon of the end-to-end row must convert it: into the same file.
     cache[0].unlink()
-    monkeypatch.setenv("TTSD_FAULTS", "fast")   # the stand-in model: the daemon is tested
     row = bench.bench_end_to_end(cfg, bench.bench_lines(2), "float32", cache_run=False)
     assert row["synthesize"]["wavs"] == 2, row
     assert converted(xdg) == cache

@@ -12,7 +12,7 @@ from ttsd.config import Config
 
 @pytest.mark.slow
 def test_scaling_table_model_and_end_to_end(monkeypatch):
-    monkeypatch.setenv("TTSD_FAULTS", "fast")
+    monkeypatch.setenv("TTSD_MODEL", "tone")
     report = scalebench.run(Config(), "cpu,cpu", lines=12, end_to_end=True)
     assert [r["devices"] for r in report["rows"]] == [1, 2]
     assert all(r["x_realtime"] > 0 and sum(r["batches"]) == 12 for r in report["rows"])
@@ -34,7 +34,7 @@ def test_devices_bench_writes_out_file(monkeypatch, tmp_path, capsys):
 
     from ttsd import cli
 
-    monkeypatch.setenv("TTSD_FAULTS", "fast")
+    monkeypatch.setenv("TTSD_MODEL", "tone")
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "scale.json"
     saved = structlog.get_config()   # cli.main points the logger at this test's stderr

@@ -10,7 +10,7 @@ import signal
 import time
 from pathlib import Path
 
-from harness import Site, assert_invariant
+from harness import TONE, Site, assert_invariant
 
 
 def _events(site: Site, name: str) -> list[dict]:
@@ -33,7 +33,7 @@ def _wait(cond, timeout: float, site: Site, what: str) -> None:
 
 
 def test_a_second_sigterm_stops_now_and_still_releases_what_it_holds(tmp_path: Path) -> None:
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"},
+    site = Site(tmp_path, env=TONE,
                 extra_config="[batching]\nmax_batch_size = 1\n[engine]\nphonemizer_processes = 2\n")
     site.start()
     site.wait_ready()
@@ -61,7 +61,7 @@ def test_a_second_sigterm_stops_now_and_still_releases_what_it_holds(tmp_path: P
 
 
 def test_sighup_reads_the_config_again_and_keeps_running(tmp_path: Path) -> None:
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     site.start()
     site.wait_ready()
     site.extra_config = ('[daemon]\nlog_level = "debug"\n[input]\nsettle_s = 0.2\n'

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from harness import Site, assert_invariant
+from harness import TONE, Site, assert_invariant
 
 EXIT_LOCKED = 3
 
@@ -24,7 +24,7 @@ def _wait_running(site: Site, timeout: float = 60) -> None:
 def test_a_second_daemon_is_refused_and_the_first_finishes_each_line_once(
         tmp_path: Path) -> None:
     site = Site(tmp_path, extra_config="[batching]\nmax_batch_size = 1\n",
-                env={"TTSD_FAULTS": "fast"})
+                env=TONE)
     site.inbox.mkdir(parents=True)
     lines = [f"Line {i} of the book. {{{{fault:slow:600}}}}" for i in range(4)]
     (site.inbox / "book.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -49,7 +49,7 @@ def test_a_second_daemon_is_refused_and_the_first_finishes_each_line_once(
 
 def test_the_lock_goes_with_the_process(tmp_path: Path) -> None:
     """A daemon killed with -9 leaves no lock behind: the next one starts."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     site.start()
     site.wait_ready()
     site.kill9()

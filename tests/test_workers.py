@@ -4,6 +4,7 @@ voice, real files, real SQLite. Each end-to-end test ends by checking the invari
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from harness import ROOT, Site, assert_invariant, assert_no_redo, snapshot
+from harness import FAULTS, ROOT, Site, assert_invariant, assert_no_redo, snapshot
 
 POOL = '[engine]\ndevices = ["cpu", "cpu"]\n[batching]\nmax_batch_size = 2\n'
 
@@ -79,7 +80,7 @@ def test_worker_killed_mid_batch_loses_nothing_repeats_nothing(tmp_path: Path) -
     """SIGKILL one worker while it runs a batch: its batch goes back to the queue, the
     worker restarts, the other carries on; every line ends done, synthesized once."""
     site = Site(tmp_path, extra_config=POOL + "[cluster]\nrestart_backoff_s = 0.2\n",
-                env={"TTSD_FAULTS": "1"})
+                env=FAULTS)
     site.start()
     site.wait_ready()
     victim = _workers(site)[0]
@@ -114,7 +115,7 @@ def test_line_that_kills_every_worker_fails_alone(tmp_path: Path) -> None:
     daemon.max_attempts; its batch neighbours finish. A device failing max_failures
     times is taken out of rotation and reported; the other carries on."""
     site = Site(tmp_path, extra_config=POOL + "[daemon]\nmax_attempts = 3\n[cluster]\n"
-                "restart_backoff_s = 0.1\nmax_failures = 2\n", env={"TTSD_FAULTS": "1"})
+                "restart_backoff_s = 0.1\nmax_failures = 2\n", env=FAULTS)
     lines = ["First good line.", "Second good line.", "Poison {{fault:exit}}",
              "Fourth good line.", "Fifth good line.", "Sixth good line."]
     site.start()
@@ -146,7 +147,7 @@ def test_ray_backend_end_to_end(tmp_path: Path) -> None:
     pytest.importorskip("ray")
     site = Site(tmp_path, extra_config="[batching]\nmax_batch_size = 2\n[cluster]\n"
                 'backend = "ray"\naddress = "local"\nworkers = 2\ncpus_per_worker = 1\n'
-                "restart_backoff_s = 0.2\n", env={"TTSD_FAULTS": "1"})
+                "restart_backoff_s = 0.2\n", env=FAULTS)
     site.start()
     site.wait_ready(timeout=180)
     workers = _workers(site)
@@ -199,8 +200,8 @@ def test_int16_wire_gives_the_same_wav_bytes() -> None:
     """Workers send int16; the WAV written from it equals the one written from float32,
     and only a 16-bit output gets int16 (PCM_24/32/FLOAT outputs get float32)."""
     from ttsd.config import Config, OutputConfig
-    from ttsd.output.wav import encode_wav
-    from ttsd.service.daemon import build_engine
+    from ttsd.engine.options import EngineOptions
+    from ttsd.output.fsio import encode_wav
 
     rng = np.random.default_rng(7)
     audio = rng.uniform(-1.05, 1.05, 50_000).astype(np.float32)
@@ -208,9 +209,9 @@ def test_int16_wire_gives_the_same_wav_bytes() -> None:
     wire = _engine_pcm16(audio)
     assert wire.dtype == np.int16
     assert encode_wav(wire, 22050) == encode_wav(audio, 22050)
-    assert build_engine(Config(), "cpu", phonemizers=0).pcm16
-    assert not build_engine(Config(output=OutputConfig(subtype="PCM_24")), "cpu",
-                            phonemizers=0).pcm16
+    assert EngineOptions.from_config(Config(), device="cpu").pcm16
+    assert not EngineOptions.from_config(Config(output=OutputConfig(subtype="PCM_24")),
+                                         device="cpu").pcm16
 
 
 def test_int16_wire_is_exact_for_values_near_zero() -> None:
@@ -286,7 +287,7 @@ def test_hung_batch_is_killed_and_the_line_fails_alone(tmp_path: Path) -> None:
     killed and restarted; the hanging line is retried alone and fails after
     daemon.max_attempts; every other line is done, synthesized once."""
     site = Site(tmp_path, extra_config=POOL + "[daemon]\nmax_attempts = 2\n[cluster]\n"
-                "batch_timeout_s = 4\nrestart_backoff_s = 0.1\n", env={"TTSD_FAULTS": "1"})
+                "batch_timeout_s = 4\nrestart_backoff_s = 0.1\n", env=FAULTS)
     lines = ["First good line.", "Second good line.", "It hangs here {{fault:hang}}",
              "Fourth good line.", "Fifth good line.", "Sixth good line."]
     site.start()
@@ -317,7 +318,7 @@ def test_every_device_out_exits_75_and_loses_nothing(tmp_path: Path) -> None:
     store and no worker left running. Started again, the poison line fails after
     daemon.max_attempts and the rest finish, each synthesized once."""
     site = Site(tmp_path, extra_config=POOL + "[daemon]\nmax_attempts = 3\n[cluster]\n"
-                "restart_backoff_s = 0.1\nmax_failures = 1\n", env={"TTSD_FAULTS": "1"})
+                "restart_backoff_s = 0.1\nmax_failures = 1\n", env=FAULTS)
     lines = ["First good line.", "Second good line.", "Poison {{fault:exit}}",
              "Fourth good line.", "Fifth good line.", "Sixth good line."]
     site.start()
@@ -360,7 +361,7 @@ def test_sigterm_with_batches_queued_on_workers(tmp_path: Path) -> None:
     running batches finish; the queued ones (and those waiting in the daemon) go back to
     pending with their attempt undone; exit 0, no worker left. After a restart every line
     is done, and nothing done before the stop is done again."""
-    site = Site(tmp_path, extra_config=POOL, env={"TTSD_FAULTS": "1"})
+    site = Site(tmp_path, extra_config=POOL, env=FAULTS)
     lines = [f"Queued line {i}. {{{{fault:slow:1500}}}}" for i in range(16)]
     site.start()
     site.wait_ready()
@@ -392,17 +393,20 @@ def test_sigterm_with_batches_queued_on_workers(tmp_path: Path) -> None:
     assert_invariant(site)
 
 
-def test_the_stand_in_model_keeps_the_int16_contract(monkeypatch) -> None:
-    """``TTSD_FAULTS=fast`` (the pipeline tests' stand-in model) returns what the real
-    model would for a 16-bit output: int16, so workers and the writer see one kind."""
+def test_the_tone_model_keeps_the_int16_contract(monkeypatch) -> None:
+    """``TTSD_MODEL=tone`` (the pipeline tests' tone model) returns what the real model
+    would for a 16-bit output: int16, so workers and the writer see one kind."""
     from ttsd.config import Config
-    from ttsd.engine import faults
+    from ttsd.engine.options import EngineOptions
     from ttsd.engine.records import Request
-    from ttsd.service.daemon import build_engine
+    from ttsd.engine.runtime import open_engine
 
-    monkeypatch.setenv("TTSD_FAULTS", "fast")
-    engine = build_engine(Config(), "cpu", phonemizers=0)
+    monkeypatch.setenv("TTSD_MODEL", "tone")
+    options = EngineOptions.from_config(Config(), device="cpu", phonemizer_processes=0)
+    assert options.model == "tone" and options.pcm16
     voice = Config().engine.voice
-    got = engine.synthesize([Request(0, "Hello there.", voice)])[0]
-    assert got.audio.dtype == np.int16
-    assert np.array_equal(got.audio, _engine_pcm16(faults.stand_in_audio("Hello there.", 22050)))
+    got = open_engine(options).synthesize([Request(0, "Hello there.", voice)])[0]
+    floats = open_engine(dataclasses.replace(options, pcm16=False)).synthesize(
+        [Request(0, "Hello there.", voice)])[0]
+    assert got.audio.dtype == np.int16 and len(got.audio) > 0.5 * 22050
+    assert np.array_equal(got.audio, _engine_pcm16(floats.audio))

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import Site, assert_invariant
+from harness import FAULTS, TONE, Site, assert_invariant
 
 PAUSE_S = 1.5
 """Longer than the tests' input.settle_s (0.3 s), as the user's 2.5 s was longer than 1 s."""
@@ -42,7 +42,7 @@ def _spoken(site: Site) -> list[str]:
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
 def test_a_writer_that_holds_the_file_open_and_pauses_loses_nothing(
         tmp_path: Path, polling: bool) -> None:
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"},
+    site = Site(tmp_path, env=TONE,
                 extra_config=f"[input]\npolling = {str(polling).lower()}\n")
     site.start()
     site.wait_ready()
@@ -61,7 +61,7 @@ def test_a_writer_that_holds_the_file_open_and_pauses_loses_nothing(
 
 
 def test_a_sentence_finished_after_a_pause_is_one_line(tmp_path: Path) -> None:
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     site.start()
     site.wait_ready()
     with open(site.inbox / "tide.txt", "w", encoding="utf-8") as f:
@@ -82,7 +82,7 @@ def test_a_writer_that_reopens_to_append_gets_every_line_and_a_warning(tmp_path:
     """Each reopen after ttsd took the file makes a new file under the same name: its
     lines are spoken (in an outbox folder of its own, as any file dropped again), and
     the log says the name came back while it was being written."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "fast"})
+    site = Site(tmp_path, env=TONE)
     site.start()
     site.wait_ready()
     lines = [f"Appended line number {i}." for i in range(1, 5)]
@@ -114,7 +114,7 @@ def test_lines_appended_after_the_claim_are_spoken_too(tmp_path: Path) -> None:
     """A writer that still had the file open when ttsd took it (a network file system,
     where ttsd cannot see other hosts' writers) appends to the claimed copy: the new
     lines are taken too, before the file is finished."""
-    site = Site(tmp_path, env={"TTSD_FAULTS": "1"},
+    site = Site(tmp_path, env=FAULTS,
                 extra_config="[batching]\nmax_batch_size = 1\n")
     site.start()
     site.wait_ready()
@@ -133,7 +133,7 @@ def test_lines_appended_after_the_claim_are_spoken_too(tmp_path: Path) -> None:
 
 
 def test_a_file_rewritten_after_the_claim_fails_with_the_reason(tmp_path: Path) -> None:
-    site = Site(tmp_path, env={"TTSD_FAULTS": "1"},
+    site = Site(tmp_path, env=FAULTS,
                 extra_config="[batching]\nmax_batch_size = 1\n")
     site.start()
     site.wait_ready()

@@ -188,16 +188,19 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
     _check_say_output(ns.output)   # before importing torch and loading the voice
     cfg = _override(cfg, ns)
 
-    from ttsd.jobs import VoiceFacts, resolve
+    from ttsd.engine.device import configure_process
+    from ttsd.engine.options import EngineOptions
+    from ttsd.engine.runtime import open_engine
+    from ttsd.jobs import resolve, voice_facts
     from ttsd.output.wav import write_wav
-    from ttsd.service.daemon import build_engine
 
     e = cfg.engine
     # One line: compiling (tens of seconds) would cost more than it saves.
-    engine = build_engine(cfg, compile="off" if e.compile == "auto" else e.compile,
-                          phonemizers=0)
-    lv = engine.voice(e.voice)
-    job = resolve(e, {e.voice: VoiceFacts.of(e.voice, lv.digest, lv.info)})
+    options = EngineOptions.from_config(cfg, compile="off" if e.compile == "auto" else e.compile,
+                                        phonemizer_processes=0)
+    configure_process(options)
+    engine = open_engine(options)
+    job = resolve(e, {e.voice: voice_facts(engine, e.voice)})
     res = engine.synthesize([job.request(0, ns.text.strip())])[0]
     if res.error:
         print(f"ttsd: {res.error}", file=sys.stderr)

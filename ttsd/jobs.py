@@ -6,15 +6,19 @@ come first, then the config's ``[engine]`` values, then the voice's own defaults
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ttsd.engine.records import Request
 from ttsd.errors import VoiceError
+from ttsd.log import get_logger
 
 if TYPE_CHECKING:
     from ttsd.config import EngineConfig
+    from ttsd.engine.runtime import Engine
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,3 +79,32 @@ def resolve(e: EngineConfig, voices: Mapping[str, VoiceFacts], *, voice: str | N
     return Job(facts, sid, facts.length_scale / (speed if speed is not None else e.speed),
                e.noise_scale if e.noise_scale >= 0 else facts.noise_scale,
                e.noise_w if e.noise_w >= 0 else facts.noise_w, e.seed)
+
+
+def voice_facts(engine: Engine, name: str) -> VoiceFacts:
+    """The facts of the voice ``name``, loading it on ``engine`` if it is not yet."""
+    lv = engine.voice(name)
+    return VoiceFacts.of(name, lv.digest, lv.info)
+
+
+class LazyVoices(dict):
+    """Voice facts by name, loading a voice the first time a line asks for it."""
+
+    def __init__(self, engine: Engine, loaded: dict[str, VoiceFacts]) -> None:
+        super().__init__(loaded)
+        self.engine = engine
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        if name in self:
+            return self[name]
+        if name not in self.engine.voices:
+            return default
+        try:
+            self[name] = voice_facts(self.engine, name)
+        except Exception as exc:  # noqa: BLE001 - an unusable voice fails its lines alone
+            log.error("voice.unusable", voice=name, error=str(exc))
+            return default
+        return self[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.engine.voices)

@@ -1,7 +1,7 @@
 """Load benchmark (RELIABILITY rows 41-42): the real daemon under a big input.
 
 ``run_load`` starts ``ttsd run`` as a subprocess on a temporary site with the fast
-stand-in model (``TTSD_FAULTS=fast``: a tone whose length follows the text, so the
+tone model (``TTSD_MODEL=tone``: a tone whose length follows the text, so the
 numbers measure the pipeline - watch, claim, parse, store, batch, write - not the
 voice), drops either one file of ``lines`` lines or ``files`` files of ``lines`` lines
 each at once, and while it runs samples:
@@ -116,7 +116,7 @@ def _run(root: Path, lines: int, files: int, batch: int, sample_s: float,
     total = _write_inputs(root / "staging", lines, files)
     db = root / "state" / "ttsd.db"
     log = root / "daemon.log"
-    env = {**os.environ, "TTSD_FAULTS": "fast"}
+    env = {**os.environ, "TTSD_MODEL": "tone"}
     cmd = [sys.executable, "-m", "ttsd.cli", "--config", str(cfg)]
     with open(log, "w") as err:
         proc = subprocess.Popen([*cmd, "run"], cwd=root, stdout=subprocess.DEVNULL,

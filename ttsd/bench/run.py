@@ -11,6 +11,7 @@ read back to the host (which synchronizes) before the clock stops.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -25,10 +26,12 @@ from ttsd.bench.e2e import bench_end_to_end
 from ttsd.bench.numerics import quality, roofline
 from ttsd.bench.piper import bench_piper, bench_piper_one_session
 from ttsd.config import Config
+from ttsd.engine.device import configure_process
 from ttsd.engine.graphs import MAX_ROWS
+from ttsd.engine.options import EngineOptions
 from ttsd.engine.records import Prepared, Request
-from ttsd.engine.runtime import Engine
-from ttsd.jobs import VoiceFacts, resolve
+from ttsd.engine.runtime import Engine, open_engine
+from ttsd.jobs import resolve, voice_facts
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -39,17 +42,17 @@ def _pct(values: list[float], q: float) -> float:
 
 def _engine(cfg: Config, dtype: str, max_batch: int, compile: str | None = None) -> Engine:
     """The configured engine with no phoneme budget (the bench sizes batches itself)."""
-    from ttsd.service.daemon import build_engine
-
-    return build_engine(cfg, dtype=dtype, max_batch=max_batch, token_budget=10**9,
-                        compile=compile, phonemizers=0)
+    options = EngineOptions.from_config(cfg, dtype=dtype, max_batch=max_batch,
+                                        token_budget=10**9, phonemizer_processes=0)
+    if compile:
+        options = dataclasses.replace(options, compile=compile)
+    configure_process(options)
+    return open_engine(options)
 
 
 def _requests(cfg: Config, engine: Engine, lines: list[str]) -> list[Request]:
     """The bench's lines said as the daemon would say them under this config."""
-    lv = engine.voice(cfg.engine.voice)
-    job = resolve(cfg.engine, {cfg.engine.voice: VoiceFacts.of(cfg.engine.voice, lv.digest,
-                                                               lv.info)})
+    job = resolve(cfg.engine, {cfg.engine.voice: voice_facts(engine, cfg.engine.voice)})
     return [job.request(i, t) for i, t in enumerate(lines)]
 
 
@@ -58,15 +61,15 @@ def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
     """Run ``prepared`` in batches of ``size`` (sorted by length, as the daemon does),
     both halves of a batch one after the other; ``overlap``: batch i+1's text half
     (``Engine.plan``, another thread) beside batch i's audio half (``Engine.finish``),
-    as the daemon runs them on a GPU (``engine.overlap_halves``). Latency = plan +
+    as the daemon runs them on a GPU (``Engine.overlaps``). Latency = plan +
     finish of a batch."""
     order = sorted(prepared, key=lambda p: -p.phonemes) if size > 1 else prepared
     batches = [order[i:i + size] for i in range(0, len(order), size)]
     for b in {id(batches[0]): batches[0], id(batches[-1]): batches[-1]}.values():
         engine.run(b)  # warm (and compile) the largest and the smallest shapes
-    if engine.device.type == "cuda" and engine.warmup_frames:   # as the daemon's warm-up
-        engine.warm_audio_shapes(prepared[0].request.voice, engine.call_shapes(  # within
-            size, engine.default_frame_budget()))                             # memory
+    if engine.device.type == "cuda" and engine.tuning.warmup_frames:   # as the daemon's
+        engine.warm_audio_shapes(prepared[0].request.voice, engine.call_shapes(  # warm-up,
+            size, engine.default_frame_budget()))                     # within memory
     lat, audio, frames, slots, text_ms, audio_ms, graphed = [], 0.0, 0, 0, 0.0, 0.0, 0
 
     def plan(b: list[Prepared]) -> tuple[Any, float]:
@@ -95,7 +98,7 @@ def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
             "latency_ms_p50": round(_pct(lat, 50), 1), "latency_ms_p95": round(_pct(lat, 95), 1),
             "padding_efficiency": round(frames / slots, 3) if slots else 1.0,
             "text_half_ms": round(text_ms, 1), "audio_half_ms": round(audio_ms, 1),
-            "compiled": engine.compile, "text_calls_graphed": graphed, "overlap": overlap}
+            "compiled": engine.tuning.compile, "text_calls_graphed": graphed, "overlap": overlap}
 
 
 _OTHER_WAY = {True: "x_realtime_halves_one_after_other", False: "x_realtime_halves_overlapped"}
@@ -111,12 +114,12 @@ _OTHER_WAY = {True: "x_realtime_halves_one_after_other", False: "x_realtime_halv
 def _eager_text(engine: Engine, prepared: list[Prepared], size: int) -> float:
     """x-realtime of ``_timed_batches`` with the text half eager (no graphs, not
     compiled)."""
-    saved = engine.cuda_graphs, engine.compile_text
-    engine.cuda_graphs = engine.compile_text = False
+    saved = engine.tuning.cuda_graphs, engine.tuning.compile_text
+    engine.tuning.cuda_graphs = engine.tuning.compile_text = False
     try:
         return _timed_batches(engine, prepared, size)["x_realtime"]
     finally:
-        engine.cuda_graphs, engine.compile_text = saved
+        engine.tuning.cuda_graphs, engine.tuning.compile_text = saved
 
 
 # ---------------------------------------------------------------------- roofline
@@ -135,7 +138,6 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
     dtypes = [d for d in ns.dtypes.split(",") if d] or \
         (["float32", "float16", "bfloat16"] if gpu else ["float32"])
     lines = bench_lines(n)
-    overlap = gpu   # the daemon runs the text half beside the audio half on a GPU
     report: dict[str, Any] = {"lines": n, "date": time.strftime("%Y-%m-%d"),
                               "torch": torch.__version__, "cpus": os.cpu_count()}
     out = getattr(ns, "out", "") or ""
@@ -146,6 +148,7 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
 
     # The float32 reference: eager, for quality and phonemes only.
     base = _engine(cfg, "float32", 64, compile="off")
+    overlap = base.overlaps
     report["device"] = base.device_info()
     reqs = _requests(cfg, base, lines)
     t0 = time.perf_counter()
@@ -165,11 +168,11 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
         report.setdefault("text_graphs", {})[dtype] = {"graphs": graphs,
                                                        "capture_s": round(capture_s, 2)}
         t0 = time.perf_counter()
-        eng.max_batch = max(sizes)
+        eng.tuning.max_batch = max(sizes)
         mine = eng.run(prepared[:64])[0]   # also compiles (engine.compile) the big shapes
         report.setdefault("first_call_s", {})[dtype] = round(time.perf_counter() - t0, 1)
         report["quality_vs_float32"][dtype] = quality(ref, mine)
-        eng.max_batch = 1
+        eng.tuning.max_batch = 1
         alone = [eng.run([p])[0][0] for p in prepared[:64]]
         report.setdefault("batched_vs_alone", {})[dtype] = quality(alone, mine)
         if gpu:
@@ -186,12 +189,12 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
             one["x_realtime_text_eager"] = _eager_text(eng, prepared[:single_n], 1)
         report["one_at_a_time"].append(one)
         for size in sizes:
-            eng.max_batch = size
-            eng.frame_budget = 10**9
-            # The daemon's way (engine.overlap_halves), the other way as an A/B column.
+            eng.tuning.max_batch = size
+            eng.tuning.frame_budget = 10**9
+            # The daemon's way (Engine.overlaps), the other way as an A/B column.
             row = _timed_batches(eng, prepared, size, overlap=overlap and size > 1)
             row["dtype"] = dtype
-            if graphs and size <= MAX_ROWS or eng.compile_text and size > MAX_ROWS:
+            if graphs and size <= MAX_ROWS or eng.tuning.compile_text and size > MAX_ROWS:
                 # graphed or compiled text halves: the same eagerly
                 row["x_realtime_text_eager"] = _eager_text(eng, prepared, size)
             if size == max(sizes) and size > 1:

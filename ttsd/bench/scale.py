@@ -39,9 +39,9 @@ def devices_for(spec: str) -> list[str]:
 def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0,
         end_to_end: bool = False) -> dict[str, Any]:
     from ttsd.bench.corpus import bench_lines
-    from ttsd.engine.runtime import GPU_BATCH, Engine
-    from ttsd.engine.voice import discover
-    from ttsd.jobs import VoiceFacts, resolve
+    from ttsd.engine.options import EngineOptions
+    from ttsd.engine.runtime import GPU_BATCH, open_engine
+    from ttsd.jobs import resolve, voice_facts
 
     devs = devices_for(devices)
     gpu = any(d.startswith("cuda") for d in devs)
@@ -49,9 +49,8 @@ def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0,
     size = batch or cfg.batching.max_batch_size or (GPU_BATCH if gpu else 1)
     texts = bench_lines(n_lines)
     e = cfg.engine
-    facts = Engine(discover(e.voices_dir), device="cpu", cache_dir=cfg.paths.voices_cache)
-    lv = facts.voice(e.voice)
-    job = resolve(e, {e.voice: VoiceFacts.of(e.voice, lv.digest, lv.info)})
+    facts = open_engine(EngineOptions.from_config(cfg, device="cpu", phonemizer_processes=0))
+    job = resolve(e, {e.voice: voice_facts(facts, e.voice)})
     reqs = [job.request(i, t) for i, t in enumerate(texts)]
     batches = [reqs[i:i + size] for i in range(0, len(reqs), size)]
     rows = []
@@ -65,7 +64,7 @@ def run(cfg: Config, devices: str = "all", lines: int = 0, batch: int = 0,
         r["efficiency"] = r["speedup"] / r["devices"] if base else None
     host = _host_limits(cfg, facts, reqs, audio_by_key, texts)
     report = {"devices": devs, "lines": n_lines, "batch": size, "rows": rows, "host": host,
-              "audio_s": sum(len(a) / lv.info.sample_rate for a in audio_by_key.values())}
+              "audio_s": sum(len(a) / facts.voice(e.voice).info.sample_rate for a in audio_by_key.values())}
     if end_to_end:
         report["end_to_end"] = end_to_end_rows(cfg, devs, texts)
     return report

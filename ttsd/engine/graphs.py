@@ -37,6 +37,7 @@ from collections.abc import Callable
 
 import torch
 
+from ttsd.engine.device import is_oom
 from ttsd.log import get_logger
 
 log = get_logger(__name__)
@@ -47,11 +48,6 @@ MAX_ROWS = 32
 
 Inputs = tuple[torch.Tensor, ...]
 """ids [B, T] int64, lengths, sid, seeds [B] int64, noise_w, length_scale [B] float32."""
-
-
-def is_oom(exc: BaseException) -> bool:
-    """The device ran out of memory (a caught error, not a broken context)."""
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def batch_bucket(b: int, max_batch: int) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from ttsd.errors import VoiceError
@@ -49,21 +49,21 @@ class Phonemizer:
 
 # --------------------------------------------------------------------------- processes
 
+FrontEnd = Callable[[Mapping[str, Any]], Phonemizer]
+"""Makes a voice's phonemizer from its config in a worker process (``Phonemizer``;
+picklable: a module-level class or function)."""
+
 _WORKER_PHONEMIZERS: dict[str, Phonemizer] = {}
-CRASH_TOKEN = "{{fault:phonemizer-crash}}"
-"""With TTSD_FAULTS set, a phonemizer process given exactly this text dies (tests)."""
 
 
-def _phonemize_chunk(key: str, voice_config: dict[str, Any], texts: list[str]
-                     ) -> list[list[list[int]] | str]:
+def _phonemize_chunk(front_end: FrontEnd, key: str, voice_config: dict[str, Any],
+                     texts: list[str]) -> list[list[list[int]] | str]:
     """In a worker process: sentences of ids per text, or the error text."""
     ph = _WORKER_PHONEMIZERS.get(key)
     if ph is None:
-        ph = _WORKER_PHONEMIZERS[key] = Phonemizer(voice_config)
+        ph = _WORKER_PHONEMIZERS[key] = front_end(voice_config)
     out: list[list[list[int]] | str] = []
     for text in texts:
-        if text == CRASH_TOKEN and os.environ.get("TTSD_FAULTS"):
-            os._exit(139)   # test seam: a phonemizer process dying on one text
         try:
             out.append(ph.sentences(text))
         except Exception as exc:  # noqa: BLE001 - reported per line, the others go on
@@ -101,10 +101,10 @@ ROUNDS = 10
 """At most this many rounds of warm-up tasks (``PhonemizerProcesses.start``)."""
 
 
-def _warm(key: str, voice_config: dict[str, Any]) -> int:
+def _warm(front_end: FrontEnd, key: str, voice_config: dict[str, Any]) -> int:
     """A warm-up task: the voice's front end loaded and used once in this process; it
     then holds the process a moment, so that the other warm-up tasks go to others."""
-    _phonemize_chunk(key, voice_config, ["Warm up, one two three."])
+    _phonemize_chunk(front_end, key, voice_config, ["Warm up, one two three."])
     time.sleep(0.1)
     return os.getpid()
 
@@ -115,13 +115,16 @@ class PhonemizerProcesses:
     ``recycle_tasks`` chunks — Piper's espeak-ng bridge keeps ≈ 2 KB per distinct line
     (RSS grew 410 → 717 MB over 100,000 lines in one process), so a long-running
     daemon must not keep one espeak-ng forever. A process that crashes on a text (a
-    segfault in espeak-ng) fails that line alone instead of the daemon."""
+    segfault in espeak-ng) fails that line alone instead of the daemon. ``front_end``
+    makes each process's phonemizer (``Phonemizer``)."""
 
     CHUNK = 16
 
-    def __init__(self, processes: int, recycle_tasks: int = 500) -> None:
+    def __init__(self, processes: int, recycle_tasks: int = 500,
+                 front_end: FrontEnd = Phonemizer) -> None:
         self.processes = max(1, processes)
         self.recycle_tasks = recycle_tasks
+        self.front_end = front_end
         self._pool = None
         self._lock = threading.Lock()
 
@@ -153,7 +156,8 @@ class PhonemizerProcesses:
             # process still starting (a loaded machine) can miss a round while another
             # takes two tasks: rounds go on until every process has answered.
             for _round in range(ROUNDS):
-                futures = [pool.submit(_warm, key, cfg) for _ in range(self.processes)]
+                futures = [pool.submit(_warm, self.front_end, key, cfg)
+                           for _ in range(self.processes)]
                 pids |= {f.result(timeout=max(0.1, deadline - time.monotonic()))
                          for f in futures}
                 if len(pids) >= self.processes:
@@ -181,7 +185,7 @@ class PhonemizerProcesses:
         cfg = dict(voice_config)
         chunks = [texts[i:i + self.CHUNK] for i in range(0, len(texts), self.CHUNK)]
         pool = self._executor()
-        futures = [pool.submit(_phonemize_chunk, key, cfg, c) for c in chunks]
+        futures = [pool.submit(_phonemize_chunk, self.front_end, key, cfg, c) for c in chunks]
         out: list[list[list[int]] | str] = []
         for chunk, fut in zip(chunks, futures):
             try:
@@ -202,12 +206,13 @@ class PhonemizerProcesses:
         for text in texts:
             pool = self._executor()
             try:
-                out.extend(pool.submit(_phonemize_chunk, key, cfg, [text]).result())
+                out.extend(pool.submit(_phonemize_chunk, self.front_end, key, cfg,
+                                       [text]).result())
             except BrokenProcessPool:
                 self._reset(pool)
                 probe = self._executor()
                 try:
-                    probe.submit(_phonemize_chunk, key, cfg, ["a"]).result()
+                    probe.submit(_phonemize_chunk, self.front_end, key, cfg, ["a"]).result()
                 except BrokenProcessPool:
                     self._reset(probe)
                     raise ProcessesUnavailable("phonemizer processes die at start") from None

@@ -25,7 +25,6 @@ class Prepared:
     request: Request
     sentences: list[list[int]]
     error: str | None = None
-    fault: str | None = None
 
     @property
     def phonemes(self) -> int:
@@ -69,9 +68,10 @@ class RunStats:
     audio_launch_ms: float = 0.0
     """Host time spent launching the audio calls (padding, kernels, copy)."""
 
-    @property
-    def padding_efficiency(self) -> float:
-        return self.frames / self.frame_slots if self.frame_slots else 1.0
+
+def failure(p: Prepared, error: str, sample_rate: int = 0) -> Result:
+    """The result of a line that failed: no audio, ``error`` says why."""
+    return Result(p.request.key, None, sample_rate, error, p.phonemes)
 
 
 Stream = Callable[[list[Result]], None]

@@ -128,15 +128,6 @@ def discover(voices_dir: Path | None) -> dict[str, VoiceInfo]:
     return found
 
 
-def find(name: str, voices_dir: Path | None) -> VoiceInfo:
-    voices = discover(voices_dir)
-    if name not in voices:
-        known = ", ".join(sorted(voices)) or "none"
-        raise VoiceError(f"unknown voice {name!r} (known: {known}; put NAME.onnx and "
-                         f"NAME.onnx.json in {voices_dir})")
-    return voices[name]
-
-
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -122,7 +122,7 @@ class Feeder:
         self.sample_rates = sample_rates
         self.prepare = prepare
         self.isolate_retries = isolate_retries
-        self.plan = prepare and engine.device.type == "cuda"
+        self.plan = prepare and engine.overlaps
         """Run the text half here (``Engine.plan``), beside the model thread's audio half."""
         self.planning_since: float | None = None
         """monotonic() when the text half in progress started (None: not planning)."""

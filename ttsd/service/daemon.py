@@ -39,12 +39,13 @@ from typing import Any
 from ttsd import __version__
 from ttsd.cache import answer_new_lines, audio_format
 from ttsd.config import Config
-from ttsd.engine.runtime import Engine
-from ttsd.engine.voice import discover
+from ttsd.engine.device import configure_process
+from ttsd.engine.options import EngineOptions
+from ttsd.engine.runtime import open_engine
 from ttsd.errors import ConfigError, DeviceLostError, StoreDamagedError
 from ttsd.health import MAX_RETRY_S, Health, fault, probe
 from ttsd.ingest.files import Ingest
-from ttsd.jobs import VoiceFacts
+from ttsd.jobs import LazyVoices, voice_facts
 from ttsd.log import get_logger
 from ttsd.output.dispose import remove_stale_temps
 from ttsd.pipeline.batcher import Batch, Feeder
@@ -75,30 +76,6 @@ class Progress:
     lines_failed: int = 0
     audio_s: float = 0.0
     started: float = field(default_factory=time.monotonic)
-
-
-def build_engine(cfg: Config, device: str | None = None, *, dtype: str | None = None,
-                 max_batch: int | None = None, token_budget: int | None = None,
-                 compile: str | None = None, phonemizers: int | None = None) -> Engine:
-    """The engine the config describes; the one constructor for the daemon, its worker
-    processes, ``say`` and ``bench``. Keyword arguments override the config;
-    ``phonemizers=0`` phonemizes in this process."""
-    e = cfg.engine
-    return Engine(discover(e.voices_dir), device=device or e.device, dtype=dtype or e.dtype,
-                  memory_fraction=e.memory_fraction,
-                  max_audio_s_per_char=e.max_audio_s_per_char,
-                  sentence_silence_s=e.sentence_silence_s, cache_dir=cfg.paths.voices_cache,
-                  max_batch=cfg.batching.max_batch_size if max_batch is None else max_batch,
-                  token_budget=token_budget or cfg.batching.max_phonemes,
-                  compile=compile or e.compile,
-                  pcm16=cfg.output.subtype == "PCM_16",
-                  phonemizer_processes=phonemizers if phonemizers is not None else
-                  (e.phonemizer_processes or max(1, min(4, (os.cpu_count() or 1) // 4))))
-
-
-def voice_facts(engine: Engine, name: str) -> VoiceFacts:
-    lv = engine.voice(name)
-    return VoiceFacts.of(name, lv.digest, lv.info)
 
 
 class Daemon(StageLoops, Control):
@@ -201,13 +178,15 @@ class Daemon(StageLoops, Control):
         pooled = workers.pool_wanted(cfg)
         devices = workers.local_devices(cfg)
         # With a worker pool the daemon's own engine only answers voice facts (CPU).
-        self.engine = build_engine(cfg, "cpu" if pooled else devices[0])
+        options = EngineOptions.from_config(cfg, device="cpu" if pooled else devices[0])
+        configure_process(options)
+        self.engine = open_engine(options)
         sys.setswitchinterval(GIL_SWITCH_S)
         default = cfg.engine.voice
         facts = {default: voice_facts(self.engine, default)}  # other voices load on first use
         gpu = any(d.startswith("cuda") for d in devices) if pooled else \
             self.engine.device.type == "cuda"
-        self.ingest = Ingest(cfg, _LazyVoices(self.engine, facts), self.stop,
+        self.ingest = Ingest(cfg, LazyVoices(self.engine, facts), self.stop,
                              fmt=audio_format(cfg, gpu))
         self.ingest.on_lines = self.new_lines.set
         if cfg.cache.enabled:   # known lines are answered as they are parsed
@@ -425,26 +404,3 @@ class Daemon(StageLoops, Control):
         store.close()
 
     # ------------------------------------------------------------------ reporting
-
-
-class _LazyVoices(dict):
-    """Voice facts by name, loading a voice the first time a line asks for it."""
-
-    def __init__(self, engine: Engine, loaded: dict[str, VoiceFacts]) -> None:
-        super().__init__(loaded)
-        self.engine = engine
-
-    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
-        if name in self:
-            return self[name]
-        if name not in self.engine.voices:
-            return default
-        try:
-            self[name] = voice_facts(self.engine, name)
-        except Exception as exc:  # noqa: BLE001 - an unusable voice fails its lines alone
-            log.error("voice.unusable", voice=name, error=str(exc))
-            return default
-        return self[name]
-
-    def __iter__(self):
-        return iter(self.engine.voices)

@@ -22,6 +22,7 @@ from collections import deque
 from typing import Any
 
 from ttsd.config import Config
+from ttsd.engine.options import FACTORY_ENV, MODEL_ENV
 from ttsd.log import get_logger
 from ttsd.service.workers import Slot, WorkerCore, WorkerDied, WorkerSpec, spec_for
 
@@ -92,8 +93,8 @@ def _init(ray: Any, c: Any) -> bool:
                  log_to_driver=False)
         started = True
     else:
-        faults = os.environ.get("TTSD_FAULTS")
-        env = {"env_vars": {"TTSD_FAULTS": faults}} if faults else None
+        given = {k: os.environ[k] for k in (MODEL_ENV, FACTORY_ENV) if os.environ.get(k)}
+        env = {"env_vars": given} if given else None
         ray.init(address=c.address, log_to_driver=False, runtime_env=env)
         started = False
     return started

@@ -3,7 +3,7 @@
 The daemon stays the only process that touches the store, the inbox and the outbox.
 A worker holds an Engine on one device (its own warmed voices, its own memory
 fraction) and answers ``run(requests)`` with its engine's samples, int16 when the
-output is 16-bit (``Engine.pcm16``: converted on the device, written as they are, so
+output is 16-bit (``EngineOptions.pcm16``: converted on the device, written as they are, so
 the WAV bytes equal those of the in-process path); it phonemizes its own requests, so
 host-side text work scales with the workers.
 
@@ -45,6 +45,17 @@ from typing import Any, Protocol
 from ttsd.config import Config
 from ttsd.errors import DeviceLostError
 from ttsd.log import get_logger
+from ttsd.service.messages import (
+    Answer,
+    Failure,
+    PreparedRun,
+    ReaderFailed,
+    Ready,
+    Release,
+    Released,
+    Run,
+    Stop,
+)
 
 log = get_logger(__name__)
 
@@ -93,15 +104,20 @@ class WorkerCore:
     def __init__(self, spec: WorkerSpec) -> None:
         import torch
 
-        from ttsd.service.daemon import build_engine  # here: the daemon module imports this one
+        from ttsd.engine.device import configure_process
+        from ttsd.engine.options import EngineOptions
+        from ttsd.engine.runtime import open_engine
 
         t0 = time.perf_counter()
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         voice = spec.cfg.engine.voice
-        # Each worker phonemizes its own batches in its own process (phonemizers=0).
-        self.engine = build_engine(spec.cfg, spec.device, phonemizers=0)
+        # Each worker phonemizes its own batches in its own process (no processes).
+        options = EngineOptions.from_config(spec.cfg, device=spec.device,
+                                            phonemizer_processes=0)
+        configure_process(options)
+        self.engine = open_engine(options)
         self.engine.voice(voice)
         self.load_s = time.perf_counter() - t0
         self.warmup_s = 0.0
@@ -142,58 +158,6 @@ class WorkerCore:
         return self.engine.release_memory()
 
 
-# ---------------------------------------------------------------------- messages
-# Daemon → worker: Run, Release, Stop. Worker → daemon: Ready, Answer, Released, Failure.
-
-@dataclass(frozen=True)
-class Run:
-    requests: list
-
-
-@dataclass(frozen=True)
-class Release:
-    pass
-
-
-@dataclass(frozen=True)
-class Stop:
-    pass
-
-
-@dataclass(frozen=True)
-class Ready:
-    info: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Answer:
-    reply: dict[str, Any]
-    """``WorkerCore.run_prepared``'s: results, stats, memory."""
-
-
-@dataclass(frozen=True)
-class Released:
-    freed: int
-    memory: dict
-
-
-@dataclass(frozen=True)
-class Failure:
-    text: str
-    """What went wrong, then the traceback."""
-
-
-@dataclass(frozen=True)
-class _Prepared:
-    """A Run whose requests the reader thread has phonemized."""
-
-    prepared: list
-    prepare_ms: float
-
-
-@dataclass(frozen=True)
-class _ReaderFailed:
-    error: BaseException
 
 
 def worker_main(conn: Any, spec: WorkerSpec) -> None:
@@ -219,9 +183,9 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
                     todo.put(msg)
                     continue
                 try:
-                    todo.put(_Prepared(*core.prepare(msg.requests)))
+                    todo.put(PreparedRun(*core.prepare(msg.requests)))
                 except Exception as exc:  # noqa: BLE001 - raised again by the main thread
-                    todo.put(_ReaderFailed(exc))
+                    todo.put(ReaderFailed(exc))
                     return
         except (EOFError, OSError):
             os._exit(0)   # the daemon is gone: so are we, whatever the main thread does
@@ -232,9 +196,9 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
     while True:
         msg = todo.get()
         try:
-            if isinstance(msg, _ReaderFailed):
+            if isinstance(msg, ReaderFailed):
                 raise msg.error
-            if isinstance(msg, _Prepared):
+            if isinstance(msg, PreparedRun):
                 conn.send(Answer(core.run_prepared(msg.prepared, msg.prepare_ms)))
             elif isinstance(msg, Release):
                 conn.send(Released(core.release(), core.engine.memory()))
