@@ -22,6 +22,10 @@ engine through ``$TTSD_ENGINE_FACTORY`` (``harness.FAULTS``), and so do their wo
 processes and Ray actors.
 
 ``CrashingPhonemizer`` is a phonemizer process's front end that dies on one text.
+
+Loading this module also arms the crash point ``$TTSD_CRASH_AT`` names (``NAME`` or
+``NAME:N``, the N-th visit; ``ttsd.crash``), so a daemon started with
+``harness.crash_env(SPEC)`` dies there as ``kill -9`` would.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 
 import torch
 
+from ttsd import crash
 from ttsd.engine.device import device_errors
 from ttsd.engine.model import VoiceModel, load_voice_model
 from ttsd.engine.options import EngineOptions
@@ -50,6 +55,11 @@ RUNAWAY = 1000
 """``long``: the line's durations times this."""
 
 Fault = tuple[str, "int | None"]
+
+_spec = os.environ.get("TTSD_CRASH_AT", "")
+if _spec:
+    _name, _, _nth = _spec.partition(":")
+    crash.arm(_name, int(_nth) if _nth.isdigit() else 1)
 
 
 def fault_of(text: str) -> Fault | None:

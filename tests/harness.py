@@ -26,6 +26,12 @@ TONE = {**FAULTS, "TTSD_MODEL": "tone"}
 """A daemon's environment: the tone model (``ttsd.engine.tone``) instead of the voice's
 network, faults as with ``FAULTS``."""
 
+
+def crash_env(spec: str) -> dict[str, str]:
+    """A daemon's environment: it dies as ``kill -9`` would at the crash point ``spec``
+    names (``NAME`` or ``NAME:N``, the N-th visit; armed by tests/faults.py)."""
+    return {**FAULTS, "TTSD_CRASH_AT": spec}
+
 TEST_CACHE = Path(tempfile.gettempdir()) / f"ttsd-test-cache-{os.getuid()}"
 """$XDG_CACHE_HOME of the daemons and commands the tests start (unless a test sets its
 own): they share one converted voice, converted once instead of once per site, and

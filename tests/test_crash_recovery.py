@@ -1,9 +1,9 @@
 """kill -9 (docs/reliability.md, kill-9) at each named crash point and at random
 moments, restart, and the invariant holds with no line synthesized twice.
 
-The real daemon runs as a subprocess. ``TTSD_CRASH_AT=NAME[:N]`` makes it
-``os._exit(137)`` the N-th time it reaches NAME (ttsd/crash.py), exactly as a kill -9
-there would; the restart runs without the variable. What "no line synthesized twice"
+The real daemon runs as a subprocess. ``harness.crash_env("NAME[:N]")`` makes it
+``os._exit(137)`` the N-th time it reaches NAME (ttsd/crash.py, armed by tests/faults.py),
+exactly as a kill -9 there would; the restart runs without the variable. What "no line synthesized twice"
 can mean is what the store can show (tests/harness.py ``assert_no_redo``): a line whose
 done row was committed before the kill is never taken again (``attempts`` unchanged),
 never counted as synthesized again (``synth_count`` unchanged, at most 1 for any line)
@@ -30,6 +30,7 @@ from harness import (
     Site,
     assert_invariant,
     assert_no_redo,
+    crash_env,
     restart_until_finished,
     snapshot,
 )
@@ -40,7 +41,7 @@ LINES = ["Good morning.", "The cat sat on the mat.", "Rain again today.", "One m
 
 
 def _crashed_run(site: Site, spec: str, timeout: float = 90) -> None:
-    site.start(env={"TTSD_CRASH_AT": spec})
+    site.start(env=crash_env(spec))
     try:
         rc = site.proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

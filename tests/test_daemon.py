@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from harness import FAULTS, TONE, Site, assert_invariant
+from harness import FAULTS, TONE, Site, assert_invariant, crash_env
 
 
 def _check_wav(path: Path, text: str) -> None:
@@ -270,7 +270,7 @@ def _foreign_file_at_an_output_path(tmp_path: Path, cached: bool) -> tuple[Site,
     (site.inbox / "b.txt").write_text(text, encoding="utf-8")
     # Popen with its log in a file, not cli(): a phonemizer process the kill orphans
     # would hold a captured stderr open.
-    site.start("--once", env={"TTSD_CRASH_AT": "after_hit_links" if cached else "mid_batch"})
+    site.start("--once", env=crash_env("after_hit_links" if cached else "mid_batch"))
     assert site.proc.wait(timeout=180) == 137, site.logs()
     taken = site.query("SELECT l.number, l.state FROM lines l JOIN files f ON f.id = "
                        "l.file_id WHERE f.name = 'b.txt' AND f.out_dir = ?",

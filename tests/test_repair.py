@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import ROOT, TONE, Site, assert_invariant
+from harness import ROOT, TONE, Site, assert_invariant, crash_env
 
 from ttsd.config import PathsConfig
 from ttsd.errors import StoreDamagedError
@@ -394,7 +394,7 @@ def test_repair_then_the_daemon_finishes_without_rewriting_wavs(tmp_path: Path,
     site = fast_site(tmp_path)
     site.extra_config = "" if cache else "[cache]\nenabled = false"
     drop(site)
-    assert run_once(site, env={"TTSD_CRASH_AT": "after_commit:25"}) == 137, site.logs()
+    assert run_once(site, env=crash_env("after_commit:25")) == 137, site.logs()
     checkpoint(site.db)
     done_before = {n for (n,) in site.query("SELECT number FROM lines WHERE state = 'done'")}
     assert 40 <= len(done_before) < LINES
@@ -441,7 +441,7 @@ def test_repair_of_a_file_that_is_not_a_database(tmp_path: Path) -> None:
     work folder and finishes it."""
     site = fast_site(tmp_path)
     drop(site, n=3)
-    assert run_once(site, env={"TTSD_CRASH_AT": "after_claim"}) == 137, site.logs()
+    assert run_once(site, env=crash_env("after_claim")) == 137, site.logs()
     assert len(list((tmp_path / "state" / "work").iterdir())) == 1
     site.db.write_bytes(garbage(site.db.stat().st_size or 4096))
     for extra in ("-wal", "-shm"):

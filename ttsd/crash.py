@@ -1,10 +1,11 @@
-"""Named crash points for recovery tests: off unless TTSD_CRASH_AT is set.
+"""Named crash points: the places a recovery test can make the process die at once.
 
-``TTSD_CRASH_AT=NAME`` (or ``NAME:N`` for the N-th time the point is reached) makes the
-process exit at once with status 137, as ``kill -9`` would, at one of:
-``after_claim``, ``after_hit_links``, ``mid_batch``, ``after_tmp``, ``after_rename``,
-``before_commit``, ``after_commit``. Unset, ``point()`` is a dictionary lookup and
-nothing else.
+The product only names them (``point(NAME)``): ``after_claim``, ``after_hit_links``,
+``mid_batch``, ``after_tmp``, ``after_rename``, ``before_commit``, ``after_commit``.
+Nothing happens at a point unless a test armed it (``arm``): the tests' engine factory
+(``tests/faults.py``, loaded by the daemon through ``$TTSD_ENGINE_FACTORY``) arms the
+point its ``$TTSD_CRASH_AT`` names. Armed, the N-th visit exits with status 137, as
+``kill -9`` would. Unarmed, ``point()`` is one comparison.
 """
 
 from __future__ import annotations
@@ -15,17 +16,24 @@ import threading
 POINTS = ("after_claim", "after_hit_links", "mid_batch", "after_tmp", "after_rename",
           "before_commit", "after_commit")
 
-_spec = os.environ.get("TTSD_CRASH_AT", "")
-_name, _, _nth = _spec.partition(":")
-_target = int(_nth) if _nth.isdigit() else 1
+_armed: str | None = None
+_target = 1
 _count = 0
 _lock = threading.Lock()
 
 
+def arm(name: str, nth: int = 1) -> None:
+    """Die at the ``nth`` visit of the point ``name`` (one of ``POINTS``)."""
+    global _armed, _target, _count
+    if name not in POINTS:
+        raise ValueError(f"no crash point {name!r} (points: {', '.join(POINTS)})")
+    _armed, _target, _count = name, max(1, nth), 0
+
+
 def point(name: str) -> None:
-    """Die here if TTSD_CRASH_AT names this point (and this is the N-th visit)."""
+    """Die here if a test armed this point and this is its N-th visit."""
     global _count
-    if not _name or name != _name:
+    if name != _armed:
         return
     with _lock:
         _count += 1
