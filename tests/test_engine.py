@@ -466,7 +466,7 @@ def test_precision_flags_per_stage_under_one_lock():
 def test_pcm16_engine_gives_the_int16_of_its_floats(engine):
     """``pcm16=True`` (the daemon with PCM_16 WAVs): the conversion happens on the
     device, sample for sample the writer's own rule applied to the float result."""
-    from ttsd.output.fsio import pcm16
+    from ttsd.output.wav import pcm16
 
     ints = Engine(_options(max_batch=16, pcm16=True))
     reqs = _requests(LINES[:4] + ["Two sentences here. And the second one."])

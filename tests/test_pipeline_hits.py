@@ -27,7 +27,7 @@ VOICE = "v"
 
 def _engine() -> SimpleNamespace:
     return SimpleNamespace(device=SimpleNamespace(type="cpu"), dtype="float32",
-                           prepare=lambda requests: [], plan=None)
+                           prepare=lambda requests: [], plan=None, overlaps=False)
 
 
 def _tone(seconds: float, rate: int = SR) -> np.ndarray:

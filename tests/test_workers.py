@@ -201,7 +201,7 @@ def test_int16_wire_gives_the_same_wav_bytes() -> None:
     and only a 16-bit output gets int16 (PCM_24/32/FLOAT outputs get float32)."""
     from ttsd.config import Config, OutputConfig
     from ttsd.engine.options import EngineOptions
-    from ttsd.output.fsio import encode_wav
+    from ttsd.output.wav import encode_wav
 
     rng = np.random.default_rng(7)
     audio = rng.uniform(-1.05, 1.05, 50_000).astype(np.float32)

@@ -179,7 +179,7 @@ def device_errors() -> Iterator[None]:
 
 
 def pcm16(clipped: torch.Tensor) -> torch.Tensor:
-    """int16 of float32 samples already in [-1, 1], exactly as ``ttsd.output.fsio.pcm16``
+    """int16 of float32 samples already in [-1, 1], exactly as ``ttsd.output.wav.pcm16``
     (libsndfile's lrintf(x × 2³¹) >> 16, 1.0 saturating at 32767): every step is exact
     in float32 and ``torch.round`` rounds half to even like ``rint``."""
     y = torch.round(clipped.float() * 2.0**31)

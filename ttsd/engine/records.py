@@ -36,7 +36,7 @@ class Result:
     key: int
     audio: np.ndarray | None
     """Mono samples: float32 in [-1, 1], or int16 PCM from an engine made with
-    ``pcm16=True`` (k stands for k / 32768; ``ttsd.output.fsio`` writes it as it is)."""
+    ``pcm16=True`` (k stands for k / 32768; ``ttsd.output.wav`` writes it as it is)."""
     sample_rate: int
     error: str | None = None
     phonemes: int = 0
