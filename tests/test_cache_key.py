@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ttsd import cache
 from ttsd.config import from_dict
-from ttsd.engine.runtime import ENGINE_VERSION
+from ttsd.engine.options import ENGINE_VERSION
 from ttsd.errors import VoiceError
 from ttsd.ingest import files as ingest
 from ttsd.ingest.files import Ingest

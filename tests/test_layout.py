@@ -4,6 +4,9 @@ boundary has one owner, and no module grows past what a reader can hold in their
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,16 @@ def test_each_library_boundary_has_one_owner(library: str, owner: str) -> None:
                           for m in _imports(path, top_level_only=False))
                    and not (name == owner or name.startswith(owner + ".")))
     assert not users, f"only {owner} imports {library}; also: {users}"
+
+
+def test_only_the_engine_loads_torch() -> None:
+    """Reading inputs, the journal, the cache and the outputs, and `ttsd status`, never
+    load torch (seconds of start-up and hundreds of MB): only building an engine does."""
+    code = ("import sys\n"
+            "import ttsd.cache, ttsd.ingest.files, ttsd.jobs, ttsd.output.wav, "
+            "ttsd.service.status, ttsd.service.purge, ttsd.store.journal\n"
+            "assert 'torch' not in sys.modules, 'torch loaded'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=False,
+                         env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert out.returncode == 0, out.stderr

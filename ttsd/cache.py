@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ttsd import crash
 from ttsd.config import Config
-from ttsd.engine.runtime import ENGINE_VERSION
+from ttsd.engine.options import ENGINE_VERSION
 from ttsd.health import fault
 from ttsd.jobs import Job
 from ttsd.log import get_logger

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 GPU_BATCH = 128
 """Lines per batch on a GPU when not configured (H100: 3,160x at 128, 2,661x at 64)."""
 
+ENGINE_VERSION = "ttsd-vits-1"
+"""Part of every cache key: bump when the audio for the same inputs would change."""
+
 MODEL_ENV = "TTSD_MODEL"
 """``from_config`` takes ``model`` from this environment variable when it is set
 (``TTSD_MODEL=tone``: the load bench's daemon, which it starts as a subprocess)."""

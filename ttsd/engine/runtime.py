@@ -45,7 +45,7 @@ from ttsd.engine.device import (
 from ttsd.engine.graphs import MAX_ROWS, SharedPool
 from ttsd.engine.loaded import LoadedVoice, make_ready
 from ttsd.engine.model import Loader, load_voice_model
-from ttsd.engine.options import FACTORY_ENV, GPU_BATCH, EngineOptions, Tuning
+from ttsd.engine.options import ENGINE_VERSION, FACTORY_ENV, GPU_BATCH, EngineOptions, Tuning
 from ttsd.engine.packing import TAIL_FRAMES, full_call_shapes
 from ttsd.engine.phonemes import PhonemizerProcesses, ProcessesUnavailable
 from ttsd.engine.plan import Plan, TextHalf, VoicePlan
@@ -57,9 +57,6 @@ from ttsd.log import get_logger
 __all__ = ["ENGINE_VERSION", "FACTORY_ENV", "GPU_BATCH", "Engine", "Plan", "open_engine"]
 
 log = get_logger(__name__)
-
-ENGINE_VERSION = "ttsd-vits-1"
-"""Part of every cache key: bump when the audio for the same inputs would change."""
 
 
 def open_engine(options: EngineOptions) -> Engine:
