@@ -1,6 +1,6 @@
 """``ttsd bench --devices all``: the scaling table over 1..N devices, and the host limits.
 
-For k = 1..N it starts k real worker processes (ttsd/workers.py, the daemon's own
+For k = 1..N it starts k real worker processes (ttsd/service/workers.py, the daemon's own
 workers: each phonemizes its lines and returns int16 audio), deals the same bench
 lines to them in batches, one batch queued ahead on each (as the daemon does), and
 measures x-realtime = seconds of audio ÷ wall seconds from the first batch sent to the

@@ -3,7 +3,7 @@
 ``EngineOptions.from_config`` is the one place where the engine's settings are read
 from the config; the daemon, its worker processes, ``ttsd say`` and the bench build
 their engines from its record. The tuning fields at the end are not in the config:
-they hold the values the measurements chose (ttsd/engine/PERFORMANCE.md), and the bench
+they hold the values the measurements chose (docs/performance.md), and the bench
 and the tests set them here to compare.
 """
 

@@ -4,7 +4,7 @@
 ``Engine.run`` synthesizes prepared requests in padded batches on the device, in two
 stages, ``plan`` (on a high-priority side stream on a GPU) then ``finish``. A caller may
 run them in two threads, one batch's text half beside the previous batch's audio half,
-as the daemon does on a GPU (``Engine.overlaps``, ttsd/engine/PERFORMANCE.md):
+as the daemon does on a GPU (``Engine.overlaps``, docs/performance.md):
 
 1. every sentence of every request becomes one item, sorted by phoneme count;
 2. text half (encoder + duration predictor) in strict float32 → durations;

@@ -237,7 +237,7 @@ class Daemon(StageLoops, Control):
         self.ingest.inbox.start()
         # The lines stage starts before the start-up scan, so that the first lines of a
         # big file dropped while we were down are taken as soon as their chunk is in the
-        # store (``ingest.FIRST_CHUNK``), not after the whole file is parsed.
+        # store (``ingest.files.FIRST_CHUNK``), not after the whole file is parsed.
         threads = [threading.Thread(target=self._guard(f), name=f"ttsd-{n}", daemon=True)
                    for n, f in (("feeder", self._feeder_loop), ("sink", self._sink_loop),
                                 ("model", self._model_loop))]

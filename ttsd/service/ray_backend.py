@@ -9,7 +9,7 @@ The daemon on the head node still reads the inbox and writes the outbox and the 
 actors only turn requests into audio, returned as int16 arrays. Actors are created with
 ``max_restarts=-1`` and ``max_task_retries=0``: Ray restarts a lost actor, the daemon
 requeues the batches it lost (a task is never silently retried) and applies the same
-back-off and out-of-rotation rules as for local workers (ttsd/workers.py).
+back-off and out-of-rotation rules as for local workers (ttsd/service/workers.py).
 """
 
 from __future__ import annotations

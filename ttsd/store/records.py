@@ -31,7 +31,7 @@ class LineRow:
 @dataclass
 class NewLine:
     """A parsed line ready for the store: pending, failed with ``error``, or done with
-    ``wav`` (a cache hit answered as it was parsed, ``pipeline.answer_new_lines``)."""
+    ``wav`` (a cache hit answered as it was parsed, ``cache.answer_new_lines``)."""
 
     number: int
     text: str
