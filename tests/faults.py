@@ -47,6 +47,7 @@ from ttsd.engine.phonemes import Phonemizer
 from ttsd.engine.plan import Plan, line_seed
 from ttsd.engine.records import Prepared, Request, Result, RunStats, Stream
 from ttsd.engine.runtime import Engine
+from ttsd.engine.tone import ToneEngine
 from ttsd.engine.voice import VoiceInfo
 
 TOKEN = re.compile(r"\{\{fault:([a-z]+)(?::(\d+))?\}\}")
@@ -99,6 +100,9 @@ class FaultyModel:
 
     def place(self, device: torch.device, dtype: torch.dtype, keep_float32: bool) -> Any:
         return self.inner.place(device, dtype, keep_float32)
+
+    def __getattr__(self, name: str) -> Any:   # the rest of the model's own (``tone``)
+        return getattr(self.inner, name)
 
     def _rows(self, seeds: torch.Tensor) -> list[Fault | None]:
         return [self.faults.get(s) for s in seeds.tolist()]
@@ -174,9 +178,14 @@ class FaultyEngine(Engine):
         return super().finish(plan, stream)
 
 
+class FaultyToneEngine(FaultyEngine, ToneEngine):
+    """``FaultyEngine`` over the tone model's engine (its audio half makes no calls of
+    the model: ``oom`` and ``nan`` do nothing there)."""
+
+
 def engine(options: EngineOptions) -> Engine:
     """``$TTSD_ENGINE_FACTORY``'s default: the engine with faults."""
-    return FaultyEngine(options)
+    return FaultyToneEngine(options) if options.model == "tone" else FaultyEngine(options)
 
 
 def overlapped(options: EngineOptions) -> Engine:

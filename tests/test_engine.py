@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -296,20 +297,31 @@ def test_faults_come_only_from_the_factory(monkeypatch):
 
 
 def test_the_tone_model_follows_the_phonemes():
-    """``model = "tone"``: no network; each phoneme id lasts three frames of a tone, the
-    sentences joined by the usual silence, and its digest is never the voice's own."""
-    from ttsd.engine.tone import FRAMES_PER_TOKEN, HOP
+    """``model = "tone"``: no network; each phoneme id lasts a few frames of a tone, the
+    sentences joined by the usual silence, and its digest is never the voice's own.
+    ``open_engine`` runs it with its audio half on the host: the same samples."""
+    from ttsd.engine.runtime import open_engine
+    from ttsd.engine.tone import FRAMES_PER_TOKEN, HOP, ToneEngine
     from ttsd.engine.voice import file_sha256
 
-    eng = Engine(_options(model="tone", max_batch=4))
-    texts = ["Hi.", "A much longer line of text. It has two sentences."]
-    short, two = eng.synthesize(_requests(texts))
-    lv = eng.voice(DEFAULT_VOICE)
+    texts = ["Hi.", "A much longer line of text. It has two sentences.", "...",
+             "Slower, at 1.3 times the length."]
+    reqs = _requests(texts)
+    reqs[3] = dataclasses.replace(reqs[3], length_scale=1.3)
+    for pcm in (False, True):
+        batched = Engine(_options(model="tone", max_batch=4, pcm16=pcm))
+        host = open_engine(_options(model="tone", max_batch=4, pcm16=pcm))
+        assert type(host) is ToneEngine
+        short, two, empty, slow = batched.synthesize(reqs)
+        for a, b in zip((short, two, empty, slow), host.synthesize(reqs)):
+            assert a.error == b.error and (a.audio is None or np.array_equal(a.audio, b.audio))
+    lv = batched.voice(DEFAULT_VOICE)
     ids = [lv.phonemizer.sentences(t) for t in texts]
     assert len(short.audio) == len(ids[0][0]) * FRAMES_PER_TOKEN * HOP
     gap = round(0.2 * 22050)
     assert len(two.audio) == sum(len(s) for s in ids[1]) * FRAMES_PER_TOKEN * HOP + gap
-    assert np.abs(short.audio).max() == pytest.approx(1.0)
+    assert len(slow.audio) == len(ids[3][0]) * 7 * HOP   # ceil(5 × 1.3) frames an id
+    assert empty.error and np.abs(short.audio).max() == 32767
     assert lv.digest != file_sha256(INFO.onnx)
 
 

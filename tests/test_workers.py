@@ -408,5 +408,5 @@ def test_the_tone_model_keeps_the_int16_contract(monkeypatch) -> None:
     got = open_engine(options).synthesize([Request(0, "Hello there.", voice)])[0]
     floats = open_engine(dataclasses.replace(options, pcm16=False)).synthesize(
         [Request(0, "Hello there.", voice)])[0]
-    assert got.audio.dtype == np.int16 and len(got.audio) > 0.5 * 22050
+    assert got.audio.dtype == np.int16 and len(got.audio) > 0.2 * 22050
     assert np.array_equal(got.audio, _engine_pcm16(floats.audio))

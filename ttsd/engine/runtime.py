@@ -54,16 +54,19 @@ from ttsd.engine.voice import discover
 from ttsd.errors import VoiceError
 from ttsd.log import get_logger
 
-__all__ = ["ENGINE_VERSION", "FACTORY_ENV", "GPU_BATCH", "Engine", "Plan", "open_engine"]
+__all__ = ["ENGINE_VERSION", "GPU_BATCH", "Engine", "Plan", "open_engine"]
 
 log = get_logger(__name__)
 
 
 def open_engine(options: EngineOptions) -> Engine:
-    """The engine ``options`` describe: ``Engine(options)``, or what the factory named
-    by ``$TTSD_ENGINE_FACTORY`` makes of them."""
+    """The engine ``options`` describe: ``Engine(options)`` (``tone.ToneEngine`` for the
+    tone model), or what the factory named by ``$TTSD_ENGINE_FACTORY`` makes of them."""
     spec = os.environ.get(FACTORY_ENV)
     if not spec:
+        if options.model == "tone":
+            from ttsd.engine.tone import ToneEngine
+            return ToneEngine(options)
         return Engine(options)
     path, _, name = spec.partition(":")
     found = importlib.util.spec_from_file_location("ttsd_engine_factory", path)
