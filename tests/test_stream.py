@@ -1,6 +1,7 @@
-"""``batching.stream_writes``: the engine hands over each line as soon as the audio
-call holding its last sentence is done, and the daemon writes those lines while the
-model runs the rest of the batch. The real voice on the CPU, the real daemon."""
+"""Streaming writes: the engine hands over each line as soon as the audio call holding
+its last sentence is done, and the daemon writes those lines while the model runs the
+rest of the batch (always, unless a worker pool runs the model: ``batching.stream_writes``
+is no longer a setting). The real voice on the CPU, the real daemon."""
 
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def _run(root, stream: bool) -> Site:
 def test_streamed_writes_give_the_same_wavs_and_whole_batch_stats(tmp_path) -> None:
     """The daemon with and without streaming: the same WAVs sample for sample; one
     batches row per batch (not per piece) with all its lines and audio; the counters
-    count every line once; the log has one batch.done per batch, with every line."""
+    count every line once; the log has one batch.done per batch, with every line.
+    (``stream_writes`` is retired and ignored with a warning: both runs now stream.)"""
     whole = _run(tmp_path / "whole", stream=False)
     streamed = _run(tmp_path / "stream", stream=True)
     total = 0.0

@@ -1,5 +1,6 @@
-"""Writer: atomic WAVs, cache links, manifests, disposition (docs/reliability.md:
-formula-cells, atomic-wav, disk-full-outbox, damaged-cache-file and input-disposition)."""
+"""Outputs (ttsd.output): atomic WAVs, cache copies and links, manifests, disposition
+(docs/reliability.md: formula-cells, atomic-wav, disk-full-outbox, damaged-cache-file and
+input-disposition)."""
 
 from __future__ import annotations
 

@@ -221,7 +221,7 @@ class StageLoops:
             store.close()
 
     def _planning_stuck(self) -> bool:
-        """The feeder's text half (``engine.overlap_halves``: on the device too) has run
+        """The feeder's text half (``EngineOptions.overlap_halves``: on the device too) has run
         past the watchdog interval: stop pinging, so that systemd restarts a daemon whose
         GPU hangs there."""
         since = self.feeder.planning_since if self.feeder is not None else None
