@@ -297,9 +297,9 @@ def test_wav_ok_reads_headers_like_libsndfile(tmp_path: Path) -> None:
 
 
 def test_link_or_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """damaged-cache-file and id-collision: a cache hit is hard-linked, or copied (verified) when
-    linking fails;
-    never overwrites; never follows a symlinked source."""
+    """damaged-cache-file and id-collision: ``link_or_copy`` hard-links (``cache.link``),
+    or copies (verified) when asked to or when linking fails; never overwrites; never
+    follows a symlinked source."""
     cache = tmp_path / "cache" / "ab.wav"
     cache.parent.mkdir()
     write_wav(cache, tone(0.2), SR)
