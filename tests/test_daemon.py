@@ -312,9 +312,8 @@ def _check_foreign_file_kept_and_line_failed(site: Site, note: bytes, cached: bo
 
 
 def test_a_foreign_file_at_a_cache_hits_path_fails_that_line_only(tmp_path: Path) -> None:
-    """id-collision and damaged-cache-file: a file that is not a WAV at a cache hit's output path is
-    never
-    overwritten; that line fails with an error naming the path, the other hits of the
+    """id-collision and damaged-cache-file: a file that is not a WAV at a cache hit's output
+    path is never overwritten; that line fails with an error naming the path, the other hits of the
     batch are done, and the daemon goes on (it used to stop: the sink re-raised)."""
     site, note = _foreign_file_at_an_output_path(tmp_path, cached=True)
     _check_foreign_file_kept_and_line_failed(site, note, cached=True)

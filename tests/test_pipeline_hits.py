@@ -1,6 +1,7 @@
 """The lines stage without a model: how the feeder sorts a take (a WAV of an earlier
 attempt, a cache hit, work for the model) and how the sink commits cache hits
-(docs/reliability.md: kill-9 and damaged-cache-file). A stub engine stands in: all-hit batches never reach it."""
+(docs/reliability.md: kill-9 and damaged-cache-file). A stub engine stands in: all-hit
+batches never reach it."""
 
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ class StageLoops:
                     self.health.trouble("state", self.cfg.paths.db, why, "feeder")
                     continue
                 if batch is None:
-                    self.new_lines.wait(0.05)   # a stop is seen within 50 ms, as before
+                    self.new_lines.wait(0.05)   # a stop is seen within 50 ms
                     self.new_lines.clear()
                     continue
                 with self._lock:
