@@ -1,5 +1,6 @@
-"""Make tests/ importable (harness.py), keep the daemon's subprocesses on the CPU and every
-converted voice in the tests' own cache folder."""
+"""Make tests/ importable (harness.py, faults.py) and keep every converted voice in the
+tests' own cache folder, for the engines built in the test process too (the daemons the
+tests start run on the CPU by their config: ``harness.Site``)."""
 
 from __future__ import annotations
 

@@ -3,8 +3,8 @@ moments, restart, and the invariant holds with no line synthesized twice.
 
 The real daemon runs as a subprocess. ``harness.crash_env("NAME[:N]")`` makes it
 ``os._exit(137)`` the N-th time it reaches NAME (ttsd/crash.py, armed by tests/faults.py),
-exactly as a kill -9 there would; the restart runs without the variable. What "no line synthesized twice"
-can mean is what the store can show (tests/harness.py ``assert_no_redo``): a line whose
+exactly as a kill -9 there would; the restart runs without the variable. What "no line
+synthesized twice" can mean is what the store can show (tests/harness.py ``assert_no_redo``): a line whose
 done row was committed before the kill is never taken again (``attempts`` unchanged),
 never counted as synthesized again (``synth_count`` unchanged, at most 1 for any line)
 and its WAV is never rewritten (same inode and mtime). A line that was *in the model*

@@ -174,8 +174,9 @@ def test_damaged_cache_files_among_many_hits(tmp_path: Path) -> None:
     """damaged-cache-file at volume (fast stand-in model): 300 known lines come back, answered from
     the cache as their file is parsed; a deleted, a truncated (44 B) and a replaced
     cache file (another line's valid WAV) among them are evicted and synthesized again
-    (only they reach the model), the others are hard links of their cached WAVs. A third run is all hits again, each with its own
-    line's audio: the cache holds the fresh WAVs, not the damaged files."""
+    (only they reach the model), the others are copies of their cached WAVs. A third run
+    is all hits again, each with its own line's audio: the cache holds the fresh WAVs,
+    not the damaged files."""
     site = Site(tmp_path, env=TONE)
     site.write_config()
     site.inbox.mkdir(parents=True)
@@ -192,7 +193,8 @@ def test_damaged_cache_files_among_many_hits(tmp_path: Path) -> None:
     path = dict(site.query("SELECT l.number, c.path FROM lines l JOIN cache c "
                            "ON c.key = l.cache_key WHERE l.file_id = 1"))
     assert len(path) == 300
-    # Damage the cache's names, not its inodes (those are the outbox WAVs of a.txt too).
+    # Damage the cache's files by name (unlinked; two written anew): the outbox WAVs of
+    # a.txt, which the third run compares against, stay as they were.
     Path(path[10]).unlink()
     head = Path(path[150]).read_bytes()[:44]
     os.unlink(path[150])
@@ -310,9 +312,8 @@ def _check_foreign_file_kept_and_line_failed(site: Site, note: bytes, cached: bo
 
 
 def test_a_foreign_file_at_a_cache_hits_path_fails_that_line_only(tmp_path: Path) -> None:
-    """id-collision and damaged-cache-file: a file that is not a WAV at a cache hit's output path is
-    never
-    overwritten; that line fails with an error naming the path, the other hits of the
+    """id-collision and damaged-cache-file: a file that is not a WAV at a cache hit's output
+    path is never overwritten; that line fails with an error naming the path, the other hits of the
     batch are done, and the daemon goes on (it used to stop: the sink re-raised)."""
     site, note = _foreign_file_at_an_output_path(tmp_path, cached=True)
     _check_foreign_file_kept_and_line_failed(site, note, cached=True)

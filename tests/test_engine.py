@@ -378,7 +378,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
 
 
 def test_text_compile_failure_falls_back_to_eager():
-    """engine.compile_text: calls over 32 sentences go to the compiled text half; if
+    """EngineOptions.compile_text: calls over 32 sentences go to the compiled text half; if
     it cannot compile here, the engine logs it and runs the eager one, same audio."""
     import torch._dynamo.exc as dexc
 

@@ -1,4 +1,5 @@
-"""RELIABILITY.md section G (rows 37-40): GPU faults through the real daemon on the CPU.
+"""GPU faults through the real daemon on the CPU (docs/reliability.md: gpu-oom,
+nan-audio, runaway-length and lost-device).
 
 The daemon's engine (``harness.FAULTS``: tests/faults.py) turns a token ``{{fault:...}}``
 in a line's text into a misbehaving model for that line; the token is removed before
@@ -30,7 +31,7 @@ def _lines(site: Site) -> dict[int, tuple[str, str | None, int, str | None]]:
 
 
 def test_oom_on_a_big_batch_halves_and_retries(tmp_path: Path) -> None:
-    """Row 37: a fake OOM whenever a sub-batch holding the line has more than 2 (or 1)
+    """gpu-oom: a fake OOM whenever a sub-batch holding the line has more than 2 (or 1)
     items: the batch of 8 is halved down to fit and every line is written; a line
     that runs out of memory even alone (oom:0) fails alone with a reason. (On the CPU
     ``empty_cache`` is a no-op; the release call is covered in test_engine.py.)"""
@@ -54,7 +55,7 @@ def test_oom_on_a_big_batch_halves_and_retries(tmp_path: Path) -> None:
 
 
 def test_nan_audio_is_never_written_nor_cached(tmp_path: Path) -> None:
-    """Row 38: a line whose audio holds NaN fails with a reason, no WAV, no cache row;
+    """nan-audio: a line whose audio holds NaN fails with a reason, no WAV, no cache row;
     the same text later is synthesized again (not a cache hit) and fails again; its
     batch-mates are written. The one float32 retry needs a half-precision decoder on
     CUDA (the CPU runs float32 only): covered at engine level in test_engine.py."""
@@ -79,7 +80,7 @@ def test_nan_audio_is_never_written_nor_cached(tmp_path: Path) -> None:
 
 
 def test_runaway_length_fails_the_line_and_is_not_cached(tmp_path: Path) -> None:
-    """Row 39: a line predicting runaway audio (over 2 s + 0.5 s per character) fails
+    """runaway-length: a line predicting runaway audio (over 2 s + 0.5 s per character) fails
     with the cap in its reason; not written, not cached; the others are written."""
     site = _site(tmp_path)
     (site.inbox / "a.txt").write_text("Short and fine.\nThis {{fault:long}} never ends.\n"
@@ -97,7 +98,7 @@ def test_runaway_length_fails_the_line_and_is_not_cached(tmp_path: Path) -> None
 
 
 def test_sticky_device_error_exits_for_a_restart_and_requeues(tmp_path: Path) -> None:
-    """Row 40: a sticky "illegal memory access" is not retried in the same process: the
+    """lost-device: a sticky "illegal memory access" is not retried in the same process: the
     daemon exits 75 (non-zero: systemd's Restart=on-failure restarts it) with the batch
     still owned by the store; after the restart the line runs alone and, failing
     every time, fails after max_attempts while every other line is written once."""

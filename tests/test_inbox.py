@@ -289,8 +289,8 @@ def claim_race(ib: Inbox, path: Path) -> list[object]:
 
 
 def test_duplicate_events_and_claims_give_one_claim(tmp_path: Path) -> None:
-    """duplicate-events: created + modified x5 + closed from 2 threads → one ready path; two threads
-    claiming it at once → exactly one Claimed, the other None."""
+    """duplicate-events: created + modified x5 + closed from 2 threads → one ready path;
+    two threads claiming it at once → exactly one Claimed, the other None."""
     ib = make(tmp_path)
     inbox = tmp_path / "inbox"
     path = inbox / "dup.txt"

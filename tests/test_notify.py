@@ -1,7 +1,8 @@
-"""ttsd.service.notify against a real AF_UNIX datagram socket standing in for systemd's $NOTIFY_SOCKET.
+"""ttsd.service.notify against a real AF_UNIX datagram socket standing in for systemd's
+$NOTIFY_SOCKET.
 
-docs/reliability.md: notify-protocol (Type=notify: READY, STATUS, STOPPING on a path and an
-``@abstract`` socket) and 34 (watchdog pings come only from the caller's loop).
+docs/reliability.md: notify-protocol (Type=notify: READY, STATUS, STOPPING on a path and
+an ``@abstract`` socket) and watchdog (pings come only from the caller's loop).
 """
 
 from __future__ import annotations

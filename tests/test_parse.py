@@ -483,7 +483,7 @@ def test_several_problems_in_one_row_are_reported_together() -> None:
     assert "voice" in error.message and "speed" in error.message
 
 
-# --- huge fields and unclosed quotes (huge-line-or-open-quote) ------------------------------------------------
+# --- huge fields and unclosed quotes (huge-line-or-open-quote) ----------------------------
 
 
 def test_huge_csv_field_is_a_row_error() -> None:

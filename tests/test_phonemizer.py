@@ -50,7 +50,7 @@ def test_start_warms_every_process_before_the_first_batch(voice):
 
 
 def test_processes_are_replaced_and_stay_correct(voice):
-    """Row 41/42 (memory): espeak-ng grows per distinct line, so each process is
+    """phonemizer-dies (memory): espeak-ng grows per distinct line, so each process is
     replaced after ``recycle_tasks`` chunks; results do not change across replacements."""
     local = Phonemizer(voice.config)
     procs = PhonemizerProcesses(1, recycle_tasks=1)

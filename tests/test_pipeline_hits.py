@@ -1,6 +1,7 @@
 """The lines stage without a model: how the feeder sorts a take (a WAV of an earlier
 attempt, a cache hit, work for the model) and how the sink commits cache hits
-(docs/reliability.md: kill-9 and damaged-cache-file). A stub engine stands in: all-hit batches never reach it."""
+(docs/reliability.md: kill-9 and damaged-cache-file). A stub engine stands in: all-hit
+batches never reach it."""
 
 from __future__ import annotations
 
@@ -243,10 +244,10 @@ def test_a_partial_take_after_answered_batches_does_not_wait_for_more_lines(
 
 
 def test_lines_answered_as_parsed_go_in_done_and_count_once(tmp_path: Path) -> None:
-    """``answer_new_lines`` links the known lines of a new file and ``add_lines`` inserts
-    them done (the unknown one pending), counting each cache use once; the same chunk
-    parsed again (a crash before the file was queued) finds its links, changes
-    nothing in the store and counts nothing again."""
+    """``answer_new_lines`` places the WAVs of the known lines of a new file and
+    ``add_lines`` inserts them done (the unknown one pending), counting each cache use
+    once; the same chunk parsed again (a crash before the file was queued) finds its
+    WAVs in place, changes nothing in the store and counts nothing again."""
     cfg, store = _site(tmp_path, [], cached=["Known one.", "Known two."])
     out_dir = cfg.paths.outbox / "b"
     fid = store.add_file("b.txt", cfg.paths.work / "b.txt", 1, "0" * 64, out_dir)

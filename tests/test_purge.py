@@ -278,8 +278,9 @@ def test_relative_paths_are_taken_from_the_cache_folder(paths: PathsConfig,
 
 def test_files_still_linked_from_the_outbox_free_nothing(paths: PathsConfig,
                                                          store: Store) -> None:
-    """The daemon hard-links cached WAVs into the outbox: unlinking the cache's name
-    gives no space back while the outbox WAV lives, and the report says so."""
+    """With ``cache.link`` the daemon hard-links cached WAVs into the outbox: unlinking
+    the cache's name gives no space back while the outbox WAV lives, and the report says
+    so."""
     cached = add_entry(store, paths, "linked", 1000)
     add_entry(store, paths, "alone", 300)
     out = paths.outbox / "book" / "0001.wav"

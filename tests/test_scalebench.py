@@ -1,6 +1,6 @@
-"""`ttsd bench --devices … --end-to-end`: the scaling table the multi-GPU run needs
-(issue 6), exercised on two CPU workers with the fast stand-in model. Slow: it starts
-three worker processes and two daemons."""
+"""`ttsd bench --devices … --end-to-end`: the scaling table over 1..N devices (README,
+"Several GPUs and clusters"), exercised on two CPU workers with the fast stand-in model.
+Slow: it starts three worker processes and two daemons."""
 
 from __future__ import annotations
 

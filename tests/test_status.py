@@ -284,7 +284,7 @@ def test_json_output_keeps_its_shape(paths: PathsConfig, store: Store, tmp_path:
 
 def test_done_totals_are_counters_kept_with_the_rows(paths: PathsConfig, store: Store,
                                                      tmp_path: Path) -> None:
-    """The done lines' audio and cache-linked count come from counters that every
+    """The done lines' audio and cached count come from counters that every
     transaction marking lines done keeps (a sum over every done row grew with the
     store's history: 0.47 s a million lines). A store from before them is migrated by
     the first writer to open it, and status reads it by the sums until then."""

@@ -215,7 +215,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
 
 @needs_analyze
 def test_systemd_analyze_security_exposure() -> None:
-    """Issue 3: ``systemd-analyze security --offline=true`` overall exposure ≤ 1.5."""
+    """unit-hardening: ``systemd-analyze security --offline=true`` overall exposure ≤ 1.5."""
     result = subprocess.run([ANALYZE, "security", "--offline=true", "--no-pager", str(UNIT)],
                             check=False, capture_output=True, text=True, timeout=120)
     out = result.stdout + result.stderr

@@ -188,7 +188,7 @@ def test_ray_is_never_imported_without_the_ray_backend() -> None:
 
 def _engine_pcm16(audio: np.ndarray) -> np.ndarray:
     """What a worker's engine sends for a 16-bit output: its samples clipped and turned
-    into int16 on the device (``Engine._to_host``)."""
+    into int16 on the device (``decode.AudioHalf._to_host``)."""
     import torch
 
     from ttsd.engine.device import pcm16

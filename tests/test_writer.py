@@ -1,5 +1,6 @@
-"""Writer: atomic WAVs, cache links, manifests, disposition (docs/reliability.md:
-formula-cells, atomic-wav, disk-full-outbox, damaged-cache-file and input-disposition)."""
+"""Outputs (ttsd.output): atomic WAVs, cache copies and links, manifests, disposition
+(docs/reliability.md: formula-cells, atomic-wav, disk-full-outbox, damaged-cache-file and
+input-disposition)."""
 
 from __future__ import annotations
 
@@ -94,8 +95,9 @@ def test_write_wav_rejects_nan_and_bad_shapes(tmp_path: Path) -> None:
 
 def test_tmp_is_hidden_in_same_folder_and_final_appears_complete(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """atomic-wav: order is write → fsync(tmp) → rename → fsync(dir); the tmp is ".<name>.*.tmp"
-    in the same folder, and the final name does not exist until the data is synced."""
+    """atomic-wav: order is write → fsync(tmp) → rename → fsync(dir); the tmp is
+    ".<name>.*.tmp" in the same folder, and the final name does not exist until the data
+    is synced."""
     out = tmp_path / "sub" / "0001.wav"
     out.parent.mkdir()
     calls: list[tuple[str, list[str]]] = []
@@ -195,8 +197,8 @@ def _fail_tmp_writes(monkeypatch: pytest.MonkeyPatch, err: int, after_bytes: int
 
 
 def test_disk_full_wav(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """disk-full-outbox: ENOSPC mid-write → OSError(ENOSPC) after cleanup; no partial file, no tmp;
-    the same write succeeds once space is back."""
+    """disk-full-outbox: ENOSPC mid-write → OSError(ENOSPC) after cleanup; no partial
+    file, no tmp; the same write succeeds once space is back."""
     _fail_tmp_writes(monkeypatch, errno.ENOSPC)
     out = tmp_path / "full.wav"
     with pytest.raises(OSError) as info:
@@ -296,9 +298,9 @@ def test_wav_ok_reads_headers_like_libsndfile(tmp_path: Path) -> None:
 
 
 def test_link_or_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """damaged-cache-file and id-collision: a cache hit is hard-linked, or copied (verified) when
-    linking fails;
-    never overwrites; never follows a symlinked source."""
+    """damaged-cache-file and id-collision: ``link_or_copy`` hard-links (``cache.link``),
+    or copies (verified) when asked to or when linking fails; never overwrites; never
+    follows a symlinked source."""
     cache = tmp_path / "cache" / "ab.wav"
     cache.parent.mkdir()
     write_wav(cache, tone(0.2), SR)

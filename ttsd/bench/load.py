@@ -1,4 +1,5 @@
-"""Load benchmark (RELIABILITY rows 41-42): the real daemon under a big input.
+"""Load benchmark (docs/reliability.md: one-big-file and burst-of-files): the real daemon
+under a big input.
 
 ``run_load`` starts ``ttsd run`` as a subprocess on a temporary site with the fast
 tone model (``TTSD_MODEL=tone``: a tone whose length follows the text, so the

@@ -91,7 +91,7 @@ class EngineConfig:
     devices: tuple[str, ...] = ()
     """Several devices, one worker process each: ("auto",) = every visible GPU (else the
     CPU), or a list such as ("cuda:0", "cuda:1"). Empty, or one device: the model runs
-    in the daemon's own process on ``device`` (or that one device), as before."""
+    in the daemon's own process on ``device`` (or that one device)."""
     dtype: str = "auto"
     """auto, float32, float16 or bfloat16 (half precision applies to the decoder only)."""
     speaker: str = ""
@@ -144,7 +144,7 @@ class BatchingConfig:
     max_wait_ms: int = 50
     """A partial batch is sent after waiting this long for more lines."""
     max_phonemes: int = 80000
-    """Phoneme budget of one batch (padded length × lines)."""
+    """Phoneme budget of one text-half model call (padded length × sentences)."""
     prefetch: int = 2
     """Batches prepared ahead of the GPU (and finished batches waiting for the sink)."""
     idle_batch: float = 0.5

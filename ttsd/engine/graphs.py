@@ -12,9 +12,10 @@ batch 128 the GPU itself is busy 20-40 ms a call, eager or not (19.9 vs 18.8 ms 
 tokens), and padding up to a bucket then costs more than the launches it saves (the
 bench: 3,898x graphed vs 4,558x eager at batch 128). So up to ``MAX_ROWS`` rows the
 batch rounds up to a power of two and the tokens up to a multiple of ``TOKEN_STEP`` (at
-most ``MAX_TOKENS``); bigger batches and longer sentences run eagerly. Extra rows repeat row 0 and extra tokens are masked: rows never mix, so
-the real rows' outputs are the eager ones (tests/test_graphs.py checks the padding on
-the CPU, the bench's quality rows on the GPU). All graphs share one memory pool, so a
+most ``MAX_TOKENS``); bigger batches and longer sentences run eagerly. Extra rows
+repeat row 0 and extra tokens are masked: rows never mix, so the real rows' outputs are
+the eager ones (tests/test_graphs.py checks the padding on the CPU, the bench's quality
+rows on the GPU). All graphs share one memory pool, so a
 replay may overwrite another graph's outputs: each replay's outputs are copied out at
 once, before anything else runs on the stream.
 

@@ -55,7 +55,7 @@ class Item:
     """Its first token's row in ``text`` (its ``len(ids)`` tokens follow)."""
     frames: int = 0
     out: np.ndarray | None = None
-    """Where its samples go: a view into its line's audio (``decode.line_buffers``)."""
+    """Where its samples go: a view into its line's audio (``decode.AudioHalf._line_buffers``)."""
     ok: bool = False
     """Its audio is in ``out``, finite."""
     error: str | None = None

@@ -124,7 +124,7 @@ def discover(voices_dir: Path | None) -> dict[str, VoiceInfo]:
             try:
                 found[name] = VoiceInfo(name, onnx, cfg, str(voices_dir), _read_config(cfg))
             except VoiceError:
-                continue  # reported by `ttsd voices --check`; unusable voices are skipped
+                continue  # an unusable voice is skipped (reported nowhere: `ttsd voices` omits it)
     return found
 
 

@@ -2,9 +2,9 @@
 
 Runs in its own thread with its own store connection. Every accepted line ends in the
 store as pending, failed with a reason, or done — a cache hit, answered as its chunk is
-parsed (``answer``: its WAV linked and fsynced first) — before the file counts as
+parsed (``answer``: its WAV placed and fsynced first) — before the file counts as
 queued; a crash mid-way re-parses the owned copy (inserts are idempotent on (file, line
-number), and a hit's link made before the crash is found again).
+number), and a hit's WAV placed before the crash is found again).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Ingest:
         """Called after each chunk of new lines is in the store (wakes the feeder)."""
         self.answer: Callable[[Store, list[NewLine], Path], None] | None = None
         """Answers a chunk's cache hits before it is inserted (``cache.answer_new_lines``:
-        links their WAVs and marks those lines done); None: no cache."""
+        places their WAVs and marks those lines done); None: no cache."""
         self.on_answered: Callable[[int], None] | None = None
         """Called with how many lines of a chunk went into the store done (answered)."""
         self.resume = False

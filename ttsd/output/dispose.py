@@ -82,9 +82,9 @@ def _error_text(name: str, error: str) -> str:
 
 def dispose(path: Path, folder: Path, name: str, *, error: str | None = None) -> Path:
     """Move an input out of the work folder into ``folder`` (done/ or failed/) as ``name``,
-    adding "-2", "-3"… before the suffix rather than overwrite. With ``error``, ``<final name>.error.txt``
-    (the reason, led by ``name`` unless it already is) is written beside it first, so the
-    input is never there without its reason. Symlinks and FIFOs are renamed, never
+    adding "-2", "-3"… before the suffix rather than overwrite. With ``error``,
+    ``<final name>.error.txt`` (the reason, led by ``name`` unless it already is) is
+    written beside it first, so the input is never there without its reason. Symlinks and FIFOs are renamed, never
     opened; across filesystems they are recreated, regular files copied. Returns the path.
     """
     path, folder = Path(path), Path(folder)

@@ -193,11 +193,7 @@ def remove_quietly(path: str | os.PathLike, dir_fd: int | None = None) -> None:
         os.unlink(path, dir_fd=dir_fd)
 
 
-# -- WAV -------------------------------------------------------------------------------
-
-
-"""RIFF/WAVE with one 16-byte ``fmt `` chunk (PCM, mono, 16-bit) then ``data``: the
-44 bytes libsndfile writes for a mono PCM_16 WAV (no PEAK, fact or LIST chunk)."""
+# -- copies and links ------------------------------------------------------------------
 
 
 _FICLONE = 0x40049409
@@ -355,7 +351,7 @@ def replace_with_link(src: str | os.PathLike, dst: str | os.PathLike, *,
         raise
 
 
-# -- manifest --------------------------------------------------------------------------
+# -- output folders --------------------------------------------------------------------
 
 
 class NotAFolderError(OSError):
@@ -411,8 +407,3 @@ class Folder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# -- input disposition -----------------------------------------------------------------
-
-

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 _WAV_PCM16_HEADER = struct.Struct("<4sI4s4sIHHIIHH4sI")
+"""RIFF/WAVE with one 16-byte ``fmt `` chunk (PCM, mono, 16-bit) then ``data``: the
+44 bytes libsndfile writes for a mono PCM_16 WAV (no PEAK, fact or LIST chunk)."""
 
 
 def encode_wav(samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> bytes:

@@ -43,7 +43,7 @@ class Batch:
     requests: list[Request] = field(default_factory=list)
     """The model's work; with worker processes they phonemize it themselves."""
     plan: Plan | None = None
-    """``engine.overlap_halves``: the text half done by the feeder, waiting for ``Synth``."""
+    """``EngineOptions.overlap_halves``: the text half done by the feeder, waiting for ``Synth``."""
     results: list[Result] = field(default_factory=list)
     stats: RunStats | None = None
     prepare_ms: float = 0.0

@@ -4,7 +4,7 @@ Threads (data flows one way, through queues bounded in whole batches):
 
     files   ─ Ingest: inbox → claim → parse → store; finished files → manifest, done/
     feeder  ─ Feeder: store → batch (+ cache hits) → phonemes        ─┐ queue (prefetch)
-              (engine.overlap_halves: → the text half too, on a side stream)
+              (EngineOptions.overlap_halves: → the text half too, on a side stream)
     model   ─ Synth: the engine on the device; pings the systemd watchdog  ─┐ queue
               (several devices or Ray: a WorkerPool, one driver thread per worker
                process/actor; see service/pool.py)

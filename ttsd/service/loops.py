@@ -105,7 +105,7 @@ class StageLoops:
                     self.health.trouble("state", self.cfg.paths.db, why, "feeder")
                     continue
                 if batch is None:
-                    self.new_lines.wait(0.05)   # a stop is seen within 50 ms, as before
+                    self.new_lines.wait(0.05)   # a stop is seen within 50 ms
                     self.new_lines.clear()
                     continue
                 with self._lock:
@@ -221,7 +221,7 @@ class StageLoops:
             store.close()
 
     def _planning_stuck(self) -> bool:
-        """The feeder's text half (``engine.overlap_halves``: on the device too) has run
+        """The feeder's text half (``EngineOptions.overlap_halves``: on the device too) has run
         past the watchdog interval: stop pinging, so that systemd restarts a daemon whose
         GPU hangs there."""
         since = self.feeder.planning_since if self.feeder is not None else None

@@ -74,7 +74,8 @@ class PurgeReport:
     removed: int = 0
     """Cache entries removed from the store (or that would be, in a dry run)."""
     freed_bytes: int = 0
-    """Disk space given back: sizes of the unlinked files no outbox WAV still links to."""
+    """Disk space given back: sizes of the unlinked files no outbox WAV still links to
+    (``cache.link``)."""
     kept: int = 0
     """Entries left in the cache."""
     kept_bytes: int = 0
@@ -86,7 +87,8 @@ class PurgeReport:
     """Removed entries whose path leads outside the cache folder: file left alone."""
     refused_paths: list[str] = field(default_factory=list)
     linked: int = 0
-    """Unlinked files whose data stays on disk: an outbox WAV is a hard link to it."""
+    """Unlinked files whose data stays on disk: an outbox WAV is a hard link to it
+    (``cache.link``)."""
     linked_bytes: int = 0
 
 

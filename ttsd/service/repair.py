@@ -12,10 +12,10 @@ unfinished file whose claimed copy is still in the work folder goes back to
 ``parsing``: at the next start ``Ingest.recover`` parses the copy again. Its inserts
 are idempotent on (file, line number), so only the lost lines come back, as pending. A
 WAV already in the outbox is never written again: a lost line whose cache entry
-survived is answered from the cache as it is parsed (``link_hit`` finds the cache's
-very file at the path), and any other goes through the model once more, after which
-the writer keeps the valid WAV it finds at the path instead of writing it
-(``Sink._write_one``). A claimed copy whose file row was lost is adopted as a new file
+survived is answered from the cache as it is parsed (``cache.place_hit`` counts the
+cache's bytes already at the path as placed), and any other goes through the model once
+more, after which the sink keeps the valid WAV it finds at the path instead of writing
+it (``Sink._write_one``). A claimed copy whose file row was lost is adopted as a new file
 at the next start (``Inbox.orphans``).
 """
 

@@ -213,9 +213,9 @@ def _process_facts(proc: psutil.Process, cpu_started: float, d: DaemonFacts) -> 
 
 def _counts(store: Store, report: StatusReport) -> None:
     """Lines, files, audio, and the cache: its entries and size, and hits and misses
-    per done line. A hit is a done line whose WAV is a link to the cache, a miss a done
-    line that is not (synthesized); a batch synthesized again after a failed write adds
-    no miss."""
+    per done line. A hit is a done line whose WAV came from the cache (a copy, or with
+    ``cache.link`` a link), a miss a done line that did not (synthesized); a batch
+    synthesized again after a failed write adds no miss."""
     states, done = store.line_states(), store.done_totals()
     report.lines = LineCounts(done=states.done, failed=states.failed, pending=states.pending,
                               running=states.running, cached=done.cached)

@@ -76,7 +76,7 @@ class AudioTotal:
 
 @dataclass
 class CacheFacts:
-    """Hits: done lines linked to the cache; misses: done lines that are not
+    """Hits: done lines answered from the cache; misses: done lines that were not
     (synthesized); hit_rate = hits / (hits + misses)."""
 
     entries: int = 0

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 DONE_AUDIO_US = "done_audio_us"
 """Counter: the audio of every done line, in microseconds (each line's rounded)."""
 DONE_CACHED = "done_cached"
-"""Counter: done lines whose WAV is a link to the cache."""
+"""Counter: done lines whose WAV came from the cache (``lines.cached``)."""
 
 
 def m001_initial(db: sqlite_utils.Database) -> None:
@@ -88,7 +88,7 @@ def m003_cache_stamp(db: sqlite_utils.Database) -> None:
 
 
 def m004_done_totals(db: sqlite_utils.Database) -> None:
-    """The done lines' audio (µs) and cache-linked count as counters, kept by the
+    """The done lines' audio (µs) and cached count as counters, kept by the
     transactions that mark lines done (``DONE_AUDIO_US``, ``DONE_CACHED``): ``ttsd
     status`` read them as a sum over every done row, 0.47 s per million lines."""
     recount_done(db.conn)

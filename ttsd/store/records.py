@@ -49,8 +49,9 @@ class NewLine:
     wav: str | None = None
     seconds: float | None = None
     cached: bool = False
-    """With ``wav``: the WAV is a link to the cache entry (False: a whole WAV of an
-    earlier attempt was already at the path, and was kept)."""
+    """With ``wav``: the WAV came from the cache entry (a copy, or with ``cache.link`` a
+    link; False: a whole WAV of an earlier attempt was already at the path, and was
+    kept)."""
 
 
 # ---------------------------------------------------------------------- cache
@@ -107,7 +108,7 @@ class FileStates:
 
 @dataclass(frozen=True)
 class DoneTotals:
-    """The done lines' audio and how many are links to the cache (the ``done_audio_us``
+    """The done lines' audio and how many came from the cache (the ``done_audio_us``
     and ``done_cached`` counters, kept by every transaction that marks lines done)."""
 
     audio_s: float

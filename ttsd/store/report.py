@@ -63,7 +63,7 @@ class Reports(StoreBase):
         return FileStates(**got)
 
     def done_totals(self) -> DoneTotals:
-        """The done lines' audio and cache-linked count, from the counters (two rows). A
+        """The done lines' audio and cached count, from the counters (two rows). A
         journal no writer of this version has opened yet lacks them (m004): the sums
         over the done rows then."""
         totals = dict(self.conn.execute("SELECT name, value FROM counters WHERE name IN (?, ?)",
@@ -194,7 +194,7 @@ class Reports(StoreBase):
 
     def file_span(self, name: str) -> FileSpan | None:
         """The first file named ``name``: claim to its last line finished, its lines, and
-        how many were links to the cache."""
+        how many came from the cache."""
         row = self.conn.execute(
             "SELECT MAX(l.finished_at) - f.created_at, COUNT(*), SUM(l.cached) "
             "FROM lines l JOIN files f ON f.id = l.file_id WHERE f.name = ? GROUP BY f.id",
