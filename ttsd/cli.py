@@ -47,7 +47,8 @@ EXIT_STATUSES = """exit statuses:
   3    another ttsd process holds the state folder (run, repair-store)
   4    the journal is damaged: a person must act (see `ttsd repair-store --help`)
   70   the daemon crashed (a bug: the log has the traceback)
-  75   a temporary failure: the GPU was lost (a restart gets a fresh one)
+  75   a temporary failure: the GPU was lost (a restart gets a fresh one), or run --once
+       gave up on a folder it could not write for daemon.once_blocked_s
   130  interrupted"""
 
 JOURNAL_COMMANDS = ("run", "status", "purge-cache")
