@@ -312,7 +312,7 @@ class _Folders:
         self._touched[str(folder.path)] = folder
 
     def sync(self, done: list[Done], requeue: list[int]
-             ) -> list[tuple[int, str, float, bool]]:
+             ) -> list[Done]:
         """One fsync per touched folder, so every rename is durable before its line is
         done; lines in a folder that cannot be synced go back to pending."""
         failed: set[str] = set()
