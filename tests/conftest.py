@@ -32,8 +32,8 @@ def frozen_heap() -> Iterator[None]:
     """For a test that bounds a wall time: the objects of every test before it frozen
     out of the cyclic collector, as the daemon freezes its heap at start (``gc.freeze``;
     ``ttsd status`` is a small process of its own). Late in a full run the test process
-    holds ~555,000 objects whose full collection takes 0.42 s on a 2-core machine; in
-    one run a status poll bounded at 1 s took 1.28 s (alone its worst is 12-50 ms)."""
+    holds ~555,000 objects whose full collection takes 0.42 s on a 2-core machine, long
+    enough to push a status poll bounded at 1 s to 1.28 s (alone its worst is 12-50 ms)."""
     gc.collect()
     gc.freeze()
     yield

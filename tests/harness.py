@@ -263,8 +263,8 @@ def assert_no_redo(before: Snapshot, after: Snapshot) -> None:
     taken for synthesis, ``synth_count`` when a synthesized WAV is committed as done.
     A line done before the kill keeps both, and its WAV (same inode, same mtime) was
     never rewritten; a WAV renamed into place but not yet committed is adopted as it is.
-    Within one run a line is taken at most once more (a crash suspect runs alone), and
-    no line is ever counted as synthesized twice.
+    Between two starts of the daemon a line is taken at most once more (a crash suspect
+    runs alone), and no line is ever counted as synthesized twice.
     """
     for lid, (state, attempts, synth, wav) in before.lines.items():
         now = after.lines.get(lid)

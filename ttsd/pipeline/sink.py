@@ -235,7 +235,7 @@ class Sink:
         self.health.trouble("outbox", folder, fault(exc) or str(exc), "sink")
 
     def _journal(self, write: Callable, *args, **kwargs) -> bool:
-        """Run a store write, waiting out a journal that cannot be written (full disk,
+        """Do a store write, waiting out a journal that cannot be written (full disk,
         read-only) with back-off; False when a stop came first (the lines stay running,
         and the next start finishes them, adopting the WAVs already written)."""
         return self.health.retry("state", self.cfg.paths.db,
