@@ -188,10 +188,8 @@ def _check_say_output(path: Path) -> None:
 def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
     _check_say_output(ns.output)   # before importing torch and loading the voice
     cfg = _override(cfg, ns)
-
-    from ttsd.engine.device import configure_process
     from ttsd.engine.options import EngineOptions
-    from ttsd.engine.runtime import open_engine
+    from ttsd.engine.runtime import start_engine
     from ttsd.jobs import resolve, voice_facts
     from ttsd.output.wav import write_wav
 
@@ -199,8 +197,7 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
     # One line: compiling (tens of seconds) would cost more than it saves.
     options = EngineOptions.from_config(cfg, compile="off" if e.compile == "auto" else e.compile,
                                         phonemizer_processes=0)
-    configure_process(options)
-    engine = open_engine(options)
+    engine = start_engine(options)
     job = resolve(e, {e.voice: voice_facts(engine, e.voice)})
     res = engine.synthesize([job.request(0, ns.text.strip())])[0]
     if res.error:

@@ -26,11 +26,10 @@ from ttsd.bench.e2e import bench_end_to_end
 from ttsd.bench.numerics import quality, roofline
 from ttsd.bench.piper import bench_piper, bench_piper_one_session
 from ttsd.config import Config
-from ttsd.engine.device import configure_process
 from ttsd.engine.graphs import MAX_ROWS
 from ttsd.engine.options import EngineOptions
 from ttsd.engine.records import Prepared, Request
-from ttsd.engine.runtime import Engine, open_engine
+from ttsd.engine.runtime import Engine, start_engine
 from ttsd.jobs import resolve, voice_facts
 
 
@@ -46,8 +45,7 @@ def _engine(cfg: Config, dtype: str, max_batch: int, compile: str | None = None)
                                         token_budget=10**9, phonemizer_processes=0)
     if compile:
         options = dataclasses.replace(options, compile=compile)
-    configure_process(options)
-    return open_engine(options)
+    return start_engine(options)
 
 
 def _requests(cfg: Config, engine: Engine, lines: list[str]) -> list[Request]:

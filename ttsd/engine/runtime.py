@@ -34,6 +34,7 @@ import torch
 from ttsd.engine.decode import AudioHalf
 from ttsd.engine.device import (
     Precision,
+    configure_process,
     default_frame_budget,
     describe,
     device_errors,
@@ -54,7 +55,7 @@ from ttsd.engine.voice import discover
 from ttsd.errors import VoiceError
 from ttsd.log import get_logger
 
-__all__ = ["ENGINE_VERSION", "GPU_BATCH", "Engine", "Plan", "open_engine"]
+__all__ = ["ENGINE_VERSION", "GPU_BATCH", "Engine", "Plan", "open_engine", "start_engine"]
 
 log = get_logger(__name__)
 
@@ -75,6 +76,14 @@ def open_engine(options: EngineOptions) -> Engine:
     module = importlib.util.module_from_spec(found)
     found.loader.exec_module(module)
     return getattr(module, name or "engine")(options)
+
+
+def start_engine(options: EngineOptions) -> Engine:
+    """The engine of a process that runs one (the daemon, a worker process, ``say``,
+    the bench): the process-wide settings for its device first
+    (``device.configure_process``), then ``open_engine``."""
+    configure_process(options)
+    return open_engine(options)
 
 
 class Engine:

@@ -39,9 +39,8 @@ from typing import Any
 from ttsd import __version__
 from ttsd.cache import answer_new_lines, audio_format
 from ttsd.config import Config
-from ttsd.engine.device import configure_process
 from ttsd.engine.options import EngineOptions
-from ttsd.engine.runtime import open_engine
+from ttsd.engine.runtime import start_engine
 from ttsd.errors import ConfigError, DeviceLostError, StoreDamagedError
 from ttsd.health import MAX_RETRY_S, Health, fault, probe
 from ttsd.ingest.files import Ingest
@@ -179,8 +178,7 @@ class Daemon(StageLoops, Control):
         devices = workers.local_devices(cfg)
         # With a worker pool the daemon's own engine only answers voice facts (CPU).
         options = EngineOptions.from_config(cfg, device="cpu" if pooled else devices[0])
-        configure_process(options)
-        self.engine = open_engine(options)
+        self.engine = start_engine(options)
         sys.setswitchinterval(GIL_SWITCH_S)
         default = cfg.engine.voice
         facts = {default: voice_facts(self.engine, default)}  # other voices load on first use

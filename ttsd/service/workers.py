@@ -104,9 +104,8 @@ class WorkerCore:
     def __init__(self, spec: WorkerSpec) -> None:
         import torch
 
-        from ttsd.engine.device import configure_process
         from ttsd.engine.options import EngineOptions
-        from ttsd.engine.runtime import open_engine
+        from ttsd.engine.runtime import start_engine
 
         t0 = time.perf_counter()
         if spec.threads:
@@ -116,8 +115,7 @@ class WorkerCore:
         # Each worker phonemizes its own batches in its own process (no processes).
         options = EngineOptions.from_config(spec.cfg, device=spec.device,
                                             phonemizer_processes=0)
-        configure_process(options)
-        self.engine = open_engine(options)
+        self.engine = start_engine(options)
         self.engine.voice(voice)
         self.load_s = time.perf_counter() - t0
         self.warmup_s = 0.0
