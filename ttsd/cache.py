@@ -251,7 +251,13 @@ def audio_format(cfg: Config, gpu: bool) -> str:
 def cache_key(text: str, job: Job, fmt: str) -> str:
     """Everything that decides a line's WAV bytes, hashed: its text, its job and the
     audio format (``audio_format``)."""
-    h = hashlib.sha256(key_prefix(job, fmt))
+    return key_with(hashlib.sha256(key_prefix(job, fmt)), text)
+
+
+def key_with(prefix: hashlib._Hash, text: str) -> str:
+    """The key of ``text`` after ``prefix``, the hash of ``key_prefix`` (not changed:
+    ``Ingest`` keeps one per voice and parameters and finishes a copy per line)."""
+    h = prefix.copy()
     h.update(unicodedata.normalize("NFC", text).encode())
     return h.hexdigest()
 

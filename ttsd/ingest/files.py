@@ -15,13 +15,12 @@ import os
 import stat
 import threading
 import time
-import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ttsd import crash
-from ttsd.cache import key_prefix
+from ttsd.cache import key_prefix, key_with
 from ttsd.config import Config, InputConfig
 from ttsd.errors import InputError
 from ttsd.ingest.inbox import Claimed, Inbox, Rejected
@@ -249,9 +248,7 @@ class Ingest:
             if len(self._prefixes) >= KEY_PREFIXES:
                 self._prefixes.clear()
             kept = self._prefixes[params] = (job.voice, hashlib.sha256(key_prefix(job, self.fmt)))
-        h = kept[1].copy()
-        h.update(unicodedata.normalize("NFC", text).encode())
-        return h.hexdigest()
+        return key_with(kept[1], text)
 
     # ------------------------------------------------------------------ finishing
 
