@@ -35,13 +35,6 @@ class VoiceFacts:
     noise_w: float
     length_scale: float
 
-    @staticmethod
-    def of(name: str, digest: str, info) -> VoiceFacts:
-        """The facts of a loaded voice (``engine.voice.VoiceInfo`` and its digest)."""
-        inf = info.inference
-        return VoiceFacts(name, digest, info.sample_rate, info.speaker_id,
-                          inf["noise_scale"], inf["noise_w"], inf["length_scale"])
-
 
 @dataclass(frozen=True)
 class Job:
@@ -84,7 +77,9 @@ def resolve(e: EngineConfig, voices: Mapping[str, VoiceFacts], *, voice: str | N
 def voice_facts(engine: Engine, name: str) -> VoiceFacts:
     """The facts of the voice ``name``, loading it on ``engine`` if it is not yet."""
     lv = engine.voice(name)
-    return VoiceFacts.of(name, lv.digest, lv.info)
+    info, inf = lv.info, lv.info.inference
+    return VoiceFacts(name, lv.digest, info.sample_rate, info.speaker_id, inf["noise_scale"],
+                      inf["noise_w"], inf["length_scale"])
 
 
 class LazyVoices(dict):
