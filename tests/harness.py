@@ -166,8 +166,12 @@ class Site:
         return json.loads(out.stdout)
 
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus")
+
+
 def assert_invariant(site: Site) -> None:
-    """Every line: one WAV + done row, or one failed row with a reason; no leftovers."""
+    """Every line: one audio file (of any format ttsd writes) + done row, or one failed
+    row with a reason; no leftovers."""
     rows = site.query("SELECT l.id, l.state, l.error, l.wav, l.out_name, f.out_dir "
                       "FROM lines l JOIN files f ON f.id = l.file_id")
     for _id, state, error, wav, out_name, out_dir in rows:
@@ -175,12 +179,13 @@ def assert_invariant(site: Site) -> None:
         if state == "done":
             path = Path(wav)
             assert path.exists(), f"line {_id}: {wav} missing"
-            assert path == Path(out_dir) / f"{out_name}.wav"
+            assert path.suffix in AUDIO_SUFFIXES, path
+            assert path == Path(out_dir) / f"{out_name}{path.suffix}"
             info = sf.info(str(path))
             assert info.frames > 0
         else:
             assert error, f"failed line {_id} has no reason"
-    wavs = [p for p in site.outbox.rglob("*.wav")]
+    wavs = [p for p in site.outbox.glob("*/*") if p.suffix in AUDIO_SUFFIXES]
     done = [r for r in rows if r[1] == "done"]
     # The done totals ttsd status shows are counters kept beside the rows: equal to the
     # rows' own sums, whatever crashed and restarted on the way.

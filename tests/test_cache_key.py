@@ -106,7 +106,8 @@ NOT_AUDIO = {
     "batching.max_batch_size", "batching.lines_per_batch", "batching.max_wait_ms",
     "batching.max_phonemes", "batching.prefetch", "batching.writer_threads",
     "batching.idle_batch",
-    "output.manifest", "cache.enabled", "cache.link",
+    "output.manifest", "output.join", "output.join_format", "output.join_pause_s",
+    "output.chapters", "cache.enabled", "cache.link",
     "memory.free_memory_every_s", "memory.idle_s",
     "daemon.log_level", "daemon.heartbeat_s", "daemon.max_attempts", "daemon.stop_timeout_s",
     "daemon.once_blocked_s",
@@ -122,7 +123,14 @@ CHANGED = {   # for each key of cache.AUDIO_KEYS: (value, other value)
     "engine.noise_w": (-1.0, 0.3), "engine.seed": (0, 1),
     "engine.sentence_silence_s": (0.2, 0.5), "engine.dtype": ("float32", "float16"),
     "engine.compile": ("off", "on"), "output.subtype": ("PCM_16", "PCM_24"),
+    "output.format": ("wav", "flac"), "output.bitrate_kbps": (0, 96),
+    "output.sample_rate": (0, 16000), "output.loudness_lufs": (0.0, -16.0),
+    "output.true_peak_dbtp": (-1.0, -2.0), "output.volume": (1.0, 0.5),
 }
+WITH = {"output.true_peak_dbtp": {"output.loudness_lufs": -16.0},
+        "output.bitrate_kbps": {"output.format": "mp3"}}
+"""Keys that act only beside another setting: the ceiling on a loudness target, a
+bitrate on a format that has one."""
 BY_DEVICE = ("engine.device", "engine.devices")
 """Keys that act through the kind of device they resolve to (the ``gpu`` argument)."""
 
@@ -160,7 +168,9 @@ def test_every_setting_that_changes_the_audio_changes_the_cache_key(tmp_path: Pa
     assert set(CHANGED) | set(BY_DEVICE) == set(cache.AUDIO_KEYS)
     for key, (a, b) in CHANGED.items():
         for gpu in (False, True):
-            assert _key(tmp_path, {key: a}, gpu) != _key(tmp_path, {key: b}, gpu), (key, gpu)
+            ctx = WITH.get(key, {})
+            assert _key(tmp_path, {**ctx, key: a}, gpu) != _key(tmp_path, {**ctx, key: b}, gpu), \
+                (key, gpu)
     assert _key(tmp_path, {}, False) != _key(tmp_path, {}, True)
     # "auto" is the dtype it resolves to on that device, not a setting of its own.
     assert _key(tmp_path, {"engine.dtype": "auto"}, False) == \

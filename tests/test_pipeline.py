@@ -16,7 +16,7 @@ from ttsd.config import CacheConfig, Config, PathsConfig
 from ttsd.engine.options import EngineOptions
 from ttsd.engine.records import Result
 from ttsd.engine.runtime import Engine
-from ttsd.pipeline.batcher import Batch, wav_path
+from ttsd.pipeline.batcher import Batch, out_path
 from ttsd.pipeline.sink import Sink
 from ttsd.store.journal import NewLine, Store
 
@@ -91,7 +91,7 @@ def test_one_folder_fsync_per_batch_before_the_commit(site, monkeypatch: pytest.
         < kinds.index("complete")
     assert set(_states(store).values()) == {"done"}
     for row in batch.rows:
-        data, rate = sf.read(str(wav_path(row)), dtype="float32")
+        data, rate = sf.read(str(out_path(row)), dtype="float32")
         assert rate == SR and len(data) == SR // 4
     assert not [n for f in folders for n in os.listdir(f) if n.endswith(".tmp")]
 

@@ -15,10 +15,11 @@ from types import SimpleNamespace
 import numpy as np
 
 from ttsd import cache
+from ttsd.output import formats
 from ttsd.cache import cache_path
 from ttsd.config import CacheConfig, Config, PathsConfig
 from ttsd.output.wav import write_wav
-from ttsd.pipeline.batcher import Feeder, wav_path
+from ttsd.pipeline.batcher import Feeder, out_path
 from ttsd.pipeline.sink import Sink
 from ttsd.store.journal import NewLine, Store
 
@@ -103,21 +104,21 @@ def test_sink_commits_hits_after_placing_and_adopts_a_valid_wav(tmp_path: Path) 
     batch = feeder.next_batch(store, threading.Event())
     assert len(batch.hits) == 4 and not batch.groups and not batch.existing
     two = next(r for r, _e in batch.hits if r.text == "Two.")
-    wav_path(two).parent.mkdir(parents=True)
-    write_wav(wav_path(two), _tone(0.5), SR)
-    inode = wav_path(two).stat().st_ino
+    out_path(two).parent.mkdir(parents=True)
+    write_wav(out_path(two), _tone(0.5), SR)
+    inode = out_path(two).stat().st_ino
     counts = Sink(cfg, _engine(), 1).write(store, batch)
     assert counts == {"done": 4, "failed": 0, "requeued": 0}
     lines = _lines(store)
     assert lines["Two."][:3] == ("done", 0, 1)   # adopted like the feeder does: not a hit
-    assert wav_path(two).stat().st_ino == inode
+    assert out_path(two).stat().st_ino == inode
     assert abs(store.one("SELECT seconds FROM lines WHERE text='Two.'") - 0.5) < 0.01
     for row, entry in batch.hits:
         if row is not two:
-            assert not os.path.samefile(wav_path(row), entry["path"])
-            assert wav_path(row).read_bytes() == Path(entry["path"]).read_bytes()
+            assert not os.path.samefile(out_path(row), entry["path"])
+            assert out_path(row).read_bytes() == Path(entry["path"]).read_bytes()
             assert store.one("SELECT state || cached FROM lines WHERE id=?", (row.id,)) == "done1"
-            assert store.one("SELECT wav FROM lines WHERE id=?", (row.id,)) == str(wav_path(row))
+            assert store.one("SELECT wav FROM lines WHERE id=?", (row.id,)) == str(out_path(row))
     assert store.counters()["cache_hits"] == 3
     assert store.one("SELECT hits FROM cache WHERE key=?", (_key("One."),)) == 2
     assert store.one("SELECT hits FROM cache WHERE key=?", (_key("Two."),)) == 0
@@ -133,8 +134,8 @@ def test_a_hit_on_an_unchanged_stamped_file_reads_no_header(tmp_path: Path,
     texts = ["Kept.", "Edited.", "Replaced."]
     cfg, store = _site(tmp_path, texts, cached=texts)
     full: list[str] = []
-    real = cache.wav_ok
-    monkeypatch.setattr(cache, "wav_ok", lambda p, **kw: full.append(p) or real(p, **kw))
+    real = formats.wav_ok   # the full check of a WAV line file, counted
+    monkeypatch.setattr(formats, "wav_ok", lambda p, **kw: full.append(p) or real(p, **kw))
     feeder = Feeder(cfg, _engine(), {VOICE: SR}, size=8)
 
     def take() -> tuple:
@@ -210,8 +211,8 @@ def test_a_retried_line_adopts_its_wav_in_the_feeder(tmp_path: Path) -> None:
     feeder = Feeder(cfg, _engine(), {VOICE: SR}, size=8)
     first = feeder.next_batch(store, threading.Event())
     row = first.rows[0]
-    wav_path(row).parent.mkdir(parents=True)
-    write_wav(wav_path(row), _tone(0.3), SR)
+    out_path(row).parent.mkdir(parents=True)
+    write_wav(out_path(row), _tone(0.3), SR)
     store.recover(cfg.daemon.max_attempts)          # the process died; restart
     again = feeder.next_batch(store, threading.Event())
     assert [r.id for r in again.existing] == [row.id] and not again.hits

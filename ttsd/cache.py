@@ -24,15 +24,15 @@ from ttsd.health import fault
 from ttsd.jobs import Job
 from ttsd.log import get_logger
 from ttsd.output.fsio import Folder, link_or_copy
-from ttsd.output.wav import wav_info, wav_ok
+from ttsd.output.render import LineAudio
 from ttsd.store.errors import OperationalError
 from ttsd.store.journal import NewLine, Store, sqlite_ino
 
 log = get_logger(__name__)
 
 
-def cache_path(cache_dir: Path, key: str) -> Path:
-    return cache_dir / key[:2] / f"{key}.wav"
+def cache_path(cache_dir: Path, key: str, suffix: str = ".wav") -> Path:
+    return cache_dir / key[:2] / f"{key}{suffix}"
 
 
 class HitCheck:
@@ -40,7 +40,9 @@ class HitCheck:
     (``_cache_file_ok``); the damaged or missing are evicted and the newly checked
     stamped by ``save``."""
 
-    def __init__(self) -> None:
+    def __init__(self, audio: LineAudio | None = None) -> None:
+        self.audio = audio or LineAudio()
+        """The format a file is checked as (an entry made before stamps)."""
         self.checked: dict[str, bool] = {}
         self.evict: list[str] = []
         self.stamps: list[tuple[str, int, int]] = []
@@ -49,7 +51,7 @@ class HitCheck:
         key = entry["key"]
         ok = self.checked.get(key)
         if ok is None:
-            ok = self.checked[key] = _cache_file_ok(entry, sample_rate, self.stamps)
+            ok = self.checked[key] = _cache_file_ok(entry, sample_rate, self.stamps, self.audio)
             if not ok:
                 self.evict.append(key)   # damaged or missing: a miss
         return ok
@@ -75,14 +77,15 @@ class HitCheck:
 
 
 def place_hit(src: str, folder: Folder, name: str, sample_rate: int | None, link: bool,
-              checked: bool = False) -> tuple[str, float | None]:
-    """Put a cache hit's file at its line's WAV ``name`` in ``folder``: a copy that shares
+              checked: bool = False, audio: LineAudio | None = None
+              ) -> tuple[str, float | None]:
+    """Put a cache hit's file at its line's file ``name`` in ``folder``: a copy that shares
     nothing with the cache (or, with ``cache.link``, a hard link). No folder fsync: the
     caller's. Returns ("placed", None), also when the path holds those very bytes
     already (placed before a crash); ("adopted", seconds): another whole WAV of an
     earlier attempt was there already and is kept; ("gone", None): the cache file was
     purged or is no longer a regular file (a miss: synthesize the line); ("taken",
-    None): something that is not its WAV holds the path (never overwritten: the line
+    None): something that is not its file (``audio``'s format) holds the path (never overwritten: the line
     fails, ``occupied``); ("error", None): the copy failed (disk full, I/O error: the
     line stays pending). ``checked``: ``src`` was just found a regular file."""
     try:
@@ -93,8 +96,12 @@ def place_hit(src: str, folder: Folder, name: str, sample_rate: int | None, link
     except FileExistsError:
         if _same_bytes(src, folder, name):   # placed before a crash
             return "placed", None
-        if wav_ok(name, sample_rate=sample_rate, dir_fd=folder.fd):
-            return "adopted", wav_info(name, folder.fd)[2]
+        audio = audio or LineAudio()
+        if audio.file_ok(name, sample_rate=sample_rate, dir_fd=folder.fd):
+            try:
+                return "adopted", audio.seconds(name, folder.fd)
+            except (OSError, ValueError):
+                pass
         return "taken", None
     except OSError as exc:
         log.error("wav.place_failed", path=str(folder.path / name), error=str(exc))
@@ -135,7 +142,7 @@ def _same_bytes(src: str, folder: Folder, name: str) -> bool:
 
 def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
                      sample_rates: dict[str, int], link: bool = False,
-                     pool: Executor | None = None) -> None:
+                     pool: Executor | None = None, audio: LineAudio | None = None) -> None:
     """Answer the cache hits among a file's lines as they are parsed, before they reach
     the store: each hit's WAV placed in ``out_dir`` (``place_hit``; several at a time on
     ``pool``), the folder fsynced once, and the line marked done (``wav``; ``cached``
@@ -152,11 +159,13 @@ def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
     cached = store.cache_get_many([ln.cache_key for ln in todo]) if todo else {}
     if not cached:
         return
-    check = HitCheck()
+    audio = audio or LineAudio()
+    check = HitCheck(audio)
     hits = []
     for ln in todo:
         entry = cached.get(ln.cache_key)
         sr = sample_rates.get(ln.voice or "")
+        sr = sr and audio.rate(sr)
         if entry is not None and check.ok(entry, sr):
             hits.append((ln, entry, sr))
     if not hits:
@@ -175,11 +184,11 @@ def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
         # folder is the daemon's own.
         def place(hit: tuple) -> tuple[str, float | None]:
             ln, entry, sr = hit
-            return place_hit(entry["path"], folder, f"{ln.out_name}.wav", sr, link,
-                             checked=True)
+            return place_hit(entry["path"], folder, f"{ln.out_name}{audio.suffix}", sr, link,
+                             checked=True, audio=audio)
         outcomes = pool.map(place, hits) if pool is not None else map(place, hits)
         for (ln, entry, _sr), (outcome, seconds) in zip(hits, outcomes):
-            dst = str(folder.path / f"{ln.out_name}.wav")
+            dst = str(folder.path / f"{ln.out_name}{audio.suffix}")
             if outcome == "placed":
                 ln.wav, ln.seconds, ln.cached = dst, float(entry["seconds"]), True
                 answered.append(ln)
@@ -202,15 +211,15 @@ def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
 
 
 def _cache_file_ok(entry: dict, sample_rate: int | None,
-                   stamps: list[tuple[str, int, int]]) -> bool:
+                   stamps: list[tuple[str, int, int]], audio: LineAudio) -> bool:
     """Whether a cache entry's file can answer a hit: the file the sink wrote (or last
     checked), unchanged: same inode, mtime and size, one lstat. A stamped file that no
     longer has its stamp was changed by someone since (an edit in place, with
     ``cache.link`` through an outbox WAV linked to it, or a replacement) and is a miss:
     the line is synthesized again, and nothing done outside ttsd is ever served. (An
     edit that restores the old mtime and keeps the size is not seen.) An entry from
-    before stamps gets the full check — regular, the entry's size, a whole RIFF/WAVE
-    header at the voice's rate — and, if it passes, a new stamp in ``stamps`` (key,
+    before stamps gets the full check — regular, the entry's size, a whole file of the
+    output's format at its rate (``LineAudio.file_ok``) — and, if it passes, a new stamp in ``stamps`` (key,
     inode, mtime_ns)."""
     path = entry["path"]
     try:
@@ -221,7 +230,7 @@ def _cache_file_ok(entry: dict, sample_rate: int | None,
         return False
     if entry.get("ino") is not None:   # stamped: unchanged since, or changed by someone
         return sqlite_ino(st.st_ino) == entry["ino"] and st.st_mtime_ns == entry["mtime_ns"]
-    if not wav_ok(path, sample_rate=sample_rate, size=entry["bytes"]):
+    if not audio.file_ok(path, sample_rate=sample_rate, size=entry["bytes"]):
         return False
     stamps.append((entry["key"], sqlite_ino(st.st_ino), st.st_mtime_ns))
     return True
@@ -229,7 +238,9 @@ def _cache_file_ok(entry: dict, sample_rate: int | None,
 
 AUDIO_KEYS = ("engine.voice", "engine.speaker", "engine.speed", "engine.noise_scale",
               "engine.noise_w", "engine.seed", "engine.sentence_silence_s", "engine.dtype",
-              "engine.device", "engine.devices", "engine.compile", "output.subtype")
+              "engine.device", "engine.devices", "engine.compile", "output.format",
+              "output.subtype", "output.bitrate_kbps", "output.sample_rate",
+              "output.loudness_lufs", "output.true_peak_dbtp", "output.volume")
 """The config keys that change a line's audio bytes, each one in its cache key: voice,
 speaker, speed, noise and seed as the line's own fields, the others through
 ``audio_format`` (device and devices by the kind of device they resolve to). A new
@@ -238,13 +249,17 @@ setting must be added here or to the test's list of those that do not."""
 
 def audio_format(cfg: Config, gpu: bool) -> str:
     """The settings besides the line's own that decide its audio bytes, as one string
-    of the cache key: the output format, the silence between sentences, and the
+    of the cache key: the output format and levels (``LineAudio.key``; a 16-bit WAV
+    at the voice's own levels keeps the key it had before there were others, so its
+    cache stays valid), the silence between sentences, and the
     numerics (device kind, decoder dtype, compiled audio half) of an engine on a GPU or
     not (``gpu``). Audio is not identical across devices, dtypes or compiled kernels."""
     e = cfg.engine
     dtype = e.dtype if e.dtype != "auto" else ("bfloat16" if gpu else "float32")
     compiled = e.compile == "on" or (e.compile == "auto" and gpu)
-    return (f"wav/{cfg.output.subtype}|silence={e.sentence_silence_s!r}|"
+    audio = LineAudio.of(cfg.output)
+    fmt = audio.format.key() if audio.levels.plain else audio.key()
+    return (f"{fmt}|silence={e.sentence_silence_s!r}|"
             f"{'cuda' if gpu else 'cpu'}/{dtype}/compile={'on' if compiled else 'off'}")
 
 

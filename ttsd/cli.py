@@ -70,11 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="take what is in the inbox, finish it, exit (non-zero if a file failed)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar with --once")
 
-    say = sub.add_parser("say", help="synthesize one line to a WAV, no daemon")
+    say = sub.add_parser("say", help="synthesize one line to an audio file, no daemon")
     say.add_argument("text")
     say.add_argument("-o", "--output", type=Path, required=True,
-                     help="the WAV file to write (NAME.wav; its folder must exist)")
+                     help="the file to write; its suffix picks the format: .wav, .flac, .mp3, "
+                          ".ogg (Vorbis) or .opus (its folder must exist)")
     _engine_args(say)
+    say.add_argument("--subtype", help="wav: PCM_16, PCM_24, PCM_32, FLOAT, ULAW, ALAW; "
+                     "flac: PCM_16, PCM_24 (default: output.subtype)")
+    say.add_argument("--bitrate-kbps", type=int, help="mp3, opus: kbit/s")
+    say.add_argument("--sample-rate", type=int, help="Hz (0 = the voice's own)")
+    say.add_argument("--loudness-lufs", type=float, help="e.g. -16; 0 = off")
+    say.add_argument("--true-peak-dbtp", type=float, help="the ceiling with --loudness-lufs")
+    say.add_argument("--volume", type=float, help="a plain gain, e.g. 0.5")
 
     sub.add_parser("voices", help="list the voices ttsd can use").add_argument(
         "--json", action="store_true")
@@ -169,29 +177,59 @@ def cmd_run(cfg: Config, ns: argparse.Namespace) -> int:
     return Daemon(cfg, once=ns.once, progress=progress).run()
 
 
-def _check_say_output(path: Path) -> None:
+SAY_SUFFIXES = {".wav": "wav", ".flac": "flac", ".mp3": "mp3", ".ogg": "ogg", ".oga": "ogg",
+                ".opus": "opus"}
+
+
+def _check_say_output(path: Path) -> str:
     """Refuse an output ``say`` could not write, before the voice loads (seconds): a
-    suffix other than .wav (only WAV is written, and a WAV named .mp3 would mislead),
-    an existing folder, or a folder that is missing or not writable."""
-    if path.suffix.lower() != ".wav":
+    suffix that names no format it writes (a WAV named .m4a would mislead), an existing
+    folder, or a folder that is missing or not writable. Returns the suffix's format."""
+    fmt = SAY_SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
         what = f", not {path.suffix}" if path.suffix else ""
-        raise ConfigError(f"{path}: only WAV is written{what}; name the output NAME.wav")
+        raise ConfigError(f"{path}: name the output with the suffix of its format{what}: "
+                          f"{', '.join(SAY_SUFFIXES)}")
     if path.is_dir():
-        raise ConfigError(f"{path} is a folder; name the WAV file to write")
+        raise ConfigError(f"{path} is a folder; name the audio file to write")
     folder = path.parent
     if not folder.is_dir():
         raise ConfigError(f"{path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"{path}: folder {folder} is not writable")
+    return fmt
+
+
+def _say_output(cfg: Config, fmt: str, ns: argparse.Namespace) -> Config:
+    """``[output]`` for ``say``: the format of the output's suffix, the options given
+    (validated like the file); the config's subtype only where that format takes it."""
+    import dataclasses
+
+    from ttsd.config import validate
+    from ttsd.config.checks import SUBTYPES
+
+    out = cfg.output
+    subtype = ns.subtype or (out.subtype if out.subtype in SUBTYPES.get(fmt, ()) else "PCM_16")
+    changes = {k: v for k, v in {
+        "bitrate_kbps": ns.bitrate_kbps, "sample_rate": ns.sample_rate,
+        "loudness_lufs": ns.loudness_lufs, "true_peak_dbtp": ns.true_peak_dbtp,
+        "volume": ns.volume}.items() if v is not None}
+    if fmt == "opus" and "sample_rate" not in changes:
+        changes["sample_rate"] = 0
+    cfg = dataclasses.replace(cfg, output=dataclasses.replace(
+        out, format=fmt, subtype=subtype, **changes))
+    validate(cfg, "command line")
+    return cfg
 
 
 def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
-    _check_say_output(ns.output)   # before importing torch and loading the voice
-    cfg = _override(cfg, ns)
+    fmt = _check_say_output(ns.output)   # before importing torch and loading the voice
+    cfg = _say_output(_override(cfg, ns), fmt, ns)
     from ttsd.engine.options import EngineOptions
     from ttsd.engine.runtime import start_engine
     from ttsd.jobs import resolve, voice_facts
-    from ttsd.output.wav import write_wav
+    from ttsd.output.fsio import write_atomic
+    from ttsd.output.render import LineAudio
 
     e = cfg.engine
     # One line: compiling (tens of seconds) would cost more than it saves.
@@ -203,9 +241,11 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
     if res.error:
         print(f"ttsd: {res.error}", file=sys.stderr)
         return 1
-    write_wav(ns.output, res.audio, res.sample_rate, cfg.output.subtype, overwrite=True)
-    print(f"{ns.output}: {res.seconds:.2f} s at {res.sample_rate} Hz ({e.voice}, "
-          f"{engine.device}, {str(engine.dtype).split('.')[-1]})")
+    data, rendered = LineAudio.of(cfg.output).encode(res.audio, res.sample_rate)
+    write_atomic(ns.output, data, overwrite=True)
+    loud = f", {rendered.lufs:.1f} LUFS" if rendered.lufs is not None else ""
+    print(f"{ns.output}: {rendered.seconds:.2f} s at {rendered.sample_rate} Hz{loud} "
+          f"({e.voice}, {engine.device}, {str(engine.dtype).split('.')[-1]})")
     return 0
 
 

@@ -18,7 +18,16 @@ if TYPE_CHECKING:
     from ttsd.config.schema import Config, PathsConfig
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-SUBTYPES = ("PCM_16", "PCM_24", "PCM_32", "FLOAT")
+FORMATS = ("wav", "flac", "mp3", "ogg", "opus")
+"""The formats of a line's file (``output.format``)."""
+JOIN_FORMATS = (*FORMATS, "m4b")
+"""The formats of an input joined into one file: the line formats, and M4B (AAC in MP4,
+the audiobook container) with its chapters."""
+SUBTYPES = {"wav": ("PCM_16", "PCM_24", "PCM_32", "FLOAT", "ULAW", "ALAW"),
+            "flac": ("PCM_16", "PCM_24")}
+"""The sample formats each format takes (``output.subtype``); the others have none."""
+RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+"""The rates ``output.sample_rate`` takes (0: the voice's own)."""
 LEVELS = ("debug", "info", "warning", "error")
 BACKENDS = ("local", "ray")
 SWITCH = ("auto", "on", "off")
@@ -68,7 +77,20 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batching.prefetch": _AT_LEAST_1,
     "batching.idle_batch": ((lambda v: 0 < v <= 1), "must be > 0 and <= 1"),
     "batching.writer_threads": _AUTO_0,
-    "output.subtype": _one_of(SUBTYPES),
+    "output.format": _one_of(FORMATS),
+    "output.bitrate_kbps": ((lambda v: v == 0 or 6 <= v <= 320),
+                            "must be 0 (the format's default) or 6 to 320"),
+    "output.sample_rate": ((lambda v: v == 0 or v in RATES),
+                           f"must be 0 (the voice's own) or one of {', '.join(map(str, RATES))}"),
+    "output.loudness_lufs": ((lambda v: v == 0 or -70 <= v <= -5),
+                             "must be 0 (off) or between -70 and -5 LUFS"),
+    "output.true_peak_dbtp": ((lambda v: -20 <= v <= 0), "must be between -20 and 0 dBTP"),
+    "output.volume": ((lambda v: 0 < v <= 16), "must be > 0 and <= 16"),
+    "output.join": _one_of(("none", "file")),
+    "output.join_format": ((lambda v: v == "" or v in JOIN_FORMATS),
+                           f"must be \"\" (the lines' format) or one of {', '.join(JOIN_FORMATS)}"),
+    "output.join_pause_s": ((lambda v: 0 <= v <= 60), "must be between 0 and 60"),
+    "output.chapters": _one_of(("line", "column", "none")),
     "memory.free_memory_every_s": ((lambda v: v >= 0), "must be >= 0 (0 = never)"),
     "memory.idle_s": _AT_LEAST_0,
     "daemon.log_level": _one_of(LEVELS),
@@ -107,6 +129,13 @@ def validate(cfg: Config, where: str = "config") -> None:
         if not (dev == "auto" and len(cfg.engine.devices) == 1 or dev == "cpu" or _cuda(dev)):
             refuse("engine.devices", list(cfg.engine.devices),
                    f"{dev!r}: each must be cpu, cuda or cuda:N (or the whole value \"auto\")")
+    out = cfg.output
+    if out.format in SUBTYPES and out.subtype not in SUBTYPES[out.format]:
+        refuse("output.subtype", out.subtype,
+               f"{out.format} takes {', '.join(SUBTYPES[out.format])}")
+    if out.format == "opus" and out.sample_rate not in (0, 48000):
+        refuse("output.sample_rate", out.sample_rate,
+               "opus is decoded at 48000 Hz by every player: use 0 or 48000")
     c = cfg.cluster
     if c.restart_backoff_max_s < c.restart_backoff_s:
         refuse("cluster.restart_backoff_max_s", c.restart_backoff_max_s,

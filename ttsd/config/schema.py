@@ -174,10 +174,40 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
+    format: str = "wav"
+    """A line's file: wav, flac, mp3, ogg (Vorbis) or opus; the suffix follows it."""
     subtype: str = "PCM_16"
-    """WAV sample format: PCM_16, PCM_24, PCM_32 or FLOAT."""
+    """Sample format of wav (PCM_16, PCM_24, PCM_32, FLOAT; telephony ULAW, ALAW) and of
+    flac (PCM_16, PCM_24); the other formats have none."""
+    bitrate_kbps: int = 0
+    """mp3, opus and m4b: constant bitrate in kbit/s; 0 = 64 (mp3, m4b) or 32 (opus)."""
+    sample_rate: int = 0
+    """Hz: 0 = the voice's own (22,050 for most), else 8000 … 48000 (soxr); opus: 48000."""
+    loudness_lufs: float = 0.0
+    """Integrated loudness of every line (ITU-R BS.1770), e.g. -16 (podcasts), -23 (EBU
+    R128); 0 = off: each sentence at its own peak, as the voice gives it."""
+    true_peak_dbtp: float = -1.0
+    """With a loudness target: the ceiling of a line's true peak (a limiter holds it)."""
+    volume: float = 1.0
+    """A plain gain on every line (after the loudness target), e.g. 0.5 = -6 dB."""
+    join: str = "none"
+    """none, or file: also one audio file per input, its lines in order (outbox/<stem>.<fmt>)."""
+    join_format: str = ""
+    """The joined file's format: "" = the lines' format, or wav, flac, mp3, ogg, opus, m4b."""
+    join_pause_s: float = 0.5
+    """Silence between two lines in the joined file."""
+    chapters: str = "line"
+    """Chapter marks in a joined mp3/ogg/opus/m4b: line (one per line), column (one where
+    a CSV's `chapter` column starts a new one), none."""
     manifest: bool = True
     """Write outbox/<stem>/manifest.csv when a file is finished."""
+
+    @property
+    def pcm16(self) -> bool:
+        """Lines are 16-bit WAV at the voice's own rate and levels: the engine's int16
+        samples are written as they are."""
+        return (self.format == "wav" and self.subtype == "PCM_16" and not self.sample_rate
+                and not self.loudness_lufs and self.volume == 1.0)
 
 
 @dataclass(frozen=True)

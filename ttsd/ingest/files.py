@@ -31,6 +31,7 @@ from ttsd.ingest.watch import writer_open
 from ttsd.jobs import Job, JobError, VoiceFacts, resolve
 from ttsd.log import get_logger
 from ttsd.output.dispose import dispose
+from ttsd.output.formats import SUFFIX
 from ttsd.output.fsio import Folder
 from ttsd.output.manifest import ManifestRow, write_manifest
 from ttsd.records import Line, LineError
@@ -60,6 +61,7 @@ class Ingest:
         self.voices = voices
         self.stop = stop
         self.fmt = fmt
+        self.suffix = SUFFIX[cfg.output.format]
         self.limits = ParseLimits.from_config(cfg.input)
         self.inbox = Inbox(cfg.paths.inbox, cfg.paths.work, cfg.input)
         self.failed_files = 0
@@ -224,7 +226,7 @@ class Ingest:
             number, taken = seen[key]
             return NewLine(item.number, item.text, item.id,
                            error=f"duplicate id {item.id or out_name!r}: line {number} already "
-                                 f"writes {taken}.wav")
+                                 f"writes {taken}{self.suffix}")
         seen[key] = (item.number, out_name)
         try:
             job = resolve(self.cfg.engine, self.voices, voice=item.voice, speaker=item.speaker,
@@ -323,7 +325,8 @@ class Ingest:
             with Folder.open(out_dir) as folder:
                 write_manifest(folder, (
                     ManifestRow(id=r["line_id"] or "", line=r["number"], text=r["text"],
-                                wav=f"{r['out_name']}.wav" if r["state"] == "done" else "",
+                                wav=os.path.basename(r["wav"] or "") if r["state"] == "done"
+                                else "",
                                 seconds=r["seconds"], cached=bool(r["cached"]),
                                 error=r["error"] or "")
                     for r in store.manifest_rows(row["id"])))

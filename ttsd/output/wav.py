@@ -95,6 +95,14 @@ def _int16_parts(samples: np.ndarray, sample_rate: int, subtype: str) -> list[Bu
     return [encode_wav(int16_floats(samples), sample_rate, subtype)]
 
 
+def wav_parts(samples: np.ndarray, sample_rate: int, subtype: str = "PCM_16") -> list[Buffer]:
+    """A WAV as buffers to write one after another: the engine's int16 samples as they
+    are behind a 44-byte header for PCM_16 (``_int16_parts``), else the encoded file."""
+    if isinstance(samples, np.ndarray) and samples.dtype == np.int16:
+        return _int16_parts(samples, sample_rate, subtype)
+    return [encode_wav(samples, sample_rate, subtype)]
+
+
 def int16_floats(samples: np.ndarray) -> np.ndarray:
     """int16 PCM as the float32 samples it stands for (k → k / 32768, exact)."""
     return samples.astype(np.float32) / np.float32(32768.0)

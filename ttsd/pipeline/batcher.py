@@ -23,7 +23,7 @@ from ttsd.config import Config
 from ttsd.engine.records import Prepared, Request, Result, RunStats
 from ttsd.engine.runtime import GPU_BATCH, Engine, Plan
 from ttsd.log import get_logger
-from ttsd.output.wav import wav_ok
+from ttsd.output.render import LineAudio
 from ttsd.store.journal import LineRow, Store, gave_up
 
 log = get_logger(__name__)
@@ -34,7 +34,8 @@ class Batch:
     rows: list[LineRow]
     voice: str
     sample_rate: int | None = None
-    """The voice's rate, as the feeder checked WAVs against it."""
+    """The rate of its lines' files (the voice's own, or ``output.sample_rate``), as
+    the feeder checked files against it."""
     existing: list[LineRow] = field(default_factory=list)
     hits: list[tuple[LineRow, dict]] = field(default_factory=list)
     groups: list[list[LineRow]] = field(default_factory=list)
@@ -93,18 +94,19 @@ delays the first WAV and overlaps the feeder with the sink less); a cap of 1,024
 512, 2,048 and 4,096."""
 
 
-def wav_path(row: LineRow) -> Path:
-    return Path(row.out_dir) / f"{row.out_name}.wav"
+def out_path(row: LineRow, suffix: str = ".wav") -> Path:
+    """Where a line's file goes: its output folder, its name, the format's suffix."""
+    return Path(row.out_dir) / f"{row.out_name}{suffix}"
 
 
-def occupied(path: str | os.PathLike, sample_rate: int | None) -> str:
-    """The error of a line whose output path holds something that is not its WAV (a
-    user's file, a folder, a link, a WAV of another rate). ttsd never overwrites it,
-    and retrying cannot help, so the line fails with this instead of going back to
-    pending."""
+def occupied(path: str | os.PathLike, sample_rate: int | None, what: str = "WAV") -> str:
+    """The error of a line whose output path holds something that is not its file (a
+    user's file, a folder, a link, a file of another format or rate). ttsd never
+    overwrites it, and retrying cannot help, so the line fails with this instead of
+    going back to pending."""
     rate = f" at {sample_rate} Hz" if sample_rate else ""
-    return (f"{os.fspath(path)} already exists and is not a valid WAV{rate}; ttsd does not "
-            "overwrite it: move it away and submit the line again")
+    return (f"{os.fspath(path)} already exists and is not a valid {what}{rate}; ttsd does "
+            "not overwrite it: move it away and submit the line again")
 
 
 class Feeder:
@@ -120,6 +122,7 @@ class Feeder:
         self.cfg = cfg
         self.engine = engine
         self.sample_rates = sample_rates
+        self.audio = LineAudio.of(cfg.output)
         self.prepare = prepare
         self.isolate_retries = isolate_retries
         self.plan = prepare and engine.overlaps
@@ -224,14 +227,16 @@ class Feeder:
         while it was in flight) can have a WAV of its own in the outbox; a first take
         (attempts == 1) cannot, so its outbox path is not looked at (``Sink.write``
         still refuses to overwrite, and adopts a valid WAV it finds there)."""
-        sr = batch.sample_rate = self.sample_rates.get(batch.voice)
+        sr = self.sample_rates.get(batch.voice)
+        sr = batch.sample_rate = sr and self.audio.rate(sr)
+        suffix = self.audio.suffix
         by_key: dict[str, list[LineRow]] = {}
         use_cache = self.cfg.cache.enabled
         cached = store.cache_get_many([r.cache_key for r in batch.rows if r.cache_key]) \
             if use_cache else {}
-        check = HitCheck()
+        check = HitCheck(self.audio)
         for row in batch.rows:
-            if row.attempts > 1 and wav_ok(wav_path(row), sample_rate=sr):
+            if row.attempts > 1 and self.audio.file_ok(out_path(row, suffix), sample_rate=sr):
                 batch.existing.append(row)   # written before a crash, never committed
                 continue
             key = row.cache_key

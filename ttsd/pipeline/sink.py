@@ -1,6 +1,8 @@
-"""The writing step: a finished batch's WAVs, then one store transaction.
+"""The writing step: a finished batch's line files, then one store transaction.
 
-Atomic WAVs and cache hits' copies are written through each output folder's
+Each line is rendered and encoded once (``output.render``: its rate, loudness and format;
+on the writer threads, whose encoders release the GIL), written atomically, and the
+same bytes are the cache's copy. Atomic files and cache hits' copies are written through each output folder's
 descriptor (``output.fsio.Folder``), one fsync per touched folder, then one store
 transaction per batch, or per piece of one: the model thread sends each audio call's
 complete lines ahead (``Batch.piece``). A folder that cannot be written is reported to
@@ -23,9 +25,10 @@ from ttsd.engine.records import Result
 from ttsd.engine.runtime import Engine
 from ttsd.health import Health, fault
 from ttsd.log import get_logger
-from ttsd.output.fsio import Folder, replace_with_link
-from ttsd.output.wav import wav_info, wav_ok, write_wav
-from ttsd.pipeline.batcher import Batch, occupied, wav_path
+from ttsd.output.fsio import Folder, replace_with_link, write_atomic
+from ttsd.output.levels import Rendered
+from ttsd.output.render import LineAudio
+from ttsd.pipeline.batcher import Batch, occupied, out_path
 from ttsd.records import BatchStats, Done, Failed
 from ttsd.store.journal import LineRow, Store, sqlite_ino
 
@@ -41,7 +44,9 @@ class Sink:
         self.cfg = cfg
         self.engine = engine
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ttsd-wav")
-        self.subtype = cfg.output.subtype
+        self.audio = LineAudio.of(cfg.output)
+        self.suffix = self.audio.suffix
+        self.what = "WAV" if self.suffix == ".wav" else f"{self.suffix[1:]} file"
         self.health = health or Health()
         """Where a folder that cannot be written is reported (the feeder then waits)."""
         self.stop = stop or threading.Event()
@@ -138,20 +143,20 @@ class Sink:
                 batch.part_of.tally[k] = batch.part_of.tally.get(k, 0) + v
         return counts
 
-    @staticmethod
-    def _adopt(batch: Batch, folders: _Folders, done: list[Done], requeue: list[int]) -> None:
-        """Lines whose whole WAV an earlier attempt wrote (the feeder saw it): done."""
+    def _adopt(self, batch: Batch, folders: _Folders, done: list[Done], requeue: list[int]
+               ) -> None:
+        """Lines whose whole file an earlier attempt wrote (the feeder saw it): done."""
         for row in batch.existing:
             folder = folders.get(row.out_dir)
             try:
                 if folder is None:
                     raise FileNotFoundError(row.out_dir)
-                seconds = wav_info(f"{row.out_name}.wav", folder.fd)[2]
+                seconds = self.audio.seconds(f"{row.out_name}{self.suffix}", folder.fd)
             except (OSError, ValueError):   # gone or changed since the feeder looked
                 requeue.append(row.id)
                 continue
             folders.touch(folder)
-            done.append(Done(row.id, str(wav_path(row)), seconds, False))
+            done.append(Done(row.id, str(out_path(row, self.suffix)), seconds, False))
 
     def _place_hits(self, store: Store, batch: Batch, folders: _Folders, done: list[Done],
                     failed: list[Failed], requeue: list[int], hit_keys: list[str]) -> None:
@@ -164,11 +169,11 @@ class Sink:
                 requeue.append(row.id)
                 continue
             jobs.append((row, entry, folder, self.pool.submit(
-                place_hit, entry["path"], folder, f"{row.out_name}.wav", batch.sample_rate,
-                link)))
+                place_hit, entry["path"], folder, f"{row.out_name}{self.suffix}",
+                batch.sample_rate, link, audio=self.audio)))
         for row, entry, folder, fut in jobs:
             outcome, seconds = fut.result()
-            dst = str(wav_path(row))
+            dst = str(out_path(row, self.suffix))
             if outcome == "placed":
                 folders.touch(folder)
                 done.append(Done(row.id, dst, float(entry["seconds"]), True))
@@ -183,7 +188,7 @@ class Sink:
                 requeue.append(row.id)
             elif outcome == "taken":   # anything else at the path stays, and the line fails
                 log.error("wav.path_taken", path=dst, line=row.id)
-                failed.append(Failed(row.id, occupied(dst, batch.sample_rate)))
+                failed.append(Failed(row.id, occupied(dst, batch.sample_rate, self.what)))
             else:   # disk full, I/O error: the line stays pending
                 self.health.trouble("outbox", folder.path, "a cache hit could not be placed",
                                     "sink")
@@ -192,7 +197,7 @@ class Sink:
     def _write_wavs(self, batch: Batch, groups: list[tuple[int, list[LineRow]]],
                     folders: _Folders, done: list[Done], failed: list[Failed], requeue: list[int]
                     ) -> list[tuple[int, dict]]:
-        """The synthesized lines' WAVs, on the writer threads; the first line of each
+        """The synthesized lines' files, on the writer threads; the first line of each
         group also leaves the cache its own copy. Returns (line id, cache entry)."""
         results = {r.key: r for r in batch.results}
         jobs = []
@@ -213,17 +218,20 @@ class Sink:
         entries = []
         for row, res, folder, fut in jobs:
             try:
-                refused, entry = fut.result()
+                refused, entry, seconds = fut.result()
             except OSError as exc:   # disk full, I/O error: the line stays pending
                 self._outbox_failed(row.out_dir, exc)
                 requeue.append(row.id)
                 continue
+            except ValueError as exc:   # samples that cannot be encoded (NaN): for good
+                failed.append(Failed(row.id, f"the audio could not be encoded: {exc}"))
+                continue
             if refused:   # for good: pending again, it would be refused again, forever
-                log.error("wav.path_taken", path=str(wav_path(row)), line=row.id)
+                log.error("wav.path_taken", path=str(out_path(row, self.suffix)), line=row.id)
                 failed.append(Failed(row.id, refused))
                 continue
             folders.touch(folder)
-            done.append(Done(row.id, str(wav_path(row)), res.seconds, False))
+            done.append(Done(row.id, str(out_path(row, self.suffix)), seconds, False))
             if entry is not None:
                 entries.append((row.id, entry))
             crash.point("after_rename")
@@ -242,38 +250,42 @@ class Sink:
                                  lambda: write(*args, **kwargs), self.stop, "sink")
 
     def _write_one(self, row: LineRow, res: Result, folder: Folder, keep: bool
-                   ) -> tuple[str | None, dict | None]:
-        """Writes the line's WAV; a valid one already there (an earlier attempt's) is
-        kept. Returns why the line fails for good (another file holds its path), or
-        None; and with ``keep``, the line's cache entry: with ``cache.link`` a hard link
-        to the WAV (returned), else a file of its own written from the same audio on
-        the writer threads after this batch (``_keeping``), so that nothing done to the
-        outbox changes it and its write is not on the way to the line's commit. OSError
-        (a full disk…) leaves the line pending."""
-        name = f"{row.out_name}.wav"
+                   ) -> tuple[str | None, dict | None, float]:
+        """Renders, encodes and writes the line's file; a valid one already there (an
+        earlier attempt's) is kept. Returns why the line fails for good (another file
+        holds its path) or None; with ``keep``, the line's cache entry: with
+        ``cache.link`` a hard link to the file (returned), else a file of its own
+        written from the same bytes on the writer threads after this batch
+        (``_keeping``), so that nothing done to the outbox changes it and its write is
+        not on the way to the line's commit; and the line's length in seconds. OSError
+        (a full disk…) leaves the line pending; ValueError (samples that cannot be
+        encoded) fails it."""
+        name = f"{row.out_name}{self.suffix}"
+        data, rendered = self.audio.encode(res.audio, res.sample_rate)
         try:
-            write_wav(name, res.audio, res.sample_rate, self.subtype, sync_dir=False,
-                      dir_fd=folder.fd)
+            write_atomic(name, data, crash_at="after_tmp", sync_dir=False, dir_fd=folder.fd)
         except FileExistsError:
-            if not wav_ok(name, sample_rate=res.sample_rate, dir_fd=folder.fd):
-                return occupied(wav_path(row), res.sample_rate), None
+            if not self.audio.file_ok(name, sample_rate=rendered.sample_rate, dir_fd=folder.fd):
+                return (occupied(out_path(row, self.suffix), rendered.sample_rate, self.what),
+                        None, rendered.seconds)
         if not keep:
-            return None, None
+            return None, None, rendered.seconds
         if self.cfg.cache.link:
-            return None, self._entry(row, res, lambda dst: replace_with_link(
-                name, dst, link=True, src_dir_fd=folder.fd))
-        keeping = self.pool.submit(self._entry, row, res, lambda dst: write_wav(
-            dst, res.audio, res.sample_rate, self.subtype, overwrite=True, sync_dir=False))
+            return None, self._entry(row, rendered, lambda dst: replace_with_link(
+                name, dst, link=True, src_dir_fd=folder.fd)), rendered.seconds
+        keeping = self.pool.submit(self._entry, row, rendered, lambda dst: write_atomic(
+            dst, data, overwrite=True, sync_dir=False))
         with self._keeping_lock:
             self._keeping.append(keeping)
-        return None, None
+        return None, None, rendered.seconds
 
-    def _entry(self, row: LineRow, res: Result, make: Callable[[Path], object]) -> dict | None:
+    def _entry(self, row: LineRow, rendered: Rendered, make: Callable[[Path], object]
+               ) -> dict | None:
         """Make the line's cache file with ``make`` (fsynced, but without a folder fsync:
         one lost in a power cut is a miss later, never garbage under its name) and
         return its entry. The cache is an optimization: a file that cannot be made is
         logged and skipped."""
-        dst = cache_path(self.cfg.paths.cache, row.cache_key)
+        dst = cache_path(self.cfg.paths.cache, row.cache_key, self.suffix)
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
             make(dst)
@@ -282,7 +294,7 @@ class Sink:
             log.warning("cache.store_failed", key=row.cache_key[:12], error=str(exc))
             return None
         return {"key": row.cache_key, "path": str(dst), "bytes": st.st_size,
-                "seconds": res.seconds, "voice": row.voice, "ino": sqlite_ino(st.st_ino),
+                "seconds": rendered.seconds, "voice": row.voice, "ino": sqlite_ino(st.st_ino),
                 "mtime_ns": st.st_mtime_ns}
 
 

@@ -47,6 +47,7 @@ from ttsd.ingest.files import Ingest
 from ttsd.jobs import LazyVoices, voice_facts
 from ttsd.log import get_logger
 from ttsd.output.dispose import remove_stale_temps
+from ttsd.output.render import LineAudio
 from ttsd.pipeline.batcher import Batch, Feeder
 from ttsd.service import sitelock, workers
 from ttsd.service.control import (
@@ -189,12 +190,13 @@ class Daemon(StageLoops, Control):
         self.ingest.on_lines = self.new_lines.set
         if cfg.cache.enabled:   # known lines are answered as they are parsed
             rates = {n: v.sample_rate for n, v in self.engine.voices.items()}
-
+            audio = LineAudio.of(cfg.output)
             self._hit_pool = ThreadPoolExecutor(max_workers=cfg.batching.writers,
                                                 thread_name_prefix="ttsd-hit")
 
             def answer(store: Store, lines: list[NewLine], out_dir: Path) -> None:
-                answer_new_lines(store, lines, out_dir, rates, cfg.cache.link, self._hit_pool)
+                answer_new_lines(store, lines, out_dir, rates, cfg.cache.link, self._hit_pool,
+                                 audio)
 
             def answered(n: int) -> None:
                 self.progress.lines_done += n
