@@ -110,6 +110,11 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "batching.prefetch": [0, -1], "batching.writer_threads": [-1],
     "batching.idle_batch": [0.0, 1.01, -0.5],
     "output.subtype": ["PCM_8", "pcm_16", "mp3"],
+    "output.format": ["aac", "WAV", ""], "output.bitrate_kbps": [-1, 5, 321],
+    "output.sample_rate": [-1, 12345, 96000], "output.loudness_lufs": [-71.0, -4.0, 3.0],
+    "output.true_peak_dbtp": [0.5, -21.0], "output.volume": [0.0, -1.0, 17.0],
+    "output.join": ["yes", "files", ""], "output.join_format": ["aac", "WAV"],
+    "output.join_pause_s": [-0.1, 61.0], "output.chapters": ["lines", ""],
     "memory.free_memory_every_s": [-1.0], "memory.idle_s": [-1.0],
     "daemon.log_level": ["verbose", "INFO"], "daemon.heartbeat_s": [0.0, -2.0],
     "daemon.max_attempts": [0, -1], "daemon.stop_timeout_s": [-1.0],
@@ -142,6 +147,9 @@ IN_RANGE: dict[str, list[Any]] = {
     "daemon.stop_timeout_s": [0.0], "cluster.address": ["auto", "local", "ray://h:10001",
                                                         "h:6379"],
     "cluster.restart_backoff_max_s": [1.0], "cluster.queue_ahead": [0],
+    "output.sample_rate": [0, 8000, 48000], "output.bitrate_kbps": [0, 6, 320],
+    "output.loudness_lufs": [0.0, -70.0, -5.0], "output.volume": [16.0, 0.01],
+    "output.join_format": ["", "m4b"], "output.join_pause_s": [0.0, 60.0],
 }
 """Values at or near the bounds that are accepted."""
 
@@ -256,7 +264,7 @@ def test_a_file_with_retired_keys_still_runs_a_command(tmp_path: Path) -> None:
     ("[batching]\nprefetch = 0\n", "batching.prefetch: must be >= 1, got 0"),
     ("[engine]\nmemory_fraction = 1.5\n", "engine.memory_fraction: must be in (0, 1], got 1.5"),
     ('[output]\nsubtype = "mp3"\n',
-     "output.subtype: must be one of PCM_16, PCM_24, PCM_32, FLOAT, got 'mp3'"),
+     "output.subtype: wav takes PCM_16, PCM_24, PCM_32, FLOAT, ULAW, ALAW, got 'mp3'"),
     ("[input]\nmax_lines = -1\n", "input.max_lines: must be > 0, got -1"),
 ])
 def test_the_command_line_prints_the_refusal(tmp_path: Path, table: str, said: str) -> None:

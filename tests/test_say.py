@@ -115,11 +115,11 @@ def test_say_refuses_a_missing_output_folder(tmp_path: Path) -> None:
     assert f"folder {missing} does not exist" in line, line
 
 
-def test_say_refuses_an_output_that_is_not_a_wav(tmp_path: Path) -> None:
-    line = refused(tmp_path, "out.mp3")
-    assert ".mp3" in line and "only WAV is written" in line, line
+def test_say_refuses_an_output_whose_suffix_names_no_format_it_writes(tmp_path: Path) -> None:
+    line = refused(tmp_path, "out.m4a")
+    assert ".m4a" in line and "suffix of its format" in line and ".mp3" in line, line
     line = refused(tmp_path, "out")
-    assert "only WAV is written" in line, line
+    assert "suffix of its format" in line, line
 
 
 def test_say_refuses_an_output_that_is_a_folder(tmp_path: Path) -> None:
