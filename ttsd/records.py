@@ -22,6 +22,9 @@ class Line:
     """Per-line speaker (name or integer id as text), or None for the default."""
     speed: float | None = None
     """Per-line speed (finite, within limits), or None for the configured speed."""
+    chapter: str | None = None
+    """The CSV ``chapter`` column: where a joined file's chapter starts (the text of its
+    mark), whitespace folded, at most 200 characters."""
 
 
 @dataclass(frozen=True)

@@ -257,9 +257,11 @@ def _csv_row(number: int, fields: list[str], columns: tuple[str, ...], delimiter
     voice = _field_voice(values.get("voice", ""), problems)
     speaker = _field_speaker(values.get("speaker", ""), problems)
     speed = _field_speed(values.get("speed", ""), limits, problems)
+    chapter = " ".join(unicodedata.normalize("NFC", values.get("chapter", "")).split())[:200]
     if problems or text is None:
         return LineError(number=number, message="; ".join(problems), id=ident, text=text)
-    return Line(number=number, text=text, id=ident, voice=voice, speaker=speaker, speed=speed)
+    return Line(number=number, text=text, id=ident, voice=voice, speaker=speaker, speed=speed,
+                chapter=chapter or None)
 
 
 def _field_id(raw: str, problems: list[str]) -> str | None:

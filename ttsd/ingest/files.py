@@ -33,6 +33,7 @@ from ttsd.log import get_logger
 from ttsd.output.dispose import dispose
 from ttsd.output.formats import SUFFIX
 from ttsd.output.fsio import Folder
+from ttsd.output.join import Part, join_lines
 from ttsd.output.manifest import ManifestRow, write_manifest
 from ttsd.records import Line, LineError
 from ttsd.store.journal import NewLine, Store, sqlite_ino
@@ -236,7 +237,7 @@ class Ingest:
         key_c = self._cache_key(item.text, job)
         return NewLine(item.number, item.text, item.id, out_name, key, job.voice.name,
                        job.speaker_id, job.length_scale, job.noise_scale, job.noise_w, job.seed,
-                       key_c)
+                       key_c, chapter=item.chapter)
 
     def _cache_key(self, text: str, job: Job) -> str:
         """``cache_key`` of a line, from the prefix's hash kept for its voice and
@@ -330,6 +331,8 @@ class Ingest:
                                 seconds=r["seconds"], cached=bool(r["cached"]),
                                 error=r["error"] or "")
                     for r in store.manifest_rows(row["id"])))
+        if self.cfg.output.join == "file" and error is None:
+            self._join(store, row, out_dir)
         work = Path(row["work_path"])
         if error is not None:
             dest = dispose(work, self.cfg.paths.failed, row["name"], error=error)
@@ -349,3 +352,11 @@ class Ingest:
         info = {"name": row["name"], "done": counts.get("done", 0),
                 "failed": counts.get("failed", 0), "out_dir": str(out_dir)}
         log.info("file.done", note=row["note"], **info)
+
+    def _join(self, store: Store, row: dict, out_dir: Path) -> None:
+        """The input's lines as one audio file beside its folder (``output.join``)."""
+        parts = (Part(r["number"], r["wav"] if r["state"] == "done" else None, r["text"],
+                      r["line_id"] or f"Line {r['number']}", r.get("chapter"))
+                 for r in store.manifest_rows(row["id"]))
+        join_lines(out_dir.parent, out_dir.name, parts, self.cfg.output,
+                   title=Path(row["name"]).stem)

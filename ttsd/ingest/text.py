@@ -14,7 +14,7 @@ from ttsd.records import Line, LineError
 if TYPE_CHECKING:
     from ttsd.config import InputConfig
 
-COLUMNS = ("id", "text", "voice", "speaker", "speed")
+COLUMNS = ("id", "text", "voice", "speaker", "speed", "chapter")
 """The CSV columns ttsd knows; ``text`` is required."""
 
 

@@ -23,13 +23,24 @@ class Encoder:
     that of the codec's frames, whatever the length."""
 
     def __init__(self, out: IO[bytes], name: str, sample_rate: int, kbps: int,
-                 title: str = "") -> None:
+                 title: str = "", chapters: list[tuple[float, float, str]] = ()) -> None:
+        """``chapters`` as (start s, end s, title), where the container carries them
+        (MP3: ID3 CHAP frames; Ogg: CHAPTERnnn comments; M4B: its chapter track): known
+        before the first sample, as an MP3's and an Ogg's go into their headers."""
         self.name, self.rate = name, sample_rate
         self.container = av.open(out, "w", format=CONTAINER[name])
         if title:
             self.container.metadata["title"] = title
+        if chapters:
+            tb = Fraction(1, 1000)
+            self.container.set_chapters([
+                {"id": i + 1, "start": round(a * 1000), "end": round(b * 1000),
+                 "time_base": tb, "metadata": {"title": t}}
+                for i, (a, b, t) in enumerate(chapters)])
         self.stream = self.container.add_stream(CODEC[name], rate=sample_rate, layout="mono")
         self.stream.bit_rate = kbps * 1000
+        if name == "mp3":   # float in: LAME_CBR_GAIN's peaks above 1.0 are not clipped
+            self.stream.format = "fltp"
         self.frames = 0
 
     def write(self, samples: np.ndarray) -> None:
@@ -45,18 +56,10 @@ class Encoder:
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
 
-    def close(self, chapters: list[tuple[float, float, str]] = ()) -> None:
-        """Flush the encoder and write the trailer; ``chapters`` as (start s, end s,
-        title) where the container carries them (MP3: ID3 CHAP frames; Ogg: CHAPTERnnn
-        comments; M4B: its chapter track)."""
+    def close(self) -> None:
+        """Flush the encoder and write the trailer."""
         for packet in self.stream.encode(None):
             self.container.mux(packet)
-        if chapters:
-            tb = Fraction(1, 1000)
-            self.container.set_chapters([
-                {"id": i + 1, "start": round(a * 1000), "end": round(b * 1000),
-                 "time_base": tb, "metadata": {"title": t}}
-                for i, (a, b, t) in enumerate(chapters)])
         self.container.close()
 
 
@@ -86,7 +89,7 @@ def probe_av(data: bytes, name: str) -> tuple[int, int]:
         raise ValueError(str(exc)) from None
 
 
-def decode_file(path: str, name: str) -> tuple[np.ndarray, int]:
+def decode_file(path: str) -> tuple[np.ndarray, int]:
     """Mono float32 samples and rate of a whole file, by FFmpeg."""
     with av.open(path, "r") as c:
         blocks = [f.to_ndarray().reshape(-1).astype(np.float32)

@@ -108,13 +108,13 @@ class Store(CacheTable, Reports):
             c.executemany(
                 "INSERT OR IGNORE INTO lines (file_id, number, out_name, name_key, line_id, "
                 "text, voice, speaker_id, length_scale, noise_scale, noise_w, seed, cache_key, "
-                "state, error, finished_at, wav, seconds, cached) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "state, error, finished_at, wav, seconds, cached, chapter) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(file_id, ln.number, ln.out_name, ln.name_key, ln.line_id, ln.text, ln.voice,
                   ln.speaker_id, ln.length_scale, ln.noise_scale, ln.noise_w, ln.seed,
                   ln.cache_key, "failed" if ln.error else "done" if ln.wav else "pending",
                   ln.error, now if ln.error or ln.wav else None, ln.wav, ln.seconds,
-                  int(ln.cached)) for ln in lines])
+                  int(ln.cached), ln.chapter) for ln in lines])
             keys = [ln.cache_key for ln in answered if ln.cached]
             if keys:
                 count_hits(c, keys, now)
@@ -151,7 +151,7 @@ class Store(CacheTable, Reports):
 
     def manifest_rows(self, file_id: int) -> Iterator[dict]:
         cur = self.conn.execute(
-            "SELECT number, line_id, out_name, text, wav, seconds, cached, error, state "
+            "SELECT number, line_id, out_name, text, wav, seconds, cached, error, state, chapter "
             "FROM lines WHERE file_id=? ORDER BY number", (file_id,))
         cols = [c[0] for c in cur.description]
         for row in cur:

@@ -1,4 +1,4 @@
-"""The journal's schema: migrations m001 … m005, applied in order by ``migrate``.
+"""The journal's schema: migrations m001 … m006, applied in order by ``migrate``.
 
 Each migration runs once, in the transaction that records its name in
 ``_migrations``; a journal is at the newest version when every name is there. A
@@ -101,9 +101,14 @@ def m005_file_stamp(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE files ADD COLUMN ino INTEGER")
 
 
+def m006_line_chapter(db: sqlite_utils.Database) -> None:
+    """A line's CSV ``chapter`` column, for the chapter marks of a joined file."""
+    db.execute("ALTER TABLE lines ADD COLUMN chapter TEXT")
+
+
 Migration = Callable[["sqlite_utils.Database"], None]
 MIGRATIONS: list[Migration] = [m001_initial, m002_workers, m003_cache_stamp, m004_done_totals,
-                               m005_file_stamp]
+                               m005_file_stamp, m006_line_chapter]
 
 
 def recount_done(c: sqlite3.Connection) -> None:

@@ -48,6 +48,8 @@ class NewLine:
     error: str | None = None
     wav: str | None = None
     seconds: float | None = None
+    chapter: str | None = None
+    """The CSV ``chapter`` column (``output.chapters = "column"``)."""
     cached: bool = False
     """With ``wav``: the WAV came from the cache entry (a copy, or with ``cache.link`` a
     link; False: a whole WAV of an earlier attempt was already at the path, and was
