@@ -4,6 +4,7 @@ WAV of the same audio, rates, loudness against the reference meter, and the daem
 
 from __future__ import annotations
 
+import csv
 import io
 import math
 import os
@@ -186,8 +187,11 @@ def test_the_daemon_writes_mp3_at_the_rate_and_loudness_asked(tmp_path: Path) ->
     out = site.outbox / "lines"
     files = sorted(p.name for p in out.iterdir())
     assert files == ["0001.mp3", "0002.mp3", "0003.mp3", "manifest.csv"]
-    manifest = (out / "manifest.csv").read_text()
-    assert "0002.mp3" in manifest
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["wav"] for r in rows] == ["0001.mp3", "0002.mp3", "0003.mp3"]
+    assert {r["format"] for r in rows} == {"mp3"} and {r["sample_rate"] for r in rows} == {"16000"}
+    assert all(abs(float(r["lufs"]) - -20.0) < 0.2 for r in rows), rows
     for name in files[:3]:
         samples, rate = decode((out / name).read_bytes(), "mp3")
         assert rate == 16000
@@ -201,6 +205,10 @@ def test_the_daemon_writes_mp3_at_the_rate_and_loudness_asked(tmp_path: Path) ->
     again = {p.name: p.read_bytes() for p in (site.outbox / "again").glob("*.mp3")}
     assert again == first
     assert site.query("SELECT COUNT(*) FROM lines WHERE cached = 1")[0][0] == 3
+    with open(site.outbox / "again" / "manifest.csv", newline="", encoding="utf-8") as f:
+        cached_rows = list(csv.DictReader(f))
+    assert [(r["cached"], r["sample_rate"], r["lufs"]) for r in cached_rows] == \
+        [("true", r["sample_rate"], r["lufs"]) for r in rows]
 
 
 def test_a_damaged_cached_mp3_is_a_miss_not_served(tmp_path: Path) -> None:

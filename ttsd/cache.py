@@ -191,6 +191,7 @@ def answer_new_lines(store: Store, lines: list[NewLine], out_dir: Path,
             dst = str(folder.path / f"{ln.out_name}{audio.suffix}")
             if outcome == "placed":
                 ln.wav, ln.seconds, ln.cached = dst, float(entry["seconds"]), True
+                ln.rate, ln.lufs = entry.get("rate"), entry.get("lufs")
                 answered.append(ln)
             elif outcome == "adopted":
                 ln.wav, ln.seconds, ln.cached = dst, seconds, False

@@ -57,14 +57,18 @@ class BatchStats:
 
 
 class Done(NamedTuple):
-    """A line that has its WAV in the outbox, as the sink hands it to the journal."""
+    """A line that has its file in the outbox, as the sink hands it to the journal."""
 
     line_id: int
     wav: str
-    """The WAV's path."""
+    """The file's path (a WAV, or the output format's)."""
     seconds: float
     cached: bool
-    """Its audio came from the cache (a copy of an earlier line's WAV)."""
+    """Its audio came from the cache (a copy of an earlier line's file)."""
+    rate: int | None = None
+    """The file's sample rate (None: not known, a file of an earlier attempt adopted)."""
+    lufs: float | None = None
+    """Its integrated loudness as measured after rendering (with output.loudness_lufs)."""
 
 
 class Failed(NamedTuple):

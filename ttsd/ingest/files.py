@@ -329,7 +329,8 @@ class Ingest:
                                 wav=os.path.basename(r["wav"] or "") if r["state"] == "done"
                                 else "",
                                 seconds=r["seconds"], cached=bool(r["cached"]),
-                                error=r["error"] or "")
+                                error=r["error"] or "", sample_rate=r["rate"],
+                                lufs=r["lufs"])
                     for r in store.manifest_rows(row["id"])))
         if self.cfg.output.join == "file" and error is None:
             self._join(store, row, out_dir)

@@ -1,5 +1,5 @@
 """manifest.csv: one row per line of an input (id, line, text, wav, seconds, cached,
-error), written atomically into the input's output folder."""
+error, format, sample_rate, lufs), written atomically into the input's output folder."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from ttsd.output.fsio import Folder, write_atomic
 
 log = get_logger(__name__)
 
-MANIFEST_COLUMNS = ("id", "line", "text", "wav", "seconds", "cached", "error")
+MANIFEST_COLUMNS = ("id", "line", "text", "wav", "seconds", "cached", "error", "format",
+                    "sample_rate", "lufs")
+"""The first seven as they always were; the audio's own after them. ``wav`` names the
+line's file whatever its format (its suffix says which)."""
 
 
 MANIFEST = "manifest.csv"
@@ -28,10 +31,13 @@ class ManifestRow:
     line: int
     text: str
     wav: str
-    """WAV file name relative to the manifest's folder ('' when the line failed)."""
+    """The line's file name relative to the manifest's folder ('' when the line failed)."""
     seconds: float | None
     cached: bool
     error: str
+    sample_rate: int | None = None
+    lufs: float | None = None
+    """Integrated loudness measured after rendering (with ``output.loudness_lufs``)."""
 
 
 def manifest_bytes(rows: Iterable[ManifestRow]) -> bytes:
@@ -45,6 +51,8 @@ def manifest_bytes(rows: Iterable[ManifestRow]) -> bytes:
             csv_cell(r.id), r.line, csv_cell(r.text), csv_cell(r.wav),
             "" if r.seconds is None else f"{r.seconds:.3f}",
             "true" if r.cached else "false", csv_cell(r.error),
+            r.wav.rsplit(".", 1)[-1].lower() if "." in r.wav else "",
+            r.sample_rate or "", "" if r.lufs is None else f"{r.lufs:.2f}",
         ])
     return out.getvalue().encode("utf-8")
 

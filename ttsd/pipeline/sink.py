@@ -176,7 +176,8 @@ class Sink:
             dst = str(out_path(row, self.suffix))
             if outcome == "placed":
                 folders.touch(folder)
-                done.append(Done(row.id, dst, float(entry["seconds"]), True))
+                done.append(Done(row.id, dst, float(entry["seconds"]), True, entry.get("rate"),
+                                 entry.get("lufs")))
                 hit_keys.append(entry["key"])
             elif outcome == "adopted":   # a whole WAV of an earlier attempt
                 folders.touch(folder)
@@ -218,7 +219,7 @@ class Sink:
         entries = []
         for row, res, folder, fut in jobs:
             try:
-                refused, entry, seconds = fut.result()
+                refused, entry, rendered = fut.result()
             except OSError as exc:   # disk full, I/O error: the line stays pending
                 self._outbox_failed(row.out_dir, exc)
                 requeue.append(row.id)
@@ -231,7 +232,8 @@ class Sink:
                 failed.append(Failed(row.id, refused))
                 continue
             folders.touch(folder)
-            done.append(Done(row.id, str(out_path(row, self.suffix)), seconds, False))
+            done.append(Done(row.id, str(out_path(row, self.suffix)), rendered.seconds, False,
+                             rendered.sample_rate, rendered.lufs))
             if entry is not None:
                 entries.append((row.id, entry))
             crash.point("after_rename")
@@ -250,14 +252,14 @@ class Sink:
                                  lambda: write(*args, **kwargs), self.stop, "sink")
 
     def _write_one(self, row: LineRow, res: Result, folder: Folder, keep: bool
-                   ) -> tuple[str | None, dict | None, float]:
+                   ) -> tuple[str | None, dict | None, Rendered]:
         """Renders, encodes and writes the line's file; a valid one already there (an
         earlier attempt's) is kept. Returns why the line fails for good (another file
         holds its path) or None; with ``keep``, the line's cache entry: with
         ``cache.link`` a hard link to the file (returned), else a file of its own
         written from the same bytes on the writer threads after this batch
         (``_keeping``), so that nothing done to the outbox changes it and its write is
-        not on the way to the line's commit; and the line's length in seconds. OSError
+        not on the way to the line's commit; and its rendered audio. OSError
         (a full disk…) leaves the line pending; ValueError (samples that cannot be
         encoded) fails it."""
         name = f"{row.out_name}{self.suffix}"
@@ -267,17 +269,17 @@ class Sink:
         except FileExistsError:
             if not self.audio.file_ok(name, sample_rate=rendered.sample_rate, dir_fd=folder.fd):
                 return (occupied(out_path(row, self.suffix), rendered.sample_rate, self.what),
-                        None, rendered.seconds)
+                        None, rendered)
         if not keep:
-            return None, None, rendered.seconds
+            return None, None, rendered
         if self.cfg.cache.link:
             return None, self._entry(row, rendered, lambda dst: replace_with_link(
-                name, dst, link=True, src_dir_fd=folder.fd)), rendered.seconds
+                name, dst, link=True, src_dir_fd=folder.fd)), rendered
         keeping = self.pool.submit(self._entry, row, rendered, lambda dst: write_atomic(
             dst, data, overwrite=True, sync_dir=False))
         with self._keeping_lock:
             self._keeping.append(keeping)
-        return None, None, rendered.seconds
+        return None, None, rendered
 
     def _entry(self, row: LineRow, rendered: Rendered, make: Callable[[Path], object]
                ) -> dict | None:
@@ -295,7 +297,7 @@ class Sink:
             return None
         return {"key": row.cache_key, "path": str(dst), "bytes": st.st_size,
                 "seconds": rendered.seconds, "voice": row.voice, "ino": sqlite_ino(st.st_ino),
-                "mtime_ns": st.st_mtime_ns}
+                "mtime_ns": st.st_mtime_ns, "rate": rendered.sample_rate, "lufs": rendered.lufs}
 
 
 class _Folders:

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from ttsd.store.base import StoreBase, add_counters
 from ttsd.store.records import CacheEntry, CacheFile, CacheTotals
 
-_HIT_NAMES = ("key", "path", "bytes", "seconds", "ino", "mtime_ns")
+_HIT_NAMES = ("key", "path", "bytes", "seconds", "ino", "mtime_ns", "rate", "lufs")
 _HIT_COLUMNS = ", ".join(_HIT_NAMES)
 _ENTRY_COLUMNS = "key, path, bytes, last_used, hits, rowid"
 

@@ -108,13 +108,13 @@ class Store(CacheTable, Reports):
             c.executemany(
                 "INSERT OR IGNORE INTO lines (file_id, number, out_name, name_key, line_id, "
                 "text, voice, speaker_id, length_scale, noise_scale, noise_w, seed, cache_key, "
-                "state, error, finished_at, wav, seconds, cached, chapter) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "state, error, finished_at, wav, seconds, cached, chapter, rate, lufs) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(file_id, ln.number, ln.out_name, ln.name_key, ln.line_id, ln.text, ln.voice,
                   ln.speaker_id, ln.length_scale, ln.noise_scale, ln.noise_w, ln.seed,
                   ln.cache_key, "failed" if ln.error else "done" if ln.wav else "pending",
                   ln.error, now if ln.error or ln.wav else None, ln.wav, ln.seconds,
-                  int(ln.cached), ln.chapter) for ln in lines])
+                  int(ln.cached), ln.chapter, ln.rate, ln.lufs) for ln in lines])
             keys = [ln.cache_key for ln in answered if ln.cached]
             if keys:
                 count_hits(c, keys, now)
@@ -151,7 +151,8 @@ class Store(CacheTable, Reports):
 
     def manifest_rows(self, file_id: int) -> Iterator[dict]:
         cur = self.conn.execute(
-            "SELECT number, line_id, out_name, text, wav, seconds, cached, error, state, chapter "
+            "SELECT number, line_id, out_name, text, wav, seconds, cached, error, state, chapter, "
+            "rate, lufs "
             "FROM lines WHERE file_id=? ORDER BY number", (file_id,))
         cols = [c[0] for c in cur.description]
         for row in cur:
@@ -251,19 +252,21 @@ class Store(CacheTable, Reports):
                 c.execute("UPDATE lines SET state='done', wav=json_extract(j.value, '$[1]'), "
                           "seconds=json_extract(j.value, '$[2]'), "
                           "cached=json_extract(j.value, '$[3]'), "
+                          "rate=json_extract(j.value, '$[4]'), lufs=json_extract(j.value, '$[5]'), "
                           "synth_count=synth_count + 1 - json_extract(j.value, '$[3]'), "
                           "finished_at=?, error=NULL FROM json_each(?) AS j "
                           "WHERE lines.id = json_extract(j.value, '$[0]')",
-                          (now, json.dumps([(i, wav, sec, int(cached))
-                                            for i, wav, sec, cached in done])))
-                _count_done(c, [(sec, cached) for _i, _w, sec, cached in done])
+                          (now, json.dumps([(d[0], d[1], d[2], int(d[3]), *d[4:6])
+                                            for d in done])))
+                _count_done(c, [(d[2], d[3]) for d in done])
             c.executemany("UPDATE lines SET state='failed', error=?, finished_at=? WHERE id=?",
                           [(err, now, i) for i, err in failed])
             c.executemany("INSERT OR REPLACE INTO cache (key, path, bytes, seconds, voice, "
-                          "created_at, last_used, hits, ino, mtime_ns) "
-                          "VALUES (?,?,?,?,?,?,?,0,?,?)",
+                          "created_at, last_used, hits, ino, mtime_ns, rate, lufs) "
+                          "VALUES (?,?,?,?,?,?,?,0,?,?,?,?)",
                           [(r["key"], r["path"], r["bytes"], r["seconds"], r["voice"], now, now,
-                            r.get("ino"), r.get("mtime_ns")) for r in cache_rows])
+                            r.get("ino"), r.get("mtime_ns"), r.get("rate"), r.get("lufs"))
+                           for r in cache_rows])
             if batch is not None:
                 worker = batch.extra.get("worker")
                 c.execute("INSERT INTO batches (at, size, phonemes, audio_s, prepare_ms, model_ms,"

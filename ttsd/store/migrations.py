@@ -101,14 +101,20 @@ def m005_file_stamp(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE files ADD COLUMN ino INTEGER")
 
 
-def m006_line_chapter(db: sqlite_utils.Database) -> None:
-    """A line's CSV ``chapter`` column, for the chapter marks of a joined file."""
+def m006_output_columns(db: sqlite_utils.Database) -> None:
+    """A line's CSV ``chapter`` column (the chapter marks of a joined file), and of a
+    done line and a cache entry the file's sample rate and measured loudness (the
+    manifest's ``sample_rate`` and ``lufs``)."""
     db.execute("ALTER TABLE lines ADD COLUMN chapter TEXT")
+    db.execute("ALTER TABLE lines ADD COLUMN rate INTEGER")
+    db.execute("ALTER TABLE lines ADD COLUMN lufs REAL")
+    db.execute("ALTER TABLE cache ADD COLUMN rate INTEGER")
+    db.execute("ALTER TABLE cache ADD COLUMN lufs REAL")
 
 
 Migration = Callable[["sqlite_utils.Database"], None]
 MIGRATIONS: list[Migration] = [m001_initial, m002_workers, m003_cache_stamp, m004_done_totals,
-                               m005_file_stamp, m006_line_chapter]
+                               m005_file_stamp, m006_output_columns]
 
 
 def recount_done(c: sqlite3.Connection) -> None:

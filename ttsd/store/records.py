@@ -50,6 +50,9 @@ class NewLine:
     seconds: float | None = None
     chapter: str | None = None
     """The CSV ``chapter`` column (``output.chapters = "column"``)."""
+    rate: int | None = None
+    """With ``wav``: its sample rate and measured loudness (the cache entry's)."""
+    lufs: float | None = None
     cached: bool = False
     """With ``wav``: the WAV came from the cache entry (a copy, or with ``cache.link`` a
     link; False: a whole WAV of an earlier attempt was already at the path, and was
