@@ -379,7 +379,7 @@ def test_copy_disk_full_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monke
 def test_manifest_columns_and_formula_guard(tmp_path: Path) -> None:
     """formula-cells: id, text, wav and error cells starting with = + - @ TAB CR get a "'"."""
     rows = [
-        ManifestRow("0001", 1, "Hello, world", "0001.wav", 1.23456, False, ""),
+        ManifestRow("0001", 1, "Hello, world", "0001.wav", 1.23456, False, "", 22050, -16.004),
         ManifestRow("=HYPERLINK(\"http://x\")", 2, "@SUM(A1)", "", None, False,
                     "-bad speed"),
         ManifestRow("+1", 3, "\t=1+1", "x.wav", 0.5, True, "\rx"),
@@ -390,12 +390,15 @@ def test_manifest_columns_and_formula_guard(tmp_path: Path) -> None:
     write_manifest(folder, rows)
     with open(path, newline="", encoding="utf-8") as f:
         got = list(csv.reader(f))
-    assert got[0] == ["id", "line", "text", "wav", "seconds", "cached", "error"]
-    assert got[1] == ["0001", "1", "Hello, world", "0001.wav", "1.235", "false", ""]
+    assert got[0] == ["id", "line", "text", "wav", "seconds", "cached", "error", "format",
+                      "sample_rate", "lufs"]
+    assert got[1] == ["0001", "1", "Hello, world", "0001.wav", "1.235", "false", "", "wav",
+                      "22050", "-16.00"]
     assert got[2] == ["'=HYPERLINK(\"http://x\")", "2", "'@SUM(A1)", "", "", "false",
-                      "'-bad speed"]
-    assert got[3] == ["'+1", "3", "'\t=1+1", "x.wav", "0.500", "true", "'\rx"]
-    assert got[4] == ["a\nb", "4", 'quote " and , comma', "y.wav", "2.000", "true", ""]
+                      "'-bad speed", "", "", ""]
+    assert got[3] == ["'+1", "3", "'\t=1+1", "x.wav", "0.500", "true", "'\rx", "wav", "", ""]
+    assert got[4] == ["a\nb", "4", 'quote " and , comma', "y.wav", "2.000", "true", "", "wav",
+                      "", ""]
     write_manifest(folder, rows[:1])  # rewriting replaces atomically
     folder.close()
     assert len(path.read_text().splitlines()) == 2

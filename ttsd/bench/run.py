@@ -239,7 +239,10 @@ def run(cfg: Config, ns: argparse.Namespace) -> dict[str, Any]:
         report["roofline"]["fraction_reached_end_to_end"] = round(
             e2e / report["roofline"]["x_realtime_limit"], 4)
         save()
-        for compare in getattr(ns, "e2e_compare", None) or []:   # A/B: other config values
+        formats = [f.strip() for f in (getattr(ns, "e2e_formats", "") or "").split(",")
+                   if f.strip()]
+        for compare in [*(getattr(ns, "e2e_compare", None) or []),   # A/B: other config values
+                        *(f'output.format="{f}"' for f in formats)]:
             row = bench_end_to_end(cfg, lines, best["dtype"], cache_run=False,
                                    compare=compare)
             row["config"] = compare
