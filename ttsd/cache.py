@@ -1,6 +1,6 @@
-"""The cache: a line said before is answered with the WAV it got then.
+"""The cache: a line said before is answered with the file it got then.
 
-An entry is keyed by everything that changes a line's audio (``cache_key``); its WAV is
+An entry is keyed by everything that changes a line's audio (``cache_key``); its file is
 kept under ``state/cache/`` by the sink, and a hit is placed at the line's outbox path as
 a copy that shares nothing with the cache (a reflink where the filesystem has them), or
 with ``cache.link`` a hard link. A hit is checked before it is used (``HitCheck``): a
@@ -82,12 +82,13 @@ def place_hit(src: str, folder: Folder, name: str, sample_rate: int | None, link
     """Put a cache hit's file at its line's file ``name`` in ``folder``: a copy that shares
     nothing with the cache (or, with ``cache.link``, a hard link). No folder fsync: the
     caller's. Returns ("placed", None), also when the path holds those very bytes
-    already (placed before a crash); ("adopted", seconds): another whole WAV of an
+    already (placed before a crash); ("adopted", seconds): another whole file of an
     earlier attempt was there already and is kept; ("gone", None): the cache file was
     purged or is no longer a regular file (a miss: synthesize the line); ("taken",
-    None): something that is not its file (``audio``'s format) holds the path (never overwritten: the line
-    fails, ``occupied``); ("error", None): the copy failed (disk full, I/O error: the
-    line stays pending). ``checked``: ``src`` was just found a regular file."""
+    None): something that is not its file (of ``audio``'s format) holds the path (never
+    overwritten: the line fails, ``occupied``); ("error", None): the copy failed (disk
+    full, I/O error: the line stays pending). ``checked``: ``src`` was just found a
+    regular file."""
     try:
         link_or_copy(src, name, link=link, sync_dir=False, checked=checked, dst_dir_fd=folder.fd)
         return "placed", None
@@ -220,7 +221,8 @@ def _cache_file_ok(entry: dict, sample_rate: int | None,
     the line is synthesized again, and nothing done outside ttsd is ever served. (An
     edit that restores the old mtime and keeps the size is not seen.) An entry from
     before stamps gets the full check — regular, the entry's size, a whole file of the
-    output's format at its rate (``LineAudio.file_ok``) — and, if it passes, a new stamp in ``stamps`` (key,
+    output's format at its rate (``LineAudio.file_ok``) — and, if it passes, a new stamp
+    in ``stamps`` (key,
     inode, mtime_ns)."""
     path = entry["path"]
     try:

@@ -197,7 +197,7 @@ class OutputConfig:
     join_pause_s: float = 0.5
     """Silence between two lines in the joined file."""
     chapters: str = "line"
-    """Chapter marks in a joined mp3/ogg/opus/m4b: line (one per line), column (one where
+    """Chapter marks in a joined mp3/opus/m4b: line (one per line), column (one where
     a CSV's `chapter` column starts a new one), none."""
     manifest: bool = True
     """Write outbox/<stem>/manifest.csv when a file is finished."""

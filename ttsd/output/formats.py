@@ -1,4 +1,5 @@
-"""Audio formats: what a line's file is encoded as, its suffix, and the check of one on disk.
+"""Audio formats: what a line's file is encoded as, its suffix, and the check of one on
+disk.
 
 WAV (PCM or telephony μ-law/A-law), FLAC, MP3 (LAME) and Ogg Vorbis are encoded by
 libsndfile (soundfile); Opus by FFmpeg's libopus through PyAV (libsndfile's Opus encoder
@@ -7,9 +8,9 @@ bitrate). MP3 stays with libsndfile, whose "compression level" maps onto LAME's
 constant bitrates exactly (``_lame_level``). LAME's constant and average bitrate modes
 play back 0.446 dB below their input (measured on a sine and on speech, at every
 bitrate, through both FFmpeg and libsndfile; its VBR mode keeps the level): the samples
-go in that much louder (``LAME_CBR_GAIN``), so an MP3 plays at the loudness asked. Both release the GIL while they
-encode: the sink's writer threads encode in parallel (2 threads: MP3 1.8x, Opus 1.7x
-one thread's rate).
+go in that much louder (``LAME_CBR_GAIN``), so an MP3 plays at the loudness asked. Both
+libraries release the GIL while they encode: the sink's writer threads encode in
+parallel (2 threads: MP3 1.8x, Opus 1.7x one thread's rate).
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ class Levels:
             audio = audio * np.float32(self.volume)
             if lufs is not None:
                 lufs += 20 * math.log10(self.volume)
-        return Rendered(np.clip(audio, -1.0, 1.0, out=audio), out_rate, lufs)
+        return Rendered(np.clip(audio, -1.0, 1.0), out_rate, lufs)
 
 
 def resample(audio: np.ndarray, rate: int, out_rate: int) -> np.ndarray:
@@ -117,7 +117,8 @@ def _k_weighting(rate: int) -> tuple[np.ndarray, np.ndarray]:
     q, vh = 0.7071752369554196, 10 ** (3.999843853973347 / 20)
     vb = vh ** 0.4996667741545416
     a0 = 1 + k / q + k * k
-    shelf_b = [(vh + vb * k / q + k * k) / a0, 2 * (k * k - vh) / a0, (vh - vb * k / q + k * k) / a0]
+    shelf_b = [(vh + vb * k / q + k * k) / a0, 2 * (k * k - vh) / a0,
+               (vh - vb * k / q + k * k) / a0]
     shelf_a = [1.0, 2 * (k * k - 1) / a0, (1 - k / q + k * k) / a0]
     k = math.tan(math.pi * 38.13547087602444 / rate)
     q = 0.5003270373238773
