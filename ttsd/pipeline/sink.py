@@ -4,9 +4,10 @@ Each line is rendered and encoded once (``output.render``: its rate, loudness an
 on the writer threads, whose encoders release the GIL), written atomically, and the
 same bytes are the cache's copy. Atomic files and cache hits' copies are written
 through each output folder's descriptor (``output.fsio.Folder``), one fsync per touched
-folder, then one store transaction per batch, or per piece of one: the model thread sends each audio call's
-complete lines ahead (``Batch.piece``). A folder that cannot be written is reported to
-``health`` (the feeder then waits), and its lines go back to pending.
+folder, then one store transaction per batch, or per piece of one: the model thread
+sends each audio call's complete lines ahead (``Batch.piece``). A folder that cannot be
+written is reported to ``health`` (the feeder then waits), and its lines go back to
+pending.
 """
 
 from __future__ import annotations
