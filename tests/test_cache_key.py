@@ -126,6 +126,7 @@ CHANGED = {   # for each key of cache.AUDIO_KEYS: (value, other value)
     "output.format": ("wav", "flac"), "output.bitrate_kbps": (0, 96),
     "output.sample_rate": (0, 16000), "output.loudness_lufs": (0.0, -16.0),
     "output.true_peak_dbtp": (-1.0, -2.0), "output.volume": (1.0, 0.5),
+    "output.timestamps": (False, True),
 }
 WITH = {"output.true_peak_dbtp": {"output.loudness_lufs": -16.0},
         "output.bitrate_kbps": {"output.format": "mp3"}}

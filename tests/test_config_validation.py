@@ -129,7 +129,8 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
 
 ANY_VALUE = {
     "paths.voice_cache",     # "" = the per-user cache folder; any other text is a folder
-    "input.polling", "engine.warmup", "output.manifest", "cache.enabled", "cache.link",
+    "input.polling", "engine.warmup", "output.manifest", "output.timestamps",
+    "cache.enabled", "cache.link",
     "engine.speaker",        # a name or an id, known only once the voice is loaded
     "engine.seed",           # any integer seeds the noise
 }

@@ -23,7 +23,8 @@ from ttsd.engine.options import ENGINE_VERSION
 from ttsd.health import fault
 from ttsd.jobs import Job
 from ttsd.log import get_logger
-from ttsd.output.fsio import Folder, link_or_copy
+from ttsd.output.formats import read_small
+from ttsd.output.fsio import Folder, link_or_copy, write_atomic
 from ttsd.output.render import LineAudio
 from ttsd.store.errors import OperationalError
 from ttsd.store.journal import NewLine, Store, sqlite_ino
@@ -33,6 +34,11 @@ log = get_logger(__name__)
 
 def cache_path(cache_dir: Path, key: str, suffix: str = ".wav") -> Path:
     return cache_dir / key[:2] / f"{key}{suffix}"
+
+
+def sidecar(path: str | os.PathLike) -> str:
+    """A line file's timestamps beside it: ``0001.mp3`` → ``0001.json``."""
+    return os.path.splitext(os.fspath(path))[0] + ".json"
 
 
 class HitCheck:
@@ -90,6 +96,9 @@ def place_hit(src: str, folder: Folder, name: str, sample_rate: int | None, link
     full, I/O error: the line stays pending). ``checked``: ``src`` was just found a
     regular file."""
     try:
+        if audio is not None and audio.timestamps:   # its timestamps first, as the sink does
+            write_atomic(sidecar(name), read_small(sidecar(src)), overwrite=True,
+                         sync_dir=False, dir_fd=folder.fd)
         link_or_copy(src, name, link=link, sync_dir=False, checked=checked, dst_dir_fd=folder.fd)
         return "placed", None
     except (FileNotFoundError, ValueError):
@@ -243,11 +252,13 @@ AUDIO_KEYS = ("engine.voice", "engine.speaker", "engine.speed", "engine.noise_sc
               "engine.noise_w", "engine.seed", "engine.sentence_silence_s", "engine.dtype",
               "engine.device", "engine.devices", "engine.compile", "output.format",
               "output.subtype", "output.bitrate_kbps", "output.sample_rate",
-              "output.loudness_lufs", "output.true_peak_dbtp", "output.volume")
+              "output.loudness_lufs", "output.true_peak_dbtp", "output.volume",
+              "output.timestamps")
 """The config keys that change a line's audio bytes, each one in its cache key: voice,
 speaker, speed, noise and seed as the line's own fields, the others through
 ``audio_format`` (device and devices by the kind of device they resolve to). A new
-setting must be added here or to the test's list of those that do not."""
+setting must be added here or to the test's list of those that do not. (Timestamps do
+not change the audio, but an entry made with them keeps their file too.)"""
 
 
 def audio_format(cfg: Config, gpu: bool) -> str:
@@ -262,6 +273,8 @@ def audio_format(cfg: Config, gpu: bool) -> str:
     compiled = e.compile == "on" or (e.compile == "auto" and gpu)
     audio = LineAudio.of(cfg.output)
     fmt = audio.format.key() if audio.levels.plain else audio.key()
+    if cfg.output.timestamps:
+        fmt += "|timestamps"
     return (f"{fmt}|silence={e.sentence_silence_s!r}|"
             f"{'cuda' if gpu else 'cpu'}/{dtype}/compile={'on' if compiled else 'off'}")
 

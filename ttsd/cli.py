@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--loudness-lufs", type=float, help="e.g. -16; 0 = off")
     say.add_argument("--true-peak-dbtp", type=float, help="the ceiling with --loudness-lufs")
     say.add_argument("--volume", type=float, help="a plain gain, e.g. 0.5")
+    say.add_argument("--timestamps", action="store_true", default=None,
+                     help="also write NAME.json: the sentences, words and phonemes in seconds")
 
     sub.add_parser("voices", help="list the voices ttsd can use").add_argument(
         "--json", action="store_true")
@@ -216,7 +218,7 @@ def _say_output(cfg: Config, fmt: str, ns: argparse.Namespace) -> Config:
     changes = {k: v for k, v in {
         "bitrate_kbps": ns.bitrate_kbps, "sample_rate": ns.sample_rate,
         "loudness_lufs": ns.loudness_lufs, "true_peak_dbtp": ns.true_peak_dbtp,
-        "volume": ns.volume}.items() if v is not None}
+        "volume": ns.volume, "timestamps": ns.timestamps}.items() if v is not None}
     if fmt == "opus" and "sample_rate" not in changes:
         changes["sample_rate"] = 0
     cfg = dataclasses.replace(cfg, output=dataclasses.replace(
@@ -245,6 +247,11 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
         print(f"ttsd: {res.error}", file=sys.stderr)
         return 1
     data, rendered = LineAudio.of(cfg.output).encode(res.audio, res.sample_rate)
+    if cfg.output.timestamps and res.timing is not None:
+        from ttsd.output.timestamps import timestamps_bytes
+        write_atomic(ns.output.with_suffix(".json"),
+                     timestamps_bytes(res.timing, res.sample_rate, ns.text.strip()),
+                     overwrite=True)
     write_atomic(ns.output, data, overwrite=True)
     loud = f", {rendered.lufs:.1f} LUFS" if rendered.lufs is not None else ""
     print(f"{ns.output}: {rendered.seconds:.2f} s at {rendered.sample_rate} Hz{loud} "

@@ -190,6 +190,9 @@ class OutputConfig:
     """With a loudness target: the ceiling of a line's true peak (a limiter holds it)."""
     volume: float = 1.0
     """A plain gain on every line (after the loudness target), e.g. 0.5 = -6 dB."""
+    timestamps: bool = False
+    """Beside each line's file a JSON of its sentences, words and phonemes (start and end
+    in seconds), from the durations the voice gave them."""
     join: str = "none"
     """none, or file: also one audio file per input, its lines in order (outbox/<stem>.<fmt>)."""
     join_format: str = ""

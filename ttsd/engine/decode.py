@@ -28,7 +28,7 @@ from ttsd.engine.loaded import LoadedVoice, call_half
 from ttsd.engine.options import EngineOptions, Tuning
 from ttsd.engine.packing import FRAME_STEP, bucket, pack, padded_rows
 from ttsd.engine.plan import Item, chunks, split_on_oom
-from ttsd.engine.records import Prepared, Result, RunStats, failure
+from ttsd.engine.records import Prepared, Result, RunStats, Timing, failure
 from ttsd.log import get_logger
 
 log = get_logger(__name__)
@@ -359,4 +359,10 @@ class AudioHalf:
             return failure(p, "the model produced non-finite audio (NaN/Inf)", sr)
         if audio is None:
             audio = np.zeros(0, np.int16 if self.options.pcm16 else np.float32)
-        return Result(p.request.key, audio, sr, None, p.phonemes)
+        timing = None
+        if self.options.timings:
+            symbols = lv.phonemizer.symbols
+            timing = Timing(lv.model.hop, round(self.options.sentence_silence_s * sr), [
+                ([symbols.get(i, "?") for i in it.ids], list(it.durs or [0] * len(it.ids)))
+                for it in sorted(parts, key=lambda x: x.sentence)])
+        return Result(p.request.key, audio, sr, None, p.phonemes, timing)

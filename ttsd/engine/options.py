@@ -67,6 +67,9 @@ class EngineOptions:
     pcm16: bool = False
     """Results as int16 PCM, converted on the device (libsndfile's rule, exactly): half
     the bytes to copy to the host, and the WAV writers only add a header."""
+    timings: bool = False
+    """Keep each line's phoneme durations in its result (``Result.timing``) for
+    ``output.timestamps``: one more copy of the text half's durations to the host."""
     phonemizer_processes: int = 0
     """espeak-ng in this many worker processes (``phonemes.PhonemizerProcesses``); 0:
     in this process."""
@@ -121,7 +124,7 @@ class EngineOptions:
             device=e.device, dtype=e.dtype, memory_fraction=e.memory_fraction,
             max_batch=cfg.batching.max_batch_size, token_budget=cfg.batching.max_phonemes,
             max_audio_s_per_char=e.max_audio_s_per_char,
-            sentence_silence_s=e.sentence_silence_s, pcm16=cfg.output.pcm16,
+            sentence_silence_s=e.sentence_silence_s, pcm16=cfg.output.pcm16, timings=cfg.output.timestamps,
             phonemizer_processes=e.phonemizer_processes or default_phonemizers(),
             compile=e.compile)
         return dataclasses.replace(options, **overrides)

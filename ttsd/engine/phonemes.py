@@ -33,6 +33,8 @@ class Phonemizer:
         # A PiperVoice without an ONNX session: only its text front end is used.
         self._piper = PiperVoice(session=None, config=cfg)  # type: ignore[arg-type]
         self.id_map = cfg.phoneme_id_map
+        self.symbols = {ids[0]: sym for sym, ids in self.id_map.items() if ids}
+        """Phoneme id → its symbol (the timestamps' phonemes)."""
 
     def phonemes(self, text: str) -> list[list[str]]:
         """Phonemes grouped by sentence (Piper's sentence split)."""

@@ -56,6 +56,8 @@ class Item:
     frames: int = 0
     out: np.ndarray | None = None
     """Where its samples go: a view into its line's audio (``decode.AudioHalf._line_buffers``)."""
+    durs: list[int] | None = None
+    """With ``EngineOptions.timings``: its tokens' frames, read back with the frame counts."""
     ok: bool = False
     """Its audio is in ``out``, finite."""
     error: str | None = None
@@ -151,12 +153,16 @@ class TextHalf:
         if launched:
             text = self._join(launched)
             frames = torch.cat([out[3] for _c, out in launched]).tolist()
+            durs = ([round(d) for d in text.dur.tolist()]
+                    if text is not None and self.options.timings else None)
             at = 0
             for chunk, _out in launched:
                 for it, f in zip(chunk, frames[at:at + len(chunk)]):
                     if text is None:
                         it.error = "out of GPU memory (the text half's outputs)"
                     it.text, it.frames = text, int(f)
+                    if durs is not None:
+                        it.durs = durs[it.tok:it.tok + len(it.ids)]
                 at += len(chunk)
         stats.text_ms += (time.perf_counter() - t0) * 1000
         # 3: runaway guard per line.

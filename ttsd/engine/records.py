@@ -31,6 +31,18 @@ class Prepared:
         return sum(len(s) for s in self.sentences)
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Where a line's phonemes fall in its audio: per sentence (in order) each token's
+    symbol (Piper's: ``^`` BOS, ``_`` pad, ``$`` EOS, `` `` between words) and its frames
+    as the decoder used them; ``hop`` samples a frame, ``silence`` samples between two
+    sentences."""
+
+    hop: int
+    silence: int
+    sentences: list[tuple[list[str], list[int]]]
+
+
 @dataclass
 class Result:
     key: int
@@ -40,6 +52,8 @@ class Result:
     sample_rate: int
     error: str | None = None
     phonemes: int = 0
+    timing: Timing | None = None
+    """With ``EngineOptions.timings``: the line's phoneme durations."""
 
     @property
     def seconds(self) -> float:

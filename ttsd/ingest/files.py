@@ -330,7 +330,7 @@ class Ingest:
                                 else "",
                                 seconds=r["seconds"], cached=bool(r["cached"]),
                                 error=r["error"] or "", sample_rate=r["rate"],
-                                lufs=r["lufs"])
+                                lufs=r["lufs"], timestamps=self._stamps(r))
                     for r in store.manifest_rows(row["id"])))
         if self.cfg.output.join == "file" and error is None:
             self._join(store, row, out_dir)
@@ -353,6 +353,13 @@ class Ingest:
         info = {"name": row["name"], "done": counts.get("done", 0),
                 "failed": counts.get("failed", 0), "out_dir": str(out_dir)}
         log.info("file.done", note=row["note"], **info)
+
+    def _stamps(self, r: dict) -> str:
+        """A done line's timestamps file, where ``output.timestamps`` wrote one."""
+        if r["state"] != "done" or not r["wav"] or not self.cfg.output.timestamps:
+            return ""
+        name = os.path.splitext(os.path.basename(r["wav"]))[0] + ".json"
+        return name if os.path.exists(os.path.join(os.path.dirname(r["wav"]), name)) else ""
 
     def _join(self, store: Store, row: dict, out_dir: Path) -> None:
         """The input's lines as one audio file beside its folder (``output.join``)."""

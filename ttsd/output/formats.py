@@ -112,7 +112,7 @@ class AudioFormat:
         if self.name == "wav":
             return wav_ok(path, sample_rate=sample_rate, size=size, dir_fd=dir_fd)
         try:
-            data = _read_regular(path, dir_fd, size)
+            data = read_small(path, dir_fd, size)
             rate, frames = probe(data, self.name)
         except (OSError, ValueError):
             return False
@@ -124,7 +124,7 @@ class AudioFormat:
         if self.name == "wav":
             from ttsd.output.wav import wav_info
             return wav_info(path, dir_fd)[2]
-        rate, frames = probe(_read_regular(path, dir_fd, None), self.name)
+        rate, frames = probe(read_small(path, dir_fd), self.name)
         return frames / rate
 
 
@@ -162,7 +162,11 @@ MAX_CHECK_BYTES = 64 << 20
 """A line file larger than this is not read whole to check it (it is no line's)."""
 
 
-def _read_regular(path: str | os.PathLike, dir_fd: int | None, size: int | None) -> bytes:
+def read_small(path: str | os.PathLike, dir_fd: int | None = None, size: int | None = None
+               ) -> bytes:
+    """The bytes of a regular file of at most ``MAX_CHECK_BYTES`` (exactly ``size`` when
+    given), never through a symbolic link; ValueError if it is not one, OSError if it
+    cannot be read (FileNotFoundError: missing)."""
     fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)

@@ -24,12 +24,15 @@ class LineAudio:
 
     format: AudioFormat = field(default_factory=AudioFormat)
     levels: Levels = field(default_factory=Levels)
+    timestamps: bool = False
+    """Each line's file has ``<name>.json`` beside it (``output.timestamps``), written
+    before the audio: a line whose audio is there has its timestamps too."""
 
     @classmethod
     def of(cls, out: OutputConfig) -> LineAudio:
         return cls(AudioFormat.lines(out), Levels(
             sample_rate=out.sample_rate, loudness_lufs=out.loudness_lufs,
-            true_peak_dbtp=out.true_peak_dbtp, volume=out.volume))
+            true_peak_dbtp=out.true_peak_dbtp, volume=out.volume), out.timestamps)
 
     @property
     def suffix(self) -> str:

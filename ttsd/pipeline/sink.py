@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ttsd import crash
-from ttsd.cache import HitCheck, cache_path, place_hit
+from ttsd.cache import HitCheck, cache_path, place_hit, sidecar
 from ttsd.config import Config
 from ttsd.engine.records import Result
 from ttsd.engine.runtime import Engine
@@ -29,6 +29,7 @@ from ttsd.log import get_logger
 from ttsd.output.fsio import Folder, replace_with_link, write_atomic
 from ttsd.output.levels import Rendered
 from ttsd.output.render import LineAudio
+from ttsd.output.timestamps import timestamps_bytes
 from ttsd.pipeline.batcher import Batch, occupied, out_path
 from ttsd.records import BatchStats, Done, Failed
 from ttsd.store.journal import LineRow, Store, sqlite_ino
@@ -262,9 +263,15 @@ class Sink:
         (``_keeping``), so that nothing done to the outbox changes it and its write is
         not on the way to the line's commit; and its rendered audio. OSError
         (a full disk…) leaves the line pending; ValueError (samples that cannot be
-        encoded) fails it."""
+        encoded) fails it. With ``output.timestamps`` the line's ``<name>.json`` is
+        written first (and kept in the cache beside its file)."""
         name = f"{row.out_name}{self.suffix}"
         data, rendered = self.audio.encode(res.audio, res.sample_rate)
+        stamps = None
+        if self.audio.timestamps and res.timing is not None:
+            stamps = timestamps_bytes(res.timing, res.sample_rate, row.text)
+            write_atomic(sidecar(name), stamps, overwrite=True, sync_dir=False,
+                         dir_fd=folder.fd)
         try:
             write_atomic(name, data, crash_at="after_tmp", sync_dir=False, dir_fd=folder.fd)
         except FileExistsError:
@@ -274,23 +281,25 @@ class Sink:
         if not keep:
             return None, None, rendered
         if self.cfg.cache.link:
-            return None, self._entry(row, rendered, lambda dst: replace_with_link(
+            return None, self._entry(row, rendered, stamps, lambda dst: replace_with_link(
                 name, dst, link=True, src_dir_fd=folder.fd)), rendered
-        keeping = self.pool.submit(self._entry, row, rendered, lambda dst: write_atomic(
+        keeping = self.pool.submit(self._entry, row, rendered, stamps, lambda dst: write_atomic(
             dst, data, overwrite=True, sync_dir=False))
         with self._keeping_lock:
             self._keeping.append(keeping)
         return None, None, rendered
 
-    def _entry(self, row: LineRow, rendered: Rendered, make: Callable[[Path], object]
-               ) -> dict | None:
+    def _entry(self, row: LineRow, rendered: Rendered, stamps: bytes | None,
+               make: Callable[[Path], object]) -> dict | None:
         """Make the line's cache file with ``make`` (fsynced, but without a folder fsync:
-        one lost in a power cut is a miss later, never garbage under its name) and
-        return its entry. The cache is an optimization: a file that cannot be made is
-        logged and skipped."""
+        one lost in a power cut is a miss later, never garbage under its name), its
+        timestamps before it, and return its entry. The cache is an optimization: a file
+        that cannot be made is logged and skipped."""
         dst = cache_path(self.cfg.paths.cache, row.cache_key, self.suffix)
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
+            if stamps is not None:
+                write_atomic(sidecar(dst), stamps, overwrite=True, sync_dir=False)
             make(dst)
             st = os.lstat(dst)   # the stamp of a file written just now
         except (OSError, ValueError) as exc:

@@ -231,8 +231,7 @@ class WorkerPool:
     def _finished(self, slot: Slot, store, batch, reply: dict[str, Any]) -> None:
         from ttsd.engine.records import Result
 
-        batch.results = [Result(k, a, sr, err, ph)
-                         for k, a, sr, err, ph in reply["results"]]
+        batch.results = [Result(*fields) for fields in reply["results"]]
         batch.stats = reply["stats"]
         batch.prepare_ms = reply["prepare_ms"]
         batch.model_ms = reply["model_ms"]

@@ -16,6 +16,7 @@ store but its file is left alone and reported as refused.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -200,6 +201,10 @@ def _unlink(path: Path, root: str, report: PurgeReport) -> None:
         except FileNotFoundError:
             report.missing_files += 1
             return
+        stamps = os.path.splitext(target)[0] + ".json"   # its timestamps, if kept
+        if stamps != target:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stamps)
     if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
         report.linked += 1
         report.linked_bytes += st.st_size

@@ -139,7 +139,7 @@ class WorkerCore:
             import torch
             torch.cuda.synchronize(self.engine.device)
         model_ms = (time.perf_counter() - t0) * 1000
-        out = {"results": [(r.key, r.audio, r.sample_rate, r.error, r.phonemes)
+        out = {"results": [(r.key, r.audio, r.sample_rate, r.error, r.phonemes, r.timing)
                            for r in results],
                "stats": stats, "prepare_ms": prepare_ms, "model_ms": model_ms,
                "memory": self.engine.memory(), "released": None}
