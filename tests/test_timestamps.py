@@ -101,3 +101,25 @@ def test_say_writes_the_timestamps_beside_the_file(tmp_path: Path) -> None:
     stamps = json.loads((tmp_path / "hi.json").read_text(encoding="utf-8"))
     assert [w["text"] for w in stamps["words"]] == ["Good", "morning.", "Welcome", "aboard."]
     assert len(stamps["sentences"]) == 2
+
+
+def test_a_long_line_gets_a_subtitle_cue_per_sentence_in_the_joined_file(tmp_path: Path) -> None:
+    long_line = ("The storm had been building all afternoon over the hills. By evening the "
+                 "wind was strong enough to bend the old trees. Nobody in the village slept "
+                 "much that night. In the morning the sky was clear again.")
+    texts = ["A short opening line.", long_line]
+    conf = '[output]\ntimestamps = true\njoin = "file"\njoin_pause_s = 0.5\n'
+    site = run_once(tmp_path / "site", texts, conf)
+    stamps = json.loads((site.outbox / "lines" / "0002.json").read_text(encoding="utf-8"))
+    assert stamps["seconds"] > 7 and len(stamps["sentences"]) == 4
+    srt = (site.outbox / "lines.srt").read_text(encoding="utf-8")
+    cues = [block.splitlines() for block in srt.strip().split("\n\n")]
+    assert len(cues) == 1 + 4
+    assert cues[1][2] == "The storm had been building all afternoon over the hills."
+    assert cues[4][2] == "In the morning the sky was clear again."
+    h, m, sec = cues[2][1].split(" --> ")[0].replace(",", ".").split(":")
+    first = json.loads((site.outbox / "lines" / "0001.json").read_text(encoding="utf-8"))
+    want = first["seconds"] + 0.5 + stamps["sentences"][1]["start"]   # after line 1 and the pause
+    assert abs(int(h) * 3600 + int(m) * 60 + float(sec) - want) < 0.002
+    cue_sheet = (site.outbox / "lines.cue").read_text(encoding="utf-8")
+    assert cue_sheet.count("TRACK") == 2      # the tracks stay one per line

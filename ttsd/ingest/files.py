@@ -364,7 +364,9 @@ class Ingest:
     def _join(self, store: Store, row: dict, out_dir: Path) -> None:
         """The input's lines as one audio file beside its folder (``output.join``)."""
         parts = (Part(r["number"], r["wav"] if r["state"] == "done" else None, r["text"],
-                      r["line_id"] or f"Line {r['number']}", r.get("chapter"))
+                      r["line_id"] or f"Line {r['number']}", r.get("chapter"),
+                      (os.path.join(os.path.dirname(r["wav"]), stamps)
+                       if (stamps := self._stamps(r)) else None))
                  for r in store.manifest_rows(row["id"]))
         join_lines(out_dir.parent, out_dir.name, parts, self.cfg.output,
                    title=Path(row["name"]).stem)

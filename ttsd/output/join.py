@@ -13,7 +13,9 @@ or none, never half of one; the join runs again when the input is finished again
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +50,9 @@ class Part:
     """The line's id, or "Line N"."""
     chapter: str | None = None
     """The CSV ``chapter`` column's value."""
+    stamps: str | None = None
+    """The line's timestamps file (``output.timestamps``): a long line's subtitles get a
+    cue per sentence."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,40 @@ class _Sink:
             self.sf.close()
         else:
             self.enc.close()
+
+
+LONG_CUE_S = 7.0
+"""A line longer than this, with timestamps, gets one subtitle cue per sentence."""
+
+
+SENTENCE_END = re.compile(r"(?<=[.!?…])\s+")
+
+
+def sentence_cues(cue: Cue, stamps: str | None) -> list[Cue]:
+    """``cue`` (a line's) as one cue per sentence, from its timestamps file, when the line
+    is long and its sentences' texts are known: its words matched with their text, or its
+    text splitting at sentence ends into as many pieces as the voice spoke sentences;
+    else ``[cue]``."""
+    if not stamps or cue.end - cue.start <= LONG_CUE_S:
+        return [cue]
+    try:
+        with open(stamps, encoding="utf-8") as f:
+            data = json.load(f)
+        spans = data["sentences"]
+        if len(spans) < 2:
+            return [cue]
+        if data.get("words_matched"):
+            texts = [" ".join(w["text"] for w in data["words"]
+                              if s["start"] <= w["start"] and w["end"] <= s["end"] + 1e-3)
+                     for s in spans]
+        else:
+            texts = SENTENCE_END.split(cue.text.strip())
+        if len(texts) != len(spans) or not all(texts):
+            return [cue]
+        return [Cue(cue.start + s["start"], min(cue.end, cue.start + s["end"]), t, cue.title)
+                for s, t in zip(spans, texts, strict=True)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return [cue]
 
 
 def chapters_of(cues: list[Cue], parts: list[Part], mode: str) -> list[tuple[float, float, str]]:
@@ -188,7 +227,9 @@ def join_lines(outbox: Path, stem: str, parts: Iterable[Part], out: OutputConfig
         except FileNotFoundError:
             pass
         raise
-    for suffix, text in ((".srt", srt(cues)), (".vtt", vtt(cues)),
+    subtitles = [c for (part, _n, _r), cue in zip(plan, cues, strict=True)
+                 for c in sentence_cues(cue, part.stamps)]
+    for suffix, text in ((".srt", srt(subtitles)), (".vtt", vtt(subtitles)),
                          (".cue", cue_sheet(cues, dest.name, CUE_TYPE.get(fmt.name, "WAVE"),
                                             title))):
         write_atomic(outbox / f"{stem}{suffix}", text.encode("utf-8"), overwrite=True,
