@@ -124,7 +124,8 @@ class EngineOptions:
             device=e.device, dtype=e.dtype, memory_fraction=e.memory_fraction,
             max_batch=cfg.batching.max_batch_size, token_budget=cfg.batching.max_phonemes,
             max_audio_s_per_char=e.max_audio_s_per_char,
-            sentence_silence_s=e.sentence_silence_s, pcm16=cfg.output.pcm16, timings=cfg.output.timestamps,
+            sentence_silence_s=e.sentence_silence_s, pcm16=cfg.output.pcm16,
+            timings=cfg.output.timestamps,
             phonemizer_processes=e.phonemizer_processes or default_phonemizers(),
             compile=e.compile)
         return dataclasses.replace(options, **overrides)
