@@ -130,7 +130,7 @@ def _scale_row(cfg: Config, devs: list[str], batches: list[list], audio_by_key: 
                 out -= 1
                 done[i] += 1
                 model_ms[i] += reply["model_ms"]
-                for key, a, sr, _err, _ph in reply["results"]:
+                for key, a, sr, *_rest in reply["results"]:   # + error, phonemes, timing
                     if a is not None:
                         audio_s[i] += len(a) / sr
                         audio_by_key[key] = a
