@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ttsd.config import Config
-from ttsd.output.formats import SUFFIX, AudioFormat
-
-KINDS = {suffix: name for name, suffix in SUFFIX.items()}
+from ttsd.output.formats import KIND, AudioFormat
 
 
 def toml_text(pairs: str, base: dict[str, dict[str, str]] | None = None) -> str:
@@ -64,8 +62,8 @@ def bench_end_to_end(cfg: Config, lines: list[str], dtype: str,
                                   cwd=root, capture_output=True, text=True, timeout=900,
                                   check=False)   # a failed run is reported, not raised
             wall = time.perf_counter() - t0
-            wavs = [p for p in (root / "outbox" / run).glob("*") if p.suffix in KINDS]
-            audio = sum(AudioFormat(KINDS[w.suffix]).seconds(w) for w in wavs)
+            wavs = [p for p in (root / "outbox" / run).glob("*") if p.suffix in KIND]
+            audio = sum(AudioFormat(KIND[w.suffix]).seconds(w) for w in wavs)
             out[run] = {"lines": len(lines), "wavs": len(wavs), "audio_s": round(audio, 2),
                         "wall_s_including_start": round(wall, 2), "rc": proc.returncode,
                         "stderr_tail": proc.stderr[-2000:] if proc.returncode else ""}

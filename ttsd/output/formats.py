@@ -23,11 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-from ttsd.config.checks import FORMATS, JOIN_FORMATS, RATES, SUBTYPES
+from ttsd.config.checks import SUBTYPES
 from ttsd.config.schema import OutputConfig
-from ttsd.output.wav import encode_wav, wav_ok
-
-__all__ = ["FORMATS", "JOIN_FORMATS", "RATES", "SUBTYPES", "AudioFormat", "probe"]
+from ttsd.output.wav import READ_FLAGS, encode_wav, int16_floats, wav_info, wav_ok
 
 OPUS_RATE = 48000
 """Opus is written at 48 kHz: every player decodes it at that rate."""
@@ -36,7 +34,11 @@ DEFAULT_KBPS = {"mp3": 64, "opus": 32, "m4b": 64}
 (MP3 at 64 kbps, Opus at 32 kbps; AAC 64 kbps)."""
 SUFFIX = {"wav": ".wav", "flac": ".flac", "mp3": ".mp3", "ogg": ".ogg", "opus": ".opus",
           "m4b": ".m4b"}
-LOSSY = ("mp3", "ogg", "opus", "m4b")
+KIND = {suffix: name for name, suffix in SUFFIX.items()}
+"""A file's suffix → its format."""
+FFMPEG_DECODES = ("mp3", "opus", "m4b")
+"""Formats decoded by FFmpeg (PyAV), which trims the encoder's delay as players do;
+libsndfile decodes the rest."""
 
 
 @dataclass(frozen=True)
@@ -122,14 +124,13 @@ class AudioFormat:
         """The length in seconds of a line file of this format; OSError if it cannot be
         opened, ValueError if it does not decode."""
         if self.name == "wav":
-            from ttsd.output.wav import wav_info
             return wav_info(path, dir_fd)[2]
         rate, frames = probe(read_small(path, dir_fd), self.name)
         return frames / rate
 
 
 def _floats(samples: np.ndarray) -> np.ndarray:
-    audio = samples.astype(np.float32) / np.float32(32768.0) if samples.dtype == np.int16 \
+    audio = int16_floats(samples) if samples.dtype == np.int16 \
         else np.asarray(samples, dtype=np.float32)
     if audio.ndim != 1:
         raise ValueError(f"expected 1-D mono samples, got shape {audio.shape}")
@@ -157,7 +158,6 @@ def _lame_level(kbps: int, sample_rate: int) -> float:
     return min(0.999, max(0.0, (top - kbps) / (top - bottom)))
 
 
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 MAX_CHECK_BYTES = 64 << 20
 """A line file larger than this is not read whole to check it (it is no line's)."""
 
@@ -167,7 +167,7 @@ def read_small(path: str | os.PathLike, dir_fd: int | None = None, size: int | N
     """The bytes of a regular file of at most ``MAX_CHECK_BYTES`` (exactly ``size`` when
     given), never through a symbolic link; ValueError if it is not one, OSError if it
     cannot be read (FileNotFoundError: missing)."""
-    fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
+    fd = os.open(path, READ_FLAGS, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -184,9 +184,8 @@ def read_small(path: str | os.PathLike, dir_fd: int | None = None, size: int | N
 
 def probe(data: bytes, name: str) -> tuple[int, int]:
     """(sample rate, frames) of a whole encoded file, decoded to its end; ValueError if
-    it does not decode. MP3 and Opus by PyAV (FFmpeg trims the encoder's delay, as
-    players do), the rest by libsndfile."""
-    if name in ("mp3", "opus", "m4b"):
+    it does not decode (``FFMPEG_DECODES`` by FFmpeg, the rest by libsndfile)."""
+    if name in FFMPEG_DECODES:
         from ttsd.output.codecs import probe_av
         return probe_av(data, name)
     try:

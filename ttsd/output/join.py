@@ -25,7 +25,14 @@ import soundfile as sf
 
 from ttsd.config.schema import OutputConfig
 from ttsd.log import get_logger
-from ttsd.output.formats import LAME_CBR_GAIN, AudioFormat
+from ttsd.output.formats import (
+    FFMPEG_DECODES,
+    KIND,
+    LAME_CBR_GAIN,
+    AudioFormat,
+    probe,
+    read_small,
+)
 from ttsd.output.fsio import fsync_dir, tmp_path, write_atomic
 from ttsd.output.levels import resample
 from ttsd.output.subtitles import Cue, cue_sheet, srt, vtt
@@ -64,10 +71,14 @@ class Joined:
     """Line numbers whose file could not be read (left out, with a warning)."""
 
 
+def _ffmpeg(path: str) -> bool:
+    return KIND.get(os.path.splitext(path)[1]) in FFMPEG_DECODES
+
+
 def read_line(path: str) -> tuple[np.ndarray, int]:
-    """A line file's mono float32 samples and rate (FFmpeg for MP3 and Opus, which trims
-    the encoder's delay as players do; libsndfile for the rest)."""
-    if path.endswith((".mp3", ".opus")):
+    """A line file's mono float32 samples and rate, decoded as ``formats.probe`` counts
+    them (``FFMPEG_DECODES`` by FFmpeg, the rest by libsndfile)."""
+    if _ffmpeg(path):
         from ttsd.output.codecs import decode_file
         return decode_file(path)
     audio, rate = sf.read(path, dtype="float32", always_2d=False)
@@ -75,11 +86,12 @@ def read_line(path: str) -> tuple[np.ndarray, int]:
 
 
 def line_length(path: str) -> tuple[int, int]:
-    """(frames, rate) of a line file: its header for WAV, FLAC and Ogg Vorbis; decoded
-    for MP3 and Opus, whose lengths only decoding gives exactly."""
-    if path.endswith((".mp3", ".opus")):
-        audio, rate = read_line(path)
-        return len(audio), rate
+    """(frames, rate) of a line file: its header for WAV, FLAC and Ogg Vorbis; for MP3
+    and Opus, whose lengths only decoding gives exactly, ``formats.probe`` (counted
+    without keeping the samples)."""
+    if _ffmpeg(path):
+        rate, frames = probe(read_small(path), KIND[os.path.splitext(path)[1]])
+        return frames, rate
     info = sf.info(path)
     return info.frames, info.samplerate
 

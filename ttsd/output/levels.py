@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ttsd.output.wav import int16_floats
+
 BLOCK_S = 0.4
 """BS.1770's gating block: a shorter line is measured over copies of itself."""
 HOLD_S = 0.005
@@ -62,8 +64,8 @@ class Levels:
         asked for."""
         if self.plain and out_rate == rate:
             return Rendered(samples, rate, None)
-        audio = samples.astype(np.float32) / np.float32(32768.0) \
-            if samples.dtype == np.int16 else np.asarray(samples, dtype=np.float32)
+        audio = int16_floats(samples) if samples.dtype == np.int16 \
+            else np.asarray(samples, dtype=np.float32)
         if out_rate != rate:
             audio = resample(audio, rate, out_rate)
         lufs = None

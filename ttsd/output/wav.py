@@ -176,7 +176,7 @@ def _riff_header(head: bytes, size: int) -> tuple[int, int] | None:
     return None
 
 
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def wav_ok(path: str | os.PathLike, *, sample_rate: int | None = None, min_bytes: int = 45,
@@ -187,7 +187,7 @@ def wav_ok(path: str | os.PathLike, *, sample_rate: int | None = None, min_bytes
     One open (never following a symlink), one fstat and one read of 4 KiB: ≈ 5 µs for
     the usual 44-byte header, called once per cache hit."""
     try:
-        fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
+        fd = os.open(path, READ_FLAGS, dir_fd=dir_fd)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size < min_bytes:
@@ -216,7 +216,7 @@ def wav_ok(path: str | os.PathLike, *, sample_rate: int | None = None, min_bytes
 
 def wav_info(path: str | os.PathLike, dir_fd: int | None = None) -> tuple[int, int, float]:
     """(sample_rate, frames, seconds) of a WAV; OSError if missing, ValueError if unreadable."""
-    fd = os.open(path, _READ_FLAGS, dir_fd=dir_fd)
+    fd = os.open(path, READ_FLAGS, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "rb") as f:
             info = sf.info(f)
