@@ -247,3 +247,15 @@ def test_say_picks_the_format_from_the_suffix(tmp_path: Path) -> None:
     refused = say(tmp_path, "Hello there.", "-o", "e.m4a")
     assert refused.returncode == 2 and ".m4a" in refused.stderr
     assert not (tmp_path / "e.m4a").exists()
+
+
+def test_the_same_line_twice_in_one_batch_gets_the_same_file_twice(tmp_path: Path) -> None:
+    """One result for both lines, encoded once: two identical Opus files, one cache
+    entry."""
+    texts = ["Say it twice.", "Say it twice.", "Once only."]
+    site = run_once(tmp_path / "site", texts, '[output]\nformat = "opus"\n', env=TONE)
+    out = site.outbox / "lines"
+    first, second = (out / "0001.opus").read_bytes(), (out / "0002.opus").read_bytes()
+    assert first == second and len(first) > 100
+    assert decode(first, "opus")[1] == 48000
+    assert len(list((site.root / "state" / "cache").rglob("*.opus"))) == 2

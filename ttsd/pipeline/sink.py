@@ -201,7 +201,10 @@ class Sink:
                     folders: _Folders, done: list[Done], failed: list[Failed], requeue: list[int]
                     ) -> list[tuple[int, dict]]:
         """The synthesized lines' files, on the writer threads; the first line of each
-        group also leaves the cache its own copy. Returns (line id, cache entry)."""
+        group also leaves the cache its own copy. A group of several lines (the same
+        text and settings, one result) is rendered and encoded once, in a job queued
+        before its lines' writes, so every write that waits for it finds it started.
+        Returns (line id, cache entry)."""
         results = {r.key: r for r in batch.results}
         jobs = []
         for gi, group in groups:
@@ -210,6 +213,8 @@ class Sink:
                 err = res.error if res is not None else "no result from the engine"
                 failed.extend((row.id, err) for row in group)
                 continue
+            encoded = self.pool.submit(self.audio.encode, res.audio, res.sample_rate) \
+                if len(group) > 1 else None
             for k, row in enumerate(group):
                 folder = folders.get(row.out_dir)
                 if folder is None:
@@ -217,7 +222,7 @@ class Sink:
                     continue
                 keep = k == 0 and self.cfg.cache.enabled and row.cache_key
                 jobs.append((row, res, folder, self.pool.submit(
-                    self._write_one, row, res, folder, bool(keep))))
+                    self._write_one, row, res, folder, bool(keep), encoded)))
         entries = []
         for row, res, folder, fut in jobs:
             try:
@@ -253,8 +258,8 @@ class Sink:
         return self.health.retry("state", self.cfg.paths.db,
                                  lambda: write(*args, **kwargs), self.stop, "sink")
 
-    def _write_one(self, row: LineRow, res: Result, folder: Folder, keep: bool
-                   ) -> tuple[str | None, dict | None, Rendered]:
+    def _write_one(self, row: LineRow, res: Result, folder: Folder, keep: bool,
+                   encoded: Future | None = None) -> tuple[str | None, dict | None, Rendered]:
         """Renders, encodes and writes the line's file; a valid one already there (an
         earlier attempt's) is kept. Returns why the line fails for good (another file
         holds its path) or None; with ``keep``, the line's cache entry: with
@@ -266,7 +271,8 @@ class Sink:
         encoded) fails it. With ``output.timestamps`` the line's ``<name>.json`` is
         written first (and kept in the cache beside its file)."""
         name = f"{row.out_name}{self.suffix}"
-        data, rendered = self.audio.encode(res.audio, res.sample_rate)
+        data, rendered = encoded.result() if encoded is not None else \
+            self.audio.encode(res.audio, res.sample_rate)
         stamps = None
         if self.audio.timestamps and res.timing is not None:
             stamps = timestamps_bytes(res.timing, res.sample_rate, row.text)
