@@ -26,6 +26,7 @@ from ttsd.log import get_logger
 from ttsd.output.formats import read_small
 from ttsd.output.fsio import Folder, link_or_copy, write_atomic
 from ttsd.output.render import LineAudio
+from ttsd.output.timestamps import sidecar
 from ttsd.store.errors import OperationalError
 from ttsd.store.journal import NewLine, Store, sqlite_ino
 
@@ -34,11 +35,6 @@ log = get_logger(__name__)
 
 def cache_path(cache_dir: Path, key: str, suffix: str = ".wav") -> Path:
     return cache_dir / key[:2] / f"{key}{suffix}"
-
-
-def sidecar(path: str | os.PathLike) -> str:
-    """A line file's timestamps beside it: ``0001.mp3`` → ``0001.json``."""
-    return os.path.splitext(os.fspath(path))[0] + ".json"
 
 
 class HitCheck:

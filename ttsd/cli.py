@@ -248,8 +248,8 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
         return 1
     data, rendered = LineAudio.of(cfg.output).encode(res.audio, res.sample_rate)
     if cfg.output.timestamps and res.timing is not None:
-        from ttsd.output.timestamps import timestamps_bytes
-        write_atomic(ns.output.with_suffix(".json"),
+        from ttsd.output.timestamps import sidecar, timestamps_bytes
+        write_atomic(sidecar(ns.output),
                      timestamps_bytes(res.timing, res.sample_rate, ns.text.strip()),
                      overwrite=True)
     write_atomic(ns.output, data, overwrite=True)

@@ -35,6 +35,7 @@ from ttsd.output.formats import SUFFIX
 from ttsd.output.fsio import Folder
 from ttsd.output.join import Part, join_lines
 from ttsd.output.manifest import ManifestRow, write_manifest
+from ttsd.output.timestamps import sidecar
 from ttsd.records import Line, LineError
 from ttsd.store.journal import NewLine, Store, sqlite_ino
 
@@ -330,7 +331,9 @@ class Ingest:
                                 else "",
                                 seconds=r["seconds"], cached=bool(r["cached"]),
                                 error=r["error"] or "", sample_rate=r["rate"],
-                                lufs=r["lufs"], timestamps=self._stamps(r))
+                                lufs=r["lufs"], timestamps=(
+                                    os.path.basename(stamps) if (stamps := self._stamps(r))
+                                    and os.path.exists(stamps) else ""))
                     for r in store.manifest_rows(row["id"])))
         if self.cfg.output.join == "file" and error is None:
             self._join(store, row, out_dir)
@@ -354,19 +357,18 @@ class Ingest:
                 "failed": counts.get("failed", 0), "out_dir": str(out_dir)}
         log.info("file.done", note=row["note"], **info)
 
-    def _stamps(self, r: dict) -> str:
-        """A done line's timestamps file, where ``output.timestamps`` wrote one."""
+    def _stamps(self, r: dict) -> str | None:
+        """A done line's timestamps file, where ``output.timestamps`` would have written
+        it (None: not a done line, or no timestamps asked for)."""
         if r["state"] != "done" or not r["wav"] or not self.cfg.output.timestamps:
-            return ""
-        name = os.path.splitext(os.path.basename(r["wav"]))[0] + ".json"
-        return name if os.path.exists(os.path.join(os.path.dirname(r["wav"]), name)) else ""
+            return None
+        return sidecar(r["wav"])
 
     def _join(self, store: Store, row: dict, out_dir: Path) -> None:
         """The input's lines as one audio file beside its folder (``output.join``)."""
         parts = (Part(r["number"], r["wav"] if r["state"] == "done" else None, r["text"],
                       r["line_id"] or f"Line {r['number']}", r.get("chapter"),
-                      (os.path.join(os.path.dirname(r["wav"]), stamps)
-                       if (stamps := self._stamps(r)) else None))
+                      self._stamps(r))   # read only for a long line; a missing one: one cue
                  for r in store.manifest_rows(row["id"]))
         join_lines(out_dir.parent, out_dir.name, parts, self.cfg.output,
                    title=Path(row["name"]).stem)

@@ -12,6 +12,7 @@ number's spans as one; any other line keeps the voice's spans with ``text`` null
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -21,6 +22,12 @@ EDGES = frozenset("^$_")
 """Piper's BOS, EOS and pad symbols: time, but no phoneme of the text."""
 PAUSES = frozenset(",.!?;:…—-\"'()")
 """Punctuation espeak-ng passes on: a pause inside a word's run, not part of its span."""
+
+
+def sidecar(path: str | os.PathLike) -> str:
+    """A line file's timestamps file beside it: ``0001.mp3`` → ``0001.json`` (in the
+    outbox and in the cache alike)."""
+    return os.path.splitext(os.fspath(path))[0] + ".json"
 
 
 def _seconds(samples: int, rate: int) -> float:

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from ttsd import crash
-from ttsd.cache import HitCheck, cache_path, place_hit, sidecar
+from ttsd.cache import HitCheck, cache_path, place_hit
 from ttsd.config import Config
 from ttsd.engine.records import Result
 from ttsd.engine.runtime import Engine
@@ -29,7 +29,7 @@ from ttsd.log import get_logger
 from ttsd.output.fsio import Folder, replace_with_link, write_atomic
 from ttsd.output.levels import Rendered
 from ttsd.output.render import LineAudio
-from ttsd.output.timestamps import timestamps_bytes
+from ttsd.output.timestamps import sidecar, timestamps_bytes
 from ttsd.pipeline.batcher import Batch, occupied, out_path
 from ttsd.records import BatchStats, Done, Failed
 from ttsd.store.journal import LineRow, Store, sqlite_ino

@@ -29,6 +29,7 @@ from ttsd import units
 from ttsd.config import PathsConfig
 from ttsd.errors import ConfigError
 from ttsd.log import get_logger
+from ttsd.output.timestamps import sidecar
 from ttsd.store.journal import Store
 from ttsd.store.records import CacheFile
 from ttsd.units import human_bytes
@@ -201,7 +202,7 @@ def _unlink(path: Path, root: str, report: PurgeReport) -> None:
         except FileNotFoundError:
             report.missing_files += 1
             return
-        stamps = os.path.splitext(target)[0] + ".json"   # its timestamps, if kept
+        stamps = sidecar(target)   # its timestamps, if kept
         if stamps != target:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(stamps)
