@@ -211,10 +211,10 @@ def _say_output(cfg: Config, fmt: str, ns: argparse.Namespace) -> Config:
     import dataclasses
 
     from ttsd.config import validate
-    from ttsd.config.checks import SUBTYPES
+    from ttsd.config.checks import subtype_for
 
     out = cfg.output
-    subtype = ns.subtype or (out.subtype if out.subtype in SUBTYPES.get(fmt, ()) else "PCM_16")
+    subtype = ns.subtype or subtype_for(fmt, out.subtype)
     changes = {k: v for k, v in {
         "bitrate_kbps": ns.bitrate_kbps, "sample_rate": ns.sample_rate,
         "loudness_lufs": ns.loudness_lufs, "true_peak_dbtp": ns.true_peak_dbtp,

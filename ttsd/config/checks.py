@@ -26,6 +26,13 @@ the audiobook container) with its chapters."""
 SUBTYPES = {"wav": ("PCM_16", "PCM_24", "PCM_32", "FLOAT", "ULAW", "ALAW"),
             "flac": ("PCM_16", "PCM_24")}
 """The sample formats each format takes (``output.subtype``); the others have none."""
+
+
+def subtype_for(fmt: str, subtype: str) -> str:
+    """``subtype`` where ``fmt`` takes it, else that format's first (PCM_16), or "" for a
+    format that has none."""
+    takes = SUBTYPES.get(fmt, ())
+    return subtype if subtype in takes else takes[0] if takes else ""
 RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 """The rates ``output.sample_rate`` takes (0: the voice's own)."""
 LEVELS = ("debug", "info", "warning", "error")

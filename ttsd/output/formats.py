@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
-from ttsd.config.checks import SUBTYPES
+from ttsd.config.checks import SUBTYPES, subtype_for
 from ttsd.config.schema import OutputConfig
 from ttsd.output.wav import READ_FLAGS, encode_wav, int16_floats, wav_info, wav_ok
 
@@ -53,16 +53,13 @@ class AudioFormat:
     @classmethod
     def lines(cls, out: OutputConfig) -> AudioFormat:
         """The format of each line's file."""
-        return cls(out.format, out.subtype if out.format in SUBTYPES else "",
-                   out.bitrate_kbps)
+        return cls(out.format, subtype_for(out.format, out.subtype), out.bitrate_kbps)
 
     @classmethod
     def joined(cls, out: OutputConfig) -> AudioFormat:
         """The format of an input's lines joined into one file."""
         name = out.join_format or out.format
-        subtype = out.subtype if name in SUBTYPES and out.subtype in SUBTYPES[name] else \
-            "PCM_16" if name in SUBTYPES else ""
-        return cls(name, subtype, out.bitrate_kbps)
+        return cls(name, subtype_for(name, out.subtype), out.bitrate_kbps)
 
     @property
     def suffix(self) -> str:
