@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ttsd.children import helper_setup
 from ttsd.errors import VoiceError
 
 _LOCK = threading.Lock()
@@ -81,21 +82,11 @@ class ProcessesUnavailable(RuntimeError):
     """Phonemizer processes cannot be started here."""
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A phonemizer process's initializer: exit when the daemon that started it is gone.
-    Its task queue's pipe stays open in the process itself (multiprocessing hands it
-    both ends), so a daemon killed with SIGKILL left it waiting forever, re-parented."""
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-    threading.Thread(target=watch, name="ttsd-parent-watch", daemon=True).start()
-
-
 def _start_process(parent: int) -> None:
-    """A phonemizer process's initializer: exit with the parent, and import Piper's
-    front end now rather than on the process's first chunk of text."""
-    _exit_with_parent(parent)
+    """A phonemizer process's initializer: ignore Ctrl-C and exit with the daemon
+    (``children``), and import Piper's front end now rather than on the process's
+    first chunk of text."""
+    helper_setup(parent)
     import piper.voice  # noqa: F401 - the import is the point
 
 

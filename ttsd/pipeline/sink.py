@@ -1,8 +1,8 @@
 """The writing step: a finished batch's line files, then one store transaction.
 
 Each line is rendered and encoded once (``output.render``: its rate, loudness and format;
-on the writer threads, whose encoders release the GIL), written atomically, and the
-same bytes are the cache's copy. Atomic files and cache hits' copies are written
+``encoders``: a 16-bit WAV on the writer thread, any other file in a pool of
+processes), written atomically by the writer threads, and the same bytes are the cache's copy. Atomic files and cache hits' copies are written
 through each output folder's descriptor (``output.fsio.Folder``), one fsync per touched
 folder, then one store transaction per batch, or per piece of one: the model thread
 sends each audio call's complete lines ahead (``Batch.piece``). A folder that cannot be
@@ -27,10 +27,10 @@ from ttsd.engine.runtime import Engine
 from ttsd.health import Health, fault
 from ttsd.log import get_logger
 from ttsd.output.fsio import Folder, replace_with_link, write_atomic
-from ttsd.output.levels import Rendered
 from ttsd.output.render import LineAudio
 from ttsd.output.timestamps import sidecar, timestamps_bytes
 from ttsd.pipeline.batcher import Batch, occupied, out_path
+from ttsd.pipeline.encoders import Encoded, Encoders
 from ttsd.records import BatchStats, Done, Failed
 from ttsd.store.journal import LineRow, Store, sqlite_ino
 
@@ -47,6 +47,8 @@ class Sink:
         self.engine = engine
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ttsd-wav")
         self.audio = LineAudio.of(cfg.output)
+        self.encoders = Encoders(self.audio)
+        self.encoders.start()
         self.suffix = self.audio.suffix
         self.what = "WAV" if self.suffix == ".wav" else f"{self.suffix[1:]} file"
         self.health = health or Health()
@@ -63,6 +65,7 @@ class Sink:
             wait(self._keeping)
             self.record_kept(store)
         self.pool.shutdown(wait=True)
+        self.encoders.close()
 
     @property
     def keeping(self) -> bool:
@@ -213,7 +216,7 @@ class Sink:
                 err = res.error if res is not None else "no result from the engine"
                 failed.extend((row.id, err) for row in group)
                 continue
-            encoded = self.pool.submit(self.audio.encode, res.audio, res.sample_rate) \
+            encoded = self.pool.submit(self.encoders.encode, res.audio, res.sample_rate) \
                 if len(group) > 1 else None
             for k, row in enumerate(group):
                 folder = folders.get(row.out_dir)
@@ -226,7 +229,7 @@ class Sink:
         entries = []
         for row, res, folder, fut in jobs:
             try:
-                refused, entry, rendered = fut.result()
+                refused, entry, enc = fut.result()
             except OSError as exc:   # disk full, I/O error: the line stays pending
                 self._outbox_failed(row.out_dir, exc)
                 requeue.append(row.id)
@@ -239,8 +242,8 @@ class Sink:
                 failed.append(Failed(row.id, refused))
                 continue
             folders.touch(folder)
-            done.append(Done(row.id, str(out_path(row, self.suffix)), rendered.seconds, False,
-                             rendered.sample_rate, rendered.lufs))
+            done.append(Done(row.id, str(out_path(row, self.suffix)), enc.seconds, False,
+                             enc.sample_rate, enc.lufs))
             if entry is not None:
                 entries.append((row.id, entry))
             crash.point("after_rename")
@@ -259,43 +262,43 @@ class Sink:
                                  lambda: write(*args, **kwargs), self.stop, "sink")
 
     def _write_one(self, row: LineRow, res: Result, folder: Folder, keep: bool,
-                   encoded: Future | None = None) -> tuple[str | None, dict | None, Rendered]:
+                   encoded: Future | None = None) -> tuple[str | None, dict | None, Encoded]:
         """Renders, encodes and writes the line's file; a valid one already there (an
         earlier attempt's) is kept. Returns why the line fails for good (another file
         holds its path) or None; with ``keep``, the line's cache entry: with
         ``cache.link`` a hard link to the file (returned), else a file of its own
         written from the same bytes on the writer threads after this batch
         (``_keeping``), so that nothing done to the outbox changes it and its write is
-        not on the way to the line's commit; and its rendered audio. OSError
+        not on the way to the line's commit; and its encoded file. OSError
         (a full disk…) leaves the line pending; ValueError (samples that cannot be
         encoded) fails it. With ``output.timestamps`` the line's ``<name>.json`` is
         written first (and kept in the cache beside its file)."""
         name = f"{row.out_name}{self.suffix}"
-        data, rendered = encoded.result() if encoded is not None else \
-            self.audio.encode(res.audio, res.sample_rate)
+        enc = encoded.result() if encoded is not None else \
+            self.encoders.encode(res.audio, res.sample_rate)
         stamps = None
         if self.audio.timestamps and res.timing is not None:
             stamps = timestamps_bytes(res.timing, res.sample_rate, row.text)
             write_atomic(sidecar(name), stamps, overwrite=True, sync_dir=False,
                          dir_fd=folder.fd)
         try:
-            write_atomic(name, data, crash_at="after_tmp", sync_dir=False, dir_fd=folder.fd)
+            write_atomic(name, enc.parts, crash_at="after_tmp", sync_dir=False, dir_fd=folder.fd)
         except FileExistsError:
-            if not self.audio.file_ok(name, sample_rate=rendered.sample_rate, dir_fd=folder.fd):
-                return (occupied(out_path(row, self.suffix), rendered.sample_rate, self.what),
-                        None, rendered)
+            if not self.audio.file_ok(name, sample_rate=enc.sample_rate, dir_fd=folder.fd):
+                return (occupied(out_path(row, self.suffix), enc.sample_rate, self.what),
+                        None, enc)
         if not keep:
-            return None, None, rendered
+            return None, None, enc
         if self.cfg.cache.link:
-            return None, self._entry(row, rendered, stamps, lambda dst: replace_with_link(
-                name, dst, link=True, src_dir_fd=folder.fd)), rendered
-        keeping = self.pool.submit(self._entry, row, rendered, stamps, lambda dst: write_atomic(
-            dst, data, overwrite=True, sync_dir=False))
+            return None, self._entry(row, enc, stamps, lambda dst: replace_with_link(
+                name, dst, link=True, src_dir_fd=folder.fd)), enc
+        keeping = self.pool.submit(self._entry, row, enc, stamps, lambda dst: write_atomic(
+            dst, enc.parts, overwrite=True, sync_dir=False))
         with self._keeping_lock:
             self._keeping.append(keeping)
-        return None, None, rendered
+        return None, None, enc
 
-    def _entry(self, row: LineRow, rendered: Rendered, stamps: bytes | None,
+    def _entry(self, row: LineRow, enc: Encoded, stamps: bytes | None,
                make: Callable[[Path], object]) -> dict | None:
         """Make the line's cache file with ``make`` (fsynced, but without a folder fsync:
         one lost in a power cut is a miss later, never garbage under its name), its
@@ -312,8 +315,8 @@ class Sink:
             log.warning("cache.store_failed", key=row.cache_key[:12], error=str(exc))
             return None
         return {"key": row.cache_key, "path": str(dst), "bytes": st.st_size,
-                "seconds": rendered.seconds, "voice": row.voice, "ino": sqlite_ino(st.st_ino),
-                "mtime_ns": st.st_mtime_ns, "rate": rendered.sample_rate, "lufs": rendered.lufs}
+                "seconds": enc.seconds, "voice": row.voice, "ino": sqlite_ino(st.st_ino),
+                "mtime_ns": st.st_mtime_ns, "rate": enc.sample_rate, "lufs": enc.lufs}
 
 
 class _Folders:
