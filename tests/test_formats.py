@@ -259,3 +259,42 @@ def test_the_same_line_twice_in_one_batch_gets_the_same_file_twice(tmp_path: Pat
     assert first == second and len(first) > 100
     assert decode(first, "opus")[1] == 48000
     assert len(list((site.root / "state" / "cache").rglob("*.opus"))) == 2
+
+
+def test_a_csv_volume_column_scales_that_line_alone(tmp_path: Path) -> None:
+    """A game-dialogue CSV: one line whispered at half volume, the same words at full
+    volume beside it, and volumes that are not a gain failing their line alone with the
+    column named. The cache keeps the two apart, and answers a second drop with the
+    same files."""
+    from harness import Site
+
+    site = Site(tmp_path / "site", env=TONE)
+    site.inbox.mkdir(parents=True)
+    table = ("id,text,volume\n"
+             "full,The same words said twice.,\n"
+             "half,The same words said twice.,\"0,5\"\n"
+             "word,The same words said twice.,loud\n"
+             "zero,The same words said twice.,0\n"
+             "huge,The same words said twice.,20\n")
+    (site.inbox / "scene.csv").write_text(table, encoding="utf-8")
+    site.start("--once")
+    assert site.proc.wait(timeout=300) == 1, site.logs()   # a line failed: the run says so
+    out = site.outbox / "scene"
+    full, rate = sf.read(out / "full.wav", dtype="int16")
+    half, half_rate = sf.read(out / "half.wav", dtype="int16")
+    assert rate == half_rate and len(full) == len(half) and np.abs(full).max() > 8000
+    assert np.abs(half.astype(np.int32) - np.round(full / 2)).max() <= 1
+    with open(out / "manifest.csv", newline="", encoding="utf-8") as f:
+        rows = {r["id"]: r for r in csv.DictReader(f)}
+    assert rows["word"]["error"] == "volume 'loud' is not a finite number above 0 and at most 16"
+    assert rows["zero"]["error"].startswith("volume '0' is not a finite number")
+    assert rows["huge"]["error"].startswith("volume '20' is not a finite number")
+    assert not (out / "word.wav").exists()
+    keys = site.query("SELECT cache_key FROM lines WHERE line_id IN ('full', 'half')")
+    assert len({k for (k,) in keys}) == 2
+    (site.inbox / "again.csv").write_text(table, encoding="utf-8")
+    site.start("--once")
+    assert site.proc.wait(timeout=300) == 1, site.logs()
+    for name in ("full.wav", "half.wav"):
+        assert (site.outbox / "again" / name).read_bytes() == (out / name).read_bytes()
+    assert site.query("SELECT COUNT(*) FROM lines WHERE cached = 1")[0][0] == 2

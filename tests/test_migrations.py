@@ -28,7 +28,7 @@ COLUMNS = {
     "lines": ["id", "file_id", "number", "out_name", "name_key", "line_id", "text", "voice",
               "speaker_id", "length_scale", "noise_scale", "noise_w", "seed", "cache_key",
               "state", "attempts", "synth_count", "error", "wav", "seconds", "cached",
-              "finished_at", "chapter", "rate", "lufs"],
+              "finished_at", "chapter", "rate", "lufs", "volume"],
     "cache": ["key", "path", "bytes", "seconds", "voice", "created_at", "last_used", "hits",
               "ino", "mtime_ns", "rate", "lufs"],
     "batches": ["id", "at", "size", "phonemes", "audio_s", "prepare_ms", "model_ms",

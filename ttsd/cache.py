@@ -275,6 +275,11 @@ def audio_format(cfg: Config, gpu: bool) -> str:
             f"{'cuda' if gpu else 'cpu'}/{dtype}/compile={'on' if compiled else 'off'}")
 
 
+def line_format(fmt: str, volume: float | None) -> str:
+    """``audio_format`` for a line with its own CSV ``volume`` (None: the config's)."""
+    return fmt if volume is None or volume == 1.0 else f"{fmt}|line_volume={volume!r}"
+
+
 def cache_key(text: str, job: Job, fmt: str) -> str:
     """Everything that decides a line's WAV bytes, hashed: its text, its job and the
     audio format (``audio_format``)."""

@@ -25,6 +25,9 @@ class Line:
     chapter: str | None = None
     """The CSV ``chapter`` column: where a joined file's chapter starts (the text of its
     mark), whitespace folded, at most 200 characters."""
+    volume: float | None = None
+    """The CSV ``volume`` column: a gain on this line, over ``output.volume`` and after
+    any loudness target (0.5 is 6 dB quieter), or None."""
 
 
 @dataclass(frozen=True)

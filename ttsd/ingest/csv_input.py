@@ -256,12 +256,15 @@ def _csv_row(number: int, fields: list[str], columns: tuple[str, ...], delimiter
     text = _field_text(values["text"], limits, problems)
     voice = _field_voice(values.get("voice", ""), problems)
     speaker = _field_speaker(values.get("speaker", ""), problems)
-    speed = _field_speed(values.get("speed", ""), limits, problems)
+    speed = _field_number("speed", values.get("speed", ""), limits.min_speed,
+                          limits.max_speed, problems)
+    volume = _field_number("volume", values.get("volume", ""), 0.0, limits.max_volume,
+                           problems, above_low=True)
     chapter = " ".join(unicodedata.normalize("NFC", values.get("chapter", "")).split())[:200]
     if problems or text is None:
         return LineError(number=number, message="; ".join(problems), id=ident, text=text)
     return Line(number=number, text=text, id=ident, voice=voice, speaker=speaker, speed=speed,
-                chapter=chapter or None)
+                chapter=chapter or None, volume=volume)
 
 
 def _field_id(raw: str, problems: list[str]) -> str | None:
@@ -305,15 +308,17 @@ def _field_speaker(raw: str, problems: list[str]) -> str | None:
     return value
 
 
-def _field_speed(raw: str, limits: ParseLimits, problems: list[str]) -> float | None:
-    """A finite speed within limits; a decimal comma ("1,5") is accepted."""
+def _field_number(name: str, raw: str, low: float, high: float, problems: list[str],
+                  above_low: bool = False) -> float | None:
+    """A finite number from ``low`` (or above it, with ``above_low``) to ``high``; a
+    decimal comma ("1,5") is accepted."""
     value = raw.strip()
     if not value:
         return None
     number = value.replace(",", ".") if value.count(",") == 1 and "." not in value else value
-    speed = float(number) if NUMBER.fullmatch(number) else math.nan
-    if not (math.isfinite(speed) and limits.min_speed <= speed <= limits.max_speed):
-        problems.append(f"speed {preview(value)!r} is not a finite number between"
-                        f" {limits.min_speed:g} and {limits.max_speed:g}")
+    got = float(number) if NUMBER.fullmatch(number) else math.nan
+    if not (math.isfinite(got) and (low < got if above_low else low <= got) and got <= high):
+        bound = f"above {low:g} and at most" if above_low else f"between {low:g} and"
+        problems.append(f"{name} {preview(value)!r} is not a finite number {bound} {high:g}")
         return None
-    return speed
+    return got

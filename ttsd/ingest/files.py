@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ttsd import crash
-from ttsd.cache import key_prefix, key_with
+from ttsd.cache import key_prefix, key_with, line_format
 from ttsd.config import Config, InputConfig
 from ttsd.errors import InputError
 from ttsd.ingest.inbox import Claimed, Inbox, Rejected
@@ -235,23 +235,25 @@ class Ingest:
                           speed=item.speed)
         except JobError as exc:
             return NewLine(item.number, item.text, item.id, error=str(exc))
-        key_c = self._cache_key(item.text, job)
+        key_c = self._cache_key(item.text, job, item.volume)
         return NewLine(item.number, item.text, item.id, out_name, key, job.voice.name,
                        job.speaker_id, job.length_scale, job.noise_scale, job.noise_w, job.seed,
-                       key_c, chapter=item.chapter)
+                       key_c, chapter=item.chapter, volume=item.volume)
 
-    def _cache_key(self, text: str, job: Job) -> str:
+    def _cache_key(self, text: str, job: Job, volume: float | None = None) -> str:
         """``cache_key`` of a line, from the prefix's hash kept for its voice and
         parameters: 2,000 keys 14.5 → 7.5 ms (medians of 30 on 2 x86 cores; best 7.0 →
         3.8 ms). The table is keyed on the numbers' reprs, not their values: 0.0 and
-        -0.0, or 1 and 1.0, are equal but give ``key_prefix`` different text."""
+        -0.0, or 1 and 1.0, are equal but give ``key_prefix`` different text. A CSV
+        ``volume`` is part of the line's audio format (``line_format``)."""
         params = (job.voice.name, job.speaker_id, repr(job.length_scale),
-                  repr(job.noise_scale), repr(job.noise_w))
+                  repr(job.noise_scale), repr(job.noise_w), repr(volume))
         kept = self._prefixes.get(params)
         if kept is None or kept[0] is not job.voice:
             if len(self._prefixes) >= KEY_PREFIXES:
                 self._prefixes.clear()
-            kept = self._prefixes[params] = (job.voice, hashlib.sha256(key_prefix(job, self.fmt)))
+            kept = self._prefixes[params] = (job.voice, hashlib.sha256(
+                key_prefix(job, line_format(self.fmt, volume))))
         return key_with(kept[1], text)
 
     # ------------------------------------------------------------------ finishing

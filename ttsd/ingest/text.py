@@ -14,7 +14,7 @@ from ttsd.records import Line, LineError
 if TYPE_CHECKING:
     from ttsd.config import InputConfig
 
-COLUMNS = ("id", "text", "voice", "speaker", "speed", "chapter")
+COLUMNS = ("id", "text", "voice", "speaker", "speed", "chapter", "volume")
 """The CSV columns ttsd knows; ``text`` is required."""
 
 
@@ -60,6 +60,8 @@ class ParseLimits:
     """Smallest per-line CSV speed accepted."""
     max_speed: float = 10.0
     """Largest per-line CSV speed accepted."""
+    max_volume: float = 16.0
+    """Largest per-line CSV volume accepted (as ``output.volume``)."""
 
     @property
     def max_record_chars(self) -> int:

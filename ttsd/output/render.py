@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,6 +37,12 @@ class LineAudio:
     @property
     def suffix(self) -> str:
         return self.format.suffix
+
+    def louder(self, volume: float | None) -> LineAudio:
+        """This, with a line's own gain (the CSV ``volume`` column) over ``volume``."""
+        if volume is None or volume == 1.0:
+            return self
+        return replace(self, levels=replace(self.levels, volume=self.levels.volume * volume))
 
     def rate(self, voice_rate: int) -> int:
         """The rate of a line's file for a voice of ``voice_rate``."""

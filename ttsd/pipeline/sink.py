@@ -216,7 +216,8 @@ class Sink:
                 err = res.error if res is not None else "no result from the engine"
                 failed.extend((row.id, err) for row in group)
                 continue
-            encoded = self.pool.submit(self.encoders.encode, res.audio, res.sample_rate) \
+            encoded = self.pool.submit(self.encoders.encode, res.audio, res.sample_rate,
+                                       self.audio.louder(group[0].volume)) \
                 if len(group) > 1 else None
             for k, row in enumerate(group):
                 folder = folders.get(row.out_dir)
@@ -275,7 +276,7 @@ class Sink:
         written first (and kept in the cache beside its file)."""
         name = f"{row.out_name}{self.suffix}"
         enc = encoded.result() if encoded is not None else \
-            self.encoders.encode(res.audio, res.sample_rate)
+            self.encoders.encode(res.audio, res.sample_rate, self.audio.louder(row.volume))
         stamps = None
         if self.audio.timestamps and res.timing is not None:
             stamps = timestamps_bytes(res.timing, res.sample_rate, row.text)

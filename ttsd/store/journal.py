@@ -108,13 +108,13 @@ class Store(CacheTable, Reports):
             c.executemany(
                 "INSERT OR IGNORE INTO lines (file_id, number, out_name, name_key, line_id, "
                 "text, voice, speaker_id, length_scale, noise_scale, noise_w, seed, cache_key, "
-                "state, error, finished_at, wav, seconds, cached, chapter, rate, lufs) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "state, error, finished_at, wav, seconds, cached, chapter, rate, lufs, volume) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(file_id, ln.number, ln.out_name, ln.name_key, ln.line_id, ln.text, ln.voice,
                   ln.speaker_id, ln.length_scale, ln.noise_scale, ln.noise_w, ln.seed,
                   ln.cache_key, "failed" if ln.error else "done" if ln.wav else "pending",
                   ln.error, now if ln.error or ln.wav else None, ln.wav, ln.seconds,
-                  int(ln.cached), ln.chapter, ln.rate, ln.lufs) for ln in lines])
+                  int(ln.cached), ln.chapter, ln.rate, ln.lufs, ln.volume) for ln in lines])
             keys = [ln.cache_key for ln in answered if ln.cached]
             if keys:
                 count_hits(c, keys, now)
@@ -189,8 +189,9 @@ class Store(CacheTable, Reports):
             rows = c.execute(
                 "SELECT l.id, l.file_id, l.number, l.text, l.voice, l.speaker_id, "
                 "l.length_scale, l.noise_scale, l.noise_w, l.seed, l.cache_key, l.out_name, "
-                "f.out_dir, l.attempts, f.name FROM lines l JOIN files f ON f.id = l.file_id "
-                "WHERE l.state='pending' ORDER BY l.id LIMIT ?", (limit,)).fetchall()
+                "f.out_dir, l.attempts, f.name, l.volume FROM lines l JOIN files f "
+                "ON f.id = l.file_id WHERE l.state='pending' ORDER BY l.id LIMIT ?",
+                (limit,)).fetchall()
             dead = [r for r in rows if r[13] >= max_attempts]
             live = [r for r in rows if r[13] < max_attempts]
             if live and live[0][13] > 0 and not fresh_only:
@@ -206,8 +207,8 @@ class Store(CacheTable, Reports):
                 c.execute("UPDATE lines SET state='running', attempts=attempts+1 "
                           "WHERE id IN (SELECT value FROM json_each(?))",
                           (json.dumps([r[0] for r in take]),))
-        return ([LineRow(*r[:13], attempts=r[13] + 1, file=r[14]) for r in take],
-                [LineRow(*r[:13], attempts=r[13], file=r[14]) for r in dead])
+        return ([LineRow(*r[:13], attempts=r[13] + 1, file=r[14], volume=r[15]) for r in take],
+                [LineRow(*r[:13], attempts=r[13], file=r[14], volume=r[15]) for r in dead])
 
     def cached_ahead(self, n: int) -> tuple[int, int]:
         """(lines looked at, lines with a cache row) among the next ``n`` pending lines,

@@ -1,4 +1,4 @@
-"""The journal's schema: migrations m001 … m006, applied in order by ``migrate``.
+"""The journal's schema: migrations m001 … m007, applied in order by ``migrate``.
 
 Each migration runs once, in the transaction that records its name in
 ``_migrations``; a journal is at the newest version when every name is there. A
@@ -112,9 +112,14 @@ def m006_output_columns(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE cache ADD COLUMN lufs REAL")
 
 
+def m007_line_volume(db: sqlite_utils.Database) -> None:
+    """A line's CSV ``volume`` column (a gain on that line alone)."""
+    db.execute("ALTER TABLE lines ADD COLUMN volume REAL")
+
+
 Migration = Callable[["sqlite_utils.Database"], None]
 MIGRATIONS: list[Migration] = [m001_initial, m002_workers, m003_cache_stamp, m004_done_totals,
-                               m005_file_stamp, m006_output_columns]
+                               m005_file_stamp, m006_output_columns, m007_line_volume]
 
 
 def recount_done(c: sqlite3.Connection) -> None:

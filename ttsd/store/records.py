@@ -26,6 +26,8 @@ class LineRow:
     attempts: int
     file: str = ""
     """The input's name (for reports: ``prompts.csv line 3``)."""
+    volume: float | None = None
+    """The CSV ``volume`` column (a gain on this line), or None."""
 
 
 @dataclass
@@ -50,6 +52,8 @@ class NewLine:
     seconds: float | None = None
     chapter: str | None = None
     """The CSV ``chapter`` column (``output.chapters = "column"``)."""
+    volume: float | None = None
+    """The CSV ``volume`` column (a gain on this line), or None."""
     rate: int | None = None
     """With ``wav``: its sample rate and measured loudness (the cache entry's)."""
     lufs: float | None = None
