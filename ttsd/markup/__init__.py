@@ -1,0 +1,1 @@
+"""Inline markup: SSML and Piper's phoneme blocks, turned into what the voice says."""
