@@ -96,6 +96,7 @@ def test_nothing_imports_the_daemon_or_the_cli() -> None:
     ("sqlite3", "ttsd.store"), ("sqlite_utils", "ttsd.store"),
     ("soundfile", "ttsd.output"), ("watchdog", "ttsd.ingest.watch"),
     ("av", "ttsd.output.codecs"), ("soxr", "ttsd.output.levels"), ("scipy", "ttsd.output.levels"),
+    ("defusedxml", "ttsd.markup.ssml"),
 ])
 def test_each_library_boundary_has_one_owner(library: str, owner: str) -> None:
     users = sorted(name for name, path in MODULES.items()
