@@ -136,7 +136,7 @@ class AudioHalf:
         ``Engine.finish``) gets (line, result) pairs as lines complete."""
         sr = lv.info.sample_rate
         todo = [it for it in items if it.line not in line_error]
-        lines = self._line_buffers(lv, todo)
+        lines = self._line_buffers(lv, prepared, todo)
         parts: list[list[Item]] = [[] for _ in prepared]
         for it in items:
             parts[it.line].append(it)
@@ -179,28 +179,29 @@ class AudioHalf:
                 self._line_result(lv, p, parts[li], lines.get(li))
                 for li, p in enumerate(prepared)]
 
-    def _line_buffers(self, lv: LoadedVoice, items: list[Item]) -> dict[int, np.ndarray]:
+    def _line_buffers(self, lv: LoadedVoice, prepared: list[Prepared], items: list[Item]
+                      ) -> dict[int, np.ndarray]:
         """One zeroed array per line (float32, or int16 with ``pcm16``), its final length
         known from the durations: its sentences in order, ``sentence_silence_s`` of
-        silence between them. Each item gets ``out``, its span in that array, so the
-        audio half writes samples where they end up and no line is concatenated
-        afterwards."""
+        silence between them (or what its markup asks for: ``Prepared.gaps``). Each
+        item gets ``out``, its span in that array, so the audio half writes samples
+        where they end up and no line is concatenated afterwards."""
         sr, hop = lv.info.sample_rate, lv.model.hop
-        gap = round(self.options.sentence_silence_s * sr)
         by_line: dict[int, list[Item]] = {}
         for it in items:
             by_line.setdefault(it.line, []).append(it)
         lines = {}
         for li, its in by_line.items():
             its.sort(key=lambda x: x.sentence)
-            total = sum(it.frames for it in its) * hop + gap * (len(its) - 1)
+            lead, gaps = prepared[li].gaps(self.options.sentence_silence_s, sr)
+            total = lead + sum(it.frames for it in its) * hop + sum(gaps)
             buf = lines[li] = np.zeros(total, dtype=np.int16 if self.options.pcm16
                                        else np.float32)
-            at = 0
+            at = lead
             for it in its:
                 n = it.frames * hop
                 it.out = buf[at:at + n]
-                at += n + gap
+                at += n + gaps[it.sentence]
         return lines
 
     def _calls(self, items: list[Item]) -> Iterator[list[Item]]:
@@ -362,7 +363,8 @@ class AudioHalf:
         timing = None
         if self.options.timings:
             symbols = lv.phonemizer.symbols
-            timing = Timing(lv.model.hop, round(self.options.sentence_silence_s * sr), [
+            lead, gaps = p.gaps(self.options.sentence_silence_s, sr)
+            timing = Timing(lv.model.hop, lead, gaps, [
                 ([symbols.get(i, "?") for i in it.ids], list(it.durs or [0] * len(it.ids)))
                 for it in sorted(parts, key=lambda x: x.sentence)])
         return Result(p.request.key, audio, sr, None, p.phonemes, timing)

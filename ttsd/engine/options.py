@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from ttsd.markup.ssml import MarkupOptions
 
 if TYPE_CHECKING:
     import torch
@@ -109,6 +111,9 @@ class EngineOptions:
     end on an H200 it won four runs out of four (+2 % to +23 %); on the CPU the halves
     would fight over the same cores."""
 
+    markup: MarkupOptions = field(default_factory=MarkupOptions)
+    """How SSML lines are read (``Request.markup``)."""
+
     def overlaps(self, gpu: bool) -> bool:
         """``overlap_halves`` resolved for an engine on a GPU or not."""
         return self.overlap_halves == "on" or (self.overlap_halves == "auto" and gpu)
@@ -127,7 +132,10 @@ class EngineOptions:
             sentence_silence_s=e.sentence_silence_s, pcm16=cfg.output.pcm16,
             timings=cfg.output.timestamps,
             phonemizer_processes=e.phonemizer_processes or default_phonemizers(),
-            compile=e.compile)
+            compile=e.compile,
+            markup=MarkupOptions(sentence_s=e.sentence_silence_s,
+                                 paragraph_s=cfg.input.paragraph_pause_s,
+                                 unknown=cfg.input.markup_unknown))
         return dataclasses.replace(options, **overrides)
 
 

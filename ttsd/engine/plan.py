@@ -213,7 +213,8 @@ class TextHalf:
         sid = torch.tensor([r.speaker_id for r in reqs])
         seeds = torch.tensor([it.seed for it in chunk])
         noise_w = torch.tensor([r.noise_w for r in reqs], dtype=torch.float32)
-        scale = torch.tensor([r.length_scale for r in reqs], dtype=torch.float32)
+        scale = torch.tensor([r.length_scale / prepared[it.line].rate(it.sentence)
+                              for r, it in zip(reqs, chunk)], dtype=torch.float32)
         inputs = (ids, lengths, sid, seeds, noise_w, scale)
         with self.precision.strict():
             out = lv.graphs.run(inputs) if lv.graphs is not None and self.tuning.cuda_graphs \

@@ -18,6 +18,10 @@ class Request:
     noise_scale: float = 0.667
     noise_w: float = 0.8
     seed: int = 0
+    markup: bool = False
+    """``text`` is SSML (``ttsd.markup.ssml``): said segment by segment."""
+    tail_s: float = 0.0
+    """Silence after the line's last sentence (the CSV ``pause_after``)."""
 
 
 @dataclass
@@ -25,21 +29,44 @@ class Prepared:
     request: Request
     sentences: list[list[int]]
     error: str | None = None
+    rates: list[float] | None = None
+    """Per sentence, its speed factor (markup); None: all 1."""
+    pauses: list[float | None] | None = None
+    """Per sentence, the seconds of silence after it, None for the engine's sentence
+    silence (markup); None: the engine's silence between sentences."""
+    lead_s: float = 0.0
+    """Silence before the first sentence (a break opening the markup)."""
 
     @property
     def phonemes(self) -> int:
         return sum(len(s) for s in self.sentences)
+
+    def rate(self, sentence: int) -> float:
+        return self.rates[sentence] if self.rates is not None else 1.0
+
+    def gaps(self, silence_s: float, sample_rate: int) -> tuple[int, list[int]]:
+        """Samples of silence before the first sentence, and after each sentence
+        (after the last: the line's tail), ``silence_s`` between sentences unless the
+        markup asks for other."""
+        n = len(self.sentences)
+        pauses = self.pauses or [None] * n
+        after = [silence_s if p is None else p for p in pauses[:n - 1]]
+        tail = (pauses[n - 1] or 0.0) if n and self.pauses else 0.0
+        seconds = after + [tail + self.request.tail_s] if n else []
+        return (round(self.lead_s * sample_rate),
+                [round(s * sample_rate) for s in seconds])
 
 
 @dataclass(frozen=True)
 class Timing:
     """Where a line's phonemes fall in its audio: per sentence (in order) each token's
     symbol (Piper's: ``^`` BOS, ``_`` pad, ``$`` EOS, `` `` between words) and its frames
-    as the decoder used them; ``hop`` samples a frame, ``silence`` samples between two
-    sentences."""
+    as the decoder used them; ``hop`` samples a frame, ``lead`` samples of silence
+    before the first sentence and ``gaps`` after each one."""
 
     hop: int
-    silence: int
+    lead: int
+    gaps: list[int]
     sentences: list[tuple[list[str], list[int]]]
 
 

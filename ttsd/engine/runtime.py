@@ -54,6 +54,8 @@ from ttsd.engine.records import Prepared, Request, Result, RunStats, Stream, fai
 from ttsd.engine.voice import discover
 from ttsd.errors import VoiceError
 from ttsd.log import get_logger
+from ttsd.markup.ssml import Marked, MarkupError
+from ttsd.markup.ssml import parse as parse_markup
 
 __all__ = ["ENGINE_VERSION", "GPU_BATCH", "Engine", "Plan", "open_engine", "start_engine"]
 
@@ -209,34 +211,36 @@ class Engine:
                 self.voice(r.voice)
             except VoiceError as exc:
                 errors[i] = str(exc)
-        ids: list[list[list[int]] | str | None] = [None] * len(requests)
-        by_voice: dict[str, list[int]] = {}
+        # Each text to phonemize: a line's, or each segment's of a marked-up line.
+        marked: dict[int, Marked] = {}
+        for i, r in enumerate(requests):
+            if r.markup and i not in errors:
+                try:
+                    marked[i] = parse_markup(r.text, self.options.markup)
+                except MarkupError as exc:
+                    errors[i] = f"markup: {exc}"
+        ids: list[list[list[list[int]] | str]] = [[] for _ in requests]
+        by_voice: dict[str, list[tuple[int, str]]] = {}
         for i, r in enumerate(requests):
             if i not in errors:
-                by_voice.setdefault(r.voice, []).append(i)
-        for name, idxs in by_voice.items():
+                by_voice.setdefault(r.voice, []).extend(
+                    (i, s.text) for s in marked[i].segments) if i in marked else \
+                    by_voice.setdefault(r.voice, []).append((i, r.text))
+        for name, texts in by_voice.items():
             lv = self._loaded[name]
             got = None
             if self.phonemizers is not None:
                 try:
                     got = self.phonemizers.sentences_many(lv.digest, lv.info.config,
-                                                          [requests[i].text for i in idxs])
+                                                          [t for _i, t in texts])
                 except ProcessesUnavailable as exc:
                     self._phonemize_here(exc)
             if got is None:
-                got = [lv.phonemizer.sentences(requests[i].text) for i in idxs]
-            for i, g in zip(idxs, got):
-                ids[i] = g
-        out = []
-        for i, r in enumerate(requests):
-            got = errors.get(i, ids[i])
-            if isinstance(got, str):
-                out.append(Prepared(r, [], got))
-                continue
-            sentences = [s for s in got if len(s) > 2]
-            error = None if sentences else "nothing to speak (no phonemes in the text)"
-            out.append(Prepared(r, sentences, error))
-        return out
+                got = [lv.phonemizer.sentences(t) for _i, t in texts]
+            for (i, _t), g in zip(texts, got):
+                ids[i].append(g)
+        return [Prepared(r, [], errors[i]) if i in errors else _prepared(r, ids[i], marked.get(i))
+                for i, r in enumerate(requests)]
 
     def _phonemize_here(self, exc: ProcessesUnavailable) -> None:
         """The phonemizer processes cannot run here: phonemize in this process from
@@ -322,3 +326,33 @@ class Engine:
 
     def device_info(self) -> dict[str, object]:
         return describe(self.device, self.dtype)
+
+
+def _prepared(r: Request, got: list[list[list[int]] | str], marked: Marked | None
+              ) -> Prepared:
+    """A line's sentences from its texts' phonemes (one text, or one per segment of a
+    marked-up line: each sentence then takes its segment's speed, and the segment's
+    last sentence its pause)."""
+    failed = next((g for g in got if isinstance(g, str)), None)
+    if failed is not None:
+        return Prepared(r, [], failed)
+    sentences: list[list[int]] = []
+    rates: list[float] = []
+    pauses: list[float | None] = []
+    for k, part in enumerate(got):
+        said = [s for s in part if len(s) > 2]
+        rate, pause = (marked.segments[k].rate, marked.segments[k].pause_s) if marked \
+            else (1.0, 0.0)
+        if not said:   # punctuation alone: its pause joins the one before
+            if pauses:
+                pauses[-1] = (pauses[-1] or 0.0) + pause
+            continue
+        sentences += said
+        rates += [rate] * len(said)
+        pauses += [None] * (len(said) - 1) + [pause]
+    if not sentences:
+        return Prepared(r, [], "nothing to speak (no phonemes in the text)")
+    if marked is None:
+        return Prepared(r, sentences)
+    return Prepared(r, sentences, rates=rates, pauses=pauses, lead_s=marked.lead_s)
+

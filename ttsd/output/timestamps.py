@@ -37,13 +37,13 @@ def _seconds(samples: int, rate: int) -> float:
 def line_timestamps(timing: Timing, sample_rate: int, text: str) -> dict[str, Any]:
     """The line's spans: ``sentences``, ``words`` (text, phonemes, start, end) and
     ``phonemes`` (phoneme, start, end), in seconds from the start of its audio."""
-    hop, at = timing.hop, 0
+    hop, at = timing.hop, timing.lead
     sentences: list[dict[str, Any]] = []
     words: list[dict[str, Any]] = []
     phonemes: list[dict[str, Any]] = []
     for si, (symbols, frames) in enumerate(timing.sentences):
         if si:
-            at += timing.silence
+            at += timing.gaps[si - 1]
         start = at
         word: dict[str, Any] | None = None
         for sym, n in zip(symbols, frames, strict=True):
