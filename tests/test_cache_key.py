@@ -126,12 +126,15 @@ CHANGED = {   # for each key of cache.AUDIO_KEYS: (value, other value)
     "output.format": ("wav", "flac"), "output.bitrate_kbps": (0, 96),
     "output.sample_rate": (0, 16000), "output.loudness_lufs": (0.0, -16.0),
     "output.true_peak_dbtp": (-1.0, -2.0), "output.volume": (1.0, 0.5),
-    "output.timestamps": (False, True),
+    "output.timestamps": (False, True), "input.markup": ("none", "ssml"),
+    "input.markup_unknown": ("fail", "read"), "input.paragraph_pause_s": (0.6, 1.0),
 }
 WITH = {"output.true_peak_dbtp": {"output.loudness_lufs": -16.0},
-        "output.bitrate_kbps": {"output.format": "mp3"}}
+        "output.bitrate_kbps": {"output.format": "mp3"},
+        "input.markup_unknown": {"input.markup": "ssml"},
+        "input.paragraph_pause_s": {"input.markup": "ssml"}}
 """Keys that act only beside another setting: the ceiling on a loudness target, a
-bitrate on a format that has one."""
+bitrate on a format that has one, how SSML is read on lines that are SSML."""
 BY_DEVICE = ("engine.device", "engine.devices")
 """Keys that act through the kind of device they resolve to (the ``gpu`` argument)."""
 

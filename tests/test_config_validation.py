@@ -114,6 +114,8 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "output.sample_rate": [-1, 12345, 96000], "output.loudness_lufs": [-71.0, -4.0, 3.0],
     "output.true_peak_dbtp": [0.5, -21.0], "output.volume": [0.0, -1.0, 17.0],
     "output.join": ["yes", "files", ""], "output.join_format": ["aac", "WAV"],
+    "input.markup": ["SSML", "xml", ""], "input.markup_unknown": ["warn", ""],
+    "input.paragraph_pause_s": [-0.1, 10.5],
     "output.join_pause_s": [-0.1, 61.0], "output.chapters": ["lines", ""],
     "memory.free_memory_every_s": [-1.0], "memory.idle_s": [-1.0],
     "daemon.log_level": ["verbose", "INFO"], "daemon.heartbeat_s": [0.0, -2.0],
@@ -151,6 +153,8 @@ IN_RANGE: dict[str, list[Any]] = {
     "output.sample_rate": [0, 8000, 48000], "output.bitrate_kbps": [0, 6, 320],
     "output.loudness_lufs": [0.0, -70.0, -5.0], "output.volume": [16.0, 0.01],
     "output.join_format": ["", "m4b"], "output.join_pause_s": [0.0, 60.0],
+    "input.markup": ["none", "ssml"], "input.markup_unknown": ["fail", "read"],
+    "input.paragraph_pause_s": [0.0, 10.0],
 }
 """Values at or near the bounds that are accepted."""
 

@@ -249,7 +249,8 @@ AUDIO_KEYS = ("engine.voice", "engine.speaker", "engine.speed", "engine.noise_sc
               "engine.device", "engine.devices", "engine.compile", "output.format",
               "output.subtype", "output.bitrate_kbps", "output.sample_rate",
               "output.loudness_lufs", "output.true_peak_dbtp", "output.volume",
-              "output.timestamps")
+              "output.timestamps", "input.markup", "input.markup_unknown",
+              "input.paragraph_pause_s")
 """The config keys that change a line's audio bytes, each one in its cache key: voice,
 speaker, speed, noise and seed as the line's own fields, the others through
 ``audio_format`` (device and devices by the kind of device they resolve to). A new
@@ -275,9 +276,21 @@ def audio_format(cfg: Config, gpu: bool) -> str:
             f"{'cuda' if gpu else 'cpu'}/{dtype}/compile={'on' if compiled else 'off'}")
 
 
-def line_format(fmt: str, volume: float | None) -> str:
-    """``audio_format`` for a line with its own CSV ``volume`` (None: the config's)."""
-    return fmt if volume is None or volume == 1.0 else f"{fmt}|line_volume={volume!r}"
+def line_format(fmt: str, volume: float | None = None, pause_after: float | None = None,
+                markup: str = "") -> str:
+    """``audio_format`` for a line with its own CSV ``volume`` and ``pause_after`` (None:
+    none), and for an SSML line ``markup`` (``markup_key``: how SSML is read)."""
+    if volume is not None and volume != 1.0:
+        fmt += f"|line_volume={volume!r}"
+    if pause_after:
+        fmt += f"|pause_after={pause_after!r}"
+    return f"{fmt}|{markup}" if markup else fmt
+
+
+def markup_key(cfg: Config) -> str:
+    """What decides an SSML line's audio besides its text, as part of its cache key."""
+    i = cfg.input
+    return f"ssml/paragraph={i.paragraph_pause_s!r}/unknown={i.markup_unknown}"
 
 
 def cache_key(text: str, job: Job, fmt: str) -> str:

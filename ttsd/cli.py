@@ -113,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--force", action="store_true",
                     help="rebuild even if SQLite's quick_check finds no damage")
 
+    ph = sub.add_parser("phonemes", help="show the phonemes the voice will say for a text "
+                        "(after its markup)")
+    ph.add_argument("text")
+    ph.add_argument("--voice", help="voice name (see `ttsd voices`)")
+    ph.add_argument("--ssml", action="store_true", help="read the text as SSML")
+
     init = sub.add_parser("init", help="write a fresh config.toml and the folders")
     init.add_argument("dir", nargs="?", type=Path, default=Path("."))
     init.add_argument("--force", action="store_true", help="overwrite an existing config.toml")
@@ -281,6 +287,18 @@ def cmd_voices(cfg: Config, ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_phonemes(cfg: Config, ns: argparse.Namespace) -> int:
+    from ttsd.markup.show import phoneme_lines
+
+    try:
+        lines = phoneme_lines(cfg, ns.text, ns.voice or cfg.engine.voice, ns.ssml)
+    except ValueError as exc:
+        print(f"ttsd: {exc}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
+
+
 def cmd_status(cfg: Config, ns: argparse.Namespace) -> int:
     from ttsd.service import status, status_text
 
@@ -364,6 +382,7 @@ def cmd_bench(cfg: Config, ns: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "say": cmd_say, "voices": cmd_voices, "status": cmd_status,
             "purge-cache": cmd_purge, "repair-store": cmd_repair, "init": cmd_init,
+            "phonemes": cmd_phonemes,
             "bench": cmd_bench}
 
 

@@ -28,6 +28,10 @@ class Line:
     volume: float | None = None
     """The CSV ``volume`` column: a gain on this line, over ``output.volume`` and after
     any loudness target (0.5 is 6 dB quieter), or None."""
+    markup: bool | None = None
+    """The CSV ``markup`` column: True ("ssml"), False ("none"), None (the config's)."""
+    pause_after: float | None = None
+    """The CSV ``pause_after`` column: seconds of silence at the end of the line."""
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,13 @@ class InputConfig:
     """A longer line fails alone (row error)."""
     max_pending_lines: int = 500_000
     """Claiming new files pauses while more lines than this wait in the queue."""
+    markup: str = "none"
+    """"ssml": every line is SSML; "none": only a line that starts with ``<speak>`` (a
+    CSV ``markup`` column decides for its row)."""
+    markup_unknown: str = "fail"
+    """An unknown SSML tag or attribute: "fail" the line, or "read" the text inside."""
+    paragraph_pause_s: float = 0.6
+    """The pause around an SSML ``<p>`` (``<s>``: ``engine.sentence_silence_s``)."""
 
 
 @dataclass(frozen=True)

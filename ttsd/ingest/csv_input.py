@@ -261,10 +261,15 @@ def _csv_row(number: int, fields: list[str], columns: tuple[str, ...], delimiter
     volume = _field_number("volume", values.get("volume", ""), 0.0, limits.max_volume,
                            problems, above_low=True)
     chapter = " ".join(unicodedata.normalize("NFC", values.get("chapter", "")).split())[:200]
+    pause = _field_number("pause_after", values.get("pause_after", ""), 0.0, 60.0, problems)
+    markup = values.get("markup", "").strip().lower()
+    if markup not in ("", "ssml", "none"):
+        problems.append(f"markup {preview(markup)!r} is not \"ssml\" or \"none\"")
     if problems or text is None:
         return LineError(number=number, message="; ".join(problems), id=ident, text=text)
     return Line(number=number, text=text, id=ident, voice=voice, speaker=speaker, speed=speed,
-                chapter=chapter or None, volume=volume)
+                chapter=chapter or None, volume=volume,
+                markup={"": None, "ssml": True, "none": False}[markup], pause_after=pause)
 
 
 def _field_id(raw: str, problems: list[str]) -> str | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ttsd import crash
-from ttsd.cache import key_prefix, key_with, line_format
+from ttsd.cache import key_prefix, key_with, line_format, markup_key
 from ttsd.config import Config, InputConfig
 from ttsd.errors import InputError
 from ttsd.ingest.inbox import Claimed, Inbox, Rejected
@@ -30,6 +30,8 @@ from ttsd.ingest.text import ParseLimits
 from ttsd.ingest.watch import writer_open
 from ttsd.jobs import Job, JobError, VoiceFacts, resolve
 from ttsd.log import get_logger
+from ttsd.markup.ssml import MarkupError, MarkupOptions, is_markup
+from ttsd.markup.ssml import parse as parse_markup
 from ttsd.output.dispose import dispose
 from ttsd.output.formats import SUFFIX
 from ttsd.output.fsio import Folder
@@ -65,6 +67,9 @@ class Ingest:
         self.fmt = fmt
         self.suffix = SUFFIX[cfg.output.format]
         self.limits = ParseLimits.from_config(cfg.input)
+        self.markup = MarkupOptions(sentence_s=cfg.engine.sentence_silence_s,
+                                    paragraph_s=cfg.input.paragraph_pause_s,
+                                    unknown=cfg.input.markup_unknown)
         self.inbox = Inbox(cfg.paths.inbox, cfg.paths.work, cfg.input)
         self.failed_files = 0
         self.finished_files = 0
@@ -235,25 +240,35 @@ class Ingest:
                           speed=item.speed)
         except JobError as exc:
             return NewLine(item.number, item.text, item.id, error=str(exc))
-        key_c = self._cache_key(item.text, job, item.volume)
+        markup = item.markup if item.markup is not None else \
+            is_markup(item.text, self.cfg.input.markup == "ssml")
+        if markup:
+            try:
+                parse_markup(item.text, self.markup)
+            except MarkupError as exc:
+                return NewLine(item.number, item.text, item.id, error=f"markup: {exc}")
+        key_c = self._cache_key(item.text, job, line_format(
+            self.fmt, item.volume, item.pause_after, markup_key(self.cfg) if markup else ""))
         return NewLine(item.number, item.text, item.id, out_name, key, job.voice.name,
                        job.speaker_id, job.length_scale, job.noise_scale, job.noise_w, job.seed,
-                       key_c, chapter=item.chapter, volume=item.volume)
+                       key_c, chapter=item.chapter, volume=item.volume,
+                       pause_after=item.pause_after, markup=markup)
 
-    def _cache_key(self, text: str, job: Job, volume: float | None = None) -> str:
+    def _cache_key(self, text: str, job: Job, fmt: str | None = None) -> str:
         """``cache_key`` of a line, from the prefix's hash kept for its voice and
         parameters: 2,000 keys 14.5 → 7.5 ms (medians of 30 on 2 x86 cores; best 7.0 →
         3.8 ms). The table is keyed on the numbers' reprs, not their values: 0.0 and
-        -0.0, or 1 and 1.0, are equal but give ``key_prefix`` different text. A CSV
-        ``volume`` is part of the line's audio format (``line_format``)."""
+        -0.0, or 1 and 1.0, are equal but give ``key_prefix`` different text. ``fmt``:
+        the line's audio format (``line_format``; None: ``self.fmt``)."""
+        fmt = self.fmt if fmt is None else fmt
         params = (job.voice.name, job.speaker_id, repr(job.length_scale),
-                  repr(job.noise_scale), repr(job.noise_w), repr(volume))
+                  repr(job.noise_scale), repr(job.noise_w), fmt)
         kept = self._prefixes.get(params)
         if kept is None or kept[0] is not job.voice:
             if len(self._prefixes) >= KEY_PREFIXES:
                 self._prefixes.clear()
             kept = self._prefixes[params] = (job.voice, hashlib.sha256(
-                key_prefix(job, line_format(self.fmt, volume))))
+                key_prefix(job, fmt)))
         return key_with(kept[1], text)
 
     # ------------------------------------------------------------------ finishing

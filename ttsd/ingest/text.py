@@ -14,7 +14,8 @@ from ttsd.records import Line, LineError
 if TYPE_CHECKING:
     from ttsd.config import InputConfig
 
-COLUMNS = ("id", "text", "voice", "speaker", "speed", "chapter", "volume")
+COLUMNS = ("id", "text", "voice", "speaker", "speed", "chapter", "volume", "markup",
+           "pause_after")
 """The CSV columns ttsd knows; ``text`` is required."""
 
 

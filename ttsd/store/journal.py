@@ -108,13 +108,14 @@ class Store(CacheTable, Reports):
             c.executemany(
                 "INSERT OR IGNORE INTO lines (file_id, number, out_name, name_key, line_id, "
                 "text, voice, speaker_id, length_scale, noise_scale, noise_w, seed, cache_key, "
-                "state, error, finished_at, wav, seconds, cached, chapter, rate, lufs, volume) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "state, error, finished_at, wav, seconds, cached, chapter, rate, lufs, volume, "
+                "pause_after, markup) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(file_id, ln.number, ln.out_name, ln.name_key, ln.line_id, ln.text, ln.voice,
                   ln.speaker_id, ln.length_scale, ln.noise_scale, ln.noise_w, ln.seed,
                   ln.cache_key, "failed" if ln.error else "done" if ln.wav else "pending",
                   ln.error, now if ln.error or ln.wav else None, ln.wav, ln.seconds,
-                  int(ln.cached), ln.chapter, ln.rate, ln.lufs, ln.volume) for ln in lines])
+                  int(ln.cached), ln.chapter, ln.rate, ln.lufs, ln.volume, ln.pause_after,
+                  int(ln.markup)) for ln in lines])
             keys = [ln.cache_key for ln in answered if ln.cached]
             if keys:
                 count_hits(c, keys, now)
@@ -189,7 +190,8 @@ class Store(CacheTable, Reports):
             rows = c.execute(
                 "SELECT l.id, l.file_id, l.number, l.text, l.voice, l.speaker_id, "
                 "l.length_scale, l.noise_scale, l.noise_w, l.seed, l.cache_key, l.out_name, "
-                "f.out_dir, l.attempts, f.name, l.volume FROM lines l JOIN files f "
+                "f.out_dir, l.attempts, f.name, l.volume, l.pause_after, l.markup "
+                "FROM lines l JOIN files f "
                 "ON f.id = l.file_id WHERE l.state='pending' ORDER BY l.id LIMIT ?",
                 (limit,)).fetchall()
             dead = [r for r in rows if r[13] >= max_attempts]
@@ -207,8 +209,7 @@ class Store(CacheTable, Reports):
                 c.execute("UPDATE lines SET state='running', attempts=attempts+1 "
                           "WHERE id IN (SELECT value FROM json_each(?))",
                           (json.dumps([r[0] for r in take]),))
-        return ([LineRow(*r[:13], attempts=r[13] + 1, file=r[14], volume=r[15]) for r in take],
-                [LineRow(*r[:13], attempts=r[13], file=r[14], volume=r[15]) for r in dead])
+        return ([_row(r, r[13] + 1) for r in take], [_row(r, r[13]) for r in dead])
 
     def cached_ahead(self, n: int) -> tuple[int, int]:
         """(lines looked at, lines with a cache row) among the next ``n`` pending lines,
@@ -319,4 +320,10 @@ class Store(CacheTable, Reports):
                 row = {"device": "", "state": "starting", **fields}
                 c.execute(f"INSERT INTO workers (slot, {', '.join(row)}, updated_at) VALUES "
                           f"({','.join('?' * (len(row) + 2))})", (slot, *row.values(), now))
+
+
+def _row(r: tuple, attempts: int) -> LineRow:
+    """A line of ``Store.take``'s query."""
+    return LineRow(*r[:13], attempts=attempts, file=r[14], volume=r[15], pause_after=r[16],
+                   markup=bool(r[17]))
 

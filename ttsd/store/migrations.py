@@ -112,14 +112,17 @@ def m006_output_columns(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE cache ADD COLUMN lufs REAL")
 
 
-def m007_line_volume(db: sqlite_utils.Database) -> None:
-    """A line's CSV ``volume`` column (a gain on that line alone)."""
+def m007_line_columns(db: sqlite_utils.Database) -> None:
+    """A line's CSV ``volume`` (a gain on that line alone) and ``pause_after``
+    (seconds of silence after it), and whether it is SSML."""
     db.execute("ALTER TABLE lines ADD COLUMN volume REAL")
+    db.execute("ALTER TABLE lines ADD COLUMN pause_after REAL")
+    db.execute("ALTER TABLE lines ADD COLUMN markup INTEGER NOT NULL DEFAULT 0")
 
 
 Migration = Callable[["sqlite_utils.Database"], None]
 MIGRATIONS: list[Migration] = [m001_initial, m002_workers, m003_cache_stamp, m004_done_totals,
-                               m005_file_stamp, m006_output_columns, m007_line_volume]
+                               m005_file_stamp, m006_output_columns, m007_line_columns]
 
 
 def recount_done(c: sqlite3.Connection) -> None:

@@ -28,6 +28,10 @@ class LineRow:
     """The input's name (for reports: ``prompts.csv line 3``)."""
     volume: float | None = None
     """The CSV ``volume`` column (a gain on this line), or None."""
+    pause_after: float | None = None
+    """The CSV ``pause_after`` column (seconds of silence after the line), or None."""
+    markup: bool = False
+    """The text is SSML."""
 
 
 @dataclass
@@ -54,6 +58,10 @@ class NewLine:
     """The CSV ``chapter`` column (``output.chapters = "column"``)."""
     volume: float | None = None
     """The CSV ``volume`` column (a gain on this line), or None."""
+    pause_after: float | None = None
+    """The CSV ``pause_after`` column (seconds of silence after the line), or None."""
+    markup: bool = False
+    """The text is SSML."""
     rate: int | None = None
     """With ``wav``: its sample rate and measured loudness (the cache entry's)."""
     lufs: float | None = None

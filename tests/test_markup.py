@@ -1,0 +1,151 @@
+"""Markup as a script writer uses it: the real daemon, the real voice, real files. A break
+is digital silence of its length at its place, a slower segment is longer while the rest
+is unchanged, given phonemes replace a word's, and bad or hostile markup fails its line
+alone with the problem named."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from harness import Site
+
+from ttsd.engine.options import EngineOptions
+from ttsd.engine.records import Request
+from ttsd.engine.runtime import start_engine
+from ttsd.markup.ssml import MarkupError, parse
+
+VOICE = "en_US-joe-medium"
+SR = 22050
+HOP = 256
+
+
+def zero_runs(audio: np.ndarray) -> list[tuple[int, int]]:
+    """(start, length) of every run of exact zeros, in samples."""
+    z = np.concatenate([[0], (audio == 0).astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(z))
+    return [(int(a), int(b - a)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def daemon_lines(tmp_path: Path, name: str, body: str, extra: str = "") -> tuple[Site, dict]:
+    """The real daemon over one input; its manifest rows by id (or line number)."""
+    site = Site(tmp_path / "site", extra_config=extra)
+    site.inbox.mkdir(parents=True)
+    (site.inbox / name).write_text(body, encoding="utf-8")
+    site.start("--once")
+    site.proc.wait(timeout=600)
+    with open(site.outbox / Path(name).stem / "manifest.csv", newline="",
+              encoding="utf-8") as f:
+        rows = {r["id"] or r["line"]: r for r in csv.DictReader(f)}
+    return site, rows
+
+
+def test_tags_in_a_csv_do_what_they_say_in_the_daemons_files(tmp_path: Path) -> None:
+    table = (
+        "id,text,markup,pause_after\n"
+        "plain,\"Hello there, my friend.\",,\n"
+        "break,\"Hello there, <break time=\"\"700ms\"\"/> my friend.\",ssml,\n"
+        "slow,\"Hello there, <prosody rate=\"\"50%\"\">my friend.</prosody>\",ssml,\n"
+        "pause,\"Hello there, my friend.\",,1.5\n"
+        "lessthan,\"Is 3 < 4? <b>Yes.</b>\",,\n"
+        "speak,\"<speak>Hello there<break time=\"\"300ms\"\"/> my friend.</speak>\",,\n"
+        "unknown,\"Hello <emphasis>there</emphasis>.\",ssml,\n"
+        "broken,\"Hello <break time=\"\"1s\"\" there.\",ssml,\n"
+        "notamarkup,Hello.,xml,\n")
+    site, rows = daemon_lines(tmp_path, "scene.csv", table)
+    out = site.outbox / "scene"
+
+    def audio(name: str) -> np.ndarray:
+        data, rate = sf.read(out / f"{name}.wav", dtype="int16")
+        assert rate == SR
+        return data
+
+    plain, brk, slow, pause = (audio(n) for n in ("plain", "break", "slow", "pause"))
+    # A break: 0.7 s of digital silence where it stands, nothing else.
+    runs = [r for r in zero_runs(brk) if r[1] >= 0.1 * SR]
+    assert len(runs) == 1 and abs(runs[0][1] - 0.7 * SR) <= HOP, runs
+    assert 0.2 * SR < runs[0][0] < len(brk) - 0.4 * SR
+    assert not [r for r in zero_runs(plain) if r[1] >= 0.1 * SR]
+    # A slow segment: longer by about what its words took, the words before unchanged.
+    assert len(slow) > len(plain) + 0.3 * SR
+    # pause_after: the line (within the CPU's rounding across batches), then 1.5 s of
+    # silence.
+    assert np.abs(pause[:len(plain)].astype(np.int32) - plain).max() <= 1
+    assert len(pause) - len(plain) == round(1.5 * SR) and not pause[len(plain):].any()
+    # Plain text with "<" in it is text; a line that starts with <speak> is SSML.
+    assert rows["lessthan"]["error"] == "" and (out / "lessthan.wav").exists()
+    spoken = [r for r in zero_runs(audio("speak")) if r[1] >= 0.1 * SR]
+    assert len(spoken) == 1 and abs(spoken[0][1] - 0.3 * SR) <= HOP
+    # Bad markup fails its line alone, named.
+    assert rows["unknown"]["error"].startswith("markup: unknown tag <emphasis>")
+    assert "at column 7" in rows["unknown"]["error"]
+    assert rows["broken"]["error"].startswith("markup: malformed markup at column")
+    assert rows["notamarkup"]["error"] == "markup 'xml' is not \"ssml\" or \"none\""
+    for bad in ("unknown", "broken", "notamarkup"):
+        assert not (out / f"{bad}.wav").exists()
+
+
+def test_phoneme_tags_and_piper_blocks_give_the_same_audio() -> None:
+    """``<phoneme ph>`` and Piper's own ``[[ ]]`` say the same phonemes; each replaces
+    the word's own pronunciation and nothing else."""
+    engine = start_engine(EngineOptions(device="cpu", compile="off", phonemizer_processes=0))
+    tag = 'I say <phoneme alphabet="ipa" ph="təmˈɑːtoʊ">tomato</phoneme> today.'
+    block = "I say [[ təmˈɑːtoʊ ]] today."
+    word = "I say tomato today."
+    prep = engine.prepare([Request(0, tag, VOICE, markup=True), Request(1, block, VOICE),
+                           Request(2, word, VOICE)])
+    assert [p.error for p in prep] == [None, None, None]
+    assert prep[0].sentences == prep[1].sentences
+    assert prep[1].sentences != prep[2].sentences
+    ph = engine.voice(VOICE).phonemizer
+    given = ph.ids(list("təmˈɑːtoʊ"))[1:-1]   # without BOS and EOS
+    flat = prep[1].sentences[0]
+    assert any(flat[i:i + len(given)] == given for i in range(len(flat)))
+    # The words around it keep their phonemes.
+    around = ph.sentences("I say")[0][1:-2]
+    assert flat[1:1 + len(around)] == around
+
+
+def test_hostile_markup_fails_the_line_without_expanding_or_reading() -> None:
+    laughs = ('<!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">'
+              '<!ENTITY lol3 "&lol2;&lol2;&lol2;&lol2;">]><speak>&lol3;</speak>')
+    external = ('<?xml version="1.0"?><!DOCTYPE x [<!ENTITY e SYSTEM "file:///etc/passwd">]>'
+                '<speak>&e;</speak>')
+    for text in (laughs, external):
+        try:
+            parse(text)
+        except MarkupError as exc:
+            assert "DTD" in str(exc), exc
+        else:
+            raise AssertionError("a DTD was accepted")
+    many = "Go " + "<break time=\"1ms\"/>word " * 5000
+    try:
+        parse(many)
+    except MarkupError as exc:
+        assert "more than 500 segments" in str(exc)
+    else:
+        raise AssertionError("5,000 segments were accepted")
+
+
+def test_ttsd_phonemes_shows_what_the_voice_will_say(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from harness import ROOT, subprocess_env
+
+    def phonemes(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ttsd.cli", "phonemes", *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                              env=subprocess_env({"PYTHONPATH": str(ROOT), "TTSD_CONFIG": ""}),
+                              check=False)
+
+    out = phonemes('Say <sub alias="Doctor">Dr.</sub> Smith <break time="500ms"/> '
+                   'and <phoneme alphabet="ipa" ph="təmˈɑːtoʊ">tomato</phoneme>.', "--ssml")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[0] == "1" and "dˈɑːktɚ" in lines[0] and "[then 0.5 s]" in lines[0]
+    assert "təmˈɑːtoʊ" in lines[1]
+    bad = phonemes("<speak>Hello <emphasis>there</emphasis></speak>")
+    assert bad.returncode == 1 and "unknown tag <emphasis>" in bad.stderr

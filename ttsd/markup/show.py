@@ -1,0 +1,44 @@
+"""``ttsd phonemes``: what the voice will say for a text, sentence by sentence, after
+its markup, so that a pronunciation can be checked without listening to the audio."""
+
+from __future__ import annotations
+
+from ttsd.config import Config
+from ttsd.markup.ssml import MarkupOptions, is_markup, parse
+
+
+def phoneme_lines(cfg: Config, text: str, voice: str, ssml: bool) -> list[str]:
+    """One line per sentence: its phonemes as Piper's id map takes them, then its speed
+    and the silence after it where markup set them. ValueError naming the problem."""
+    from ttsd.engine.phonemes import Phonemizer
+    from ttsd.engine.voice import discover
+
+    voices = discover(cfg.engine.voices_dir)
+    if voice not in voices:
+        raise ValueError(f"no voice {voice!r} (see `ttsd voices`)")
+    ph = Phonemizer(voices[voice].config)
+    marked = is_markup(text, ssml or cfg.input.markup == "ssml")
+    segments = [(text, 1.0, None)]
+    out = []
+    if marked:
+        m = parse(text, MarkupOptions(sentence_s=cfg.engine.sentence_silence_s,
+                                      paragraph_s=cfg.input.paragraph_pause_s,
+                                      unknown=cfg.input.markup_unknown))
+        segments = [(s.text, s.rate, s.pause_s) for s in m.segments]
+        out += [f"# warning: {w}" for w in m.warnings]
+        if m.lead_s:
+            out.append(f"# {m.lead_s:g} s of silence first")
+    n = 0
+    for seg_text, rate, pause in segments:
+        sentences = ph.phonemes(seg_text)
+        for k, phonemes in enumerate(sentences):
+            n += 1
+            unknown = sorted({p for p in phonemes if p not in ph.id_map})
+            notes = [f"rate {rate:g}"] if rate != 1.0 else []
+            if pause is not None and k == len(sentences) - 1:
+                notes.append(f"then {pause:g} s" if pause else "then no pause")
+            if unknown:
+                notes.append(f"not in the voice (skipped): {' '.join(unknown)}")
+            tail = f"   [{'; '.join(notes)}]" if notes else ""
+            out.append(f"{n:>3}  {''.join(phonemes)}{tail}")
+    return out
