@@ -149,3 +149,39 @@ def test_ttsd_phonemes_shows_what_the_voice_will_say(tmp_path: Path) -> None:
     assert "təmˈɑːtoʊ" in lines[1]
     bad = phonemes("<speak>Hello <emphasis>there</emphasis></speak>")
     assert bad.returncode == 1 and "unknown tag <emphasis>" in bad.stderr
+
+
+def _engine(**more: object):
+    return start_engine(EngineOptions(device="cpu", compile="off", phonemizer_processes=0,
+                                      **more))
+
+
+def test_a_slower_segment_is_longer_and_the_rest_is_unchanged() -> None:
+    """``<prosody rate="50%">``: that segment's frames about double (1.79x here: each
+    phoneme's frames are its predicted duration rounded up, so a short one doubles
+    less), the segment before keeps its frames exactly."""
+    engine = _engine(timings=True)
+    normal, slow = engine.synthesize([
+        Request(0, 'Hello there, <prosody rate="100%">my good friend.</prosody>', VOICE,
+                markup=True),
+        Request(1, 'Hello there, <prosody rate="50%">my good friend.</prosody>', VOICE,
+                markup=True)])
+    (a1, f1), (a2, f2) = normal.timing.sentences
+    (b1, g1), (b2, g2) = slow.timing.sentences
+    assert (a1, f1) == (b1, g1)                  # "Hello there," unchanged
+    assert a2 == b2
+    ratio = sum(g2) / sum(f2)
+    assert 1.7 <= ratio <= 2.2, ratio
+
+
+def test_marked_up_lines_batched_equal_the_same_lines_alone() -> None:
+    engine = _engine()
+    lines = ['One <break time="300ms"/> two.', 'Slow <prosody rate="x-slow">down</prosody>.',
+             "<speak><p>A paragraph.</p><p>Another one.</p></speak>", "Plain text here."]
+    reqs = [Request(i, t, VOICE, markup=t.startswith("<") or "<" in t)
+            for i, t in enumerate(lines)]
+    together = engine.synthesize(reqs)
+    for r in reqs:
+        alone = engine.synthesize([r])[0]
+        assert np.abs(alone.audio.astype(np.int32)
+                      - together[r.key].audio.astype(np.int32)).max() <= 1, r.text

@@ -138,7 +138,7 @@ class TextHalf:
                    ) -> tuple[list[Item], dict[int, str]]:
         """The items of ``prepared`` with their durations, and the lines that fail."""
         sr, hop = lv.info.sample_rate, lv.model.hop
-        items = [Item(li, si, ids, line_seed(p.request.seed, p.request.text, si))
+        items = [Item(li, si, ids, line_seed(p.request.seed, *p.noise_key(si)))
                  for li, p in enumerate(prepared) for si, ids in enumerate(p.sentences)]
         stats.items += len(items)
         # 1-2: text half, longest first: every call queued, then one copy of all their

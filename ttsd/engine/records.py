@@ -36,6 +36,14 @@ class Prepared:
     silence (markup); None: the engine's silence between sentences."""
     lead_s: float = 0.0
     """Silence before the first sentence (a break opening the markup)."""
+    noise_keys: list[tuple[str, int]] | None = None
+    """Per sentence, what its noise seed is drawn from besides the line's seed (markup:
+    its segment's text and its place there, so that changing one segment leaves the
+    others' audio as it was); None: the line's text and the sentence's index."""
+
+    def noise_key(self, sentence: int) -> tuple[str, int]:
+        return self.noise_keys[sentence] if self.noise_keys is not None \
+            else (self.request.text, sentence)
 
     @property
     def phonemes(self) -> int:

@@ -339,6 +339,7 @@ def _prepared(r: Request, got: list[list[list[int]] | str], marked: Marked | Non
     sentences: list[list[int]] = []
     rates: list[float] = []
     pauses: list[float | None] = []
+    keys: list[tuple[str, int]] = []
     for k, part in enumerate(got):
         said = [s for s in part if len(s) > 2]
         rate, pause = (marked.segments[k].rate, marked.segments[k].pause_s) if marked \
@@ -348,11 +349,13 @@ def _prepared(r: Request, got: list[list[list[int]] | str], marked: Marked | Non
                 pauses[-1] = (pauses[-1] or 0.0) + pause
             continue
         sentences += said
+        keys += [(marked.segments[k].text, j) for j in range(len(said))] if marked else []
         rates += [rate] * len(said)
         pauses += [None] * (len(said) - 1) + [pause]
     if not sentences:
         return Prepared(r, [], "nothing to speak (no phonemes in the text)")
     if marked is None:
         return Prepared(r, sentences)
-    return Prepared(r, sentences, rates=rates, pauses=pauses, lead_s=marked.lead_s)
+    return Prepared(r, sentences, rates=rates, pauses=pauses, lead_s=marked.lead_s,
+                    noise_keys=keys)
 
