@@ -128,6 +128,7 @@ CHANGED = {   # for each key of cache.AUDIO_KEYS: (value, other value)
     "output.true_peak_dbtp": (-1.0, -2.0), "output.volume": (1.0, 0.5),
     "output.timestamps": (False, True), "input.markup": ("none", "ssml"),
     "input.markup_unknown": ("fail", "read"), "input.paragraph_pause_s": (0.6, 1.0),
+    "input.lexicon": ("", "words.tsv"),   # the file is written in tmp_path by _key
 }
 WITH = {"output.true_peak_dbtp": {"output.loudness_lufs": -16.0},
         "output.bitrate_kbps": {"output.format": "mp3"},
@@ -158,6 +159,9 @@ def _key(tmp_path: Path, values: dict[str, object], gpu: bool) -> str:
                                       ("inbox", "outbox", "done", "failed", "state")},
                             "engine": {"voice": "joe"}}
     for key, value in values.items():
+        if value == "words.tsv":
+            (tmp_path / "words.tsv").write_text("sentence\tsentense\n", encoding="utf-8")
+            value = str(tmp_path / "words.tsv")
         section, name = key.split(".")
         raw.setdefault(section, {})[name] = value
     cfg = from_dict(raw)

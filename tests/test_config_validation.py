@@ -135,6 +135,8 @@ ANY_VALUE = {
     "cache.enabled", "cache.link",
     "engine.speaker",        # a name or an id, known only once the voice is loaded
     "engine.seed",           # any integer seeds the noise
+    "input.lexicon",         # "" = none; any other text is a file, read (and its errors
+                             # named) when the daemon starts
 }
 """Keys for which every value of their type means something."""
 

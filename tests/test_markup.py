@@ -185,3 +185,44 @@ def test_marked_up_lines_batched_equal_the_same_lines_alone() -> None:
         alone = engine.synthesize([r])[0]
         assert np.abs(alone.audio.astype(np.int32)
                       - together[r.key].audio.astype(np.int32)).max() <= 1, r.text
+
+
+def test_an_edited_lexicon_changes_the_next_files_audio(tmp_path: Path) -> None:
+    """The daemon keeps running; the lexicon is edited between two drops of the same
+    line: the second is synthesized anew with the new pronunciation (not served from
+    the cache), and typing the same phonemes as a ``[[ ]]`` block gives the same file."""
+    lexicon = tmp_path / "words.tsv"
+    lexicon.write_text("# the way we say it\ntomato\t/təmˈeɪɾoʊ/\n", encoding="utf-8")
+    site = Site(tmp_path / "site", extra_config=f"[input]\nlexicon = \"{lexicon}\"\n")
+    site.inbox.mkdir(parents=True)
+    site.start()
+    try:
+        site.wait_ready()
+        (site.inbox / "a.txt").write_text("I like Tomato soup.\n", encoding="utf-8")
+        site.wait_files_finished(1)
+        lexicon.write_text("tomato\t/təmˈɑːtoʊ/\n", encoding="utf-8")
+        (site.inbox / "b.txt").write_text("I like Tomato soup.\n", encoding="utf-8")
+        site.wait_files_finished(2)
+        (site.inbox / "c.txt").write_text("I like [[ təmˈɑːtoʊ ]] soup.\n", encoding="utf-8")
+        site.wait_files_finished(3)
+    finally:
+        assert site.stop() == 0, site.logs()
+    a, b, c = ((site.outbox / n / "0001.wav").read_bytes() for n in "abc")
+    assert a != b and b == c
+    said = dict(site.query("SELECT f.name, l.said FROM lines l JOIN files f ON f.id = l.file_id"))
+    assert said == {"a.txt": "I like [[ təmˈeɪɾoʊ ]] soup.",
+                    "b.txt": "I like [[ təmˈɑːtoʊ ]] soup.", "c.txt": None}
+    cached = dict(site.query("SELECT f.name, l.cached FROM lines l JOIN files f "
+                             "ON f.id = l.file_id"))
+    assert cached == {"a.txt": 0, "b.txt": 0, "c.txt": 1}
+
+
+def test_a_lexicon_that_cannot_be_used_stops_the_start_naming_its_line(tmp_path: Path) -> None:
+    lexicon = tmp_path / "words.tsv"
+    lexicon.write_text("tomato\t/təmˈɑːtoʊ/\nSiobhan shivawn\n", encoding="utf-8")
+    site = Site(tmp_path / "site", extra_config=f"[input]\nlexicon = \"{lexicon}\"\n")
+    site.inbox.mkdir(parents=True)
+    site.write_config()
+    out = site.cli("run", "--once", "--no-progress", timeout=120)
+    assert out.returncode != 0
+    assert f"input.lexicon: {lexicon} line 2: expected WORD<TAB>/IPA/" in out.stderr, out.stderr

@@ -29,7 +29,7 @@ COLUMNS = {
               "speaker_id", "length_scale", "noise_scale", "noise_w", "seed", "cache_key",
               "state", "attempts", "synth_count", "error", "wav", "seconds", "cached",
               "finished_at", "chapter", "rate", "lufs", "volume",
-              "pause_after", "markup"],
+              "pause_after", "markup", "said"],
     "cache": ["key", "path", "bytes", "seconds", "voice", "created_at", "last_used", "hits",
               "ino", "mtime_ns", "rate", "lufs"],
     "batches": ["id", "at", "size", "phonemes", "audio_s", "prepare_ms", "model_ms",

@@ -250,7 +250,7 @@ AUDIO_KEYS = ("engine.voice", "engine.speaker", "engine.speed", "engine.noise_sc
               "output.subtype", "output.bitrate_kbps", "output.sample_rate",
               "output.loudness_lufs", "output.true_peak_dbtp", "output.volume",
               "output.timestamps", "input.markup", "input.markup_unknown",
-              "input.paragraph_pause_s")
+              "input.paragraph_pause_s", "input.lexicon")
 """The config keys that change a line's audio bytes, each one in its cache key: voice,
 speaker, speed, noise and seed as the line's own fields, the others through
 ``audio_format`` (device and devices by the kind of device they resolve to). A new

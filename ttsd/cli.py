@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -12,6 +13,11 @@ from ttsd import __version__
 from ttsd.config import Config, default_text
 from ttsd.errors import ConfigError, StoreDamagedError, TtsdError
 from ttsd.store.errors import DatabaseError, damaged
+
+
+def _text_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ssml", action="store_true", help="read the text as SSML")
+    p.add_argument("--lexicon", type=Path, help="a pronunciation lexicon (input.lexicon)")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     say.add_argument("--loudness-lufs", type=float, help="e.g. -16; 0 = off")
     say.add_argument("--true-peak-dbtp", type=float, help="the ceiling with --loudness-lufs")
     say.add_argument("--volume", type=float, help="a plain gain, e.g. 0.5")
+    _text_args(say)
     say.add_argument("--timestamps", action="store_true", default=None,
                      help="also write NAME.json: the sentences, words and phonemes in seconds")
 
@@ -117,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(after its markup)")
     ph.add_argument("text")
     ph.add_argument("--voice", help="voice name (see `ttsd voices`)")
-    ph.add_argument("--ssml", action="store_true", help="read the text as SSML")
+    _text_args(ph)
 
     init = sub.add_parser("init", help="write a fresh config.toml and the folders")
     init.add_argument("dir", nargs="?", type=Path, default=Path("."))
@@ -239,6 +246,7 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
     from ttsd.engine.options import EngineOptions
     from ttsd.engine.runtime import start_engine
     from ttsd.jobs import resolve, voice_facts
+    from ttsd.markup.show import said_text
     from ttsd.output.fsio import write_atomic
     from ttsd.output.render import LineAudio
 
@@ -248,7 +256,11 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
                                         phonemizer_processes=0)
     engine = start_engine(options)
     job = resolve(e, {e.voice: voice_facts(engine, e.voice)})
-    res = engine.synthesize([job.request(0, ns.text.strip())])[0]
+    try:
+        marked, said = said_text(cfg, ns.text.strip(), ns.ssml, ns.lexicon)
+    except ValueError as exc:   # a lexicon that cannot be used
+        raise ConfigError(str(exc)) from None
+    res = engine.synthesize([dataclasses.replace(job.request(0, said), markup=marked)])[0]
     if res.error:
         print(f"ttsd: {res.error}", file=sys.stderr)
         return 1
@@ -291,7 +303,7 @@ def cmd_phonemes(cfg: Config, ns: argparse.Namespace) -> int:
     from ttsd.markup.show import phoneme_lines
 
     try:
-        lines = phoneme_lines(cfg, ns.text, ns.voice or cfg.engine.voice, ns.ssml)
+        lines = phoneme_lines(cfg, ns.text, ns.voice or cfg.engine.voice, ns.ssml, ns.lexicon)
     except ValueError as exc:
         print(f"ttsd: {exc}", file=sys.stderr)
         return 1

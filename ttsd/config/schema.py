@@ -85,6 +85,9 @@ class InputConfig:
     """An unknown SSML tag or attribute: "fail" the line, or "read" the text inside."""
     paragraph_pause_s: float = 0.6
     """The pause around an SSML ``<p>`` (``<s>``: ``engine.sentence_silence_s``)."""
+    lexicon: str = ""
+    """A pronunciation lexicon (``ttsd.markup.lexicon``): a file of WORD<TAB>/IPA/ or
+    WORD<TAB>respelling lines, relative to the config's folder; "" for none."""
 
 
 @dataclass(frozen=True)
@@ -328,7 +331,10 @@ class Config:
                             voice_cache=str(fix(Path(vc))) if vc else "")
         check_folders(paths, where)
         engine = dataclasses.replace(self.engine, voices_dir=fix(self.engine.voices_dir))
-        return dataclasses.replace(self, paths=paths, engine=engine)
+        lexicon = self.input.lexicon
+        inputs = dataclasses.replace(self.input, lexicon=str(fix(Path(lexicon))) if lexicon
+                                     else "")
+        return dataclasses.replace(self, paths=paths, engine=engine, input=inputs)
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as parsed TOML would hold them (``source`` left out)."""

@@ -22,7 +22,7 @@ from typing import Any
 from ttsd import crash
 from ttsd.cache import key_prefix, key_with, line_format, markup_key
 from ttsd.config import Config, InputConfig
-from ttsd.errors import InputError
+from ttsd.errors import ConfigError, InputError
 from ttsd.ingest.inbox import Claimed, Inbox, Rejected
 from ttsd.ingest.names import display_name, name_key, safe_stem
 from ttsd.ingest.parse import parse
@@ -30,6 +30,7 @@ from ttsd.ingest.text import ParseLimits
 from ttsd.ingest.watch import writer_open
 from ttsd.jobs import Job, JobError, VoiceFacts, resolve
 from ttsd.log import get_logger
+from ttsd.markup.lexicon import LexiconError, LexiconFile
 from ttsd.markup.ssml import MarkupError, MarkupOptions, is_markup
 from ttsd.markup.ssml import parse as parse_markup
 from ttsd.output.dispose import dispose
@@ -67,6 +68,12 @@ class Ingest:
         self.fmt = fmt
         self.suffix = SUFFIX[cfg.output.format]
         self.limits = ParseLimits.from_config(cfg.input)
+        try:
+            self._lexicon_file = LexiconFile(Path(cfg.input.lexicon) if cfg.input.lexicon
+                                             else None)
+        except LexiconError as exc:
+            raise ConfigError(f"input.lexicon: {exc}") from None
+        self.lexicon = self._lexicon_file.lexicon
         self.markup = MarkupOptions(sentence_s=cfg.engine.sentence_silence_s,
                                     paragraph_s=cfg.input.paragraph_pause_s,
                                     unknown=cfg.input.markup_unknown)
@@ -175,10 +182,20 @@ class Ingest:
             candidate = base / f"{stem}-{n}"
         return candidate
 
+    def _use_lexicon(self) -> None:
+        """The lexicon as it is now, for the input about to be read (an edited file is
+        read again; one that became unusable keeps the last good one, logged)."""
+        error = self._lexicon_file.error
+        self.lexicon = self._lexicon_file.current()
+        if self._lexicon_file.error and self._lexicon_file.error != error:
+            log.error("lexicon.unusable", error=self._lexicon_file.error,
+                      kept="the last lexicon read")
+
     def _parse_into(self, store: Store, file_id: int, claimed: Claimed, out_dir: Path) -> None:
         t0 = time.perf_counter()
         try:
             data = self.inbox.read(claimed)
+            self._use_lexicon()
             parsed = parse(data, claimed.name, self.limits)
             del data
             width = max(4, len(str(parsed.total_lines)))
@@ -242,17 +259,19 @@ class Ingest:
             return NewLine(item.number, item.text, item.id, error=str(exc))
         markup = item.markup if item.markup is not None else \
             is_markup(item.text, self.cfg.input.markup == "ssml")
+        said = self.lexicon.apply(item.text, markup)
         if markup:
             try:
-                parse_markup(item.text, self.markup)
+                parse_markup(said, self.markup)
             except MarkupError as exc:
                 return NewLine(item.number, item.text, item.id, error=f"markup: {exc}")
-        key_c = self._cache_key(item.text, job, line_format(
+        key_c = self._cache_key(said, job, line_format(
             self.fmt, item.volume, item.pause_after, markup_key(self.cfg) if markup else ""))
         return NewLine(item.number, item.text, item.id, out_name, key, job.voice.name,
                        job.speaker_id, job.length_scale, job.noise_scale, job.noise_w, job.seed,
                        key_c, chapter=item.chapter, volume=item.volume,
-                       pause_after=item.pause_after, markup=markup)
+                       pause_after=item.pause_after, markup=markup,
+                       said=said if said != item.text else None)
 
     def _cache_key(self, text: str, job: Job, fmt: str | None = None) -> str:
         """``cache_key`` of a line, from the prefix's hash kept for its voice and

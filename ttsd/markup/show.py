@@ -3,11 +3,24 @@ its markup, so that a pronunciation can be checked without listening to the audi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ttsd.config import Config
+from ttsd.markup.lexicon import LexiconFile
 from ttsd.markup.ssml import MarkupOptions, is_markup, parse
 
 
-def phoneme_lines(cfg: Config, text: str, voice: str, ssml: bool) -> list[str]:
+def said_text(cfg: Config, text: str, ssml: bool, lexicon: Path | None = None
+              ) -> tuple[bool, str]:
+    """(whether ``text`` is SSML, the text after the lexicon: ``lexicon``, else the
+    config's), as the daemon takes a line. LexiconError naming the file and line."""
+    marked = is_markup(text, ssml or cfg.input.markup == "ssml")
+    path = lexicon or (Path(cfg.input.lexicon) if cfg.input.lexicon else None)
+    return marked, LexiconFile(path).lexicon.apply(text, marked)
+
+
+def phoneme_lines(cfg: Config, text: str, voice: str, ssml: bool,
+                  lexicon: Path | None = None) -> list[str]:
     """One line per sentence: its phonemes as Piper's id map takes them, then its speed
     and the silence after it where markup set them. ValueError naming the problem."""
     from ttsd.engine.phonemes import Phonemizer
@@ -17,7 +30,7 @@ def phoneme_lines(cfg: Config, text: str, voice: str, ssml: bool) -> list[str]:
     if voice not in voices:
         raise ValueError(f"no voice {voice!r} (see `ttsd voices`)")
     ph = Phonemizer(voices[voice].config)
-    marked = is_markup(text, ssml or cfg.input.markup == "ssml")
+    marked, text = said_text(cfg, text, ssml, lexicon)
     segments = [(text, 1.0, None)]
     out = []
     if marked:

@@ -205,7 +205,7 @@ class Feeder:
         self.take_size = (min(ANSWER_TAKE, self.take_size * 4) if answered >= len(rows) // 2
                           else self.size)
         t0 = time.perf_counter()
-        requests = [Request(i, g[0].text, g[0].voice, g[0].speaker_id, g[0].length_scale,
+        requests = [Request(i, g[0].said or g[0].text, g[0].voice, g[0].speaker_id, g[0].length_scale,
                             g[0].noise_scale, g[0].noise_w, g[0].seed, g[0].markup,
                             g[0].pause_after or 0.0)
                     for i, g in enumerate(batch.groups)]

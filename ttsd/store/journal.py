@@ -109,13 +109,14 @@ class Store(CacheTable, Reports):
                 "INSERT OR IGNORE INTO lines (file_id, number, out_name, name_key, line_id, "
                 "text, voice, speaker_id, length_scale, noise_scale, noise_w, seed, cache_key, "
                 "state, error, finished_at, wav, seconds, cached, chapter, rate, lufs, volume, "
-                "pause_after, markup) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "pause_after, markup, said) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(file_id, ln.number, ln.out_name, ln.name_key, ln.line_id, ln.text, ln.voice,
                   ln.speaker_id, ln.length_scale, ln.noise_scale, ln.noise_w, ln.seed,
                   ln.cache_key, "failed" if ln.error else "done" if ln.wav else "pending",
                   ln.error, now if ln.error or ln.wav else None, ln.wav, ln.seconds,
                   int(ln.cached), ln.chapter, ln.rate, ln.lufs, ln.volume, ln.pause_after,
-                  int(ln.markup)) for ln in lines])
+                  int(ln.markup), ln.said) for ln in lines])
             keys = [ln.cache_key for ln in answered if ln.cached]
             if keys:
                 count_hits(c, keys, now)
@@ -190,7 +191,7 @@ class Store(CacheTable, Reports):
             rows = c.execute(
                 "SELECT l.id, l.file_id, l.number, l.text, l.voice, l.speaker_id, "
                 "l.length_scale, l.noise_scale, l.noise_w, l.seed, l.cache_key, l.out_name, "
-                "f.out_dir, l.attempts, f.name, l.volume, l.pause_after, l.markup "
+                "f.out_dir, l.attempts, f.name, l.volume, l.pause_after, l.markup, l.said "
                 "FROM lines l JOIN files f "
                 "ON f.id = l.file_id WHERE l.state='pending' ORDER BY l.id LIMIT ?",
                 (limit,)).fetchall()
@@ -325,5 +326,5 @@ class Store(CacheTable, Reports):
 def _row(r: tuple, attempts: int) -> LineRow:
     """A line of ``Store.take``'s query."""
     return LineRow(*r[:13], attempts=attempts, file=r[14], volume=r[15], pause_after=r[16],
-                   markup=bool(r[17]))
+                   markup=bool(r[17]), said=r[18])
 

@@ -114,10 +114,12 @@ def m006_output_columns(db: sqlite_utils.Database) -> None:
 
 def m007_line_columns(db: sqlite_utils.Database) -> None:
     """A line's CSV ``volume`` (a gain on that line alone) and ``pause_after``
-    (seconds of silence after it), and whether it is SSML."""
+    (seconds of silence after it), whether it is SSML, and the text the voice says
+    when a lexicon changed it (``said``)."""
     db.execute("ALTER TABLE lines ADD COLUMN volume REAL")
     db.execute("ALTER TABLE lines ADD COLUMN pause_after REAL")
     db.execute("ALTER TABLE lines ADD COLUMN markup INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE lines ADD COLUMN said TEXT")
 
 
 Migration = Callable[["sqlite_utils.Database"], None]

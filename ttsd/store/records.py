@@ -32,6 +32,8 @@ class LineRow:
     """The CSV ``pause_after`` column (seconds of silence after the line), or None."""
     markup: bool = False
     """The text is SSML."""
+    said: str | None = None
+    """What the voice says when the lexicon rewrote ``text`` (None: ``text``)."""
 
 
 @dataclass
@@ -62,6 +64,8 @@ class NewLine:
     """The CSV ``pause_after`` column (seconds of silence after the line), or None."""
     markup: bool = False
     """The text is SSML."""
+    said: str | None = None
+    """What the voice says when the lexicon rewrote ``text`` (None: ``text``)."""
     rate: int | None = None
     """With ``wav``: its sample rate and measured loudness (the cache entry's)."""
     lufs: float | None = None

@@ -1,0 +1,134 @@
+"""A pronunciation lexicon: words the voice says the way the file says.
+
+``input.lexicon`` names a UTF-8 file, one entry a line: a word, a TAB, then either IPA
+between slashes (``Siobhan<TAB>/ʃɪˈvɔːn/``) or a respelling the voice reads
+(``nguyen<TAB>win``). Blank lines and lines starting with ``#`` are skipped. Words match
+whole (letters, digits, ``'`` and ``-`` inside). An entry written in lower case matches
+the word in any case (``nguyen``: Nguyen, NGUYEN); one with a capital matches that case
+only (``US`` the country, not ``us``). A line's text is rewritten when it is read from its input, so
+its cache key, its stored text to say and its audio all follow the lexicon of that
+moment; an edited lexicon applies to the next lines read (the file is looked at again,
+by its size and time, for each input). Words inside ``<phoneme>``, ``<sub>``,
+``<say-as>`` and ``[[ ]]`` are left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+WORD = re.compile(r"\w(?:[\w'’-]*\w)?")
+SKIP = re.compile(r"(\[\[.*?\]\]|<[^>]*>|&\w+;|&#\w+;)", re.DOTALL)
+"""What is not text to look words up in: phoneme blocks, tags, entities."""
+BLOCKS = re.compile(r"(\[\[.*?\]\])", re.DOTALL)
+"""In plain text only phoneme blocks are not text ("3 < 4" has no tag)."""
+KEEP_INSIDE = ("phoneme", "sub", "say-as")
+MAX_ENTRIES = 100_000
+
+
+class LexiconError(ValueError):
+    """A lexicon file that cannot be used: the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Lexicon:
+    exact: dict[str, str] = field(default_factory=dict)
+    folded: dict[str, str] = field(default_factory=dict)
+    digest: str = ""
+    """The file's content hash (part of every rewritten line's cache key); "" when
+    there is no lexicon."""
+
+    @classmethod
+    def parse(cls, data: bytes, name: str) -> Lexicon:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise LexiconError(f"{name}: not UTF-8 (byte {exc.start})") from None
+        exact: dict[str, str] = {}
+        folded: dict[str, str] = {}
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            word, tab, said = raw.partition("\t")
+            word, said = word.strip(), said.strip()
+            if not tab or not word or not said:
+                raise LexiconError(f"{name} line {number}: expected WORD<TAB>/IPA/ or "
+                                   f"WORD<TAB>respelling")
+            if WORD.fullmatch(word) is None:
+                raise LexiconError(f"{name} line {number}: {word!r} is not one word")
+            if said.startswith("/"):
+                if len(said) < 3 or not said.endswith("/") or "]]" in said:
+                    raise LexiconError(f"{name} line {number}: IPA must be written /…/")
+                said = f"[[ {said[1:-1].strip()} ]]"
+            elif SKIP.search(said):
+                raise LexiconError(f"{name} line {number}: a respelling is plain text")
+            exact[word] = said
+            if word == word.lower():
+                folded[word.casefold()] = said
+            if len(exact) > MAX_ENTRIES:
+                raise LexiconError(f"{name}: more than {MAX_ENTRIES} entries")
+        return cls(exact, folded, hashlib.sha256(data).hexdigest()[:16] if exact else "")
+
+    def said(self, word: str) -> str | None:
+        return self.exact.get(word) or self.folded.get(word.casefold())
+
+    def apply(self, text: str, markup: bool = False) -> str:
+        """``text`` with every lexicon word replaced, outside phoneme blocks and, in
+        markup, outside tags and entities and not inside ``<phoneme>``, ``<sub>`` or
+        ``<say-as>``."""
+        if not self.exact:
+            return text
+        out, inside = [], 0
+        for piece in (SKIP if markup else BLOCKS).split(text):
+            if markup and piece.startswith("<"):
+                name = piece.strip("</> \t").split()[0].lower() if piece.strip("</> \t") else ""
+                if name in KEEP_INSIDE and not piece.endswith("/>"):
+                    inside += -1 if piece.startswith("</") else 1
+                out.append(piece)
+            elif inside > 0 or piece.startswith("[[") or (markup and piece.startswith("&")):
+                out.append(piece)
+            else:
+                out.append(WORD.sub(lambda m: self.said(m.group()) or m.group(), piece))
+        return "".join(out)
+
+
+class LexiconFile:
+    """The lexicon at a path, read again when its size, time or inode change. A file
+    that became unusable keeps the last good lexicon (``error`` says why)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.lexicon = Lexicon()
+        self.error: str | None = None
+        self._stamp: tuple[int, int, int] | None = None
+        if path is not None:
+            self.lexicon = Lexicon.parse(_read(path), str(path))
+            self._stamp = _stamp(path)
+
+    def current(self) -> Lexicon:
+        if self.path is None:
+            return self.lexicon
+        try:
+            stamp = _stamp(self.path)
+            if stamp != self._stamp:
+                self.lexicon = Lexicon.parse(_read(self.path), str(self.path))
+                self._stamp, self.error = stamp, None
+        except (OSError, LexiconError) as exc:
+            self.error = str(exc)
+        return self.lexicon
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise LexiconError(f"{path}: {exc.strerror or exc}") from None
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
