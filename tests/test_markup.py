@@ -62,6 +62,8 @@ def test_tags_in_a_csv_do_what_they_say_in_the_daemons_files(tmp_path: Path) -> 
         assert rate == SR
         return data
 
+    assert [rows[k]["markup"] for k in ("plain", "break", "lessthan", "speak")] == \
+        ["", "ssml", "", "ssml"]
     plain, brk, slow, pause = (audio(n) for n in ("plain", "break", "slow", "pause"))
     # A break: 0.7 s of digital silence where it stands, nothing else.
     runs = [r for r in zero_runs(brk) if r[1] >= 0.1 * SR]

@@ -384,6 +384,8 @@ def test_manifest_columns_and_formula_guard(tmp_path: Path) -> None:
                     "-bad speed"),
         ManifestRow("+1", 3, "\t=1+1", "x.wav", 0.5, True, "\rx"),
         ManifestRow("a\nb", 4, 'quote " and , comma', "y.wav", 2.0, True, ""),
+        ManifestRow("s", 5, "<b>x</b>", "s.wav", 1.0, False, "", markup=True,
+                    said="=[[ x ]]"),
     ]
     folder = Folder.open(tmp_path / "out")
     path = folder.path / "manifest.csv"
@@ -391,15 +393,16 @@ def test_manifest_columns_and_formula_guard(tmp_path: Path) -> None:
     with open(path, newline="", encoding="utf-8") as f:
         got = list(csv.reader(f))
     assert got[0] == ["id", "line", "text", "wav", "seconds", "cached", "error", "format",
-                      "sample_rate", "lufs", "timestamps"]
+                      "sample_rate", "lufs", "timestamps", "markup", "said"]
     assert got[1] == ["0001", "1", "Hello, world", "0001.wav", "1.235", "false", "", "wav",
-                      "22050", "-16.00", ""]
+                      "22050", "-16.00", "", "", ""]
     assert got[2] == ["'=HYPERLINK(\"http://x\")", "2", "'@SUM(A1)", "", "", "false",
-                      "'-bad speed", "", "", "", ""]
+                      "'-bad speed", "", "", "", "", "", ""]
     assert got[3] == ["'+1", "3", "'\t=1+1", "x.wav", "0.500", "true", "'\rx", "wav", "", "",
-                      ""]
-    assert got[4] == ["a\nb", "4", 'quote " and , comma', "y.wav", "2.000", "true", "", "wav",
                       "", "", ""]
+    assert got[5][-2:] == ["ssml", "'=[[ x ]]"]
+    assert got[4] == ["a\nb", "4", 'quote " and , comma', "y.wav", "2.000", "true", "", "wav",
+                      "", "", "", "", ""]
     write_manifest(folder, rows[:1])  # rewriting replaces atomically
     folder.close()
     assert len(path.read_text().splitlines()) == 2

@@ -262,7 +262,8 @@ class Ingest:
         said = self.lexicon.apply(item.text, markup)
         if markup:
             try:
-                parse_markup(said, self.markup)
+                for warning in parse_markup(said, self.markup).warnings:
+                    log.warning("line.markup", line=item.number, warning=warning)
             except MarkupError as exc:
                 return NewLine(item.number, item.text, item.id, error=f"markup: {exc}")
         key_c = self._cache_key(said, job, line_format(
@@ -369,7 +370,8 @@ class Ingest:
                                 error=r["error"] or "", sample_rate=r["rate"],
                                 lufs=r["lufs"], timestamps=(
                                     os.path.basename(stamps) if (stamps := self._stamps(r))
-                                    and os.path.exists(stamps) else ""))
+                                    and os.path.exists(stamps) else ""),
+                                markup=bool(r["markup"]), said=r["said"] or "")
                     for r in store.manifest_rows(row["id"])))
         if self.cfg.output.join == "file" and error is None:
             self._join(store, row, out_dir)

@@ -1,5 +1,6 @@
 """manifest.csv: one row per line of an input (id, line, text, wav, seconds, cached,
-error, format, sample_rate, lufs, timestamps), written atomically into the input's output folder."""
+error, format, sample_rate, lufs, timestamps, markup, said), written atomically into the
+input's output folder."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from ttsd.output.fsio import Folder, write_atomic
 log = get_logger(__name__)
 
 MANIFEST_COLUMNS = ("id", "line", "text", "wav", "seconds", "cached", "error", "format",
-                    "sample_rate", "lufs", "timestamps")
-"""The first seven as they always were; the audio's own after them. ``wav`` names the
-line's file whatever its format (its suffix says which)."""
+                    "sample_rate", "lufs", "timestamps", "markup", "said")
+"""The first seven as they always were; the audio's own after them, then how the text
+was read: ``markup`` "ssml" or empty, ``said`` the text after the lexicon when it
+changed it. ``wav`` names the line's file whatever its format (its suffix says which)."""
 
 
 MANIFEST = "manifest.csv"
@@ -40,6 +42,8 @@ class ManifestRow:
     """Integrated loudness measured after rendering (with ``output.loudness_lufs``)."""
     timestamps: str = ""
     """The line's timestamps file (``output.timestamps``), relative like ``wav``."""
+    markup: bool = False
+    said: str = ""
 
 
 def manifest_bytes(rows: Iterable[ManifestRow]) -> bytes:
@@ -55,7 +59,7 @@ def manifest_bytes(rows: Iterable[ManifestRow]) -> bytes:
             "true" if r.cached else "false", csv_cell(r.error),
             r.wav.rsplit(".", 1)[-1].lower() if "." in r.wav else "",
             r.sample_rate or "", "" if r.lufs is None else f"{r.lufs:.2f}",
-            csv_cell(r.timestamps),
+            csv_cell(r.timestamps), "ssml" if r.markup else "", csv_cell(r.said),
         ])
     return out.getvalue().encode("utf-8")
 

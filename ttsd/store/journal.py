@@ -154,7 +154,7 @@ class Store(CacheTable, Reports):
     def manifest_rows(self, file_id: int) -> Iterator[dict]:
         cur = self.conn.execute(
             "SELECT number, line_id, out_name, text, wav, seconds, cached, error, state, chapter, "
-            "rate, lufs "
+            "rate, lufs, markup, said "
             "FROM lines WHERE file_id=? ORDER BY number", (file_id,))
         cols = [c[0] for c in cur.description]
         for row in cur:
