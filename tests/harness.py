@@ -282,3 +282,31 @@ def assert_no_redo(before: Snapshot, after: Snapshot) -> None:
         assert after.wavs.get(path) == ident, f"{path} was rewritten or removed after the kill"
     for lid, (state, _attempts, synth, _wav) in after.lines.items():
         assert synth <= 1, f"line {lid} synthesized {synth} times"
+
+
+def helpers_left_after_kill(script: Path, body: str) -> list[int]:
+    """Write ``body`` (a program that starts helper processes, then prints "ready" and
+    sleeps) to ``script``, run it, kill it with SIGKILL once ready, and return the pids
+    of its spawned helpers still running 10 s later (killed before returning, so a
+    failing test leaves none behind). At least one helper must have been running."""
+    import psutil
+
+    script.write_text(body, encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        helpers = [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
+        assert helpers, [k.cmdline() for k in kids]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(h.is_running() and h.status() != "zombie"
+                                              for h in helpers):
+        time.sleep(0.2)
+    left = [h.pid for h in helpers if h.is_running() and h.status() != "zombie"]
+    for pid in left:
+        psutil.Process(pid).kill()
+    return left
+

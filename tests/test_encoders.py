@@ -8,6 +8,7 @@ import signal
 
 import numpy as np
 import pytest
+from harness import helpers_left_after_kill
 from test_formats import SR, decode, speech_like
 
 from ttsd.config import from_dict
@@ -74,14 +75,7 @@ def test_nan_samples_are_refused_from_the_pool_as_on_the_thread() -> None:
 
 def test_pool_processes_exit_when_the_daemon_is_killed(tmp_path) -> None:
     """A daemon killed with SIGKILL must not leave its encoder processes behind."""
-    import subprocess
-    import sys
-    import time
-
-    import psutil
-
-    script = tmp_path / "parent.py"
-    script.write_text(
+    left = helpers_left_after_kill(tmp_path / "parent.py", (
         "import time\n"
         "import numpy as np\n"
         "from ttsd.config import from_dict\n"
@@ -91,23 +85,7 @@ def test_pool_processes_exit_when_the_daemon_is_killed(tmp_path) -> None:
         "    e = Encoders(LineAudio.of(from_dict({'output': {'format': 'mp3'}}).output), 2)\n"
         "    e.encode(np.zeros(22050, np.int16), 22050)\n"
         "    print('ready', flush=True)\n"
-        "    time.sleep(600)\n", encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        kids = psutil.Process(proc.pid).children(recursive=True)
-        workers = [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
-        assert workers, [k.cmdline() for k in kids]
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(w.is_running() and w.status() != "zombie"
-                                              for w in workers):
-        time.sleep(0.2)
-    left = [w.pid for w in workers if w.is_running() and w.status() != "zombie"]
-    for pid in left:
-        psutil.Process(pid).kill()
+        "    time.sleep(600)\n"))
     assert not left, f"encoder processes outlived their parent: {left}"
 
 

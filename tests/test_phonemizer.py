@@ -87,13 +87,9 @@ def test_processes_exit_when_the_daemon_is_killed(tmp_path):
     """A daemon killed with SIGKILL (systemd's last resort, the OOM killer) must not
     leave its phonemizer processes behind: they held their own task pipe open and
     waited forever, re-parented to init."""
-    import signal
-    import subprocess
-    import sys
-    import time
+    from harness import helpers_left_after_kill
 
-    script = tmp_path / "parent.py"
-    script.write_text(
+    left = helpers_left_after_kill(tmp_path / "parent.py", (
         "import time\n"
         "from ttsd.engine.phonemes import PhonemizerProcesses\n"
         "from ttsd.engine.voice import discover\n"
@@ -102,21 +98,5 @@ def test_processes_exit_when_the_daemon_is_killed(tmp_path):
         "    p = PhonemizerProcesses(2)\n"
         "    p.sentences_many('k', v.config, ['Hello there.'] * 64)\n"
         "    print('ready', flush=True)\n"
-        "    time.sleep(600)\n", encoding="utf-8")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline().strip() == "ready"
-        kids = psutil.Process(proc.pid).children(recursive=True)
-        workers = [k for k in kids if "spawn_main" in " ".join(k.cmdline())]
-        assert len(workers) == 2, [k.cmdline() for k in kids]
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(w.is_running() and w.status() != "zombie"
-                                              for w in workers):
-        time.sleep(0.2)
-    left = [w.pid for w in workers if w.is_running() and w.status() != "zombie"]
-    for pid in left:   # do not leave them behind even when the test fails
-        psutil.Process(pid).kill()
+        "    time.sleep(600)\n"))
     assert not left, f"phonemizer processes outlived their parent: {left}"
