@@ -116,6 +116,7 @@ def test_a_file_dropped_again_is_named_one_way_and_empty_files_are_like_blank_on
     for stem in ("blank", "empty", "blank-2", "empty-2"):
         manifest = (site.outbox / stem / "manifest.csv").read_text(encoding="utf-8")
         assert manifest.splitlines() == [
-            "id,line,text,wav,seconds,cached,error,format,sample_rate,lufs,timestamps,markup,said"], stem
+            ("id,line,text,wav,seconds,cached,error,format,sample_rate,lufs,timestamps,"
+             "markup,said")], stem
     assert (site.outbox / "chapter1-2" / "0001.wav").exists()
     assert_invariant(site)

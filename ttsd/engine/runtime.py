@@ -222,10 +222,10 @@ class Engine:
         ids: list[list[list[list[int]] | str]] = [[] for _ in requests]
         by_voice: dict[str, list[tuple[int, str]]] = {}
         for i, r in enumerate(requests):
-            if i not in errors:
-                by_voice.setdefault(r.voice, []).extend(
-                    (i, s.text) for s in marked[i].segments) if i in marked else \
-                    by_voice.setdefault(r.voice, []).append((i, r.text))
+            if i in errors:
+                continue
+            texts = [s.text for s in marked[i].segments] if i in marked else [r.text]
+            by_voice.setdefault(r.voice, []).extend((i, t) for t in texts)
         for name, texts in by_voice.items():
             lv = self._loaded[name]
             got = None
@@ -358,4 +358,3 @@ def _prepared(r: Request, got: list[list[list[int]] | str], marked: Marked | Non
         return Prepared(r, sentences)
     return Prepared(r, sentences, rates=rates, pauses=pauses, lead_s=marked.lead_s,
                     noise_keys=keys)
-

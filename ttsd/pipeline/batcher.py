@@ -205,10 +205,9 @@ class Feeder:
         self.take_size = (min(ANSWER_TAKE, self.take_size * 4) if answered >= len(rows) // 2
                           else self.size)
         t0 = time.perf_counter()
-        requests = [Request(i, g[0].said or g[0].text, g[0].voice, g[0].speaker_id, g[0].length_scale,
-                            g[0].noise_scale, g[0].noise_w, g[0].seed, g[0].markup,
-                            g[0].pause_after or 0.0)
-                    for i, g in enumerate(batch.groups)]
+        requests = [Request(i, r.said or r.text, r.voice, r.speaker_id, r.length_scale,
+                            r.noise_scale, r.noise_w, r.seed, r.markup, r.pause_after or 0.0)
+                    for i, r in enumerate(g[0] for g in batch.groups)]
         batch.requests = requests
         if self.prepare:
             batch.prepared = self.engine.prepare(requests)

@@ -86,8 +86,8 @@ class Encoders:
 
     def encode(self, samples: np.ndarray, sample_rate: int, audio: LineAudio | None = None
                ) -> Encoded:
-        """The line's file (as ``audio`` asks, else as ``self.audio``). ValueError on samples that cannot be encoded (NaN/Inf). A pool
-        process that dies (killed, out of memory) takes no line with it: the pool is
+        """The line's file (as ``audio`` asks, else as ``self.audio``). ValueError on
+        samples that cannot be encoded (NaN/Inf). A pool process that dies (killed, out of memory) takes no line with it: the pool is
         started again, and the line is encoded on this thread instead."""
         audio = audio or self.audio
         if self.processes <= 1 or _inline(audio):

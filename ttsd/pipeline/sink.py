@@ -2,8 +2,9 @@
 
 Each line is rendered and encoded once (``output.render``: its rate, loudness and format;
 ``encoders``: a 16-bit WAV on the writer thread, any other file in a pool of
-processes), written atomically by the writer threads, and the same bytes are the cache's copy. Atomic files and cache hits' copies are written
-through each output folder's descriptor (``output.fsio.Folder``), one fsync per touched
+processes), written atomically by the writer threads, and the same bytes are the
+cache's copy. Atomic files and cache hits' copies are written through each output
+folder's descriptor (``output.fsio.Folder``), one fsync per touched
 folder, then one store transaction per batch, or per piece of one: the model thread
 sends each audio call's complete lines ahead (``Batch.piece``). A folder that cannot be
 written is reported to ``health`` (the feeder then waits), and its lines go back to
