@@ -228,3 +228,25 @@ def test_a_lexicon_that_cannot_be_used_stops_the_start_naming_its_line(tmp_path:
     out = site.cli("run", "--once", "--no-progress", timeout=120)
     assert out.returncode != 0
     assert f"input.lexicon: {lexicon} line 2: expected WORD<TAB>/IPA/" in out.stderr, out.stderr
+
+
+def test_timestamps_of_a_marked_up_line_name_its_words_and_hold_its_break(
+        tmp_path: Path) -> None:
+    import json
+
+    table = ("id,text,markup\n"
+             "a,\"Good <break time=\"\"700ms\"\"/> morning, <sub alias=\"\"Doctor\"\">Dr.</sub> "
+             "Lee.\",ssml\n")
+    site, rows = daemon_lines(tmp_path, "t.csv", table, "[output]\ntimestamps = true\n")
+    assert rows["a"]["error"] == "" and rows["a"]["timestamps"] == "a.json"
+    stamps = json.loads((site.outbox / "t" / "a.json").read_text(encoding="utf-8"))
+    assert stamps["words_matched"] is True
+    words = stamps["words"]
+    assert [w["text"] for w in words] == ["Good", "morning,", "Doctor", "Lee."]
+    audio, _rate = sf.read(site.outbox / "t" / "a.wav", dtype="int16")
+    (start, length), = [r for r in zero_runs(audio) if r[1] >= 0.5 * SR]
+    assert abs(length - 0.7 * SR) <= HOP
+    # The break's silence lies between the two words' spans (each word's span leaves
+    # out the voice's own lead-in and tail around it).
+    assert words[0]["end"] <= start / SR and (start + length) / SR <= words[1]["start"]
+    assert words[1]["start"] - (start + length) / SR < 0.15

@@ -266,9 +266,12 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
         return 1
     data, rendered = LineAudio.of(cfg.output).encode(res.audio, res.sample_rate)
     if cfg.output.timestamps and res.timing is not None:
+        from ttsd.markup.ssml import MarkupOptions, spoken_words
         from ttsd.output.timestamps import sidecar, timestamps_bytes
         write_atomic(sidecar(ns.output),
-                     timestamps_bytes(res.timing, res.sample_rate, ns.text.strip()),
+                     timestamps_bytes(res.timing, res.sample_rate,
+                                      spoken_words(said, MarkupOptions.from_config(cfg))
+                                      if marked else ns.text.strip()),
                      overwrite=True)
     write_atomic(ns.output, data, overwrite=True)
     loud = f", {rendered.lufs:.1f} LUFS" if rendered.lufs is not None else ""

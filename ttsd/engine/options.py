@@ -133,9 +133,7 @@ class EngineOptions:
             timings=cfg.output.timestamps,
             phonemizer_processes=e.phonemizer_processes or default_phonemizers(),
             compile=e.compile,
-            markup=MarkupOptions(sentence_s=e.sentence_silence_s,
-                                 paragraph_s=cfg.input.paragraph_pause_s,
-                                 unknown=cfg.input.markup_unknown))
+            markup=MarkupOptions.from_config(cfg))
         return dataclasses.replace(options, **overrides)
 
 

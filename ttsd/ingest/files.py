@@ -74,9 +74,7 @@ class Ingest:
         except LexiconError as exc:
             raise ConfigError(f"input.lexicon: {exc}") from None
         self.lexicon = self._lexicon_file.lexicon
-        self.markup = MarkupOptions(sentence_s=cfg.engine.sentence_silence_s,
-                                    paragraph_s=cfg.input.paragraph_pause_s,
-                                    unknown=cfg.input.markup_unknown)
+        self.markup = MarkupOptions.from_config(cfg)
         self.inbox = Inbox(cfg.paths.inbox, cfg.paths.work, cfg.input)
         self.failed_files = 0
         self.finished_files = 0

@@ -34,9 +34,7 @@ def phoneme_lines(cfg: Config, text: str, voice: str, ssml: bool,
     segments = [(text, 1.0, None)]
     out = []
     if marked:
-        m = parse(text, MarkupOptions(sentence_s=cfg.engine.sentence_silence_s,
-                                      paragraph_s=cfg.input.paragraph_pause_s,
-                                      unknown=cfg.input.markup_unknown))
+        m = parse(text, MarkupOptions.from_config(cfg))
         segments = [(s.text, s.rate, s.pause_s) for s in m.segments]
         out += [f"# warning: {w}" for w in m.warnings]
         if m.lead_s:

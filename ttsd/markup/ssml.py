@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import DefusedXMLParser, ParseError
 
 from ttsd.markup.sayas import SayAsError, say_as
+
+if TYPE_CHECKING:
+    from ttsd.config import Config
 
 STRENGTHS = {"none": 0.0, "x-weak": 0.1, "weak": 0.25, "medium": 0.5, "strong": 0.75,
              "x-strong": 1.25}
@@ -39,6 +43,7 @@ MAX_BREAK_S = 10.0
 MIN_RATE, MAX_RATE = 0.25, 4.0
 MAX_SEGMENTS = 500
 """A line of more segments fails (each one is a sentence of its own for the model)."""
+PHONEME_BLOCK = re.compile(r"\[\[\s*(.*?)\s*\]\]", re.DOTALL)
 SENTENCE_END = re.compile(r"[.!?;:…]['\"”’)\]]*\s*$")
 TAGS = ("speak", "break", "prosody", "phoneme", "sub", "say-as", "p", "s")
 ATTRIBUTES = {"speak": {"version", "lang", "xmlns", "{http://www.w3.org/XML/1998/namespace}lang"},
@@ -80,10 +85,25 @@ class MarkupOptions:
     unknown: str = "fail"
     """An unknown tag or attribute: "fail" the line, or "read" the text inside."""
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> MarkupOptions:
+        return cls(sentence_s=cfg.engine.sentence_silence_s,
+                   paragraph_s=cfg.input.paragraph_pause_s, unknown=cfg.input.markup_unknown)
+
 
 def is_markup(text: str, asked: bool) -> bool:
     """A line is markup when asked (config, CSV row) or when it starts with ``<speak``."""
     return asked or text.lstrip().startswith("<speak")
+
+
+def spoken_words(text: str, options: MarkupOptions | None = None) -> str:
+    """The words a line of SSML says, as plain text (a phoneme block's phonemes as its
+    words), for matching timestamps with words; the text itself if it does not parse."""
+    try:
+        segments = parse(text, options).segments
+    except MarkupError:
+        return text
+    return PHONEME_BLOCK.sub(lambda m: m.group(1), " ".join(s.text for s in segments))
 
 
 def parse(text: str, options: MarkupOptions | None = None) -> Marked:

@@ -27,6 +27,7 @@ from ttsd.engine.records import Result
 from ttsd.engine.runtime import Engine
 from ttsd.health import Health, fault
 from ttsd.log import get_logger
+from ttsd.markup.ssml import MarkupOptions, spoken_words
 from ttsd.output.fsio import Folder, replace_with_link, write_atomic
 from ttsd.output.render import LineAudio
 from ttsd.output.timestamps import sidecar, timestamps_bytes
@@ -49,6 +50,7 @@ class Sink:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ttsd-wav")
         self.audio = LineAudio.of(cfg.output)
         self.encoders = Encoders(self.audio)
+        self.markup = MarkupOptions.from_config(cfg)
         self.encoders.start()
         self.suffix = self.audio.suffix
         self.what = "WAV" if self.suffix == ".wav" else f"{self.suffix[1:]} file"
@@ -280,7 +282,9 @@ class Sink:
             self.encoders.encode(res.audio, res.sample_rate, self.audio.louder(row.volume))
         stamps = None
         if self.audio.timestamps and res.timing is not None:
-            stamps = timestamps_bytes(res.timing, res.sample_rate, row.text)
+            words = spoken_words(row.said or row.text, self.markup) \
+                if row.markup else row.text
+            stamps = timestamps_bytes(res.timing, res.sample_rate, words)
             write_atomic(sidecar(name), stamps, overwrite=True, sync_dir=False,
                          dir_fd=folder.fd)
         try:
