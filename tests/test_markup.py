@@ -250,3 +250,31 @@ def test_timestamps_of_a_marked_up_line_name_its_words_and_hold_its_break(
     # out the voice's own lead-in and tail around it).
     assert words[0]["end"] <= start / SR and (start + length) / SR <= words[1]["start"]
     assert words[1]["start"] - (start + length) / SR < 0.15
+
+
+def test_lexicon_sections_apply_to_their_voice_or_language_alone() -> None:
+    from ttsd.markup.lexicon import Lexicon, LexiconError
+
+    lexicon = Lexicon.parse(
+        "tomato\t/təmˈɑːtoʊ/\nUS\tyou ess\n"
+        "[language en_GB]\ntomato\t/təmˈɑːtəʊ/\n"
+        "[voice en_US-joe-medium]\nSiobhan\tshivawn\n"
+        "[all]\nnguyen\twin\n".encode(), "words.tsv")
+    line = "Siobhan and us in the US like tomato with NGUYEN."
+    assert lexicon.apply(line, voice="en_US-joe-medium") == \
+        "shivawn and us in the you ess like [[ təmˈɑːtoʊ ]] with win."
+    assert lexicon.apply(line, voice="en_GB-alba-medium") == \
+        "Siobhan and us in the you ess like [[ təmˈɑːtəʊ ]] with win."
+    markup = '<speak>US <say-as interpret-as="characters">US</say-as> [[ US ]] &amp;</speak>'
+    assert lexicon.apply(markup, markup=True) == \
+        '<speak>you ess <say-as interpret-as="characters">US</say-as> [[ US ]] &amp;</speak>'
+    for bad, why in ((b"[speaker x]\n", "line 1: a section is"),
+                     (b"a b\tx\n", "line 1: 'a b' is not one word"),
+                     (b"ok\t/x\n", "line 1: IPA must be written"),
+                     (b"\xff\n", "not UTF-8")):
+        try:
+            Lexicon.parse(bad, "words.tsv")
+        except LexiconError as exc:
+            assert why in str(exc), exc
+        else:
+            raise AssertionError(bad)

@@ -257,7 +257,7 @@ class Ingest:
             return NewLine(item.number, item.text, item.id, error=str(exc))
         markup = item.markup if item.markup is not None else \
             is_markup(item.text, self.cfg.input.markup == "ssml")
-        said = self.lexicon.apply(item.text, markup)
+        said = self.lexicon.apply(item.text, markup, job.voice.name)
         if markup:
             try:
                 for warning in parse_markup(said, self.markup).warnings:

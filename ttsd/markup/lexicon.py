@@ -9,12 +9,14 @@ only (``US`` the country, not ``us``). A line's text is rewritten when it is rea
 its cache key, its stored text to say and its audio all follow the lexicon of that
 moment; an edited lexicon applies to the next lines read (the file is looked at again,
 by its size and time, for each input). Words inside ``<phoneme>``, ``<sub>``,
-``<say-as>`` and ``[[ ]]`` are left alone.
+``<say-as>`` and ``[[ ]]`` are left alone. A line ``[voice NAME]`` or ``[language
+CODE]`` starts entries for that voice alone, or for the voices whose name starts with
+the code (``en_US``, ``en``); ``[all]`` returns to entries for every voice. A voice's
+own entry wins over its language's, which wins over every voice's.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,13 +35,15 @@ class LexiconError(ValueError):
     """A lexicon file that cannot be used: the message names the file and line."""
 
 
+Table = tuple[dict[str, str], dict[str, str]]
+"""A scope's entries: by exact word, and by case-folded word (lower-case entries)."""
+HEADER = re.compile(r"\[\s*(?:(voice|language)\s+([A-Za-z0-9_.-]+)|(all))\s*\]")
+
+
 @dataclass(frozen=True)
 class Lexicon:
-    exact: dict[str, str] = field(default_factory=dict)
-    folded: dict[str, str] = field(default_factory=dict)
-    digest: str = ""
-    """The file's content hash (part of every rewritten line's cache key); "" when
-    there is no lexicon."""
+    scopes: dict[str, Table] = field(default_factory=dict)
+    """Entries by scope: "" for every voice, "voice NAME", "language CODE"."""
 
     @classmethod
     def parse(cls, data: bytes, name: str) -> Lexicon:
@@ -47,11 +51,18 @@ class Lexicon:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise LexiconError(f"{name}: not UTF-8 (byte {exc.start})") from None
-        exact: dict[str, str] = {}
-        folded: dict[str, str] = {}
+        scopes: dict[str, Table] = {}
+        scope, count = "", 0
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.strip()
             if not line or line.startswith("#"):
+                continue
+            if line.startswith("["):
+                m = HEADER.fullmatch(line)
+                if m is None:
+                    raise LexiconError(f"{name} line {number}: a section is [voice NAME], "
+                                       f"[language CODE] or [all]")
+                scope = "" if m.group(3) else f"{m.group(1)} {m.group(2)}"
                 continue
             word, tab, said = raw.partition("\t")
             word, said = word.strip(), said.strip()
@@ -66,22 +77,39 @@ class Lexicon:
                 said = f"[[ {said[1:-1].strip()} ]]"
             elif SKIP.search(said):
                 raise LexiconError(f"{name} line {number}: a respelling is plain text")
+            exact, folded = scopes.setdefault(scope, ({}, {}))
             exact[word] = said
             if word == word.lower():
                 folded[word.casefold()] = said
-            if len(exact) > MAX_ENTRIES:
+            count += 1
+            if count > MAX_ENTRIES:
                 raise LexiconError(f"{name}: more than {MAX_ENTRIES} entries")
-        return cls(exact, folded, hashlib.sha256(data).hexdigest()[:16] if exact else "")
+        return cls(scopes)
 
-    def said(self, word: str) -> str | None:
-        return self.exact.get(word) or self.folded.get(word.casefold())
+    def tables(self, voice: str) -> list[Table]:
+        """The scopes that apply to ``voice``, the most specific first: its own, then
+        the languages its name starts with (``en_US`` before ``en``), then every voice's."""
+        langs = sorted((k for k in self.scopes if k.startswith("language ")
+                        and voice.startswith(k[len("language "):])), key=len, reverse=True)
+        keys = [f"voice {voice}", *langs, ""]
+        return [self.scopes[k] for k in keys if k in self.scopes]
 
-    def apply(self, text: str, markup: bool = False) -> str:
-        """``text`` with every lexicon word replaced, outside phoneme blocks and, in
-        markup, outside tags and entities and not inside ``<phoneme>``, ``<sub>`` or
-        ``<say-as>``."""
-        if not self.exact:
+    def apply(self, text: str, markup: bool = False, voice: str = "") -> str:
+        """``text`` for ``voice`` with every lexicon word replaced, outside phoneme
+        blocks and, in markup, outside tags and entities and not inside ``<phoneme>``,
+        ``<sub>`` or ``<say-as>``."""
+        tables = self.tables(voice)
+        if not tables:
             return text
+
+        def said(m: re.Match) -> str:
+            word = m.group()
+            for exact, folded in tables:
+                got = exact.get(word) or folded.get(word.casefold())
+                if got:
+                    return got
+            return word
+
         out, inside = [], 0
         for piece in (SKIP if markup else BLOCKS).split(text):
             if markup and piece.startswith("<"):
@@ -92,7 +120,7 @@ class Lexicon:
             elif inside > 0 or piece.startswith("[[") or (markup and piece.startswith("&")):
                 out.append(piece)
             else:
-                out.append(WORD.sub(lambda m: self.said(m.group()) or m.group(), piece))
+                out.append(WORD.sub(said, piece))
         return "".join(out)
 
 

@@ -10,13 +10,13 @@ from ttsd.markup.lexicon import LexiconFile
 from ttsd.markup.ssml import MarkupOptions, is_markup, parse
 
 
-def said_text(cfg: Config, text: str, ssml: bool, lexicon: Path | None = None
-              ) -> tuple[bool, str]:
+def said_text(cfg: Config, text: str, ssml: bool, lexicon: Path | None = None,
+              voice: str = "") -> tuple[bool, str]:
     """(whether ``text`` is SSML, the text after the lexicon: ``lexicon``, else the
     config's), as the daemon takes a line. LexiconError naming the file and line."""
     marked = is_markup(text, ssml or cfg.input.markup == "ssml")
     path = lexicon or (Path(cfg.input.lexicon) if cfg.input.lexicon else None)
-    return marked, LexiconFile(path).lexicon.apply(text, marked)
+    return marked, LexiconFile(path).lexicon.apply(text, marked, voice or cfg.engine.voice)
 
 
 def phoneme_lines(cfg: Config, text: str, voice: str, ssml: bool,
@@ -30,7 +30,7 @@ def phoneme_lines(cfg: Config, text: str, voice: str, ssml: bool,
     if voice not in voices:
         raise ValueError(f"no voice {voice!r} (see `ttsd voices`)")
     ph = Phonemizer(voices[voice].config)
-    marked, text = said_text(cfg, text, ssml, lexicon)
+    marked, text = said_text(cfg, text, ssml, lexicon, voice)
     segments = [(text, 1.0, None)]
     out = []
     if marked:
