@@ -279,18 +279,12 @@ def audio_format(cfg: Config, gpu: bool) -> str:
 def line_format(fmt: str, volume: float | None = None, pause_after: float | None = None,
                 markup: str = "") -> str:
     """``audio_format`` for a line with its own CSV ``volume`` and ``pause_after`` (None:
-    none), and for an SSML line ``markup`` (``markup_key``: how SSML is read)."""
+    none), and for an SSML line ``markup`` (``MarkupOptions.key``: how SSML is read)."""
     if volume is not None and volume != 1.0:
         fmt += f"|line_volume={volume!r}"
     if pause_after:
         fmt += f"|pause_after={pause_after!r}"
     return f"{fmt}|{markup}" if markup else fmt
-
-
-def markup_key(cfg: Config) -> str:
-    """What decides an SSML line's audio besides its text, as part of its cache key."""
-    i = cfg.input
-    return f"ssml/paragraph={i.paragraph_pause_s!r}/unknown={i.markup_unknown}"
 
 
 def cache_key(text: str, job: Job, fmt: str) -> str:

@@ -33,6 +33,8 @@ def subtype_for(fmt: str, subtype: str) -> str:
     format that has none."""
     takes = SUBTYPES.get(fmt, ())
     return subtype if subtype in takes else takes[0] if takes else ""
+
+
 RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 """The rates ``output.sample_rate`` takes (0: the voice's own)."""
 LEVELS = ("debug", "info", "warning", "error")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ttsd import crash
-from ttsd.cache import key_prefix, key_with, line_format, markup_key
+from ttsd.cache import key_prefix, key_with, line_format
 from ttsd.config import Config, InputConfig
 from ttsd.errors import ConfigError, InputError
 from ttsd.ingest.inbox import Claimed, Inbox, Rejected
@@ -265,7 +265,7 @@ class Ingest:
             except MarkupError as exc:
                 return NewLine(item.number, item.text, item.id, error=f"markup: {exc}")
         key_c = self._cache_key(said, job, line_format(
-            self.fmt, item.volume, item.pause_after, markup_key(self.cfg) if markup else ""))
+            self.fmt, item.volume, item.pause_after, self.markup.key() if markup else ""))
         return NewLine(item.number, item.text, item.id, out_name, key, job.voice.name,
                        job.speaker_id, job.length_scale, job.noise_scale, job.noise_w, job.seed,
                        key_c, chapter=item.chapter, volume=item.volume,

@@ -85,6 +85,11 @@ class MarkupOptions:
     unknown: str = "fail"
     """An unknown tag or attribute: "fail" the line, or "read" the text inside."""
 
+    def key(self) -> str:
+        """What decides an SSML line's audio besides its text and the sentence silence
+        (already in every key), as part of its cache key."""
+        return f"ssml/paragraph={self.paragraph_s!r}/unknown={self.unknown}"
+
     @classmethod
     def from_config(cls, cfg: Config) -> MarkupOptions:
         return cls(sentence_s=cfg.engine.sentence_silence_s,

@@ -23,13 +23,12 @@ from ttsd.store.journal import Store
 
 log = get_logger(__name__)
 
-EXIT_OK = 0
-
-
 RESTART_INPUT_KEYS = ("input.polling", "input.markup", "input.markup_unknown",
                       "input.paragraph_pause_s")
 """``[input]`` keys a SIGHUP does not apply (the watcher, and how the engine reads SSML:
 a line's cache key and its audio must follow the same settings)."""
+
+EXIT_OK = 0
 
 
 EXIT_FAILED = 1
@@ -142,8 +141,8 @@ class Control:
                          if new_d[sec][key] != old_d[sec].get(key))
         applied = [k for k in changed if k in LIVE_KEYS or
                    (k.startswith("input.") and k not in RESTART_INPUT_KEYS)]
-        kept = {k.split(".")[1]: getattr(self.cfg.input, k.split(".")[1])
-                for k in RESTART_INPUT_KEYS}
+        kept = {name: getattr(self.cfg.input, name)
+                for name in (k.split(".")[1] for k in RESTART_INPUT_KEYS)}
         new = dataclasses.replace(new, input=dataclasses.replace(new.input, **kept))
         if "daemon.log_level" in applied:
             log_setup(new.daemon.log_level)

@@ -327,4 +327,3 @@ def _row(r: tuple, attempts: int) -> LineRow:
     """A line of ``Store.take``'s query."""
     return LineRow(*r[:13], attempts=attempts, file=r[14], volume=r[15], pause_after=r[16],
                    markup=bool(r[17]), said=r[18])
-
