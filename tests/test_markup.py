@@ -278,3 +278,43 @@ def test_lexicon_sections_apply_to_their_voice_or_language_alone() -> None:
             assert why in str(exc), exc
         else:
             raise AssertionError(bad)
+
+
+def test_a_lexicon_named_at_a_sighup_is_used_for_the_next_file(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    lexicon = tmp_path / "words.tsv"
+    lexicon.write_text("tomato\t/təmˈɑːtoʊ/\n", encoding="utf-8")
+    site = Site(tmp_path / "site")
+    site.inbox.mkdir(parents=True)
+    site.start()
+    try:
+        site.wait_ready()
+        site.extra_config = f"[input]\nlexicon = \"{lexicon}\"\n"
+        site.write_config()
+        site.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "config.reloaded" not in site.logs() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (site.inbox / "a.txt").write_text("I like tomato soup.\n", encoding="utf-8")
+        site.wait_files_finished(1)
+    finally:
+        assert site.stop() == 0, site.logs()
+    assert site.query("SELECT said FROM lines") == [("I like [[ təmˈɑːtoʊ ]] soup.",)]
+
+
+def test_a_lexicon_broken_while_in_use_keeps_the_last_good_one(tmp_path: Path) -> None:
+    from ttsd.markup.lexicon import LexiconFile
+
+    path = tmp_path / "words.tsv"
+    path.write_text("tomato\t/təmˈɑːtoʊ/\n", encoding="utf-8")
+    held = LexiconFile(path)
+    good = held.current()
+    path.write_text("tomato /təmˈɑːtoʊ/ without a tab\n", encoding="utf-8")
+    assert held.current() is good and "line 1: expected WORD<TAB>" in held.error
+    assert not held.use(tmp_path / "missing.tsv")
+    assert held.path == path and held.current() is good
+    path.write_text("tomato\ttomahto\n", encoding="utf-8")
+    assert held.current().apply("tomato") == "tomahto" and held.error is None
+    assert held.use(None) and held.current().apply("tomato") == "tomato"

@@ -98,7 +98,11 @@ class Ingest:
 
     def use_input(self, cfg: InputConfig) -> None:
         """New [input] settings (a SIGHUP): the limits of files parsed from now on, and
-        the inbox's settle time, rescan interval and back-pressure."""
+        the inbox's settle time, rescan interval and back-pressure, and the lexicon a
+        changed ``lexicon`` names (one that cannot be used is logged, the last kept)."""
+        if cfg.lexicon != self.cfg.input.lexicon and \
+                not self._lexicon_file.use(Path(cfg.lexicon) if cfg.lexicon else None):
+            cfg = dataclasses.replace(cfg, lexicon=self.cfg.input.lexicon)
         self.cfg = dataclasses.replace(self.cfg, input=cfg)
         self.limits = ParseLimits.from_config(cfg)
         self.inbox.use(cfg)
@@ -180,20 +184,11 @@ class Ingest:
             candidate = base / f"{stem}-{n}"
         return candidate
 
-    def _use_lexicon(self) -> None:
-        """The lexicon as it is now, for the input about to be read (an edited file is
-        read again; one that became unusable keeps the last good one, logged)."""
-        error = self._lexicon_file.error
-        self.lexicon = self._lexicon_file.current()
-        if self._lexicon_file.error and self._lexicon_file.error != error:
-            log.error("lexicon.unusable", error=self._lexicon_file.error,
-                      kept="the last lexicon read")
-
     def _parse_into(self, store: Store, file_id: int, claimed: Claimed, out_dir: Path) -> None:
         t0 = time.perf_counter()
         try:
             data = self.inbox.read(claimed)
-            self._use_lexicon()
+            self.lexicon = self._lexicon_file.current()   # an edited file is read again
             parsed = parse(data, claimed.name, self.limits)
             del data
             width = max(4, len(str(parsed.total_lines)))

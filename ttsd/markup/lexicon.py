@@ -22,12 +22,15 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ttsd.log import get_logger
+
 WORD = re.compile(r"\w(?:[\w'’-]*\w)?")
 SKIP = re.compile(r"(\[\[.*?\]\]|<[^>]*>|&\w+;|&#\w+;)", re.DOTALL)
 """What is not text to look words up in: phoneme blocks, tags, entities."""
 BLOCKS = re.compile(r"(\[\[.*?\]\])", re.DOTALL)
 """In plain text only phoneme blocks are not text ("3 < 4" has no tag)."""
 KEEP_INSIDE = ("phoneme", "sub", "say-as")
+log = get_logger(__name__)
 MAX_ENTRIES = 100_000
 
 
@@ -126,9 +129,11 @@ class Lexicon:
 
 class LexiconFile:
     """The lexicon at a path, read again when its size, time or inode change. A file
-    that became unusable keeps the last good lexicon (``error`` says why)."""
+    that became unusable while in use keeps the last good lexicon (``error`` says why,
+    logged once)."""
 
     def __init__(self, path: Path | None) -> None:
+        """LexiconError (naming the file and line) if ``path`` cannot be used."""
         self.path = path
         self.lexicon = Lexicon()
         self.error: str | None = None
@@ -136,6 +141,17 @@ class LexiconFile:
         if path is not None:
             self.lexicon = Lexicon.parse(_read(path), str(path))
             self._stamp = _stamp(path)
+
+    def use(self, path: Path | None) -> bool:
+        """Read the lexicon at ``path`` from now on (a SIGHUP named another); False, the
+        last good one kept and the reason logged, if it cannot be used."""
+        try:
+            fresh = LexiconFile(path)
+        except LexiconError as exc:
+            log.error("lexicon.unusable", error=str(exc), kept="the last lexicon read")
+            return False
+        self.__dict__.update(fresh.__dict__)
+        return True
 
     def current(self) -> Lexicon:
         if self.path is None:
@@ -146,6 +162,8 @@ class LexiconFile:
                 self.lexicon = Lexicon.parse(_read(self.path), str(self.path))
                 self._stamp, self.error = stamp, None
         except (OSError, LexiconError) as exc:
+            if str(exc) != self.error:
+                log.error("lexicon.unusable", error=str(exc), kept="the last lexicon read")
             self.error = str(exc)
         return self.lexicon
 
