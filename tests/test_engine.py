@@ -156,6 +156,20 @@ def test_padded_rows_give_the_same_audio(engine):
         assert _rel(a.audio, b.audio) < 1e-4, (a.key, _rel(a.audio, b.audio))
 
 
+def test_a_deferred_warm_up_runs_one_size_now_and_the_rest_a_step_at_a_time(engine):
+    """The daemon's warm-up: the first size at once (ready for the first line), the other
+    sizes queued and run by ``warm_step`` while the engine is idle; results unchanged."""
+    before = engine.synthesize(_requests(["Warm me up."]))[0]
+    engine.warmup(DEFAULT_VOICE, sizes=(1, 3), defer=True)
+    assert engine.pending_warmup is not None and len(engine.pending_warmup) == 1
+    assert engine.warm_step() is False
+    assert engine.pending_warmup is None and engine.warm_step() is False
+    engine.warmup(DEFAULT_VOICE, sizes=(1,), defer=True)
+    assert engine.pending_warmup is None   # nothing left to defer
+    after = engine.synthesize(_requests(["Warm me up."]))[0]
+    assert np.array_equal(before.audio, after.audio)
+
+
 def test_warm_audio_shapes_runs_each_shape(engine):
     """The GPU warm-up's audio-half shapes run on stand-in inputs (here on the CPU, two
     small ones), each once however often asked, and leave the engine's results as

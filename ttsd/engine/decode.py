@@ -75,8 +75,19 @@ class AudioHalf:
             if buf is None or buf.numel() < samples or buf.dtype != dtype:
                 self._staging[slot] = torch.empty(samples, dtype=dtype, pin_memory=True)
 
+    def warm_order(self, lv: LoadedVoice, shapes: Sequence[tuple[int, int]]
+                   ) -> list[tuple[int, int]]:
+        """The shapes not run yet, in the order ``warm_shapes`` runs them: with audio
+        graphs, biggest first (the graphs' shared pool then reuses the first captures'
+        blocks; in rising sizes each capture reserved new ones: 116 GiB for 76 shapes)."""
+        todo = [s for s in shapes if (lv.info.name, *s) not in self._warmed]
+        if lv.audio_graphs is not None:
+            todo.sort(key=lambda s: -s[0] * s[1])
+        return todo
+
     @torch.inference_mode()
-    def warm_shapes(self, lv: LoadedVoice, shapes: Sequence[tuple[int, int]]) -> int:
+    def warm_shapes(self, lv: LoadedVoice, shapes: Sequence[tuple[int, int]],
+                    quiet: bool = False) -> int:
         """Run the audio half once at each (rows, frames) shape not run yet, on
         stand-in inputs; returns how many it ran.
 
@@ -86,11 +97,7 @@ class AudioHalf:
         warm (the bench asks again before each of its rows)."""
         dev, name = self.device, lv.info.name
         channels, t = lv.model.channels, 16
-        todo = [s for s in shapes if (name, *s) not in self._warmed]
-        if lv.audio_graphs is not None:
-            # Biggest first: the graphs' shared pool then reuses the first captures' blocks
-            # (in rising sizes each capture reserved new ones: 116 GiB for 76 shapes).
-            todo.sort(key=lambda s: -s[0] * s[1])
+        todo = self.warm_order(lv, shapes)
         t0 = time.perf_counter()
         with device_errors():
             for rows, frames in todo:
@@ -122,7 +129,7 @@ class AudioHalf:
                 torch.cuda.synchronize(dev)
                 if lv.audio_graphs is not None and lv.audio_graphs.graphs:
                     torch.cuda.empty_cache()   # the eager runs' blocks: graphs replay now
-        if todo:
+        if todo and not quiet:
             graphs = lv.audio_graphs
             log.info("engine.audio_shapes", voice=name, shapes=len(todo),
                      graphs=len(graphs.graphs) if graphs else 0,

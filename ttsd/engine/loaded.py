@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ttsd.engine.aot import compiled_half
 from ttsd.engine.device import is_compile_error
 from ttsd.engine.graphs import AudioGraphs, SharedPool, TextGraphs
 from ttsd.engine.model import VoiceModel
@@ -41,19 +43,26 @@ class LoadedVoice:
 
 
 def make_ready(info: VoiceInfo, model: VoiceModel, digest: str, device: torch.device,
-               dtype: torch.dtype, tuning: Tuning, pool: SharedPool) -> LoadedVoice:
+               dtype: torch.dtype, tuning: Tuning, pool: SharedPool,
+               compiled_dir: Path | None = None) -> LoadedVoice:
     """``model`` (float32, on the CPU) placed on ``device``, its halves compiled as
-    ``tuning`` says; the audio graphs capture into ``pool``, shared by every voice."""
+    ``tuning`` says (ahead of time, with packages kept in ``compiled_dir``, or just in
+    time); the audio graphs capture into ``pool``, shared by every voice."""
     fallback = model.place(device, dtype, keep_float32=device.type == "cuda")
     audio_half, text_frames = model.audio_half, model.text_frames
+    ahead = tuning.compile_ahead and compiled_dir is not None
     if tuning.compile:
         # One dynamic-shape graph for every (batch, frames) bucket; Inductor fuses the
         # masks, activations and noise around cuDNN's convolutions.
-        audio_half = torch.compile(model.audio_half, dynamic=True)
+        audio_half = (ahead and compiled_half("audio", model, digest, device, dtype,
+                                              compiled_dir)) \
+            or torch.compile(model.audio_half, dynamic=True)
     if tuning.compile_text:
         # The same for the text half's LayerNorm transposes, attention pads and spline
         # flows (on an H200 at batch 128: 21.6 → 15.6 ms a call, durations identical).
-        text_frames = torch.compile(model.text_frames, dynamic=True)
+        text_frames = (ahead and compiled_half("text", model, digest, device, dtype,
+                                               compiled_dir)) \
+            or torch.compile(model.text_frames, dynamic=True)
     lv = LoadedVoice(info, model, digest, Phonemizer(info.config), fallback, audio_half,
                      text_frames)
     if device.type == "cuda":

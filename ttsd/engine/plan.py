@@ -182,19 +182,21 @@ class TextHalf:
         return items, line_error
 
     @torch.inference_mode()
-    def capture_graphs(self, lv: LoadedVoice, stream: torch.cuda.Stream
-                       ) -> tuple[int, float]:
-        """Capture the CUDA graph of every bucket shape of ``lv``'s text half on
-        ``stream`` (the one ``plan`` runs on); returns (graphs, seconds)."""
+    def capture_graphs(self, lv: LoadedVoice, stream: torch.cuda.Stream,
+                       shapes: list[tuple[int, int]] | None = None) -> tuple[int, float]:
+        """Capture the CUDA graph of ``shapes`` (default: every bucket shape, logged) of
+        ``lv``'s text half on ``stream`` (the one ``plan`` runs on); returns (graphs,
+        seconds)."""
         assert lv.graphs is not None
         t0 = time.perf_counter()
         with device_errors(), torch.cuda.stream(stream), self.precision.strict():
-            for shape in lv.graphs.shapes():
+            for shape in shapes or lv.graphs.shapes():
                 if not lv.graphs.capture(*shape):
                     break
         seconds = time.perf_counter() - t0
-        log.info("engine.text_graphs", voice=lv.info.name, graphs=len(lv.graphs.graphs),
-                 seconds=round(seconds, 2), off=lv.graphs.off)
+        if shapes is None:
+            log.info("engine.text_graphs", voice=lv.info.name, graphs=len(lv.graphs.graphs),
+                     seconds=round(seconds, 2), off=lv.graphs.off)
         return len(lv.graphs.graphs), seconds
 
     def _call(self, lv: LoadedVoice, prepared: list[Prepared], chunk: list[Item],

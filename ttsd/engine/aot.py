@@ -1,0 +1,198 @@
+"""A voice's two halves compiled ahead of time (AOTInductor), once per machine.
+
+``torch.compile`` traces the model again in every new process: on an H100 a warm
+restart (its kernels in the compile cache) spent 44 of its 70 s tracing and compiling
+the halves before the first batch (2026-12-07). Instead, the first start exports each
+half with dynamic rows, tokens and frames and compiles it into a package
+(``torch._inductor.aoti_compile_and_package``); every later start loads the package
+(a shared library and its weights) and runs it without tracing anything.
+
+Packages live in the per-user cache beside the converted voices (``compiled/``), named
+by a key of everything that makes them valid: the voice file's digest, the half, the
+dtype, the GPU and its compute capability, the torch and CUDA versions and the source
+of the model code. A change to any of them is a new file; an unreadable file is built
+again. Building takes a lock, so that workers of one host build each package once.
+Any failure is logged and the caller compiles just in time as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ttsd.log import get_logger
+
+log = get_logger(__name__)
+
+AOT_VERSION = 1
+"""Bump when what is exported (the wrappers below, their inputs) changes."""
+
+
+
+def _source_digest() -> str:
+    """The model code a package is compiled from (``ttsd/engine/vits``), hashed."""
+    h = hashlib.sha256(str(AOT_VERSION).encode())
+    for f in sorted((Path(__file__).parent / "vits").glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def package_key(digest: str, half: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The name of a package: what it was compiled for, hashed."""
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        where = f"{p.name} sm{p.major}{p.minor} cuda{torch.version.cuda}"
+    else:
+        where = "cpu"
+    facts = [digest, half, str(dtype), where, torch.__version__, _source_digest()]
+    return f"{half}-{hashlib.sha256(chr(10).join(facts).encode()).hexdigest()[:32]}"
+
+
+class _Audio(torch.nn.Module):
+    """The audio half with ``max_frames`` carried as the length of ``axis`` (an export
+    takes tensors, whose sizes may vary; an int would be fixed at its example value).
+    Holds only the flows, the decoder and the speaker table."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.args, self.flow, self.dec = model.args, model.flow, model.dec
+        if hasattr(model, "emb_g"):
+            self.emb_g = model.emb_g
+        self._half = type(model).audio_half
+        self.speaker = type(model).speaker.__get__(self)
+
+    def forward(self, m_p, logs_p, durations, frames, axis, sid, seeds, noise_scale):
+        return self._half(self, m_p, logs_p, durations, frames, axis.size(0), sid, seeds,
+                          noise_scale)
+
+
+class _Text(torch.nn.Module):
+    """The text half (``text_frames``): the encoder, the duration predictor, the
+    speaker table."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.args, self.enc_p, self.dp = model.args, model.enc_p, model.dp
+        if hasattr(model, "emb_g"):
+            self.emb_g = model.emb_g
+        self._frames = type(model).text_frames
+        self.text_half = type(model).text_half.__get__(self)
+        self.speaker = type(model).speaker.__get__(self)
+
+    def forward(self, ids, lengths, sid, seeds, noise_w, length_scale):
+        return self._frames(self, ids, lengths, sid, seeds, noise_w, length_scale)
+
+
+def _examples(half: str, model: Any, device: torch.device) -> tuple[tuple, tuple]:
+    """Example inputs (sizes ≥ 2, as export wants) and the dynamic size of each axis."""
+    from torch.export import Dim
+
+    rows, tokens, frames = Dim("rows", min=1, max=8192), Dim("tokens", min=1, max=1 << 16), \
+        Dim("frames", min=1, max=1 << 20)
+    b = 4
+    long = {"dtype": torch.long, "device": device}
+    if half == "audio":
+        c, t, f = model.channels, 16, 128
+        args = (torch.zeros(b, c, t, device=device), torch.zeros(b, c, t, device=device),
+                torch.full((b, t), f // t, **long), torch.full((b,), f, **long),
+                torch.empty(f, dtype=torch.uint8, device=device), torch.zeros(b, **long),
+                torch.arange(b, device=device), torch.full((b,), 0.667, device=device))
+        dims = ({0: rows, 2: tokens}, {0: rows, 2: tokens}, {0: rows, 1: tokens}, {0: rows},
+                {0: frames}, {0: rows}, {0: rows}, {0: rows})
+        return args, dims
+    # The encoder's relative attention needs more tokens than its window on either
+    # side to trace one graph; the engine pads the text half's tokens to 16 or more.
+    tokens = Dim("text_tokens", min=16, max=1 << 16)
+    t = 48
+    ids = torch.randint(1, 50, (b, t), **long)
+    args = (ids, torch.tensor([t, t - 8, t - 16, t - 24], **long), torch.zeros(b, **long),
+            torch.arange(b, device=device), torch.full((b,), 0.8, device=device),
+            torch.ones(b, device=device))
+    return args, ({0: rows, 1: tokens}, {0: rows}, {0: rows}, {0: rows}, {0: rows}, {0: rows})
+
+
+def _build(half: str, model: Any, device: torch.device, path: Path) -> None:
+    module = (_Audio if half == "audio" else _Text)(model).eval()
+    # The engine loads voices inside inference mode, whose tensors export refuses.
+    with torch.inference_mode(False), torch.no_grad():
+        args, dims = _examples(half, model, device)
+        program = torch.export.export(module, args, dynamic_shapes=dims, strict=False,
+                                      prefer_deferred_runtime_asserts_over_guards=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")   # must end in .pt2
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def _load(path: Path, device: torch.device) -> Any:
+    from torch._inductor.package import load_package
+
+    # Single-threaded: each half is run by one thread at a time, and replays inside
+    # the engine's CUDA graphs (the runner's own locking does not belong in a capture).
+    return load_package(str(path), run_single_threaded=True,
+                        device_index=device.index if device.index is not None else -1)
+
+
+def compiled_half(half: str, model: Any, digest: str, device: torch.device,
+                  dtype: torch.dtype, folder: Path) -> Callable[..., Any] | None:
+    """The ``half`` ("audio" or "text") of ``model`` (placed on ``device``) as a loaded
+    package, built first if this machine has none; a function with the signature of
+    ``model.audio_half`` / ``model.text_frames``. None if it cannot be had (logged)."""
+    path = folder / f"{package_key(digest, half, device, dtype)}.pt2"
+    t0 = time.perf_counter()
+    built = False
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        runner = None
+        if path.is_file():
+            runner = _try_load(path, device)
+        if runner is None:
+            with open(folder / f".{path.stem}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)   # another process may be building it
+                if path.is_file():
+                    runner = _try_load(path, device)
+                if runner is None:
+                    _build(half, model, device, path)
+                    built = True
+                    runner = _load(path, device)
+    except Exception as exc:  # noqa: BLE001 - any failure: compiled just in time instead
+        log.warning("engine.aot_unavailable", half=half, package=str(path),
+                    error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+        return None
+    log.info("engine.aot_loaded", half=half, built=built,
+             seconds=round(time.perf_counter() - t0, 2))
+    if half == "text":
+        return runner
+    axis = torch.empty(0, dtype=torch.uint8, device=device)
+
+    def audio_half(m_p, logs_p, durations, frames, max_frames, sid, seeds, noise_scale):
+        nonlocal axis
+        if axis.numel() < max_frames:   # grows outside graph captures: warm-up sizes it
+            axis = torch.empty(max(max_frames, 2 * axis.numel()), dtype=torch.uint8,
+                               device=device)
+        return runner(m_p, logs_p, durations, frames, axis[:max_frames], sid, seeds,
+                      noise_scale)
+    return audio_half
+
+
+def _try_load(path: Path, device: torch.device) -> Any:
+    """A package loaded, or None after removing one that cannot be (damaged, or made
+    by another build of the same versions)."""
+    try:
+        return _load(path, device)
+    except Exception as exc:  # noqa: BLE001 - built again by the caller
+        log.warning("engine.aot_rebuild", package=str(path), error=str(exc)[:300])
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
