@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ttsd import cache
 from ttsd.config import from_dict
-from ttsd.engine.options import ENGINE_VERSION
+from ttsd.engine.options import ENGINE_VERSION, auto_dtype
 from ttsd.errors import VoiceError
 from ttsd.ingest import files as ingest
 from ttsd.ingest.files import Ingest
@@ -181,7 +181,10 @@ def test_every_setting_that_changes_the_audio_changes_the_cache_key(tmp_path: Pa
                 (key, gpu)
     assert _key(tmp_path, {}, False) != _key(tmp_path, {}, True)
     # "auto" is the dtype it resolves to on that device, not a setting of its own.
+    # On a CPU: bfloat16 where it has bfloat16 arithmetic of its own, else float32.
     assert _key(tmp_path, {"engine.dtype": "auto"}, False) == \
+        _key(tmp_path, {"engine.dtype": auto_dtype(False)}, False)
+    assert _key(tmp_path, {"engine.dtype": "bfloat16"}, False) != \
         _key(tmp_path, {"engine.dtype": "float32"}, False)
     assert _key(tmp_path, {"engine.dtype": "auto"}, True) == \
         _key(tmp_path, {"engine.dtype": "bfloat16"}, True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ttsd import crash
 from ttsd.config import Config
-from ttsd.engine.options import ENGINE_VERSION
+from ttsd.engine.options import ENGINE_VERSION, auto_dtype
 from ttsd.health import fault
 from ttsd.jobs import Job
 from ttsd.log import get_logger
@@ -266,7 +266,7 @@ def audio_format(cfg: Config, gpu: bool) -> str:
     numerics (device kind, decoder dtype, compiled audio half) of an engine on a GPU or
     not (``gpu``). Audio is not identical across devices, dtypes or compiled kernels."""
     e = cfg.engine
-    dtype = e.dtype if e.dtype != "auto" else ("bfloat16" if gpu else "float32")
+    dtype = e.dtype if e.dtype != "auto" else auto_dtype(gpu)
     compiled = e.compile == "on" or (e.compile == "auto" and gpu)
     audio = LineAudio.of(cfg.output)
     fmt = audio.format.key() if audio.levels.plain else audio.key()

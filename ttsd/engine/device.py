@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ttsd.engine.options import auto_dtype
 from ttsd.errors import DeviceLostError, VoiceError
 
 if TYPE_CHECKING:
@@ -30,8 +31,8 @@ def pick_device(device: str) -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":  # the fastest decoder dtype under 2% STFT error on an H100 (README)
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype == "auto":
+        dtype = auto_dtype(device.type == "cuda")
     return {"float32": torch.float32, "float16": torch.float16,
             "bfloat16": torch.bfloat16}[dtype]
 

@@ -142,6 +142,28 @@ class EngineOptions:
         return dataclasses.replace(options, **overrides)
 
 
+def auto_dtype(gpu: bool) -> str:
+    """``engine.dtype = "auto"``: the decoder's dtype. On a GPU bfloat16 (the fastest
+    under 2 % STFT error on an H100, README). On a CPU with bfloat16 arithmetic of its
+    own (AVX-512 BF16 or AMX, x86 only) bfloat16 too: the one-line-at-a-time path ran
+    23.4x vs 17.2x in float32 on a 2-core AMD EPYC, STFT error 0.77 % mean, 1.24 % max,
+    every length kept (2026-12-07); else float32 (emulated bfloat16 is slower)."""
+    return "bfloat16" if gpu or cpu_has_bf16() else "float32"
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (its flags in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def default_phonemizers() -> int:
     """``engine.phonemizer_processes = 0`` (auto): a quarter of the cores, 1 to 4."""
     return max(1, min(4, (os.cpu_count() or 1) // 4))
