@@ -50,10 +50,13 @@ class Failure:
 
 @dataclass(frozen=True)
 class PreparedRun:
-    """A Run whose requests the reader thread has phonemized."""
+    """A Run whose requests the reader thread has phonemized, and on a GPU planned: its
+    text half queued on the engine's text stream (``Engine.plan``) while the main thread
+    runs the audio half of the batch before, as the daemon's own engine does."""
 
     prepared: list
     prepare_ms: float
+    plan: Any = None
 
 
 @dataclass(frozen=True)

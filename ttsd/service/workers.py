@@ -132,9 +132,16 @@ class WorkerCore:
         t0 = time.perf_counter()
         return self.engine.prepare(requests), (time.perf_counter() - t0) * 1000
 
-    def run_prepared(self, prepared: list, prepare_ms: float) -> dict[str, Any]:
+    def plan(self, prepared: list) -> Any:
+        """The text half of ``prepared`` queued now (``Engine.plan``), when the engine
+        overlaps its halves (a GPU); else None: ``run_prepared`` runs both."""
+        return self.engine.plan(prepared) if self.engine.overlaps else None
+
+    def run_prepared(self, prepared: list, prepare_ms: float, plan: Any = None
+                     ) -> dict[str, Any]:
         t0 = time.perf_counter()
-        results, stats = self.engine.run(prepared)
+        results, stats = (self.engine.finish(plan) if plan is not None
+                          else self.engine.run(prepared))
         if self.engine.device.type == "cuda":
             import torch
             torch.cuda.synchronize(self.engine.device)
@@ -160,7 +167,8 @@ class WorkerCore:
 
 def worker_main(conn: Any, spec: WorkerSpec) -> None:
     """A local worker process: a reader thread prepares requests as they arrive (so
-    phonemizing overlaps the model), the main thread runs them in order and answers.
+    phonemizing, and on a GPU the text half, overlap the audio half of the batch
+    before), the main thread runs them in order and answers.
     EOF from the daemon (it died) ends the process; an error in either thread is
     answered and ends it (75: device lost)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the daemon decides when we stop
@@ -181,7 +189,8 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
                     todo.put(msg)
                     continue
                 try:
-                    todo.put(PreparedRun(*core.prepare(msg.requests)))
+                    prepared, ms = core.prepare(msg.requests)
+                    todo.put(PreparedRun(prepared, ms, core.plan(prepared)))
                 except Exception as exc:  # noqa: BLE001 - raised again by the main thread
                     todo.put(ReaderFailed(exc))
                     return
@@ -197,7 +206,7 @@ def worker_main(conn: Any, spec: WorkerSpec) -> None:
             if isinstance(msg, ReaderFailed):
                 raise msg.error
             if isinstance(msg, PreparedRun):
-                conn.send(Answer(core.run_prepared(msg.prepared, msg.prepare_ms)))
+                conn.send(Answer(core.run_prepared(msg.prepared, msg.prepare_ms, msg.plan)))
             elif isinstance(msg, Release):
                 conn.send(Released(core.release(), core.engine.memory()))
             elif isinstance(msg, Stop):
