@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    ns.from_command_line = argv is None   # not a call from Python (a test, a script)
     from ttsd import log
 
     try:
@@ -276,7 +277,12 @@ def cmd_say(cfg: Config, ns: argparse.Namespace) -> int:
     write_atomic(ns.output, data, overwrite=True)
     loud = f", {rendered.lufs:.1f} LUFS" if rendered.lufs is not None else ""
     print(f"{ns.output}: {rendered.seconds:.2f} s at {rendered.sample_rate} Hz{loud} "
-          f"({e.voice}, {engine.device}, {str(engine.dtype).split('.')[-1]})")
+          f"({e.voice}, {engine.device}, {str(engine.dtype).split('.')[-1]})", flush=True)
+    if ns.from_command_line:
+        # The file is written and synced, and say starts no other process: skip the
+        # interpreter's teardown of torch (2.0 s → 1.45 s on a 2-core CPU).
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
