@@ -1,7 +1,7 @@
 """The halves compiled ahead of time (``ttsd.engine.aot``): built once, loaded by every
 later engine, the same audio as the model run eagerly, a damaged package built again.
 
-On the CPU (``compile_ahead = "on"``); the GPU runs the same code with its own kernels.
+On the CPU (``engine.compile = "ahead"``); the GPU runs the same code with its own kernels.
 Building a package compiles C++: about half a minute on two cores."""
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ LINES = ["The quick brown fox jumps over the lazy dog.", "Shh!",
 
 def _engine(cache, ahead: str) -> Engine:
     return Engine(EngineOptions(device="cpu", dtype="float32", cache_dir=cache,
-                                compile="on" if ahead == "on" else "off", compile_text="off",
-                                compile_ahead=ahead))
+                                compile="ahead" if ahead == "on" else "off",
+                                compile_text="off"))
 
 
 def _say(engine: Engine) -> list[np.ndarray]:

@@ -267,7 +267,7 @@ def audio_format(cfg: Config, gpu: bool) -> str:
     not (``gpu``). Audio is not identical across devices, dtypes or compiled kernels."""
     e = cfg.engine
     dtype = e.dtype if e.dtype != "auto" else auto_dtype(gpu)
-    compiled = e.compile == "on" or (e.compile == "auto" and gpu)
+    compiled = e.compile in ("on", "ahead") or (e.compile == "auto" and gpu)
     audio = LineAudio.of(cfg.output)
     fmt = audio.format.key() if audio.levels.plain else audio.key()
     if cfg.output.timestamps:

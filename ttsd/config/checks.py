@@ -81,7 +81,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "engine.memory_fraction": ((lambda v: 0 < v <= 1), "must be in (0, 1]"),
     "engine.phonemizer_processes": ((lambda v: 0 <= v <= 64),
                                     "must be between 0 (auto) and 64"),
-    "engine.compile": ((lambda v: v in SWITCH), "must be auto, on or off"),
+    "engine.compile": ((lambda v: v in (*SWITCH, "ahead")), "must be auto, on, off or ahead"),
     "batching.max_batch_size": _AUTO_0,
     "batching.lines_per_batch": _AUTO_0,
     "batching.max_wait_ms": _AT_LEAST_0,

@@ -129,7 +129,11 @@ class EngineConfig:
     compile: str = "auto"
     """torch.compile the audio half (flows + decoder) with dynamic shapes: "auto" (on a
     GPU), "on" or "off". Fuses the decoder's masks and activations into its convolutions
-    (≈ 2× on an H100); costs ≈ 20-40 s at start-up (cached on disk by PyTorch after)."""
+    (≈ 2× on an H100); costs ≈ 20-40 s at start-up (cached on disk by PyTorch after).
+    "ahead": compile both halves once per machine into packages kept beside the converted
+    voices, which later starts load without tracing the model again; the warm-up then
+    runs one line before the daemon is ready and the rest while it is idle. Not yet
+    measured on a GPU, so not the default."""
 
 
 LINES_PER_MODEL_BATCH = 4

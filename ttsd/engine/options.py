@@ -76,7 +76,10 @@ class EngineOptions:
     """espeak-ng in this many worker processes (``phonemes.PhonemizerProcesses``); 0:
     in this process."""
     compile: str = "auto"
-    """torch.compile the audio half: "auto" (on a GPU), "on" or "off"."""
+    """torch.compile the audio half: "auto" (on a GPU), "on" or "off"; or "ahead":
+    both halves compiled once per machine into packages (``aot``) that every later
+    process loads instead of tracing the model again (on an H100 a warm restart traced
+    and compiled for 44 s before its first batch)."""
 
     # ------------------------------------------------------------------ tuning
     compile_text: str = "auto"
@@ -84,11 +87,6 @@ class EngineOptions:
     ``graphs.MAX_ROWS`` sentences, which its CUDA graphs do not take: "auto" (when
     ``compile`` is on), "on" or "off". On an H200 at batch 128: 21.6 → 15.6 ms a call,
     every duration the same."""
-    compile_ahead: str = "auto"
-    """Compile the halves once per machine into packages kept beside the converted voices
-    (``aot``), instead of tracing them in every process, when the halves are compiled:
-    "auto" (on a GPU), "on" or "off". On an H100 a warm restart traced and compiled for
-    44 s before its first batch."""
     cuda_graphs: str = "auto"
     """Replay the text half of small calls from CUDA graphs (``graphs.TextGraphs``):
     "auto"/"on" (on a GPU) or "off". One line at a time went 247x → 603x on an H200."""
@@ -193,14 +191,13 @@ class Tuning:
     def resolve(cls, options: EngineOptions, device: torch.device, frame_budget: int
                 ) -> Tuning:
         gpu = device.type == "cuda"
-        compile = options.compile == "on" or (options.compile == "auto" and gpu)
+        compile = options.compile in ("on", "ahead") or (options.compile == "auto" and gpu)
         return cls(
             max_batch=options.max_batch or (GPU_BATCH if gpu else 1),
             token_budget=options.token_budget, frame_budget=frame_budget, compile=compile,
             compile_text=options.compile_text == "on" or (options.compile_text == "auto"
                                                           and compile),
-            compile_ahead=options.compile_ahead == "on" or (options.compile_ahead == "auto"
-                                                            and gpu),
+            compile_ahead=options.compile == "ahead",
             cuda_graphs=gpu and options.cuda_graphs != "off",
             audio_graphs=gpu and options.audio_graphs != "off",
             pack_calls=options.pack_calls, warmup_frames=options.warmup_frames,

@@ -195,6 +195,12 @@ class Engine:
                 pass
         return time.perf_counter() - t0
 
+    @property
+    def warms_up_later(self) -> bool:
+        """Whether most of the warm-up may wait for idle time (``warmup(defer=True)``):
+        nothing is compiled just in time, which a first batch would then pay for."""
+        return not self.tuning.compile or self.tuning.compile_ahead
+
     def warm_step(self) -> bool:
         """One step of a deferred warm-up (``warmup(defer=True)``), about 0.1 s; whether
         any are left."""

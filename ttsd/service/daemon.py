@@ -205,7 +205,7 @@ class Daemon(StageLoops, Control):
         if pooled:
             self._start_pool(store)
         elif cfg.engine.warmup:   # the rest while the model thread is idle (warm_step)
-            warm_s = self.engine.warmup(default, defer=True)
+            warm_s = self.engine.warmup(default, defer=self.engine.warms_up_later)
         pending = self.engine.pending_warmup
         log.info("engine.ready", voice=default, device=str(self.engine.device),
                  dtype=str(self.engine.dtype).split(".")[-1], load_s=round(time.perf_counter() - t0, 2),
