@@ -36,7 +36,6 @@ AOT_VERSION = 1
 """Bump when what is exported (the wrappers below, their inputs) changes."""
 
 
-
 def _source_digest() -> str:
     """The model code a package is compiled from (``ttsd/engine/vits``), hashed."""
     h = hashlib.sha256(str(AOT_VERSION).encode())
