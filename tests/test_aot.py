@@ -6,6 +6,7 @@ Building a package compiles C++: about half a minute on two cores."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -75,3 +76,32 @@ def test_a_package_is_built_once_then_loaded_and_says_what_the_model_says(tmp_pa
     assert packages[0].stat().st_size > 1 << 20
     for a, b in zip(again, first):
         assert np.array_equal(a, b)
+
+
+def _loads(logs: str) -> list[bool]:
+    """Whether each package the daemon's log says it loaded had to be built first."""
+    return [json.loads(line)["built"] for line in logs.splitlines()
+            if line.startswith("{") and '"engine.aot_loaded"' in line]
+
+
+def test_the_daemon_compiles_ahead_once_and_a_restart_loads_the_package(tmp_path):
+    """``engine.compile = "ahead"`` in the real daemon: the first ``run --once`` builds
+    the package into the voice cache and writes every line; the second loads it
+    (nothing built, the file untouched) and writes the same lines byte for byte."""
+    from harness import run_once
+
+    cache = tmp_path / "voices"
+    extra = (f'[engine]\ncompile = "ahead"\nwarmup = true\n'
+             f'[paths]\nvoice_cache = "{cache}"\n[cache]\nenabled = false\n')
+    first = run_once(tmp_path / "a", LINES, extra)
+    packages = sorted((cache / "compiled").glob("*.pt2"))
+    assert [p.name.split("-")[0] for p in packages] == ["audio"]   # the CPU uses no text one
+    built_at = packages[0].stat().st_mtime_ns
+    assert _loads(first.logs()) == [True]
+    second = run_once(tmp_path / "b", LINES, extra)
+    assert _loads(second.logs()) == [False] and "aot_unavailable" not in second.logs()
+    assert packages[0].stat().st_mtime_ns == built_at
+    wavs = [sorted((s.outbox / "lines").glob("*.wav")) for s in (first, second)]
+    assert len(wavs[0]) == len(LINES) == len(wavs[1])
+    for a, b in zip(*wavs):
+        assert a.name == b.name and a.read_bytes() == b.read_bytes()

@@ -12,7 +12,7 @@ import torch
 
 from ttsd.engine.aot import compiled_half
 from ttsd.engine.device import is_compile_error
-from ttsd.engine.graphs import AudioGraphs, SharedPool, TextGraphs
+from ttsd.engine.graphs import MAX_ROWS, AudioGraphs, SharedPool, TextGraphs
 from ttsd.engine.model import VoiceModel
 from ttsd.engine.options import Tuning
 from ttsd.engine.phonemes import Phonemizer
@@ -57,7 +57,7 @@ def make_ready(info: VoiceInfo, model: VoiceModel, digest: str, device: torch.de
         audio_half = (ahead and compiled_half("audio", model, digest, device, dtype,
                                               compiled_dir)) \
             or torch.compile(model.audio_half, dynamic=True)
-    if tuning.compile_text:
+    if tuning.compile_text and tuning.max_batch > MAX_ROWS:   # only bigger calls use it
         # The same for the text half's LayerNorm transposes, attention pads and spline
         # flows (on an H200 at batch 128: 21.6 → 15.6 ms a call, durations identical).
         text_frames = (ahead and compiled_half("text", model, digest, device, dtype,
