@@ -7,6 +7,7 @@ Building a package compiles C++: about half a minute on two cores."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -45,7 +46,7 @@ def test_a_package_is_built_once_then_loaded_and_says_what_the_model_says(tmp_pa
     first = _say(_engine(tmp_path, "on"))
     packages = sorted((tmp_path / "compiled").glob("audio-*.pt2"))
     assert len(packages) == 1
-    built_at = packages[0].stat().st_mtime_ns
+    built_at = packages[0].stat().st_ino   # a rebuild replaces the file
     for a, b in zip(first, eager):
         assert len(a) == len(b)
         assert np.abs(a.astype(np.int32) - b).max() <= 2   # 16-bit samples: fused float math
@@ -68,7 +69,12 @@ def test_a_package_is_built_once_then_loaded_and_says_what_the_model_says(tmp_pa
     logged = done.stdout + done.stderr
     assert "built=True" not in logged and "built=False" in logged
     assert np.array_equal(np.load(tmp_path / "again.npy"), np.concatenate(first))
-    assert packages[0].stat().st_mtime_ns == built_at
+    assert packages[0].stat().st_ino == built_at
+
+    # A package nobody loaded for 30 days goes when another is built; one in use stays.
+    stale = packages[0].with_name("audio-0123456789abcdef0123456789abcdef.pt2")
+    stale.write_bytes(b"from another torch")
+    os.utime(stale, (0, 0))
 
     # A damaged package is not trusted: it is built again, and the audio is unchanged.
     packages[0].write_bytes(packages[0].read_bytes()[: 4096])
@@ -76,6 +82,7 @@ def test_a_package_is_built_once_then_loaded_and_says_what_the_model_says(tmp_pa
     assert packages[0].stat().st_size > 1 << 20
     for a, b in zip(again, first):
         assert np.array_equal(a, b)
+    assert not stale.exists() and packages[0].exists()
 
 
 def _loads(logs: str) -> list[bool]:
@@ -96,11 +103,11 @@ def test_the_daemon_compiles_ahead_once_and_a_restart_loads_the_package(tmp_path
     first = run_once(tmp_path / "a", LINES, extra)
     packages = sorted((cache / "compiled").glob("*.pt2"))
     assert [p.name.split("-")[0] for p in packages] == ["audio"]   # the CPU uses no text one
-    built_at = packages[0].stat().st_mtime_ns
+    built_at = packages[0].stat().st_ino   # a rebuild replaces the file
     assert _loads(first.logs()) == [True]
     second = run_once(tmp_path / "b", LINES, extra)
     assert _loads(second.logs()) == [False] and "aot_unavailable" not in second.logs()
-    assert packages[0].stat().st_mtime_ns == built_at
+    assert packages[0].stat().st_ino == built_at
     wavs = [sorted((s.outbox / "lines").glob("*.wav")) for s in (first, second)]
     assert len(wavs[0]) == len(LINES) == len(wavs[1])
     for a, b in zip(*wavs):

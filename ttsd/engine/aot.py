@@ -11,7 +11,7 @@ Packages live in the per-user cache beside the converted voices (``compiled/``),
 by a key of everything that makes them valid: the voice file's digest, the half, the
 dtype, the GPU and its compute capability, the torch and CUDA versions and the source
 of the model code. A change to any of them is a new file; an unreadable file is built
-again. Building takes a lock, so that workers of one host build each package once.
+again; one not loaded for 30 days is removed when another is built. Building takes a lock, so that workers of one host build each package once.
 Any failure is logged and the caller compiles just in time as before.
 """
 
@@ -171,6 +171,10 @@ def compiled_half(half: str, model: Any, digest: str, device: torch.device,
         return None
     log.info("engine.aot_loaded", half=half, built=built,
              seconds=round(time.perf_counter() - t0, 2))
+    with contextlib.suppress(OSError):
+        os.utime(path)   # in use: kept by ``_remove_stale``
+    if built:
+        _remove_stale(folder)
     if half == "text":
         return runner
     axis = torch.empty(0, dtype=torch.uint8, device=device)
@@ -183,6 +187,20 @@ def compiled_half(half: str, model: Any, digest: str, device: torch.device,
         return runner(m_p, logs_p, durations, frames, axis[:max_frames], sid, seeds,
                       noise_scale)
     return audio_half
+
+
+STALE_S = 30 * 86400
+"""A package not loaded for this long (another torch, another model source, a GPU no
+longer here) is removed when a new one is built, with its lock file."""
+
+
+def _remove_stale(folder: Path) -> None:
+    cutoff = time.time() - STALE_S
+    for f in folder.glob("*.pt2"):
+        with contextlib.suppress(OSError):
+            if f.stat().st_mtime < cutoff:
+                f.unlink()
+                (folder / f".{f.stem}.lock").unlink(missing_ok=True)
 
 
 def _try_load(path: Path, device: torch.device) -> Any:
