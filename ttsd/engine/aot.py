@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import time
@@ -36,6 +37,7 @@ AOT_VERSION = 1
 """Bump when what is exported (the wrappers below, their inputs) changes."""
 
 
+@functools.cache
 def _source_digest() -> str:
     """The model code a package is compiled from (``ttsd/engine/vits``), hashed."""
     h = hashlib.sha256(str(AOT_VERSION).encode())
@@ -55,39 +57,41 @@ def package_key(digest: str, half: str, device: torch.device, dtype: torch.dtype
     return f"{half}-{hashlib.sha256(chr(10).join(facts).encode()).hexdigest()[:32]}"
 
 
-class _Audio(torch.nn.Module):
+class _Half(torch.nn.Module):
+    """One half of a VITS model, to export: only the submodules it runs (``parts``, and
+    the speaker table when there is one), and the model's methods it calls bound to it,
+    so that the package holds that half's weights and no others."""
+
+    def __init__(self, model: Any, parts: tuple[str, ...], methods: tuple[str, ...]) -> None:
+        super().__init__()
+        self.args = model.args
+        for name in (*parts, "emb_g"):
+            if hasattr(model, name):
+                setattr(self, name, getattr(model, name))
+        for name in ("speaker", *methods):
+            setattr(self, name, getattr(type(model), name).__get__(self))
+
+
+class _Audio(_Half):
     """The audio half with ``max_frames`` carried as the length of ``axis`` (an export
-    takes tensors, whose sizes may vary; an int would be fixed at its example value).
-    Holds only the flows, the decoder and the speaker table."""
+    takes tensors, whose sizes may vary; an int would be fixed at its example value)."""
 
     def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.args, self.flow, self.dec = model.args, model.flow, model.dec
-        if hasattr(model, "emb_g"):
-            self.emb_g = model.emb_g
-        self._half = type(model).audio_half
-        self.speaker = type(model).speaker.__get__(self)
+        super().__init__(model, ("flow", "dec"), ("audio_half",))
 
     def forward(self, m_p, logs_p, durations, frames, axis, sid, seeds, noise_scale):
-        return self._half(self, m_p, logs_p, durations, frames, axis.size(0), sid, seeds,
-                          noise_scale)
+        return self.audio_half(m_p, logs_p, durations, frames, axis.size(0), sid, seeds,
+                               noise_scale)
 
 
-class _Text(torch.nn.Module):
-    """The text half (``text_frames``): the encoder, the duration predictor, the
-    speaker table."""
+class _Text(_Half):
+    """The text half (``text_frames``): the encoder and the duration predictor."""
 
     def __init__(self, model: Any) -> None:
-        super().__init__()
-        self.args, self.enc_p, self.dp = model.args, model.enc_p, model.dp
-        if hasattr(model, "emb_g"):
-            self.emb_g = model.emb_g
-        self._frames = type(model).text_frames
-        self.text_half = type(model).text_half.__get__(self)
-        self.speaker = type(model).speaker.__get__(self)
+        super().__init__(model, ("enc_p", "dp"), ("text_half", "text_frames"))
 
     def forward(self, ids, lengths, sid, seeds, noise_w, length_scale):
-        return self._frames(self, ids, lengths, sid, seeds, noise_w, length_scale)
+        return self.text_frames(ids, lengths, sid, seeds, noise_w, length_scale)
 
 
 def _examples(half: str, model: Any, device: torch.device) -> tuple[tuple, tuple]:

@@ -10,6 +10,7 @@ and the tests set them here to compare.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,7 @@ def auto_dtype(gpu: bool) -> str:
     return "bfloat16" if gpu or cpu_has_bf16() else "float32"
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes in bfloat16 natively (its flags in /proc/cpuinfo)."""
     try:
