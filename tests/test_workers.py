@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from harness import FAULTS, ROOT, Site, assert_invariant, assert_no_redo, snapshot
+from harness import FAULTS, ROOT, Site, assert_invariant, assert_no_redo, run_once, snapshot
 
 POOL = '[engine]\ndevices = ["cpu", "cpu"]\n[batching]\nmax_batch_size = 2\n'
 
@@ -74,6 +74,19 @@ def test_two_cpu_workers_end_to_end(tmp_path: Path) -> None:
         _plausible(site.outbox / "book" / f"{i:04d}.wav", text)
     _plausible(site.outbox / "p" / "hi.wav", "Hello from the pool.")
     assert_invariant(site)
+
+
+def test_processes_backend_runs_one_device_in_a_worker(tmp_path: Path) -> None:
+    """backend = "processes" with one device: the model runs in a worker process, not in
+    the daemon, and the WAVs are the bytes the in-process daemon writes."""
+    texts = ["One device, one worker process.", "The same bytes as the daemon's own model."]
+    alone = run_once(tmp_path / "inproc", texts, "")
+    pooled = run_once(tmp_path / "pooled", texts, '[cluster]\nbackend = "processes"\n')
+    assert pooled.query("SELECT DISTINCT worker FROM batches") == [(0,)]
+    assert alone.query("SELECT DISTINCT worker FROM batches") == [(None,)]
+    for i in (1, 2):
+        wav = f"lines/{i:04d}.wav"
+        assert (pooled.outbox / wav).read_bytes() == (alone.outbox / wav).read_bytes(), wav
 
 
 def test_worker_killed_mid_batch_loses_nothing_repeats_nothing(tmp_path: Path) -> None:

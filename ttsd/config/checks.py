@@ -38,7 +38,7 @@ def subtype_for(fmt: str, subtype: str) -> str:
 RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 """The rates ``output.sample_rate`` takes (0: the voice's own)."""
 LEVELS = ("debug", "info", "warning", "error")
-BACKENDS = ("local", "ray")
+BACKENDS = ("local", "processes", "ray")
 SWITCH = ("auto", "on", "off")
 
 

@@ -266,7 +266,10 @@ class DaemonConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     backend: str = "local"
-    """local: worker processes on this host (engine.devices); ray: Ray actors."""
+    """local: the model inside the daemon on one device, worker processes on this host
+    for several (engine.devices); processes: worker processes even for one device (a
+    crash in the model's native code then costs a worker, not the daemon); ray: Ray
+    actors."""
     address: str = "auto"
     """Ray only: "auto" (the cluster this host belongs to), "ray://HOST:10001", or
     "local" (start a private single-host Ray instance inside the daemon)."""

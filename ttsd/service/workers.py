@@ -63,7 +63,7 @@ log = get_logger(__name__)
 # ---------------------------------------------------------------------- devices
 
 def pool_wanted(cfg: Config) -> bool:
-    return cfg.cluster.backend == "ray" or len(local_devices(cfg)) > 1
+    return cfg.cluster.backend in ("ray", "processes") or len(local_devices(cfg)) > 1
 
 
 def local_devices(cfg: Config) -> list[str]:
