@@ -83,6 +83,8 @@ def test_processes_backend_runs_one_device_in_a_worker(tmp_path: Path) -> None:
     alone = run_once(tmp_path / "inproc", texts, "")
     pooled = run_once(tmp_path / "pooled", texts, '[cluster]\nbackend = "processes"\n')
     assert pooled.query("SELECT DISTINCT worker FROM batches") == [(0,)]
+    # engine.device = "auto" resolved, as the batch size and the cache key need it
+    assert pooled.query("SELECT device FROM workers") == [("cpu",)]
     assert alone.query("SELECT DISTINCT worker FROM batches") == [(None,)]
     for i in (1, 2):
         wav = f"lines/{i:04d}.wav"

@@ -67,13 +67,20 @@ def pool_wanted(cfg: Config) -> bool:
 
 
 def local_devices(cfg: Config) -> list[str]:
-    """engine.devices resolved: "auto" = every visible GPU, else the CPU; [] = device."""
+    """engine.devices resolved: "auto" = every visible GPU, else the CPU; [] = device,
+    whose "auto" is the GPU when there is one, else the CPU (a worker's batch size and
+    the output's cache key follow from the device being a GPU or not)."""
+    import torch
+
     devs = list(cfg.engine.devices)
     if devs == ["auto"]:
-        import torch
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return [f"cuda:{i}" for i in range(n)] or ["cpu"]
-    return devs or [cfg.engine.device]
+    if devs:
+        return devs
+    if cfg.engine.device == "auto":
+        return ["cuda" if torch.cuda.is_available() else "cpu"]
+    return [cfg.engine.device]
 
 
 def cpu_threads(cfg: Config, n_cpu_workers: int) -> int:
