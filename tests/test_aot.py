@@ -1,5 +1,6 @@
 """The halves compiled ahead of time (``ttsd.engine.aot``): built once, loaded by every
-later engine, the same audio as the model run eagerly, a damaged package built again.
+later engine, the same audio as the model run eagerly, a damaged package built again,
+one that crashed the process loading it left alone.
 
 On the CPU (``engine.compile = "ahead"``); the GPU runs the same code with its own kernels.
 Building a package compiles C++: about half a minute on two cores."""
@@ -47,6 +48,8 @@ def test_a_package_is_built_once_then_loaded_and_says_what_the_model_says(tmp_pa
     packages = sorted((tmp_path / "compiled").glob("audio-*.pt2"))
     assert len(packages) == 1
     built_at = packages[0].stat().st_ino   # a rebuild replaces the file
+    ok = packages[0].with_name(f".{packages[0].stem}.ok")
+    assert ok.is_file()   # a child process loaded it before the engine did
     for a, b in zip(first, eager):
         assert len(a) == len(b)
         assert np.abs(a.astype(np.int32) - b).max() <= 2   # 16-bit samples: fused float math
@@ -83,6 +86,29 @@ def test_a_package_is_built_once_then_loaded_and_says_what_the_model_says(tmp_pa
     for a, b in zip(again, first):
         assert np.array_equal(a, b)
     assert not stale.exists() and packages[0].exists()
+
+    # A package that killed the child process loading it (the verdict it left) is not
+    # loaded again, not built again: the engine compiles just in time and says why.
+    assert ok.is_file()
+    ok.unlink()
+    crashed = packages[0].with_name(f".{packages[0].stem}.crashed")
+    crashed.write_text("loading it killed a test process (SIGSEGV)\n")
+    used = packages[0].stat().st_mtime_ns
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
+        from test_aot import _engine
+        from ttsd.engine.voice import DEFAULT_VOICE
+        from pathlib import Path
+        _engine(Path({str(tmp_path)!r}), "on").voice(DEFAULT_VOICE)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    logged = done.stdout + done.stderr
+    assert "engine.aot_unavailable" in logged and "killed a test process" in logged, logged
+    assert "aot_loaded" not in logged and "aot_rebuild" not in logged
+    assert packages[0].stat().st_mtime_ns == used and not ok.exists()
 
 
 def _loads(logs: str) -> list[bool]:

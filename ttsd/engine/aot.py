@@ -11,8 +11,16 @@ Packages live in the per-user cache beside the converted voices (``compiled/``),
 by a key of everything that makes them valid: the voice file's digest, the half, the
 dtype, the GPU and its compute capability, the torch and CUDA versions and the source
 of the model code. A change to any of them is a new file; an unreadable file is built
-again; one not loaded for 30 days is removed when another is built. Building takes a lock, so that workers of one host build each package once.
-Any failure is logged and the caller compiles just in time as before.
+again; one not loaded for 30 days is removed when another is built. Building takes a
+lock, so that workers of one host build each package once. Any failure is logged and
+the caller compiles just in time as before.
+
+A failure can also be a crash inside torch's native loader, which no ``except`` can
+catch: on an H100 with torch 2.11 (CUDA 13.0) loading the audio package killed the
+process with SIGSEGV, so a daemon set to "ahead" died at every start (2026-12-07). So
+a package is first loaded by a short-lived child process; only one that loaded there
+is loaded by the engine, and the verdict is kept beside the package (``.NAME.ok`` or
+``.NAME.crashed``), so each package is tried once per machine.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ import fcntl
 import functools
 import hashlib
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -133,6 +144,8 @@ def _build(half: str, model: Any, device: torch.device, path: Path) -> None:
         try:
             torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
             os.replace(tmp, path)
+            for old in _verdicts(path):
+                old.unlink(missing_ok=True)
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink()
@@ -158,16 +171,18 @@ def compiled_half(half: str, model: Any, digest: str, device: torch.device,
     try:
         folder.mkdir(parents=True, exist_ok=True)
         runner = None
-        if path.is_file():
+        ok, _crashed = _verdicts(path)
+        if path.is_file() and ok.is_file():
             runner = _try_load(path, device)
         if runner is None:
             with open(folder / f".{path.stem}.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)   # another process may be building it
                 if path.is_file():
-                    runner = _try_load(path, device)
+                    runner = _try_load(path, device, probe=True)
                 if runner is None:
                     _build(half, model, device, path)
                     built = True
+                    _probe(path, device)
                     runner = _load(path, device)
     except Exception as exc:  # noqa: BLE001 - any failure: compiled just in time instead
         log.warning("engine.aot_unavailable", half=half, package=str(path),
@@ -204,16 +219,90 @@ def _remove_stale(folder: Path) -> None:
         with contextlib.suppress(OSError):
             if f.stat().st_mtime < cutoff:
                 f.unlink()
-                (folder / f".{f.stem}.lock").unlink(missing_ok=True)
+                for kept in (folder / f".{f.stem}.lock", *_verdicts(f)):
+                    kept.unlink(missing_ok=True)
 
 
-def _try_load(path: Path, device: torch.device) -> Any:
-    """A package loaded, or None after removing one that cannot be (damaged, or made
-    by another build of the same versions)."""
+def _try_load(path: Path, device: torch.device, probe: bool = False) -> Any:
+    """A package loaded (``probe``: after a child process loaded it), or None after
+    removing one that cannot be (damaged, or made by another build of the same
+    versions). PackageCrashed: the package crashes the loader; building it again would
+    make the same package."""
     try:
+        if probe:
+            _probe(path, device)
         return _load(path, device)
+    except PackageCrashed:
+        raise
     except Exception as exc:  # noqa: BLE001 - built again by the caller
         log.warning("engine.aot_rebuild", package=str(path), error=str(exc)[:300])
         with contextlib.suppress(OSError):
             path.unlink()
         return None
+
+
+class PackageCrashed(RuntimeError):
+    """A package killed (or hung) the process that loaded it."""
+
+
+PROBE_TIMEOUT_S = 300.0
+LOAD_FAILED = 3
+"""The probe's exit status when loading raised an exception (a damaged package)."""
+
+
+def _verdicts(path: Path) -> tuple[Path, Path]:
+    """The markers of a package that loaded in a child process, or crashed it."""
+    return path.with_name(f".{path.stem}.ok"), path.with_name(f".{path.stem}.crashed")
+
+
+def _probe(path: Path, device: torch.device) -> None:
+    """Load the package in a child process first, once per package: the loader's
+    native code can crash where an exception was due. PackageCrashed if it died or
+    hung (kept: later starts skip the package at once); RuntimeError (the caller
+    builds it again) if loading raised an exception."""
+    ok, crashed = _verdicts(path)
+    if ok.is_file():
+        return
+    if crashed.is_file():
+        raise PackageCrashed(crashed.read_text(encoding="utf-8", errors="replace").strip())
+    src = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [src, os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run([sys.executable, "-m", "ttsd.engine.aot", str(path), str(device)],
+                              capture_output=True, text=True, env=env, check=False,
+                              timeout=PROBE_TIMEOUT_S)
+        rc, tail = done.returncode, (done.stderr.strip().splitlines() or [""])[-1][:300]
+    except subprocess.TimeoutExpired:
+        rc, tail = None, ""
+    if rc == 0:
+        ok.touch()
+        return
+    if rc == LOAD_FAILED:
+        raise RuntimeError(tail)
+    why = (f"loading it hung a test process for {PROBE_TIMEOUT_S:.0f} s" if rc is None else
+           f"loading it killed a test process ({_signal_name(-rc)})" if rc < 0 else
+           f"loading it ended a test process with exit status {rc}") + \
+        f" (torch {torch.__version__}); compiled just in time instead"
+    crashed.write_text(why + (f": {tail}" if tail else "") + "\n", encoding="utf-8")
+    raise PackageCrashed(why)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _probe_main(path: str, device: str) -> int:
+    try:
+        _load(Path(path), torch.device(device))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent by the exit status
+        print(f"{type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
+        return LOAD_FAILED
+    return 0
+
+
+if __name__ == "__main__":   # the probe: python -m ttsd.engine.aot PACKAGE DEVICE
+    sys.exit(_probe_main(*sys.argv[1:3]))
