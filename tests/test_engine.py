@@ -528,3 +528,21 @@ def test_configure_process_sets_cudnn_for_a_gpu():
             (False, True)
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+
+
+def test_cpu_loads_run_on_a_thread_that_ends_and_report_back() -> None:
+    """Loading and warming a voice on the CPU happens on a thread that ends with it (so
+    that it takes its OpenMP team along); its value and its exception come back."""
+    import threading
+
+    from ttsd.engine.device import off_this_thread
+
+    seen = []
+    assert off_this_thread(torch.device("cpu"),
+                           lambda: seen.append(threading.current_thread()) or 7) == 7
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+    with pytest.raises(DeviceLostError, match="gone"):
+        off_this_thread(torch.device("cpu"), lambda: (_ for _ in ()).throw(
+            DeviceLostError("gone")))
+    assert off_this_thread(torch.device("meta"), threading.current_thread) \
+        is threading.current_thread()

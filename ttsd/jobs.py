@@ -75,8 +75,11 @@ def resolve(e: EngineConfig, voices: Mapping[str, VoiceFacts], *, voice: str | N
 
 
 def voice_facts(engine: Engine, name: str) -> VoiceFacts:
-    """The facts of the voice ``name``, loading it on ``engine`` if it is not yet."""
-    lv = engine.voice(name)
+    """The facts of the voice ``name``, loading it on ``engine`` if it is not yet (on a
+    thread of its own: ``off_this_thread``)."""
+    from ttsd.engine.device import off_this_thread
+
+    lv = off_this_thread(engine.device, lambda: engine.voice(name))
     info, inf = lv.info, lv.info.inference
     return VoiceFacts(name, lv.digest, info.sample_rate, info.speaker_id, inf["noise_scale"],
                       inf["noise_w"], inf["length_scale"])

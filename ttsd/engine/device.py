@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -16,6 +16,38 @@ from ttsd.errors import DeviceLostError, VoiceError
 
 if TYPE_CHECKING:
     from ttsd.engine.options import EngineOptions
+
+
+T = TypeVar("T")
+
+
+def off_this_thread(device: torch.device, fn: Callable[[], T]) -> T:
+    """``fn()`` (loading a voice, warming it up) on a thread that ends with it, when the
+    engine runs on the CPU; on a GPU, here. Its exception is raised here.
+
+    Torch's CPU ops run on OpenMP, whose worker threads belong to the thread that first
+    ran parallel work and live as long as that thread. When the daemon's main thread
+    loaded the voice and its model thread then ran it, two such teams were alive; libgomp
+    then counts more threads than cores and stops spinning between parallel regions, and
+    the model ran at 16-19x realtime instead of 22-28x (2 cores, one line at a time,
+    bfloat16). A thread that ends takes its team with it."""
+    if device.type != "cpu":
+        return fn()
+    box: list = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
+            box.append((False, exc))
+
+    worker = threading.Thread(target=run, name="ttsd-load")
+    worker.start()
+    worker.join()
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def pick_device(device: str) -> torch.device:

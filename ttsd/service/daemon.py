@@ -39,6 +39,7 @@ from typing import Any
 from ttsd import __version__
 from ttsd.cache import answer_new_lines, audio_format
 from ttsd.config import Config
+from ttsd.engine.device import off_this_thread
 from ttsd.engine.options import EngineOptions
 from ttsd.engine.runtime import start_engine
 from ttsd.errors import ConfigError, DeviceLostError, StoreDamagedError
@@ -205,7 +206,8 @@ class Daemon(StageLoops, Control):
         if pooled:
             self._start_pool(store)
         elif cfg.engine.warmup:   # the rest while the model thread is idle (warm_step)
-            warm_s = self.engine.warmup(default, defer=self.engine.warms_up_later)
+            warm_s = off_this_thread(self.engine.device, lambda: self.engine.warmup(
+                default, defer=self.engine.warms_up_later))
         pending = self.engine.pending_warmup
         log.info("engine.ready", voice=default, device=str(self.engine.device),
                  dtype=str(self.engine.dtype).split(".")[-1], load_s=round(time.perf_counter() - t0, 2),
