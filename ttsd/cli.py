@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "e.g. batching.lines_per_batch=128; may be repeated")
     bench.add_argument("--e2e-formats", default="", metavar="FORMAT,...",
                        help="with --end-to-end: once more per output format, e.g. "
-                            "flac,mp3,opus (encoding runs on the writer threads)")
+                            "flac,mp3,opus (encoded in a pool of processes, one per core)")
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--out", default="", metavar="PATH",
                        help="also write the JSON report here, updated after every step")

@@ -75,14 +75,15 @@ def _timed_batches(engine: Engine, prepared: list[Prepared], size: int,
         return engine.plan(b), (time.perf_counter() - t) * 1000
 
     t0 = time.perf_counter()
+    # Without overlap both halves run on this thread, as the daemon's model thread runs
+    # them: a second thread's CPU ops would keep a second OpenMP team alive, which slows
+    # both (``ttsd.engine.device.off_this_thread``).
     with ThreadPoolExecutor(1, thread_name_prefix="ttsd-bench-plan") as pool:
-        ahead = pool.submit(plan, batches[0])
+        ahead = pool.submit(plan, batches[0]) if overlap else None
         for i in range(len(batches)):
-            planned, plan_ms = ahead.result()
-            if i + 1 < len(batches):
+            planned, plan_ms = ahead.result() if ahead is not None else plan(batches[i])
+            if ahead is not None and i + 1 < len(batches):
                 ahead = pool.submit(plan, batches[i + 1])
-                if not overlap:
-                    ahead.result()
             t = time.perf_counter()
             results, stats = engine.finish(planned)
             lat.append(plan_ms + (time.perf_counter() - t) * 1000)
