@@ -171,14 +171,13 @@ def compiled_half(half: str, model: Any, digest: str, device: torch.device,
     try:
         folder.mkdir(parents=True, exist_ok=True)
         runner = None
-        ok, _crashed = _verdicts(path)
-        if path.is_file() and ok.is_file():
+        if path.is_file() and _verdicts(path)[0].is_file():   # loaded by a child before
             runner = _try_load(path, device)
         if runner is None:
             with open(folder / f".{path.stem}.lock", "w") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)   # another process may be building it
                 if path.is_file():
-                    runner = _try_load(path, device, probe=True)
+                    runner = _try_load(path, device)
                 if runner is None:
                     _build(half, model, device, path)
                     built = True
@@ -223,14 +222,13 @@ def _remove_stale(folder: Path) -> None:
                     kept.unlink(missing_ok=True)
 
 
-def _try_load(path: Path, device: torch.device, probe: bool = False) -> Any:
-    """A package loaded (``probe``: after a child process loaded it), or None after
+def _try_load(path: Path, device: torch.device) -> Any:
+    """A package loaded (after a child process loaded it: ``_probe``), or None after
     removing one that cannot be (damaged, or made by another build of the same
     versions). PackageCrashed: the package crashes the loader; building it again would
     make the same package."""
     try:
-        if probe:
-            _probe(path, device)
+        _probe(path, device)
         return _load(path, device)
     except PackageCrashed:
         raise

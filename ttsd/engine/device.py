@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
@@ -33,21 +34,8 @@ def off_this_thread(device: torch.device, fn: Callable[[], T]) -> T:
     bfloat16). A thread that ends takes its team with it."""
     if device.type != "cpu":
         return fn()
-    box: list = []
-
-    def run() -> None:
-        try:
-            box.append((True, fn()))
-        except BaseException as exc:  # noqa: BLE001 - raised again on the caller's thread
-            box.append((False, exc))
-
-    worker = threading.Thread(target=run, name="ttsd-load")
-    worker.start()
-    worker.join()
-    ok, value = box[0]
-    if not ok:
-        raise value
-    return value
+    with ThreadPoolExecutor(1, thread_name_prefix="ttsd-load") as one:   # joined on exit
+        return one.submit(fn).result()
 
 
 def pick_device(device: str) -> torch.device:
