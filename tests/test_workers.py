@@ -201,6 +201,16 @@ def test_ray_is_never_imported_without_the_ray_backend() -> None:
     assert out.returncode == 0, out.stderr
 
 
+def test_slot_device_names_read_as_gpu_or_not() -> None:
+    """The feeder's batch size and the output's cache key follow from this: a local
+    GPU, an indexed one and Ray's GPU actors are GPUs; the CPU and Ray's CPU actors
+    are not."""
+    from ttsd.service import workers
+
+    assert [workers.is_gpu(d) for d in ("cuda", "cuda:1", "ray:gpu")] == [True] * 3
+    assert [workers.is_gpu(d) for d in ("cpu", "ray:cpu", "auto")] == [False] * 3
+
+
 def _engine_pcm16(audio: np.ndarray) -> np.ndarray:
     """What a worker's engine sends for a 16-bit output: its samples clipped and turned
     into int16 on the device (``decode.AudioHalf._to_host``)."""

@@ -184,7 +184,7 @@ class Daemon(StageLoops, Control):
         sys.setswitchinterval(GIL_SWITCH_S)
         default = cfg.engine.voice
         facts = {default: voice_facts(self.engine, default)}  # other voices load on first use
-        gpu = any(d.startswith("cuda") for d in devices) if pooled else \
+        gpu = any(workers.is_gpu(d) for d in devices) if pooled else \
             self.engine.device.type == "cuda"
         self.ingest = Ingest(cfg, LazyVoices(self.engine, facts), self.stop,
                              fmt=audio_format(cfg, gpu))

@@ -78,7 +78,7 @@ class StageLoops:
         if self.pool is None:
             feeder = self.feeder = Feeder(self.cfg, self.engine, rates)
         else:   # workers phonemize; a retried line runs alone
-            gpu = any("cuda" in s.device or "gpu" in s.device for s in self.pool.slots)
+            gpu = any(workers.is_gpu(s.device) for s in self.pool.slots)
             feeder = Feeder(self.cfg, self.engine, rates, prepare=False, gpu=gpu,
                             isolate_retries=True)
         try:

@@ -83,6 +83,11 @@ def local_devices(cfg: Config) -> list[str]:
     return [cfg.engine.device]
 
 
+def is_gpu(device: str) -> bool:
+    """Whether a slot's device names a GPU: "cuda", "cuda:N" or Ray's "ray:gpu"."""
+    return device.startswith("cuda") or device == "ray:gpu"
+
+
 def cpu_threads(cfg: Config, n_cpu_workers: int) -> int:
     if cfg.cluster.cpus_per_worker:
         return cfg.cluster.cpus_per_worker
