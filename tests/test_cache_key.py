@@ -138,6 +138,8 @@ WITH = {"output.true_peak_dbtp": {"output.loudness_lufs": -16.0},
 bitrate on a format that has one, how SSML is read on lines that are SSML."""
 BY_DEVICE = ("engine.device", "engine.devices")
 """Keys that act through the kind of device they resolve to (the ``gpu`` argument)."""
+ON_GPU = {"engine.fused": ("off", "on")}
+"""Keys that change the audio on a GPU only (elsewhere the setting does nothing)."""
 
 
 def _config_keys() -> set[str]:
@@ -173,7 +175,10 @@ def _key(tmp_path: Path, values: dict[str, object], gpu: bool) -> str:
 
 
 def test_every_setting_that_changes_the_audio_changes_the_cache_key(tmp_path: Path) -> None:
-    assert set(CHANGED) | set(BY_DEVICE) == set(cache.AUDIO_KEYS)
+    assert set(CHANGED) | set(BY_DEVICE) | set(ON_GPU) == set(cache.AUDIO_KEYS)
+    for key, (a, b) in ON_GPU.items():
+        assert _key(tmp_path, {key: a}, True) != _key(tmp_path, {key: b}, True), key
+        assert _key(tmp_path, {key: a}, False) == _key(tmp_path, {key: b}, False), key
     for key, (a, b) in CHANGED.items():
         for gpu in (False, True):
             ctx = WITH.get(key, {})

@@ -105,6 +105,7 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "engine.memory_fraction": [0.0, 1.01, -0.5],
     "engine.phonemizer_processes": [-1, 65],
     "engine.compile": ["yes", "true", ""],
+    "engine.fused": ["auto", "yes"],
     "batching.max_batch_size": [-1], "batching.lines_per_batch": [-1],
     "batching.max_wait_ms": [-1], "batching.max_phonemes": [0, -1],
     "batching.prefetch": [0, -1], "batching.writer_threads": [-1],

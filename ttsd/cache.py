@@ -246,7 +246,7 @@ def _cache_file_ok(entry: dict, sample_rate: int | None,
 
 AUDIO_KEYS = ("engine.voice", "engine.speaker", "engine.speed", "engine.noise_scale",
               "engine.noise_w", "engine.seed", "engine.sentence_silence_s", "engine.dtype",
-              "engine.device", "engine.devices", "engine.compile", "output.format",
+              "engine.device", "engine.devices", "engine.compile", "engine.fused", "output.format",
               "output.subtype", "output.bitrate_kbps", "output.sample_rate",
               "output.loudness_lufs", "output.true_peak_dbtp", "output.volume",
               "output.timestamps", "input.markup", "input.markup_unknown",
@@ -263,8 +263,9 @@ def audio_format(cfg: Config, gpu: bool) -> str:
     of the cache key: the output format and levels (``LineAudio.key``; a 16-bit WAV
     at the voice's own levels keeps the key it had before there were others, so its
     cache stays valid), the silence between sentences, and the
-    numerics (device kind, decoder dtype, compiled audio half) of an engine on a GPU or
-    not (``gpu``). Audio is not identical across devices, dtypes or compiled kernels."""
+    numerics (device kind, decoder dtype, compiled audio half, fused decoder kernels)
+    of an engine on a GPU or not (``gpu``). Audio is not identical across devices,
+    dtypes or compiled kernels."""
     e = cfg.engine
     dtype = e.dtype if e.dtype != "auto" else auto_dtype(gpu)
     compiled = e.compile in ("on", "ahead") or (e.compile == "auto" and gpu)
@@ -272,8 +273,9 @@ def audio_format(cfg: Config, gpu: bool) -> str:
     fmt = audio.format.key() if audio.levels.plain else audio.key()
     if cfg.output.timestamps:
         fmt += "|timestamps"
+    fused = "/fused" if gpu and e.fused == "on" and e.compile != "ahead" else ""
     return (f"{fmt}|silence={e.sentence_silence_s!r}|"
-            f"{'cuda' if gpu else 'cpu'}/{dtype}/compile={'on' if compiled else 'off'}")
+            f"{'cuda' if gpu else 'cpu'}/{dtype}/compile={'on' if compiled else 'off'}{fused}")
 
 
 def line_format(fmt: str, volume: float | None = None, pause_after: float | None = None,

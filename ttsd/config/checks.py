@@ -82,6 +82,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "engine.phonemizer_processes": ((lambda v: 0 <= v <= 64),
                                     "must be between 0 (auto) and 64"),
     "engine.compile": ((lambda v: v in (*SWITCH, "ahead")), "must be auto, on, off or ahead"),
+    "engine.fused": ((lambda v: v in ("on", "off")), "must be on or off"),
     "batching.max_batch_size": _AUTO_0,
     "batching.lines_per_batch": _AUTO_0,
     "batching.max_wait_ms": _AT_LEAST_0,

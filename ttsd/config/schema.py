@@ -134,6 +134,12 @@ class EngineConfig:
     voices, which later starts load without tracing the model again; the warm-up then
     runs one line before the daemon is ready and the rest while it is idle. Not yet
     measured on a GPU, so not the default."""
+    fused: str = "off"
+    """"on": on a GPU, run the decoder's residual blocks as fused Triton kernels (each
+    step's activation, convolution, bias and residual in one pass over the samples,
+    instead of several passes through GPU memory; ``engine/vits/fused.py``), with
+    ``compile`` "auto" or "on" (packages built "ahead" keep the unfused decoder). "off":
+    the torch ops. Its speed on a GPU is not yet measured, so it is not the default."""
 
 
 LINES_PER_MODEL_BATCH = 4

@@ -49,6 +49,13 @@ def make_ready(info: VoiceInfo, model: VoiceModel, digest: str, device: torch.de
     ``tuning`` says (ahead of time, with packages kept in ``compiled_dir``, or just in
     time); the audio graphs capture into ``pool``, shared by every voice."""
     fallback = model.place(device, dtype, keep_float32=device.type == "cuda")
+    if tuning.fused:   # the float32 fallback keeps torch's ops
+        if model.fuse():
+            log.info("engine.fused", voice=info.name)
+        else:
+            log.warning("engine.fused_unavailable", voice=info.name, device=str(device),
+                        dtype=str(dtype).split(".")[-1],
+                        reason="fused kernels need Triton and a 16-bit decoder on a GPU")
     audio_half, text_frames = model.audio_half, model.text_frames
     ahead = tuning.compile_ahead and compiled_dir is not None
     if tuning.compile:

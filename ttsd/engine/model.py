@@ -44,6 +44,11 @@ class VoiceModel(Protocol):
         ``keep_float32`` and ``dtype`` is not float32 (else None), which the engine
         passes as ``fallback`` to retry a row whose samples were not finite."""
 
+    def fuse(self) -> bool:
+        """After ``place``: run what the architecture has fused kernels for on them
+        (``engine.fused``), where they run; returns whether it does. The audio changes
+        within rounding."""
+
     def text_frames(self, ids: torch.Tensor, lengths: torch.Tensor, sid: torch.Tensor,
                     seeds: torch.Tensor, noise_w: torch.Tensor, length_scale: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

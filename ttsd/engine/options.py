@@ -82,6 +82,11 @@ class EngineOptions:
     process loads instead of tracing the model again (on an H100 a warm restart traced
     and compiled for 44 s before its first batch)."""
 
+    fused: str = "off"
+    """"on": the decoder's residual blocks as fused Triton kernels where they run (a GPU;
+    under Triton's interpreter any device, for the tests), unless ``compile`` is
+    "ahead"; "off": torch's ops."""
+
     # ------------------------------------------------------------------ tuning
     compile_text: str = "auto"
     """torch.compile the text half too (strict float32 still), for calls of more than
@@ -136,7 +141,7 @@ class EngineOptions:
             sentence_silence_s=e.sentence_silence_s, pcm16=cfg.output.pcm16,
             timings=cfg.output.timestamps,
             phonemizer_processes=e.phonemizer_processes or default_phonemizers(),
-            compile=e.compile,
+            compile=e.compile, fused=e.fused,
             markup=MarkupOptions.from_config(cfg))
         return dataclasses.replace(options, **overrides)
 
@@ -183,6 +188,8 @@ class Tuning:
     compile: bool
     compile_text: bool
     compile_ahead: bool
+    fused: bool
+    """Ask the voice model for its fused kernels (``VoiceModel.fuse``)."""
     cuda_graphs: bool
     audio_graphs: bool
     pack_calls: bool
@@ -200,6 +207,7 @@ class Tuning:
             compile_text=options.compile_text == "on" or (options.compile_text == "auto"
                                                           and compile),
             compile_ahead=options.compile == "ahead",
+            fused=options.fused == "on" and options.compile != "ahead",
             cuda_graphs=gpu and options.cuda_graphs != "off",
             audio_graphs=gpu and options.audio_graphs != "off",
             pack_calls=options.pack_calls, warmup_frames=options.warmup_frames,

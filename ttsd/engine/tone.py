@@ -63,6 +63,9 @@ class ToneModel:
     def place(self, device: torch.device, dtype: torch.dtype, keep_float32: bool) -> Any:
         return None   # nothing to move: every tensor is made where its inputs are
 
+    def fuse(self) -> bool:
+        return False   # no network, nothing to fuse
+
     def text_frames(self, ids: torch.Tensor, lengths: torch.Tensor, sid: torch.Tensor,
                     seeds: torch.Tensor, noise_w: torch.Tensor, length_scale: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ttsd.engine.vits.fused import fusable, fused_input, fused_stage, prepare_block
 from ttsd.engine.vits.layers import sequence_mask
 
 if TYPE_CHECKING:
@@ -131,6 +132,7 @@ class Generator(nn.Module):
         self.num_kernels = len(a.rb_kernels)
         self.conv_post = nn.Conv1d(ch // 2 ** len(a.ups), 1, 7, 1, padding=3, bias=False)
         self.channels_last = False
+        self.fused = False
 
     def optimize(self) -> None:
         """After loading: transposed convolutions in polyphase form, and every
@@ -143,6 +145,18 @@ class Generator(nn.Module):
                 m.register_buffer("w4", m.weight.detach().unsqueeze(2).contiguous(
                     memory_format=torch.channels_last))
         self.channels_last = True
+
+    def fuse(self) -> bool:
+        """On a GPU with Triton, after ``optimize`` and once on its device and in its
+        dtype: run each stage's residual blocks as fused kernels (``fused.fused_stage``).
+        Returns whether it will."""
+        w = self.conv_pre.weight
+        if not (self.channels_last and fusable(w.device, w.dtype)):
+            return False
+        for block in self.resblocks:
+            prepare_block(block)
+        self.fused = True
+        return True
 
     def forward(self, z: torch.Tensor, frames: torch.Tensor, g: torch.Tensor | None):
         # z: [B, inter, F] (zero past each line's end); frames: [B] → audio [B, S]
@@ -159,6 +173,9 @@ class Generator(nn.Module):
             length = length * self.strides[i]
             mask = _mask_like(length, x)
             blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
+            if self.fused and fused_input(x):
+                x = fused_stage(list(blocks), x, length)
+                continue
             xs = blocks[0](x, mask)
             for block in blocks[1:]:
                 xs = xs + block(x, mask)

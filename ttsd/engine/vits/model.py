@@ -86,6 +86,10 @@ class Vits(nn.Module):
             self.dec.to(dtype)
         return dec32
 
+    def fuse(self) -> bool:
+        """The decoder's residual blocks as fused kernels (``Generator.fuse``)."""
+        return self.dec.fuse()
+
     def speaker(self, sid: torch.Tensor) -> torch.Tensor | None:
         return self.emb_g(sid).unsqueeze(-1) if self.args.n_speakers > 1 else None
 
