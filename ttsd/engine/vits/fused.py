@@ -61,8 +61,8 @@ def step(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, lengths: torch
          mode: int = 0, scale: float = 1.0) -> torch.Tensor:
     """``res + conv(leaky_relu(x, 0.1) * mask)`` (mode 0, into a new tensor; no
     ``res``: the convolution alone), or that step's masked output summed into ``out``
-    (modes 1-3, see ``fused_kernel.step``). ``lengths``: each row's valid samples [B] (int64, on
-    x's device)."""
+    (modes 1-3, see ``fused_kernel.step``). ``lengths``: each row's valid samples [B]
+    (int64, on x's device)."""
     b, ch, _, t = x.shape
     k = taps.size(0)
     if out is None:
@@ -77,7 +77,7 @@ def step(x: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor, lengths: torch
 
 def fused_stage(blocks: list, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """The mean of a stage's residual blocks (``decoder.ResBlock``) on ``x``, each
-    block's output masked, in fused steps; ``blocks`` carry ``fused_taps`` (see
+    block's output masked, in fused steps; ``blocks`` carry ``fused_steps`` (see
     ``prepare_block``)."""
     out = torch.empty_like(x, memory_format=torch.channels_last)
     last = len(blocks) - 1
@@ -106,6 +106,7 @@ def prepare_block(block) -> None:
     if _STEP is None:
         from ttsd.engine.vits.fused_kernel import step as kernel
         _STEP = kernel
+
     def parts(conv):
         return tap_weights(conv), conv.bias.detach().contiguous(), conv.dilation[0]
     if block.kind == "1":
