@@ -13,6 +13,8 @@ from typing import IO
 import av
 import numpy as np
 
+from ttsd.output.formats import LAME_FAST_QUALITY, lame_fast
+
 CONTAINER = {"mp3": "mp3", "opus": "ogg", "m4b": "ipod"}
 CODEC = {"mp3": "libmp3lame", "opus": "libopus", "m4b": "aac"}
 
@@ -41,6 +43,8 @@ class Encoder:
         self.stream.bit_rate = kbps * 1000
         if name == "mp3":   # float in: LAME_CBR_GAIN's peaks above 1.0 are not clipped
             self.stream.format = "fltp"
+            if lame_fast(kbps, sample_rate):
+                self.stream.codec_context.options = {"compression_level": str(LAME_FAST_QUALITY)}
         self.frames = 0
 
     def write(self, samples: np.ndarray) -> None:
