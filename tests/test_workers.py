@@ -211,6 +211,21 @@ def test_slot_device_names_read_as_gpu_or_not() -> None:
     assert [workers.is_gpu(d) for d in ("cpu", "ray:cpu", "auto")] == [False] * 3
 
 
+def test_a_gpu_worker_phonemizes_in_processes_a_cpu_worker_in_itself() -> None:
+    """On a GPU, espeak-ng on the worker's reader thread would share the interpreter
+    with the thread launching the model's work; the daemon's own engine uses
+    phonemizer processes there, and so does a GPU worker. A CPU worker keeps its cores
+    for its engine."""
+    from ttsd.config import Config
+    from ttsd.service import workers
+
+    gpu = workers.worker_options(workers.spec_for(Config(), "cuda:1"))
+    cpu = workers.worker_options(workers.spec_for(Config(), "cpu", 2))
+    assert (gpu.device, cpu.device) == ("cuda:1", "cpu")
+    assert gpu.phonemizer_processes >= 1
+    assert cpu.phonemizer_processes == 0
+
+
 def _engine_pcm16(audio: np.ndarray) -> np.ndarray:
     """What a worker's engine sends for a 16-bit output: its samples clipped and turned
     into int16 on the device (``decode.AudioHalf._to_host``)."""

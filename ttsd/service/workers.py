@@ -110,13 +110,25 @@ def spec_for(cfg: Config, device: str, threads: int = 0) -> WorkerSpec:
     return WorkerSpec(cfg, device, threads)
 
 
+def worker_options(spec: WorkerSpec) -> Any:
+    """The engine options of a worker on ``spec.device``. A GPU worker runs espeak-ng in
+    phonemizer processes, as the daemon's own engine does: on its reader thread it would
+    hold the interpreter that the model thread launches the GPU's work from. A CPU
+    worker phonemizes in its own process: its cores are its engine's
+    (``cluster.cpus_per_worker``)."""
+    from ttsd.engine.options import EngineOptions
+
+    if is_gpu(spec.device):
+        return EngineOptions.from_config(spec.cfg, device=spec.device)
+    return EngineOptions.from_config(spec.cfg, device=spec.device, phonemizer_processes=0)
+
+
 class WorkerCore:
     """The engine inside a worker process or Ray actor."""
 
     def __init__(self, spec: WorkerSpec) -> None:
         import torch
 
-        from ttsd.engine.options import EngineOptions
         from ttsd.engine.runtime import start_engine
 
         t0 = time.perf_counter()
@@ -124,10 +136,7 @@ class WorkerCore:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         voice = spec.cfg.engine.voice
-        # Each worker phonemizes its own batches in its own process (no processes).
-        options = EngineOptions.from_config(spec.cfg, device=spec.device,
-                                            phonemizer_processes=0)
-        self.engine = start_engine(options)
+        self.engine = start_engine(worker_options(spec))
         self.engine.voice(voice)
         self.load_s = time.perf_counter() - t0
         self.warmup_s = 0.0
