@@ -4,7 +4,7 @@ disk.
 WAV (PCM or telephony μ-law/A-law), FLAC and Ogg Vorbis are encoded by libsndfile
 (soundfile); Opus by FFmpeg's libopus through PyAV (libsndfile's Opus encoder ran at 88x
 realtime against PyAV's 125x on one core of the 2-core box, and takes no bitrate). MP3
-(LAME) by FFmpeg's LAME at its fastest quality where a line has the bits for it
+(LAME) by FFmpeg's LAME at its fast quality (7) where a line has the bits for it
 (``lame_fast``), else by libsndfile, whose "compression level" maps onto LAME's
 constant bitrates exactly (``_lame_level``). LAME's constant and average bitrate modes
 play back 0.446 dB below their input (measured on a sine and on speech, at every
