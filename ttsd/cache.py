@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ttsd import crash
 from ttsd.config import Config
-from ttsd.engine.options import ENGINE_VERSION, auto_dtype
+from ttsd.engine.options import ENGINE_VERSION, auto_dtype, fuses
 from ttsd.health import fault
 from ttsd.jobs import Job
 from ttsd.log import get_logger
@@ -273,7 +273,7 @@ def audio_format(cfg: Config, gpu: bool) -> str:
     fmt = audio.format.key() if audio.levels.plain else audio.key()
     if cfg.output.timestamps:
         fmt += "|timestamps"
-    fused = "/fused" if gpu and e.fused == "on" and e.compile != "ahead" else ""
+    fused = "/fused" if gpu and fuses(e.fused, e.compile) else ""
     return (f"{fmt}|silence={e.sentence_silence_s!r}|"
             f"{'cuda' if gpu else 'cpu'}/{dtype}/compile={'on' if compiled else 'off'}{fused}")
 

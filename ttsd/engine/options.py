@@ -146,6 +146,12 @@ class EngineOptions:
         return dataclasses.replace(options, **overrides)
 
 
+def fuses(fused: str, compile: str) -> bool:
+    """Whether ``engine.fused`` asks for the fused decoder kernels under ``compile``
+    (packages built "ahead" keep torch's ops). The engine and the cache key read it."""
+    return fused == "on" and compile != "ahead"
+
+
 def auto_dtype(gpu: bool) -> str:
     """``engine.dtype = "auto"``: the decoder's dtype. On a GPU bfloat16 (the fastest
     under 2 % STFT error on an H100, README). On a CPU with bfloat16 arithmetic of its
@@ -207,7 +213,7 @@ class Tuning:
             compile_text=options.compile_text == "on" or (options.compile_text == "auto"
                                                           and compile),
             compile_ahead=options.compile == "ahead",
-            fused=options.fused == "on" and options.compile != "ahead",
+            fused=fuses(options.fused, options.compile),
             cuda_graphs=gpu and options.cuda_graphs != "off",
             audio_graphs=gpu and options.audio_graphs != "off",
             pack_calls=options.pack_calls, warmup_frames=options.warmup_frames,

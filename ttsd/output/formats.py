@@ -97,10 +97,10 @@ class AudioFormat:
             return _soundfile(audio, sample_rate, "FLAC", self.subtype)
         if self.name == "ogg":
             return _soundfile(audio, sample_rate, "OGG", "VORBIS")
-        if self.name == "mp3" and lame_fast(self.kbps, sample_rate):
-            from ttsd.output.codecs import encode_av
-            return encode_av(audio * LAME_CBR_GAIN, sample_rate, "mp3", self.kbps)
         if self.name == "mp3":
+            if lame_fast(self.kbps, sample_rate):
+                from ttsd.output.codecs import encode_av
+                return encode_av(audio * LAME_CBR_GAIN, sample_rate, "mp3", self.kbps)
             return _soundfile(audio * LAME_CBR_GAIN, sample_rate, "MP3", "MPEG_LAYER_III",
                               compression_level=_lame_level(self.kbps, sample_rate),
                               bitrate_mode="CONSTANT")

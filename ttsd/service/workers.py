@@ -40,7 +40,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ttsd.config import Config
 from ttsd.errors import DeviceLostError
@@ -56,6 +56,9 @@ from ttsd.service.messages import (
     Run,
     Stop,
 )
+
+if TYPE_CHECKING:
+    from ttsd.engine.options import EngineOptions
 
 log = get_logger(__name__)
 
@@ -110,7 +113,7 @@ def spec_for(cfg: Config, device: str, threads: int = 0) -> WorkerSpec:
     return WorkerSpec(cfg, device, threads)
 
 
-def worker_options(spec: WorkerSpec) -> Any:
+def worker_options(spec: WorkerSpec) -> EngineOptions:
     """The engine options of a worker on ``spec.device``. A GPU worker runs espeak-ng in
     phonemizer processes, as the daemon's own engine does: on its reader thread it would
     hold the interpreter that the model thread launches the GPU's work from. A CPU
