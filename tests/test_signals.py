@@ -41,6 +41,10 @@ def test_a_second_sigterm_stops_now_and_still_releases_what_it_holds(tmp_path: P
     (site.inbox / "slow.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     _wait(lambda: site.db.exists() and site.query(
         "SELECT COUNT(*) FROM lines WHERE state = 'running'")[0][0] > 0, 60, site, "a line running")
+    # A line is 'running' from its claim, before its batch reaches the model: let the
+    # model enter its 4 s call, or the first signal's warm stop finishes before the
+    # second arrives (the scenario is a second signal while a batch is in the model).
+    time.sleep(1.0)
     site.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     t0 = time.monotonic()
